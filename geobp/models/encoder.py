@@ -159,7 +159,8 @@ class ResNetEncoder(nn.Module):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(format_error(
                 path, f"cannot read encoder weights ({reason})", _WEIGHTS_FIX)) from exc
-        if not isinstance(saved, Mapping) or not all(isinstance(v, Tensor) for v in saved.values()):
+        is_state = isinstance(saved, Mapping) and all(isinstance(v, Tensor) for v in saved.values())
+        if not is_state:
             raise ConfigError(format_error(
                 path, f"not a state dict (expected a dict of tensors, found {type(saved).__name__})",
                 "save the weights with torch.save(model.state_dict(), path)"))

@@ -63,7 +63,8 @@ def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise ConfigError(format_error(
-            None, f"unknown option for model {name!r} (expected some of {options}, found {unknown})",
+            None,
+            f"unknown option for model {name!r} (expected some of {options}, found {unknown})",
             f"remove {', '.join(unknown)} or use one of {', '.join(options) or 'no options'}"))
     backbone = ResNetEncoder(encoder, in_channels, weights)  # type: ignore[arg-type]
     return builder(backbone, num_classes, **kwargs)

@@ -19,12 +19,13 @@ from geobp.models import ResNetEncoder, adapt_first_conv, create_model
     ("resnet34", [64, 64, 128, 256, 512], BasicBlock),
     ("resnet50", [64, 256, 512, 1024, 2048], Bottleneck),
 ])
-def test_features_follow_the_documented_contract(name: str, channels: list[int], block: type) -> None:
+def test_features_follow_the_documented_contract(
+    name: str, channels: list[int], block: type
+) -> None:
     encoder = ResNetEncoder(name, in_channels=5)
     features = encoder(torch.randn(1, 5, 64, 64))
     assert encoder.out_channels == channels
     assert [f.shape[1] for f in features] == channels
-    assert [f.shape[-1] for f in features] == [32, 16, 8, 4, 2]
     assert [tuple(f.shape[-2:]) for f in features] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     blocks = [m for m in encoder.modules() if isinstance(m, block)]
     assert len(blocks) == sum(len(getattr(encoder, f"layer{i}")) for i in range(1, 5))
@@ -81,7 +82,8 @@ def test_loads_local_torchvision_weights(tmp_path: Path, bands: int) -> None:
 
 def test_missing_weights_file_says_how_to_fix(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.pth"
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: encoder weights file not found")) as info:
+    pattern = re.escape(f"{path}: encoder weights file not found")
+    with pytest.raises(ConfigError, match=pattern) as info:
         ResNetEncoder("resnet18", in_channels=4, weights=str(path))
     assert "or set weights: null" in str(info.value)
 
@@ -126,5 +128,6 @@ def test_a_file_that_is_not_a_state_dict_is_rejected(tmp_path: Path) -> None:
 def test_create_model_passes_weights_to_the_encoder(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     saved = _save_resnet(path)
-    model = create_model("unet", encoder="resnet18", in_channels=6, num_classes=2, weights=str(path))
+    model = create_model("unet", encoder="resnet18", in_channels=6, num_classes=2,
+                         weights=str(path))
     torch.testing.assert_close(model.encoder.conv1.weight, adapt_first_conv(saved.conv1.weight, 6))
