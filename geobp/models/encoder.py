@@ -162,7 +162,8 @@ class ResNetEncoder(nn.Module):
         is_state = isinstance(saved, Mapping) and all(isinstance(v, Tensor) for v in saved.values())
         if not is_state:
             raise ConfigError(format_error(
-                path, f"not a state dict (expected a dict of tensors, found {type(saved).__name__})",
+                path,
+                f"not a state dict (expected a dict of tensors, found {type(saved).__name__})",
                 "save the weights with torch.save(model.state_dict(), path)"))
         state = {k: v for k, v in saved.items() if not k.startswith("fc.")}
         if "conv1.weight" in state and state["conv1.weight"].ndim == 4:
