@@ -1,0 +1,268 @@
+"""``GeoTiffDataModule``: scenes on disk to train/val/test DataLoaders of tiles, DDP-aware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from rasterio.windows import Window
+from rich.progress import track
+from torch.utils.data import DataLoader
+
+from geobp.data.dataset import TileDataset, TileSpec
+from geobp.data.preprocessing import NormMethod, Preprocessing, SceneStats, combine_stats, load_scene_stats, window_valid_fraction
+from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
+from geobp.data.scenes import Scene, find_scenes, resolve_bands
+from geobp.data.transforms import Augment
+from geobp.errors import ConfigError, format_error
+from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cells, split_blocks
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class GeoTiffDataModule(L.LightningDataModule):
+    """Tiles of multi-band GeoTIFF scenes with label masks, for segmentation.
+
+    The dataset folder holds ``images/<name>.tif`` and ``masks/<name>.tif``. Each scene is tiled in
+    its own CRS and grid. Training draws ``tiles_per_epoch`` random tiles aligned to the files'
+    internal blocks; validation and test use a grid that covers their part of every scene. Under
+    DDP every rank gets a disjoint share of the tiles.
+
+    Args:
+        root: dataset folder.
+        num_classes: number of classes; mask values are ``0..num_classes-1`` or ``ignore_index``.
+        bands: 1-based band indices to use; all bands when None.
+        class_names: names for logs and outputs; ``class_<i>`` when None.
+        ignore_index: label excluded from loss and metrics (nodata pixels get it too).
+        tile_size: tile size in pixels (square).
+        overlap: overlap of the evaluation grid tiles, in pixels.
+        tiles_per_epoch: random training tiles per epoch, over all ranks.
+        batch_size: tiles per batch, per rank.
+        num_workers: DataLoader worker processes per rank.
+        split: ``scene`` (whole scenes per split) or ``blocks`` (square blocks within every scene,
+            so that correlated neighbouring pixels do not leak from train to validation).
+        val_fraction: share of scenes (or blocks) for validation.
+        test_fraction: share of scenes (or blocks) for testing.
+        split_block_size: block size for ``split: blocks``, in pixels (at least ``tile_size``).
+        seed: seed of the split and of the random tiles.
+        normalization: ``meanstd`` or ``percentile`` (2nd to 98th percentile scaled to [0, 1]).
+        nodata: image nodata value; the files' nodata tag when None.
+        max_nodata_fraction: training tiles with more nodata than this are skipped.
+        augment: random flips and 90-degree rotations of training tiles.
+        cache_dir: where band statistics are cached; ``root`` when None.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        bands: list[int] | None = None,
+        class_names: list[str] | None = None,
+        ignore_index: int = 255,
+        tile_size: int = 256,
+        overlap: int = 0,
+        tiles_per_epoch: int = 2000,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        split: Literal["scene", "blocks"] = "scene",
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        split_block_size: int = 1024,
+        seed: int = 0,
+        normalization: NormMethod = "meanstd",
+        nodata: float | None = None,
+        max_nodata_fraction: float = 0.5,
+        augment: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        check_tile_args(tile_size, overlap)
+        if num_classes < 2:
+            raise ConfigError(format_error(None, f"num_classes must be at least 2 (found {num_classes})", "set data.num_classes"))
+        if not 0 <= ignore_index < 256 or ignore_index < num_classes:
+            raise ConfigError(
+                format_error(
+                    None,
+                    f"ignore_index must be in [num_classes, 255] (found {ignore_index} with {num_classes} classes)",
+                    "use 255 unless your masks use another value for unlabelled pixels",
+                )
+            )
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ConfigError(
+                format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
+            )
+        self.root = Path(root)
+        self.scenes: list[Scene] = find_scenes(self.root)
+        first = self.scenes[0].image
+        self.bands = resolve_bands(bands, first.count, first.path)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ConfigError(
+                format_error(None, f"class_names has {len(self.class_names)} entries for {num_classes} classes", "give one name per class")
+            )
+        self.nodata = nodata if nodata is not None else next((s.image.nodata for s in self.scenes if s.image.nodata is not None), None)
+        self.regions = self._split_regions()
+        self._stats: list[SceneStats] | None = None
+        self._preprocessing: Preprocessing | None = None
+
+    # ----- what the model is linked to -------------------------------------------------------
+
+    @property
+    def num_bands(self) -> int:
+        """Number of input bands (the model's input channels)."""
+        return len(self.bands)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the model's output channels)."""
+        return int(self.hparams["num_classes"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """Band selection, nodata and normalization statistics of the training scenes (computed once, cached)."""
+        if self._preprocessing is None:
+            stats = self.scene_stats
+            train_scenes = sorted({i for i, _ in self.regions["train"]})
+            self._preprocessing = combine_stats(
+                [stats[i] for i in train_scenes], self.bands, self.nodata, self.hparams["normalization"]
+            )
+        return self._preprocessing
+
+    @property
+    def scene_stats(self) -> list[SceneStats]:
+        """Per-scene statistics and validity maps (streamed once, then read from the cache)."""
+        if self._stats is None:
+            cache = self.hparams["cache_dir"] or self.root
+            scenes = self.scenes
+            if len(scenes) > 1:
+                scenes = track(scenes, description="Band statistics", transient=True)
+            self._stats = [load_scene_stats(s.image.path, self.nodata, cache) for s in scenes]
+        return self._stats
+
+    # ----- splits and tiles ----------------------------------------------------------------
+
+    def _split_regions(self) -> dict[Split, list[tuple[int, Window]]]:
+        hp = self.hparams
+        fractions = (1.0 - hp["val_fraction"] - hp["test_fraction"], hp["val_fraction"], hp["test_fraction"])
+        regions: dict[Split, list[tuple[int, Window]]] = {s: [] for s in SPLITS}
+        if hp["split"] == "scene":
+            n = len(self.scenes)
+            counts = [int(round(f * n)) if f > 0 else 0 for f in fractions[1:]]
+            counts = [max(c, 1) if f > 0 else 0 for c, f in zip(counts, fractions[1:])]
+            if n - sum(counts) < 1:
+                raise ConfigError(
+                    format_error(
+                        self.root,
+                        f"{n} scene(s) cannot be split by scene into train/val/test with fractions {fractions}",
+                        "add scenes, lower the fractions, or set data.split: blocks to split within scenes",
+                    )
+                )
+            order = np.random.default_rng(hp["seed"]).permutation(n).tolist()
+            val, test = order[: counts[0]], order[counts[0] : counts[0] + counts[1]]
+            for i, s in enumerate(self.scenes):
+                split: Split = "val" if i in val else "test" if i in test else "train"
+                regions[split].append((i, Window(0, 0, s.image.width, s.image.height)))
+        else:
+            if hp["split_block_size"] < hp["tile_size"]:
+                raise ConfigError(
+                    format_error(None, "split_block_size must be at least tile_size", "raise data.split_block_size")
+                )
+            for i, s in enumerate(self.scenes):
+                parts = split_blocks(s.image.height, s.image.width, hp["split_block_size"], fractions, hp["seed"], s.name)
+                for split, windows in zip(SPLITS, parts):
+                    regions[split] += [(i, w) for w in windows]
+        return regions
+
+    def train_cells(self) -> list[SceneCells]:
+        """Block-aligned origin cells of the training regions, minus those above the nodata limit."""
+        t, limit = self.hparams["tile_size"], 1.0 - self.hparams["max_nodata_fraction"]
+        by_scene: dict[int, SceneCells] = {}
+        for i, region in self.regions["train"]:
+            info = self.scenes[i].image
+            sc = by_scene.setdefault(i, SceneCells(i, info.height, info.width, [], []))
+            for cell in origin_cells(region, t, info.block_height, info.block_width):
+                if window_valid_fraction(self.scene_stats[i].validity, cell_window(cell, t, region)) >= limit:
+                    sc.cells.append(cell)
+                    sc.weights.append(float(cell.count))
+        return list(by_scene.values())
+
+    def grid_tiles(self, split: Split) -> list[TileSpec]:
+        """Grid tiles covering the split's regions; tiles with no valid pixel are left out."""
+        t, overlap = self.hparams["tile_size"], self.hparams["overlap"]
+        tiles = []
+        for i, region in self.regions[split]:
+            info = self.scenes[i].image
+            for w in grid_windows(info.height, info.width, t, overlap, region):
+                if window_valid_fraction(self.scene_stats[i].validity, w) > 0:
+                    tiles.append(window_to_spec(i, w))
+        return tiles
+
+    # ----- Lightning hooks -----------------------------------------------------------------
+
+    def _dataset(self, augment: bool) -> TileDataset:
+        hp = self.hparams
+        return TileDataset(
+            images=[s.image.path for s in self.scenes],
+            masks=[s.mask.path for s in self.scenes if s.mask is not None],
+            names=[s.name for s in self.scenes],
+            preprocessing=self.preprocessing,
+            tile_size=hp["tile_size"],
+            num_classes=hp["num_classes"],
+            ignore_index=hp["ignore_index"],
+            augment=Augment() if augment else None,
+        )
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset: TileDataset, sampler: GridTileSampler | RandomTileSampler, drop_last: bool) -> DataLoader:
+        workers = self.hparams["num_workers"]
+        return DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=self.hparams["batch_size"],
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._rank()
+        hp = self.hparams
+        cells = self.train_cells()
+        if not any(c.cells for c in cells):
+            raise ConfigError(
+                format_error(
+                    self.root,
+                    f"no training tile has at most {hp['max_nodata_fraction']:.0%} nodata",
+                    "check the nodata value, or raise data.max_nodata_fraction",
+                )
+            )
+        sampler = RandomTileSampler(cells, hp["tile_size"], hp["tiles_per_epoch"], hp["seed"], world, rank)
+        return self._loader(self._dataset(hp["augment"]), sampler, drop_last=len(sampler) > hp["batch_size"])
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        tiles = self.grid_tiles(split)
+        if not tiles:
+            raise ConfigError(
+                format_error(
+                    self.root,
+                    f"the {split} split is empty",
+                    f"set data.{'val' if split == 'val' else 'test'}_fraction > 0 (and enough scenes, or data.split: blocks)",
+                )
+            )
+        world, rank = self._rank()
+        return self._loader(self._dataset(False), GridTileSampler(tiles, world, rank), drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

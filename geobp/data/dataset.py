@@ -1,0 +1,145 @@
+"""The tile dataset: a :class:`TileSpec` in, a sample of the batch contract out.
+
+Batch contract (what every model, task and callback relies on):
+
+- ``image``: float32 [B, C, H, W], normalised, nodata pixels set to 0;
+- ``mask``: int64 [B, H, W], class ids, ``ignore_index`` on nodata and padding;
+- ``scene``: list of B scene names;
+- ``window``: int64 [B, 4] as (row_off, col_off, height, width) of the tile in its scene
+  (height/width are the part inside the raster; the rest of the tile is padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from torch.utils.data import Dataset
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.errors import LabelError, format_error
+from geobp.raster import open_reader, read_window
+
+Sample = dict[str, Any]
+Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class TileSpec(NamedTuple):
+    """Which pixels to read: a window of one scene. Samplers yield these; the dataset reads them."""
+
+    scene: int
+    row: int
+    col: int
+    height: int
+    width: int
+
+    @property
+    def window(self) -> Window:
+        """The rasterio window."""
+        return Window(self.col, self.row, self.width, self.height)
+
+
+class TileDataset(Dataset[Sample]):
+    """Reads tiles of image/mask pairs given by :class:`TileSpec` (map-style, keyed by spec).
+
+    File handles are opened lazily in the process that reads (each DataLoader worker opens its
+    own) and kept open for the worker's life; they are never pickled.
+
+    Args:
+        images: image paths, indexed by ``TileSpec.scene``.
+        masks: mask paths (same order), or None for unlabelled data.
+        names: scene names, same order.
+        preprocessing: band selection, nodata and normalization.
+        tile_size: output tile size; windows smaller than this are padded bottom/right.
+        num_classes: number of classes; mask values must be in ``[0, num_classes)`` or ``ignore_index``.
+        ignore_index: label of pixels excluded from loss and metrics.
+        augment: optional joint augmentation of (image HWC, mask HW).
+    """
+
+    def __init__(
+        self,
+        images: list[str],
+        masks: list[str] | None,
+        names: list[str],
+        preprocessing: Preprocessing,
+        tile_size: int,
+        num_classes: int,
+        ignore_index: int = 255,
+        augment: Augment | None = None,
+    ) -> None:
+        self.images = images
+        self.masks = masks
+        self.names = names
+        self.preprocessing = preprocessing
+        self.tile_size = tile_size
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.augment = augment
+        self._handles: dict[str, rasterio.DatasetReader] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _open(self, path: str) -> rasterio.DatasetReader:
+        src = self._handles.get(path)
+        if src is None:
+            src = open_reader(path)
+            self._handles[path] = src
+        return src
+
+    def close(self) -> None:
+        """Close the file handles this process opened."""
+        for src in self._handles.values():
+            src.close()
+        self._handles.clear()
+
+    def __len__(self) -> int:
+        # Samples are addressed by TileSpec, not by position; samplers define the epoch length.
+        raise TypeError("TileDataset is indexed by TileSpec; use it with a geobp tile sampler")
+
+    def __getitem__(self, spec: TileSpec) -> Sample:
+        t = self.tile_size
+        window = Window(spec.col, spec.row, t, t)
+        pre = self.preprocessing
+        src = self._open(self.images[spec.scene])
+        fill = pre.nodata if pre.nodata is not None else 0
+        raw = read_window(src, window, pre.bands, fill=fill)
+        image, valid = pre(raw)
+        inside = np.zeros((t, t), dtype=bool)
+        inside[: spec.height, : spec.width] = True
+        valid &= inside
+        if self.masks is not None:
+            msrc = self._open(self.masks[spec.scene])
+            mask = read_window(msrc, window, 1, fill=self.ignore_index).astype(np.int64)
+            self._check_labels(mask, spec)
+            mask[~valid] = self.ignore_index
+        else:
+            mask = np.where(valid, 0, self.ignore_index).astype(np.int64)
+        if self.augment is not None:
+            hwc, mask = self.augment(np.ascontiguousarray(image.transpose(1, 2, 0)), mask)
+            image = hwc.transpose(2, 0, 1)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+            "scene": self.names[spec.scene],
+            "window": torch.tensor([spec.row, spec.col, spec.height, spec.width], dtype=torch.int64),
+        }
+
+    def _check_labels(self, mask: np.ndarray, spec: TileSpec) -> None:
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
+        if bad.any():
+            values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
+            raise LabelError(
+                format_error(
+                    self.masks[spec.scene] if self.masks else None,
+                    f"mask values {values} in window (row {spec.row}, col {spec.col}) are outside the "
+                    f"{self.num_classes} classes and the ignore index {self.ignore_index}",
+                    "set data.num_classes to cover every label, or recode those pixels to the ignore index",
+                )
+            )

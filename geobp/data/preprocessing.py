@@ -1,0 +1,236 @@
+"""Band statistics and normalization: streamed over scenes, nodata-aware, cached next to the data.
+
+A :class:`Preprocessing` is everything needed to turn raw pixels into model input. It is stored
+in the checkpoint's hyperparameters (as a plain dict), so inference applies exactly the
+training preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from rasterio.windows import Window
+
+from geobp.errors import CheckpointError, format_error
+from geobp.raster import atomic_path, open_raster, read_window
+
+NormMethod = Literal["meanstd", "percentile"]
+
+#: Downsampling factor of the per-scene validity map (valid-pixel fraction per cell of this size).
+VALIDITY_FACTOR = 8
+#: Pixels per scene kept (at random) for percentile estimates.
+PERCENTILE_SAMPLES = 100_000
+CACHE_DIR = ".geobp_cache"
+CACHE_VERSION = 1
+
+
+def valid_pixels(image: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Boolean [H, W]: pixels that are finite in every band and not nodata in all bands.
+
+    A pixel counts as nodata only when every band holds the nodata value, so that a legitimate
+    zero in one band (dark water in the near infrared, say) is not thrown away.
+    """
+    valid = np.ones(image.shape[-2:], dtype=bool)
+    if np.issubdtype(image.dtype, np.floating):
+        valid &= np.isfinite(image).all(axis=0)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        valid &= ~(image == np.asarray(nodata, dtype=image.dtype)).all(axis=0)
+    return valid
+
+
+@dataclass
+class SceneStats:
+    """Per-scene, all-band statistics from one streaming pass (what the cache holds)."""
+
+    count: np.ndarray  # [bands] valid pixels
+    total: np.ndarray  # [bands] sum over valid pixels (float64)
+    total_sq: np.ndarray  # [bands] sum of squares
+    sample: np.ndarray  # [bands, n] random valid pixels, for percentiles
+    validity: np.ndarray  # [ceil(H/f), ceil(W/f)] float32 valid fraction per cell
+
+
+def scan_scene(path: str | Path, nodata: float | None, seed: int = 0, chunk_rows: int = 512) -> SceneStats:
+    """Stream over a raster in row chunks and gather its band statistics and validity map.
+
+    Raises:
+        RasterReadError: the file cannot be read; the message names the file and window.
+    """
+    f = VALIDITY_FACTOR
+    with open_raster(path) as src:
+        nodata = src.nodata if nodata is None else nodata
+        h, w, c = src.height, src.width, src.count
+        block_h = src.block_shapes[0][0]
+        step = max(f, (max(chunk_rows, block_h) // math.lcm(block_h, f)) * math.lcm(block_h, f))
+        rng = np.random.default_rng(seed)
+        keep_p = min(1.0, PERCENTILE_SAMPLES / max(h * w, 1))
+        count = np.zeros(c, np.int64)
+        total = np.zeros(c, np.float64)
+        total_sq = np.zeros(c, np.float64)
+        samples: list[np.ndarray] = []
+        validity = np.zeros((-(-h // f), -(-w // f)), np.float32)
+        for row in range(0, h, step):
+            rows = min(step, h - row)
+            data = read_window(src, Window(0, row, w, rows))
+            valid = valid_pixels(data, nodata)
+            pix = data[:, valid].astype(np.float64)
+            count += pix.shape[1]
+            total += pix.sum(axis=1)
+            total_sq += np.square(pix).sum(axis=1)
+            if pix.shape[1]:
+                pick = rng.random(pix.shape[1]) < keep_p
+                samples.append(pix[:, pick].astype(np.float32))
+            padded = np.zeros((-(-rows // f) * f, validity.shape[1] * f), np.float32)
+            padded[:rows, :w] = valid
+            cells = padded.reshape(padded.shape[0] // f, f, -1, f).mean(axis=(1, 3))
+            validity[row // f : row // f + cells.shape[0]] = cells
+    sample = np.concatenate(samples, axis=1) if samples else np.zeros((c, 0), np.float32)
+    return SceneStats(count, total, total_sq, sample, validity)
+
+
+def _cache_key(path: Path, nodata: float | None) -> str:
+    st = path.stat()
+    raw = f"{CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{nodata}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def load_scene_stats(path: str | Path, nodata: float | None, cache_root: str | Path | None = None) -> SceneStats:
+    """:func:`scan_scene` with an on-disk cache in ``cache_root/.geobp_cache`` (keyed by file size and mtime).
+
+    The cache file is written to a temporary name and renamed, so concurrent ranks never read a
+    half-written cache. A cache folder that is not writable is skipped silently (stats are recomputed).
+    """
+    path = Path(path)
+    cache_dir = Path(cache_root or path.parent) / CACHE_DIR
+    cache_file = cache_dir / f"{path.stem}.{_cache_key(path, nodata)}.npz"
+    if cache_file.exists():
+        try:
+            with np.load(cache_file) as z:
+                return SceneStats(**{k: z[k] for k in SceneStats.__dataclass_fields__})
+        except (OSError, ValueError, KeyError):
+            pass  # a broken cache entry is recomputed below
+    stats = scan_scene(path, nodata)
+    try:
+        with atomic_path(cache_file, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **asdict(stats))
+    except OSError:
+        pass
+    return stats
+
+
+@dataclass
+class Preprocessing:
+    """Band selection, nodata and normalization: raw pixels in, model input out.
+
+    Attributes:
+        bands: 1-based band indices read from the images.
+        nodata: value marking missing pixels (in every band), or None.
+        method: ``meanstd`` (standardise) or ``percentile`` (clip to [low, high] and scale to [0, 1]).
+        mean, std: per selected band, for ``meanstd``.
+        low, high: per selected band, for ``percentile``.
+    """
+
+    bands: list[int]
+    nodata: float | None = None
+    method: NormMethod = "meanstd"
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    low: list[float] = field(default_factory=list)
+    high: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON- and YAML-safe dict, as stored in checkpoints."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "checkpoint") -> Preprocessing:
+        """Rebuild from :meth:`to_dict` output.
+
+        Raises:
+            CheckpointError: keys are missing or statistics do not match the band count.
+        """
+        try:
+            pre = cls(**data)
+        except TypeError as err:
+            raise CheckpointError(
+                format_error(source, f"preprocessing entry is malformed ({err})", "retrain with this geobp version")
+            ) from err
+        n = len(pre.bands)
+        stats = (pre.mean, pre.std) if pre.method == "meanstd" else (pre.low, pre.high)
+        if any(len(s) != n for s in stats):
+            raise CheckpointError(
+                format_error(source, f"normalization statistics do not cover the {n} bands", "retrain with this geobp version")
+            )
+        return pre
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalise raw pixels of the selected bands.
+
+        Args:
+            image: [C, H, W] raw values, C == len(bands).
+
+        Returns:
+            (float32 [C, H, W] normalised image with invalid pixels set to 0, bool [H, W] valid mask).
+        """
+        valid = valid_pixels(image, self.nodata)
+        x = image.astype(np.float32)
+        if self.method == "meanstd":
+            mean = np.asarray(self.mean, np.float32)[:, None, None]
+            std = np.asarray(self.std, np.float32)[:, None, None]
+            x = (x - mean) / std
+        else:
+            low = np.asarray(self.low, np.float32)[:, None, None]
+            high = np.asarray(self.high, np.float32)[:, None, None]
+            x = (np.clip(x, low, high) - low) / (high - low)
+        x[:, ~valid] = 0.0
+        return x, valid
+
+
+def combine_stats(
+    stats: Sequence[SceneStats],
+    bands: list[int],
+    nodata: float | None,
+    method: NormMethod = "meanstd",
+    percentiles: tuple[float, float] = (2.0, 98.0),
+) -> Preprocessing:
+    """Combine per-scene statistics (of the training scenes) into a :class:`Preprocessing`.
+
+    A band with no variation gets std (or range) 1, so that it normalises to 0 rather than NaN.
+    """
+    idx = [b - 1 for b in bands]
+    count = np.sum([s.count[idx] for s in stats], axis=0).astype(np.float64)
+    total = np.sum([s.total[idx] for s in stats], axis=0)
+    total_sq = np.sum([s.total_sq[idx] for s in stats], axis=0)
+    n = np.maximum(count, 1)
+    mean = total / n
+    var = np.maximum(total_sq / n - mean**2, 0.0)
+    std = np.sqrt(var)
+    std[std < 1e-6 * np.maximum(np.abs(mean), 1.0)] = 1.0
+    pre = Preprocessing(bands=list(bands), nodata=nodata, method=method, mean=mean.tolist(), std=std.tolist())
+    if method == "percentile":
+        sample = np.concatenate([s.sample[idx] for s in stats], axis=1)
+        if sample.shape[1] == 0:
+            low, high = np.zeros(len(idx)), np.ones(len(idx))
+        else:
+            low, high = np.percentile(sample, percentiles, axis=1)
+        high = np.where(high - low > 0, high, low + 1.0)
+        pre.low, pre.high = low.tolist(), high.tolist()
+    return pre
+
+
+def window_valid_fraction(validity: np.ndarray, window: Window) -> float:
+    """Mean valid fraction over the validity-map cells a window touches."""
+    f = VALIDITY_FACTOR
+    r0, c0 = int(window.row_off) // f, int(window.col_off) // f
+    r1 = -(-int(window.row_off + window.height) // f)
+    c1 = -(-int(window.col_off + window.width) // f)
+    cells = validity[max(r0, 0) : r1, max(c0, 0) : c1]
+    return float(cells.mean()) if cells.size else 0.0
+

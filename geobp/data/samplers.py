@@ -1,0 +1,119 @@
+"""Tile samplers that shard by rank: random block-aligned tiles for training, a grid for evaluation.
+
+Both subclass :class:`~torch.utils.data.DistributedSampler` so that Lightning neither wraps nor
+replaces them under DDP, and both honour ``set_epoch``. They yield :class:`TileSpec` values,
+which :class:`~geobp.data.dataset.TileDataset` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+from torch.utils.data import DistributedSampler
+
+from geobp.data.dataset import TileSpec
+from geobp.tiling import OriginCell, draw_origin
+
+
+@dataclass(frozen=True)
+class SceneCells:
+    """Where random tiles may start in one scene: block-aligned origin cells and their weights."""
+
+    scene: int
+    height: int
+    width: int
+    cells: list[OriginCell]
+    weights: list[float]
+
+
+class _RankSampler(DistributedSampler):
+    """Shared rank/epoch bookkeeping; deliberately skips DistributedSampler's dataset-based init."""
+
+    def __init__(self, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.shuffle = False
+        self.drop_last = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch; changes the random draw."""
+        self.epoch = epoch
+
+    def _share(self, total: int) -> int:
+        return len(range(self.rank, total, self.num_replicas))
+
+
+class RandomTileSampler(_RankSampler):
+    """Random tiles, ``length`` per epoch across all ranks; rank r takes draws r, r+R, r+2R, ...
+
+    Origins are drawn cell by cell (a cell's tiles decode the same file blocks), cells chosen
+    with probability proportional to their weight (number of origins), so every origin in every
+    scene is equally likely. The draw depends only on (seed, epoch), so all ranks agree on it and
+    take disjoint shares.
+    """
+
+    def __init__(
+        self,
+        scenes: Sequence[SceneCells],
+        tile_size: int,
+        length: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(num_replicas, rank, seed)
+        self.scenes = [s for s in scenes if s.cells]
+        if not self.scenes:
+            raise ValueError("no scene has a place to draw training tiles from")
+        self.tile_size = tile_size
+        self.length = length
+        flat = [(i, j) for i, s in enumerate(self.scenes) for j in range(len(s.cells))]
+        w = np.array([self.scenes[i].weights[j] for i, j in flat], dtype=np.float64)
+        self._flat = flat
+        self._p = w / w.sum()
+
+    def draw(self, epoch: int) -> list[TileSpec]:
+        """All ``length`` tiles of an epoch (every rank's), in order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        picks = rng.choice(len(self._flat), size=self.length, p=self._p)
+        out = []
+        for k in picks:
+            i, j = self._flat[k]
+            s = self.scenes[i]
+            row, col = draw_origin(rng, s.cells[j])
+            out.append(
+                TileSpec(s.scene, row, col, min(self.tile_size, s.height - row), min(self.tile_size, s.width - col))
+            )
+        return out
+
+    def __iter__(self) -> Iterator[TileSpec]:
+        return iter(self.draw(self.epoch)[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self._share(self.length)
+
+
+class GridTileSampler(_RankSampler):
+    """A fixed list of tiles (a grid), split between ranks without padding or duplicates."""
+
+    def __init__(self, tiles: Sequence[TileSpec], num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(num_replicas, rank)
+        self.tiles = list(tiles)
+
+    def __iter__(self) -> Iterator[TileSpec]:
+        return iter(self.tiles[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self._share(len(self.tiles))
+
+
+def window_to_spec(scene: int, window: Window) -> TileSpec:
+    """A grid window as a :class:`TileSpec`."""
+    return TileSpec(scene, int(window.row_off), int(window.col_off), int(window.height), int(window.width))

@@ -1,0 +1,247 @@
+"""Raster I/O on rasterio: open with clear errors, describe, compare grids, derive output profiles.
+
+This is the bottom layer: it knows files and rasterio, nothing about tiles, models or training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geobp.errors import (
+    DataNotFoundError,
+    GeoreferenceError,
+    RasterMismatchError,
+    RasterReadError,
+    format_error,
+)
+
+#: Relative tolerance used when comparing affine transforms of two rasters.
+TRANSFORM_RTOL = 1e-9
+#: Absolute tolerance, as a fraction of a pixel, for comparing transform origins.
+ORIGIN_PIXEL_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What geobp needs to know about one raster, read from its header only."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str | None
+    transform: tuple[float, float, float, float, float, float]
+    nodata: float | None
+    block_height: int
+    block_width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return (self.height, self.width)
+
+
+def open_reader(path: str | Path) -> rasterio.DatasetReader:
+    """Open a raster for reading and return the handle (the caller closes it).
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        RasterReadError: the file exists but GDAL cannot open it (not a raster, truncated, empty).
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataNotFoundError(
+            format_error(path, "file not found", "check the path, or the dataset's root folder in the config")
+        )
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as err:
+        size = os.path.getsize(path)
+        detail = "the file is empty" if size == 0 else f"GDAL cannot read it ({err})"
+        raise RasterReadError(
+            format_error(path, f"not a readable raster: {detail}", "re-download or re-export the file as a GeoTIFF")
+        ) from err
+
+
+@contextmanager
+def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
+    """:func:`open_reader` as a context manager that closes the handle."""
+    src = open_reader(path)
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def describe(src: rasterio.DatasetReader) -> RasterInfo:
+    """Summarise an open raster as a :class:`RasterInfo`."""
+    bh, bw = src.block_shapes[0]
+    return RasterInfo(
+        path=str(src.name),
+        width=src.width,
+        height=src.height,
+        count=src.count,
+        dtype=str(src.dtypes[0]),
+        crs=src.crs.to_string() if src.crs else None,
+        transform=tuple(src.transform)[:6],  # type: ignore[arg-type]
+        nodata=src.nodata,
+        block_height=bh,
+        block_width=bw,
+    )
+
+
+def read_info(path: str | Path) -> RasterInfo:
+    """Open ``path`` and return its :class:`RasterInfo` (header only, no pixels read)."""
+    with open_raster(path) as src:
+        return describe(src)
+
+
+def check_georeferenced(info: RasterInfo) -> None:
+    """Require a CRS and a north-up transform.
+
+    Raises:
+        GeoreferenceError: no CRS, identity transform, or rotation terms in the transform.
+    """
+    a, b, _c, d, e, _f = info.transform
+    if info.crs is None:
+        raise GeoreferenceError(
+            format_error(info.path, "raster has no CRS", "assign one, e.g. `gdal_edit.py -a_srs EPSG:XXXX FILE`")
+        )
+    if b != 0.0 or d != 0.0:
+        raise GeoreferenceError(
+            format_error(
+                info.path,
+                f"transform is rotated (row/column rotation terms {b}, {d}); geobp needs north-up rasters",
+                "warp it north-up first, e.g. `gdalwarp FILE north_up.tif`",
+            )
+        )
+    if a <= 0 or e >= 0:
+        raise GeoreferenceError(
+            format_error(
+                info.path,
+                f"transform is not north-up (pixel size x={a}, y={e}; expected x>0, y<0)",
+                "warp it north-up first, e.g. `gdalwarp FILE north_up.tif`",
+            )
+        )
+
+
+def check_same_grid(image: RasterInfo, mask: RasterInfo) -> None:
+    """Require ``mask`` to lie on the same pixel grid as ``image``.
+
+    Transforms are compared with a tolerance (a small fraction of a pixel), never with ``==``.
+
+    Raises:
+        RasterMismatchError: CRS, shape or transform differ; the message names both files and the values.
+    """
+    fix = "re-export the mask on the image's grid, e.g. `gdalwarp -tr XRES YRES -te ... -t_srs CRS`"
+    if image.crs != mask.crs:
+        raise RasterMismatchError(
+            format_error(mask.path, f"CRS differs from its image {image.path} (expected {image.crs}, found {mask.crs})", fix)
+        )
+    if image.shape != mask.shape:
+        raise RasterMismatchError(
+            format_error(
+                mask.path,
+                f"shape differs from its image {image.path} (expected {image.height}x{image.width}, "
+                f"found {mask.height}x{mask.width})",
+                fix,
+            )
+        )
+    pixel = max(abs(image.transform[0]), abs(image.transform[4]), 1e-12)
+    for i, (a, b) in enumerate(zip(image.transform, mask.transform)):
+        tol = ORIGIN_PIXEL_TOL * pixel if i in (2, 5) else TRANSFORM_RTOL * max(abs(a), abs(b), 1e-12)
+        if not math.isclose(a, b, rel_tol=0.0, abs_tol=tol):
+            raise RasterMismatchError(
+                format_error(
+                    mask.path,
+                    f"transform differs from its image {image.path} (expected {image.transform}, found {mask.transform})",
+                    fix,
+                )
+            )
+
+
+def read_window(
+    src: rasterio.DatasetReader,
+    window: Window,
+    indexes: list[int] | int | None = None,
+    fill: float = 0,
+) -> np.ndarray:
+    """Read ``window`` from ``src``; the parts outside the raster are filled with ``fill``.
+
+    Windows fully inside the raster are read directly (no boundless VRT, which is slow);
+    windows that stick out are read clamped and padded in numpy.
+
+    Raises:
+        RasterReadError: a block failed to decode; the message names the file and window.
+    """
+    row, col = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + h, src.height), min(col + w, src.width)
+    try:
+        if (r0, c0, r1, c1) == (row, col, row + h, col + w):
+            return src.read(indexes, window=Window(col, row, w, h))
+        inner = src.read(indexes, window=Window(c0, r0, max(c1 - c0, 0), max(r1 - r0, 0)))
+    except RasterioIOError as err:
+        raise RasterReadError(
+            format_error(
+                src.name,
+                f"failed to read window (row {row}, col {col}, {h}x{w}): {err}",
+                "the file is probably truncated or corrupt; re-download it or remove the scene",
+            )
+        ) from err
+    out = np.full(inner.shape[:-2] + (h, w), fill, dtype=inner.dtype)
+    out[..., r0 - row : r1 - row, c0 - col : c1 - col] = inner
+    return out
+
+
+def derive_profile(src_profile: dict[str, Any], **updates: Any) -> dict[str, Any]:
+    """Derive an output GeoTIFF profile from a source profile: same grid, tiled and compressed.
+
+    Args:
+        src_profile: ``src.profile`` of the input raster.
+        **updates: keys to override (``count``, ``dtype``, ``nodata`` ...).
+
+    Returns:
+        A new profile dict; the source is not modified.
+    """
+    profile = dict(src_profile)
+    profile.update(driver="GTiff", tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    profile.pop("photometric", None)
+    profile.update(updates)
+    # GDAL needs block sizes that are multiples of 16 and tiles no larger than needed.
+    for key in ("blockxsize", "blockysize"):
+        profile[key] = max(16, int(profile[key]) // 16 * 16)
+    return profile
+
+
+@contextmanager
+def atomic_path(final: str | Path, suffix: str = ".tif") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
+
+    An exception (or a kill) inside the block leaves ``final`` untouched and removes the temporary file.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".part{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()

@@ -1,0 +1,190 @@
+"""Tiling as pure window math: grid tiles, block-aligned random tiles, spatial split blocks.
+
+Nothing here opens a file. Windows are rasterio :class:`~rasterio.windows.Window` values in pixel
+coordinates of one scene; every function is deterministic given its arguments (and ``rng``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+
+from geobp.errors import ConfigError, format_error
+
+
+def check_tile_args(tile: int, overlap: int = 0) -> None:
+    """Validate a tile size and overlap.
+
+    Raises:
+        ConfigError: tile < 1, overlap < 0 or overlap >= tile.
+    """
+    if tile < 1:
+        raise ConfigError(format_error(None, f"tile size must be positive (found {tile})", "set tile_size >= 1"))
+    if overlap < 0 or overlap >= tile:
+        raise ConfigError(
+            format_error(
+                None,
+                f"overlap must be in [0, tile size) (tile {tile}, found overlap {overlap})",
+                "set overlap smaller than tile_size",
+            )
+        )
+
+
+def grid_offsets(length: int, tile: int, stride: int, start: int = 0) -> list[int]:
+    """Offsets of tiles of size ``tile`` covering ``[start, start + length)`` with step ``stride``.
+
+    The last tile is shifted back to end exactly at the edge (clamped, never dropped); a length
+    shorter than one tile gives a single offset at ``start``.
+    """
+    if length <= tile:
+        return [start]
+    offsets = list(range(0, length - tile, stride))
+    offsets.append(length - tile)
+    return [start + o for o in offsets]
+
+
+def grid_windows(
+    height: int, width: int, tile: int, overlap: int = 0, region: Window | None = None
+) -> list[Window]:
+    """Tiles of a regular grid that cover a raster (or a region of it) exactly.
+
+    Every pixel of the region lies in at least one window and no window reaches outside it:
+    edge tiles are shifted back inside, and a region smaller than a tile gets one window of the
+    region's size (the reader pads it to the tile size).
+
+    Args:
+        height, width: raster size in pixels.
+        tile: tile size in pixels.
+        overlap: pixels shared by neighbouring tiles.
+        region: part of the raster to cover; the whole raster when None.
+
+    Returns:
+        Windows in row-major order.
+    """
+    check_tile_args(tile, overlap)
+    if region is None:
+        region = Window(0, 0, width, height)
+    r0, c0 = int(region.row_off), int(region.col_off)
+    rh, rw = int(region.height), int(region.width)
+    th, tw = min(tile, rh), min(tile, rw)
+    stride = tile - overlap
+    return [
+        Window(c, r, tw, th)
+        for r in grid_offsets(rh, tile, stride, r0)
+        for c in grid_offsets(rw, tile, stride, c0)
+    ]
+
+
+def origin_ranges(lo: int, hi: int, tile: int, block: int) -> list[tuple[int, int]]:
+    """Inclusive ranges of 1-D tile origins in ``[lo, hi - tile]`` that touch as few file blocks as possible.
+
+    With ``tile <= block`` a tile is placed inside one block (one block decoded per axis); with a
+    larger tile its origin sits on a block boundary. One origin flush with ``hi`` is always kept so
+    that the last pixels of a raster whose size is not a multiple of the block are sampled too.
+    """
+    if hi - lo <= tile:
+        return [(lo, lo)]
+    last = hi - tile
+    ranges: list[tuple[int, int]] = []
+    if tile <= block:
+        for k in range(lo // block, last // block + 1):
+            a, b = max(k * block, lo), min((k + 1) * block - tile, last)
+            if a <= b:
+                ranges.append((a, b))
+    else:
+        first = -(-lo // block)
+        ranges = [(k * block, k * block) for k in range(first, last // block + 1)]
+    if not ranges or ranges[-1][1] < last:
+        ranges.append((last, last))
+    return ranges
+
+
+@dataclass(frozen=True)
+class OriginCell:
+    """A rectangle of tile origins (inclusive bounds) whose tiles share the same file blocks."""
+
+    row_lo: int
+    row_hi: int
+    col_lo: int
+    col_hi: int
+
+    @property
+    def count(self) -> int:
+        """Number of distinct origins in the cell."""
+        return (self.row_hi - self.row_lo + 1) * (self.col_hi - self.col_lo + 1)
+
+
+def origin_cells(region: Window, tile: int, block_height: int, block_width: int) -> list[OriginCell]:
+    """Block-aligned cells of tile origins for random tiles drawn inside ``region``."""
+    r0, c0 = int(region.row_off), int(region.col_off)
+    rows = origin_ranges(r0, r0 + int(region.height), tile, block_height)
+    cols = origin_ranges(c0, c0 + int(region.width), tile, block_width)
+    return [OriginCell(a, b, c, d) for a, b in rows for c, d in cols]
+
+
+def cell_window(cell: OriginCell, tile: int, region: Window) -> Window:
+    """The window covered by all tiles of ``cell`` (clipped to ``region``), for nodata checks."""
+    r1 = min(cell.row_hi + tile, int(region.row_off + region.height))
+    c1 = min(cell.col_hi + tile, int(region.col_off + region.width))
+    return Window(cell.col_lo, cell.row_lo, c1 - cell.col_lo, r1 - cell.row_lo)
+
+
+def draw_origin(rng: np.random.Generator, cell: OriginCell) -> tuple[int, int]:
+    """A uniformly random (row, col) origin inside ``cell``."""
+    return (
+        int(rng.integers(cell.row_lo, cell.row_hi + 1)),
+        int(rng.integers(cell.col_lo, cell.col_hi + 1)),
+    )
+
+
+def split_blocks(
+    height: int,
+    width: int,
+    block: int,
+    fractions: Sequence[float],
+    seed: int,
+    key: str,
+) -> list[list[Window]]:
+    """Assign square blocks of a raster to splits at random, reproducibly.
+
+    Used for spatial splits within scenes: neighbouring (correlated) pixels land in the same
+    split because whole blocks are assigned. Every split with a positive fraction gets at least
+    one block when there are enough blocks.
+
+    Args:
+        height, width: raster size in pixels.
+        block: split block size in pixels (edge blocks are smaller).
+        fractions: share of blocks per split, e.g. ``(0.8, 0.2)``; normalised to sum to 1.
+        seed: global seed.
+        key: a per-scene string (its name), so that scenes get different assignments.
+
+    Returns:
+        One list of windows per split, each in row-major order.
+    """
+    if block < 1:
+        raise ConfigError(format_error(None, f"split block size must be positive (found {block})", "set split_block_size >= tile_size"))
+    windows = [
+        Window(c, r, min(block, width - c), min(block, height - r))
+        for r in range(0, height, block)
+        for c in range(0, width, block)
+    ]
+    fr = np.asarray(fractions, dtype=float)
+    fr = fr / fr.sum()
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    order = rng.permutation(len(windows))
+    counts = np.floor(fr * len(windows)).astype(int)
+    # Give leftover blocks to splits with a positive share that got none, then to the first split.
+    for i in np.flatnonzero((counts == 0) & (fr > 0)):
+        if counts.sum() < len(windows):
+            counts[i] = 1
+    counts[0] += len(windows) - counts.sum()
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    out: list[list[Window]] = []
+    for i in range(len(fr)):
+        idx = sorted(order[bounds[i] : bounds[i + 1]])
+        out.append([windows[j] for j in idx])
+    return out
