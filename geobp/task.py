@@ -1,0 +1,174 @@
+"""``SegmentationTask``: the LightningModule that trains a segmentation model on the batch contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.errors import CheckpointError, DataNotFoundError, format_error
+from geobp.losses import LossName, SegmentationLoss
+from geobp.models import EncoderName, ModelName, create_model
+
+Stage = Literal["train", "val", "test"]
+
+
+class SegmentationTask(L.LightningModule):
+    """Semantic segmentation of multi-band tiles: model, loss, metrics and optimizer, built once.
+
+    Logged metrics (``<stage>`` is ``train``, ``val`` or ``test``): ``<stage>/loss``,
+    ``<stage>/mIoU``, ``<stage>/F1`` (macro), ``<stage>/acc`` (pixel accuracy), and
+    ``<stage>/IoU_<class name>`` per class. Pixels labelled ``ignore_index`` count nowhere.
+
+    The checkpoint describes itself: its hyperparameters hold the architecture, band and class
+    counts, class names and the data's :class:`~geobp.data.preprocessing.Preprocessing`, so
+    :meth:`from_checkpoint` rebuilds the model and its preprocessing from the file alone.
+
+    Args:
+        model: architecture name from the registry (``unet`` or ``deeplabv3``).
+        encoder: ResNet encoder (``resnet18``, ``resnet34``, ``resnet50``).
+        weights: path of a local torchvision ResNet state dict to start the encoder from, or None.
+        in_channels: input bands (linked from the data module by the CLI).
+        num_classes: classes (linked from the data module by the CLI).
+        ignore_index: label excluded from loss and metrics.
+        loss: ``ce``, ``dice``, ``focal`` or ``ce+dice``.
+        class_weights: per-class loss weights, or None.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        scheduler: ``cosine`` (per step, to zero), ``onecycle`` or ``none``.
+        channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
+        class_names: one name per class (linked from the data module by the CLI).
+        preprocessing: the data's preprocessing as a dict (linked by the CLI; stored for inference).
+        tile_size: training tile size (linked; the default tile size for inference).
+        model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
+    """
+
+    def __init__(
+        self,
+        model: ModelName = "unet",
+        encoder: EncoderName = "resnet34",
+        weights: str | None = None,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        ignore_index: int = 255,
+        loss: LossName = "ce",
+        class_weights: list[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "onecycle", "none"] = "cosine",
+        channels_last: bool = False,
+        class_names: list[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+        tile_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(
+            model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights, **(model_kwargs or {})
+        )
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = SegmentationLoss(loss, ignore_index, class_weights)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        metrics = MetricCollection(
+            {
+                "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
+                "IoU": MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
+                "F1": MulticlassF1Score(num_classes, average="macro", ignore_index=ignore_index),
+                "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
+            }
+        )
+        # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
+        self.metrics = torch.nn.ModuleDict({f"{stage}_metrics": metrics.clone() for stage in ("train", "val", "test")})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits [B, K, H, W] for images [B, C, H, W]."""
+        if self.hparams["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["mask"])
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
+                 batch_size=batch["image"].shape[0], sync_dist=stage != "train")
+        self.metrics[f"{stage}_metrics"].update(logits.detach().argmax(dim=1), batch["mask"])
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _log_metrics(self, stage: Stage) -> None:
+        values = self.metrics[f"{stage}_metrics"].compute()
+        per_class = values.pop("IoU")
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
+        self.metrics[f"{stage}_metrics"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        if hp["scheduler"] == "none":
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if hp["scheduler"] == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- rebuilding from a checkpoint -------------------------------------------------------
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The training preprocessing, or None when the task was built without data."""
+        pre = self.hparams.get("preprocessing")
+        return Preprocessing.from_dict(pre) if pre else None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationTask:
+        """Load a geobp checkpoint for inference (the encoder's start weights file is not needed).
+
+        Raises:
+            DataNotFoundError: the file does not exist.
+            CheckpointError: the file is not a geobp checkpoint or lacks its preprocessing.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DataNotFoundError(format_error(path, "checkpoint not found", "pass the .ckpt written by `geobp fit` (see its checkpoints/ folder)"))
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # torch raises many types for a bad file
+            raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err
+        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not hp or "state_dict" not in ckpt or "in_channels" not in hp:
+            raise CheckpointError(format_error(path, "not a geobp checkpoint (no geobp hyperparameters)", "pass a .ckpt written by `geobp fit`"))
+        if not hp.get("preprocessing"):
+            raise CheckpointError(
+                format_error(path, "checkpoint has no preprocessing (band statistics)", "train with `geobp fit`, which stores them")
+            )
+        task = cls(**{**hp, "weights": None})
+        task.load_state_dict(ckpt["state_dict"])
+        return task.to(map_location).eval()

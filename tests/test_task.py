@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from geobp.errors import CheckpointError, DataNotFoundError
+from geobp.losses import SegmentationLoss, dice_loss
+from geobp.task import SegmentationTask
+
+
+def batch(b=2, c=3, k=3, size=32):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, k, (b, size, size), generator=g)
+    mask[:, :4] = 255
+    return {"image": torch.randn(b, c, size, size, generator=g), "mask": mask}
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice", "focal", "ce+dice"])
+def test_losses_ignore_index_and_backprop(loss):
+    fn = SegmentationLoss(loss, 255, class_weights=[1.0, 2.0, 0.5])
+    b = batch()
+    logits = torch.randn(2, 3, 32, 32, requires_grad=True)
+    value = fn(logits, b["mask"])
+    value.backward()
+    assert torch.isfinite(value)
+    # ignored pixels get no gradient
+    assert logits.grad[:, :, :4].abs().max() == 0
+    assert logits.grad[:, :, 4:].abs().max() > 0
+
+
+def test_dice_is_zero_for_perfect_prediction():
+    target = torch.randint(0, 3, (1, 8, 8))
+    logits = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    assert dice_loss(logits, target, 255).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_shared_step_logs_metrics_and_per_class_iou():
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=["w", "f", "c"])
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    task.log_dict = lambda d, **kw: logged.update(d)
+    task.validation_step(batch(), 0)
+    task.on_validation_epoch_end()
+    assert {"val/loss", "val/mIoU", "val/F1", "val/acc", "val/IoU_w", "val/IoU_f", "val/IoU_c"} <= set(logged)
+    assert 0 <= float(logged["val/mIoU"]) <= 1
+
+
+def test_checkpoint_roundtrip_rebuilds_model_and_preprocessing(tmp_path):
+    pre = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "low": [], "high": []}
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, preprocessing=pre)
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    loaded = SegmentationTask.from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.preprocessing.mean == [1.0, 2.0, 3.0]
+    x = torch.randn(1, 3, 32, 32)
+    task.eval()
+    torch.testing.assert_close(loaded(x), task(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(DataNotFoundError, match="nope.ckpt: checkpoint not found"):
+        SegmentationTask.from_checkpoint(tmp_path / "nope.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.ckpt: cannot read the checkpoint"):
+        SegmentationTask.from_checkpoint(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="other.ckpt: not a geobp checkpoint"):
+        SegmentationTask.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_channels_last_forward_matches():
+    torch.manual_seed(0)
+    a = SegmentationTask(encoder="resnet18", in_channels=4, num_classes=3).eval()
+    b = SegmentationTask(encoder="resnet18", in_channels=4, num_classes=3, channels_last=True).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 64, 64)
+    torch.testing.assert_close(a(x), b(x), atol=1e-4, rtol=1e-4)
