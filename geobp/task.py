@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +170,8 @@ class SegmentationTask(L.LightningModule):
             raise CheckpointError(
                 format_error(path, "checkpoint has no preprocessing (band statistics)", "train with `geobp fit`, which stores them")
             )
-        task = cls(**{**hp, "weights": None})
+        # LightningCLI adds private keys (_class_path, _instantiator); keep the constructor's own
+        accepted = inspect.signature(cls.__init__).parameters
+        task = cls(**{k: v for k, v in hp.items() if k in accepted and k != "weights"})
         task.load_state_dict(ckpt["state_dict"])
         return task.to(map_location).eval()

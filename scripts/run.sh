@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One entry point for set-up and the two main jobs:
+#   bash scripts/run.sh demo    # create .venv if needed, then train the CPU demo
+#   bash scripts/run.sh test    # create .venv if needed, then run the test suite
+# Anything after the job name is passed on (to `geobp demo` or to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GEOBP_VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.geobp-installed"
+
+setup() {
+  if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/constraints.txt ]]; then
+    return
+  fi
+  echo ">> creating $VENV and installing geobp (first run takes a few minutes)" >&2
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch/torchvision first: pinned to the builds available on these machines
+  "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  # the rest with tested versions pinned (pyproject keeps broad ranges for users)
+  "$VENV/bin/python" -m pip install -q -c scripts/constraints.txt -e '.[test]'
+  touch "$STAMP"
+}
+
+job=${1:-}
+shift || true
+case "$job" in
+  demo) setup; exec "$VENV/bin/geobp" demo "$@" ;;
+  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  setup) setup ;;
+  *) echo "usage: bash scripts/run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
+esac
