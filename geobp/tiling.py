@@ -188,3 +188,81 @@ def split_blocks(
         idx = sorted(order[bounds[i] : bounds[i + 1]])
         out.append([windows[j] for j in idx])
     return out
+
+
+# ----- blend weights for sliding-window inference ------------------------------------------
+
+#: Smallest blend weight: weights taper to this near tile edges but never reach zero.
+BLEND_EPS = 1e-4
+
+
+def blend_weights_1d(length: int, overlap: int, taper_start: bool = True, taper_end: bool = True) -> np.ndarray:
+    """Smooth 1-D blend weights of a tile of ``length`` pixels, tapered over ``overlap`` pixels at each end.
+
+    Over the ``overlap`` pixels next to a tapered end, the weight is :data:`BLEND_EPS` for the
+    first quarter (the pixels a model sees with the least context), rises along a squared sine
+    over the middle half and is 1 from the last quarter on. The rise is antisymmetric, so two
+    tiles overlapping by exactly ``overlap`` pixels have weights summing to 1 (+eps) everywhere.
+    An end without a neighbour (the raster border) is not tapered.
+
+    Args:
+        length: tile length in pixels.
+        overlap: taper length in pixels (0 gives flat weights).
+        taper_start, taper_end: whether to taper the first / last pixels.
+
+    Returns:
+        float32 [length] weights in [BLEND_EPS, 1], strictly positive.
+    """
+    w = np.ones(length, np.float64)
+    if overlap > 0:
+        d = np.arange(length, dtype=np.float64)
+        for tapered, dist in ((taper_start, d), (taper_end, length - 1 - d)):
+            if tapered:
+                v = np.clip(((dist + 0.5) / overlap - 0.25) * 2.0, 0.0, 1.0)
+                w *= BLEND_EPS + (1.0 - BLEND_EPS) * np.sin(0.5 * np.pi * v) ** 2
+    return np.maximum(w, BLEND_EPS).astype(np.float32)
+
+
+def blend_weights(tile: int, overlap: int) -> np.ndarray:
+    """2-D blend weights of a square tile tapered on all four sides: the outer product of :func:`blend_weights_1d`.
+
+    Returns:
+        float32 [tile, tile], smooth, strictly positive (at least BLEND_EPS**2, in the corners),
+        symmetric, 1 in the centre.
+    """
+    check_tile_args(tile, overlap)
+    w = blend_weights_1d(tile, overlap)
+    return np.outer(w, w)
+
+
+def axis_blend_weights(length: int, tile: int, overlap: int) -> tuple[list[int], np.ndarray]:
+    """Tile offsets along one raster axis and each tile's normalised 1-D blend weights.
+
+    Tiles follow :func:`grid_offsets` (stride ``tile - overlap``, last tile clamped to the edge).
+    Each tile is tapered only on the sides it shares with a neighbour, so raster borders keep
+    full weight, then all weights are divided by their sum over tiles: at every pixel the
+    weights of the tiles covering it sum to 1. Because 2-D weights are the outer product of a
+    row and a column weight and the grid is a product of row and column offsets, the 2-D
+    weights ``outer(rows[i], cols[j])`` also sum to 1 at every pixel.
+
+    Args:
+        length: raster length along the axis in pixels.
+        tile: tile size in pixels; a raster shorter than a tile gets one tile of ``length`` pixels.
+        overlap: nominal overlap between neighbouring tiles.
+
+    Returns:
+        (offsets, float32 [len(offsets), min(tile, length)] weights).
+    """
+    check_tile_args(tile, overlap)
+    offsets = grid_offsets(length, tile, tile - overlap)
+    span = min(tile, length)
+    n = len(offsets)
+    weights = np.stack(
+        [blend_weights_1d(span, overlap, taper_start=k > 0, taper_end=k < n - 1) for k in range(n)]
+    ).astype(np.float64)
+    total = np.zeros(length, np.float64)
+    for off, w in zip(offsets, weights):
+        total[off : off + span] += w
+    for k, off in enumerate(offsets):
+        weights[k] /= total[off : off + span]
+    return offsets, weights.astype(np.float32)
