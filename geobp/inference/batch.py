@@ -1,0 +1,153 @@
+"""Prediction over many rasters with one loaded checkpoint; a bad input is reported, not fatal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
+from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
+from geobp.inference.predict import Precision, predict_raster
+from geobp.task import SegmentationTask
+from geobp.tiling import check_tile_args
+
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class InferenceSummary:
+    """What :func:`predict_many` did.
+
+    Attributes:
+        succeeded: (input, class map written) per raster that finished.
+        failed: (input, one-line error message) per raster that did not.
+    """
+
+    succeeded: list[tuple[Path, Path]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every input succeeded (the CLI exits 0)."""
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0 when all succeeded, 1 otherwise."""
+        return 0 if self.ok else 1
+
+    def lines(self) -> list[str]:
+        """Human-readable report: one line per failure, then a count."""
+        out = [f"FAILED {msg}" for _, msg in self.failed]
+        out.append(f"{len(self.succeeded)} raster(s) predicted, {len(self.failed)} failed")
+        return out
+
+
+def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Replace folders by their ``.tif``/``.tiff`` files (sorted, not recursive).
+
+    Returns:
+        (rasters, problems): a folder holding no rasters is a problem, not an error. Paths that
+        do not exist are kept, so that reading them reports the failure with the others.
+    """
+    rasters: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                problems.append(
+                    (item, format_error(item, "folder holds no .tif or .tiff files", "pass GeoTIFFs or folders of them"))
+                )
+            rasters.extend(found)
+        else:
+            rasters.append(item)
+    return rasters, problems
+
+
+def class_map_path(src: str | Path, out_dir: str | Path) -> Path:
+    """Where the class map of ``src`` goes: ``<out_dir>/<stem>_classes.tif``."""
+    return Path(out_dir) / f"{Path(src).stem}{CLASSES_SUFFIX}.tif"
+
+
+def predict_many(
+    ckpt_or_task: str | Path | SegmentationTask,
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    precision: Precision = "32",
+    probabilities: Probabilities = "none",
+    cog: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    num_workers: int = 2,
+) -> InferenceSummary:
+    """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
+
+    The checkpoint is loaded once; bands, normalization, class names and the default tile size
+    come from it. An input that fails (unreadable, wrong bands, existing output ...) is recorded
+    with its one-line message and the others still run.
+
+    Args:
+        ckpt_or_task: path of a ``geobp fit`` checkpoint, or a loaded :class:`SegmentationTask`.
+        inputs: GeoTIFFs and/or folders of them.
+        out_dir: output folder (created if needed).
+        tile_size: tile size; the checkpoint's training tile size when None (512 if unrecorded).
+        overlap: tile overlap; an eighth of the tile size when None (64 for 512).
+        batch_size, device, precision, probabilities, cog, overwrite, progress,
+        num_workers: as in :func:`predict_raster`.
+
+    Returns:
+        An :class:`InferenceSummary`; its ``exit_code`` is non-zero when any input failed.
+
+    Raises:
+        DataNotFoundError, CheckpointError: the checkpoint cannot be loaded.
+        ConfigError: invalid tile size or overlap, or two inputs share a file name (their
+            outputs would collide).
+    """
+    task = ckpt_or_task
+    if not isinstance(task, SegmentationTask):
+        task = SegmentationTask.from_checkpoint(ckpt_or_task, map_location=device)
+    pre = task.preprocessing
+    if pre is None:
+        raise CheckpointError(format_error(ckpt_or_task if not isinstance(ckpt_or_task, SegmentationTask) else None,
+                                           "model has no preprocessing (band statistics)", "train with `geobp fit`, which stores them"))
+    hp = task.hparams
+    k = int(hp["num_classes"])
+    names = list(hp.get("class_names") or [f"class_{i}" for i in range(k)])
+    tile = int(tile_size or hp.get("tile_size") or 512)
+    overlap = tile // 8 if overlap is None else overlap
+    check_tile_args(tile, overlap)
+    rasters, failed = expand_inputs(inputs)
+    summary = InferenceSummary(failed=failed)
+    seen: dict[Path, Path] = {}
+    for src in rasters:
+        dst = class_map_path(src, out_dir)
+        if dst in seen:
+            raise ConfigError(
+                format_error(src, f"same file name as {seen[dst]}: both would write {dst}", "predict them into separate output folders")
+            )
+        seen[dst] = src
+    for src in rasters:
+        dst = class_map_path(src, out_dir)
+        try:
+            predict_raster(
+                task, src, dst, pre, tile_size=tile, overlap=overlap, batch_size=batch_size,
+                device=device, precision=precision, num_classes=k, class_names=names, probabilities=probabilities,
+                cog=cog, overwrite=overwrite, progress=progress, num_workers=num_workers,
+            )
+        except GeobpError as err:
+            summary.failed.append((src, str(err)))
+        except Exception as err:  # noqa: BLE001 - one bad raster must not stop the others
+            summary.failed.append((src, f"{src}: {type(err).__name__}: {err}"))
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+        else:
+            summary.succeeded.append((src, dst))
+    return summary

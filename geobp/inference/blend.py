@@ -1,0 +1,111 @@
+"""Streaming blend of overlapping tile predictions into finished, encoded row strips.
+
+The raster is cut into *cells* by the tile origins: cell (a, b) spans rows
+``[row_offsets[a], row_offsets[a + 1])`` and columns ``[col_offsets[b], col_offsets[b + 1])``
+(the last ones run to the raster edge). Tiles arrive in row-major order; tile (a, b) covers
+cell (a, b) entirely, and no later tile touches it, so the cell is final as soon as tile
+(a, b) has been added. Parts of a tile that fall into later cells are kept (as float32
+copies) until those cells are final. With overlap below half a tile, what is kept is the
+overlap band under the current tile row (``overlap x width x classes`` floats) plus a
+``tile x overlap`` column piece: the memory does not depend on the raster's height, and only
+that thin band depends on its width.
+
+Finished cells are encoded (argmax, nodata, uint8 probabilities) at once, and a full-width
+uint8 strip is handed out each time a tile row is complete.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+
+from geobp.inference.reader import TileGrid
+
+#: encode(probabilities float32 [K, h, w], valid bool [h, w]) -> uint8 [bands, h, w]
+Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _cells(offsets: list[int], length: int, span: int) -> list[list[tuple[int, int, int]]]:
+    """Per tile along one axis: (cell index, first, end) of each cell it overlaps, in tile coordinates."""
+    edges = [*offsets, length]
+    out = []
+    for i, off in enumerate(offsets):
+        parts = []
+        a = i
+        while a < len(offsets) and edges[a] < off + span:
+            parts.append((a, edges[a] - off, min(edges[a + 1], off + span) - off))
+            a += 1
+        out.append(parts)
+    return out
+
+
+class TileBlender:
+    """Accumulates weighted tile probabilities and returns finished strips in row order.
+
+    Args:
+        grid: the tile grid (its weights must already be applied to the probabilities).
+        encode: turns the blended probabilities and validity of a finished cell into uint8 bands.
+        out_bands: number of bands ``encode`` returns.
+
+    Attributes:
+        buffered: float32 elements currently held for unfinished cells.
+        peak_buffered: the most ever held (for memory checks).
+    """
+
+    def __init__(self, grid: TileGrid, encode: Encoder, out_bands: int) -> None:
+        self.grid = grid
+        self.encode = encode
+        self.out_bands = out_bands
+        self._row_cells = _cells(grid.row_offsets, grid.height, grid.tile_h)
+        self._col_cells = _cells(grid.col_offsets, grid.width, grid.tile_w)
+        self._row_edges = [*grid.row_offsets, grid.height]
+        self._col_edges = [*grid.col_offsets, grid.width]
+        self._pending: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
+        self._strip: np.ndarray | None = None
+        self._next = (0, 0)
+        self.buffered = 0
+        self.peak_buffered = 0
+
+    def add(self, i: int, j: int, probs: np.ndarray, valid: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """Add tile (i, j); return ``(first row, uint8 [bands, rows, width])`` when it completes a tile row.
+
+        Args:
+            probs: float32 [K, tile_h, tile_w] weighted probabilities (modified in place).
+            valid: bool [tile_h, tile_w].
+        """
+        if (i, j) != self._next:
+            raise RuntimeError(f"tiles out of order: expected {self._next}, got {(i, j)}")
+        n_cols = len(self.grid.col_offsets)
+        self._next = (i, j + 1) if j + 1 < n_cols else (i + 1, 0)
+        own = None
+        for a, r0, r1 in self._row_cells[i]:
+            for b, c0, c1 in self._col_cells[j]:
+                piece = probs[:, r0:r1, c0:c1]
+                if (a, b) == (i, j):
+                    own = piece
+                else:  # anchored at the later cell's top-left corner, kept until it is final
+                    self._pending[(a, b)].append(piece.copy())
+                    self.buffered += piece.size
+        self.peak_buffered = max(self.peak_buffered, self.buffered)
+        assert own is not None  # tile (i, j) always covers cell (i, j)
+        for piece in self._pending.pop((i, j), []):
+            own[:, : piece.shape[1], : piece.shape[2]] += piece
+            self.buffered -= piece.size
+        r1 = self._row_cells[i][0][2]
+        c1 = self._col_cells[j][0][2]
+        if j == 0:
+            self._strip = np.empty((self.out_bands, r1, self.grid.width), np.uint8)
+        assert self._strip is not None
+        col = self._col_edges[j]
+        self._strip[:, :, col : col + c1] = self.encode(own, valid[:r1, :c1])
+        if j + 1 < n_cols:
+            return None
+        strip, self._strip = self._strip, None
+        return self._row_edges[i], strip
+
+    @property
+    def done(self) -> bool:
+        """True when every tile has been added."""
+        return self._next[0] == len(self.grid.row_offsets)

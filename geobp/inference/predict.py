@@ -1,0 +1,364 @@
+"""Streaming sliding-window prediction over one raster, for any ``nn.Module``.
+
+Three stages overlap: reader threads read and preprocess batches of tiles
+(:class:`~geobp.inference.reader.PrefetchReader`), the calling thread runs the model, and a
+writer thread blends the tiles and writes finished strips
+(:class:`~geobp.inference.blend.TileBlender`, :class:`~geobp.inference.outputs.StripWriter`).
+Peak memory is bounded by the tile size, the batch size, the overlap band of one tile row
+and GDAL's block cache (capped at :data:`GDAL_CACHE_BYTES` while predicting), not by the
+raster's height.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.errors import BandMismatchError, ConfigError, format_error
+from geobp.inference.blend import TileBlender
+from geobp.inference.outputs import (
+    Probabilities,
+    StripWriter,
+    aux_profile,
+    atomic_output,
+    check_outputs_free,
+    classes_profile,
+    colour_table,
+    output_paths,
+)
+from geobp.inference.reader import PrefetchReader, TileGrid
+from geobp.raster import open_raster
+from geobp.tiling import check_tile_args
+
+Precision = Literal["32", "bf16", "16"]
+
+#: GDAL block cache while predicting: enough for the block rows a tile row re-reads, and a
+#: fixed bound, so that memory does not grow with the raster (GDAL's default is 5% of RAM).
+GDAL_CACHE_BYTES = 256 * 2**20
+_AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def _check_args(
+    tile_size: int, overlap: int, batch_size: int, precision: str, probabilities: str, nodata_value: int
+) -> None:
+    check_tile_args(tile_size, overlap)
+    if batch_size < 1:
+        raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
+    if precision not in ("32", "bf16", "16"):
+        raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected 32, bf16 or 16)", "pick one of them"))
+    if probabilities not in ("none", "probs", "confidence"):
+        raise ConfigError(
+            format_error(None, f"unknown probabilities {probabilities!r} (expected none, probs or confidence)", "pick one of them")
+        )
+    if not 0 <= nodata_value <= 255:
+        raise ConfigError(format_error(None, f"nodata value must fit uint8 (found {nodata_value})", "pick one in 0..255"))
+
+
+def _check_input(src: rasterio.DatasetReader, preprocessing: Preprocessing, expected_dtype: str | None) -> None:
+    need = max(preprocessing.bands)
+    if src.count < need:
+        raise BandMismatchError(
+            format_error(
+                src.name,
+                f"raster has too few bands for the model (expected at least {need}: it reads bands "
+                f"{preprocessing.bands}; found {src.count})",
+                "pass a raster with the training bands, in the training order",
+            )
+        )
+    if expected_dtype is not None and src.dtypes[0] != expected_dtype:
+        raise BandMismatchError(
+            format_error(
+                src.name,
+                f"raster data type differs from training (expected {expected_dtype}, found {src.dtypes[0]})",
+                f"convert it first, e.g. `gdal_translate -ot {expected_dtype.capitalize()} IN OUT`, keeping the training scaling",
+            )
+        )
+
+
+def _check_output(logits: torch.Tensor, batch: int, tile: int, num_classes: int | None, class_names: list[str] | None) -> int:
+    shape = tuple(logits.shape)
+    if logits.ndim != 4 or shape[0] != batch or shape[2:] != (tile, tile):
+        raise ConfigError(
+            format_error(
+                None,
+                f"model output has shape {list(shape)} for input tiles [{batch}, C, {tile}, {tile}] "
+                f"(expected [{batch}, classes, {tile}, {tile}])",
+                "use a model whose logits have the input's size, or a tile size it accepts (e.g. a multiple of 32)",
+            )
+        )
+    k = shape[1]
+    if num_classes is not None and k != num_classes:
+        raise ConfigError(
+            format_error(None, f"model predicts {k} classes (expected num_classes={num_classes})", "pass the matching num_classes")
+        )
+    if class_names is not None and len(class_names) != k:
+        raise ConfigError(
+            format_error(None, f"{len(class_names)} class names for {k} classes", "pass one name per class")
+        )
+    return k
+
+
+def make_encoder(probabilities: Probabilities, nodata_value: int):
+    """The cell encoder for :class:`TileBlender`: class ids (+ uint8 probabilities or confidence)."""
+
+    def encode(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        bands = 1 + (probs.shape[0] if probabilities == "probs" else probabilities == "confidence")
+        out = np.empty((bands, *probs.shape[1:]), np.uint8)
+        out[0] = probs.argmax(axis=0)
+        invalid = ~valid
+        out[0][invalid] = nodata_value
+        if probabilities == "probs":
+            out[1:] = np.clip(np.rint(probs * 255.0), 0, 255)
+            out[1:, invalid] = 0
+        elif probabilities == "confidence":
+            out[1] = np.clip(np.rint(probs.max(axis=0) * 255.0), 0, 255)
+            out[1][invalid] = 0
+        return out
+
+    return encode
+
+
+class _Writer:
+    """Writer thread: blends tiles, opens the outputs and writes finished strips."""
+
+    def __init__(self, blender: TileBlender, open_outputs: Any, nodata_value: int) -> None:
+        self.blender = blender
+        self.open_outputs = open_outputs
+        self.nodata_value = nodata_value
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.abort = False
+        self.strips: StripWriter | None = None
+        self.thread = threading.Thread(target=self._run, name="geobp-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        datasets: list[Any] = []
+        try:
+            self.open_outputs(datasets)
+            self.strips = StripWriter(datasets[0], datasets[1] if len(datasets) > 1 else None, self.nodata_value)
+            while True:
+                item = self.queue.get()
+                if item is None or self.abort:
+                    break
+                tiles, probs, valid = item
+                for n, (i, j) in enumerate(tiles):
+                    done = self.blender.add(i, j, probs[n], valid[n])
+                    if done is not None:
+                        self.strips.write(*done)
+        except BaseException as err:  # reported to the calling thread
+            self.error = err
+        finally:
+            for ds in datasets:
+                ds.close()
+
+    def put(self, item: Any) -> None:
+        """Queue an item, waiting while the queue is full; re-raise the thread's error."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.thread.is_alive():
+                raise RuntimeError("writer thread stopped")
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Flush everything, close the files; raise the thread's error or an incomplete output."""
+        self.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.strips is None or not (self.blender.done and self.strips.complete):
+            raise RuntimeError("prediction ended before every tile was written")
+
+    def cancel(self) -> None:
+        """Stop without finishing (the outputs are discarded by the caller)."""
+        self.abort = True
+        with contextlib.suppress(queue.Full):
+            while self.thread.is_alive():
+                try:
+                    self.queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        self.thread.join()
+
+
+def _progress(enabled: bool, name: str, total: int) -> tuple[Any, Any]:
+    if not enabled:
+        return contextlib.nullcontext(), None
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+    )
+    return bar, bar.add_task(name, total=total)
+
+
+def predict_raster(
+    model: nn.Module,
+    src: str | Path,
+    dst: str | Path,
+    preprocessing: Preprocessing,
+    *,
+    tile_size: int = 512,
+    overlap: int = 64,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    precision: Precision = "32",
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    probabilities: Probabilities = "none",
+    cog: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    nodata_value: int = 255,
+    expected_dtype: str | None = None,
+    num_workers: int = 2,
+) -> Path:
+    """Predict a class map for one raster with sliding, overlapping, smoothly blended tiles.
+
+    The model gets float32 [B, C, tile, tile] normalised tiles and must return logits
+    [B, K, tile, tile]; softmax probabilities of overlapping tiles are averaged with smooth
+    weights (:func:`geobp.tiling.axis_blend_weights`) that sum to 1 at every pixel, so a
+    translation-equivariant model gives the same result whatever the tile size. The model is
+    moved to ``device`` and put in eval mode. Outputs are described in
+    :mod:`geobp.inference.outputs`; they are written under temporary names and renamed only
+    when complete.
+
+    Args:
+        model: any module mapping tiles to logits (e.g. a loaded ``SegmentationTask``).
+        src: input GeoTIFF.
+        dst: class map to write (``<stem>_classes.tif`` by convention).
+        preprocessing: band selection, nodata and normalization used in training. The input
+            file's own nodata tag, when it has one, takes precedence for masking.
+        tile_size: model input size; rasters smaller than a tile are padded by reflection.
+        overlap: minimum overlap of neighbouring tiles (at least the model's receptive-field
+            radius times four removes tile-edge effects; tile edges get near-zero weight
+            over the outer quarter of the overlap).
+        batch_size: tiles per forward pass.
+        device: torch device for the model.
+        precision: ``32``, or ``bf16`` / ``16`` for autocast (meant for CUDA).
+        num_classes: expected number of classes (checked against the model output), or None.
+        class_names: one name per class for the tags and colours; ``class_<i>`` when None.
+        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
+        cog: write Cloud Optimized GeoTIFFs (with overviews).
+        overwrite: replace existing outputs.
+        progress: show a progress bar (rich, on stderr).
+        nodata_value: class-map value at nodata pixels; must not be a class id.
+        expected_dtype: training data type, when known; a different input dtype is refused.
+        num_workers: reader threads.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        DataNotFoundError, RasterReadError: the input cannot be opened or read.
+        BandMismatchError: too few bands, or a dtype other than ``expected_dtype``.
+        OutputExistsError: an output exists and ``overwrite`` is False.
+        ConfigError: invalid arguments, or model output that does not fit them.
+    """
+    _check_args(tile_size, overlap, batch_size, precision, probabilities, nodata_value)
+    src, dst = Path(src), Path(dst)
+    paths = output_paths(dst, probabilities)
+    if src.resolve() in {p.resolve() for p in paths.values()}:
+        raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
+    check_outputs_free(paths, overwrite)
+    with open_raster(src) as ds:
+        _check_input(ds, preprocessing, expected_dtype)
+        profile = ds.profile
+        height, width, file_nodata = ds.height, ds.width, ds.nodata
+    if file_nodata is not None:
+        preprocessing = dataclasses.replace(preprocessing, nodata=file_nodata)
+    if num_classes is not None and nodata_value < num_classes:
+        raise ConfigError(format_error(None, f"nodata value {nodata_value} is a class id ({num_classes} classes)", "pick a larger nodata value"))
+
+    grid = TileGrid.build(height, width, tile_size, overlap)
+    th, tw = grid.tile_h, grid.tile_w
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    row_w = torch.from_numpy(grid.row_weights).to(dev)
+    col_w = torch.from_numpy(grid.col_weights).to(dev)
+    autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32")
+    batches = grid.batches(batch_size)
+    bar, task_id = _progress(progress, src.name, len(grid.tiles()))
+
+    with contextlib.ExitStack() as stack:
+        tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        reader = stack.enter_context(
+            PrefetchReader(src, grid, batches, preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda")
+        )
+        stack.enter_context(bar)
+        writer: _Writer | None = None
+        try:
+            with torch.inference_mode(), autocast:
+                for batch in reader:
+                    logits = model(batch.image.to(dev, non_blocking=True))
+                    if writer is None:
+                        k = _check_output(logits, len(batch.tiles), tile_size, num_classes, class_names)
+                        if nodata_value < k:
+                            raise ConfigError(
+                                format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
+                            )
+                        names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+                        writer = _start_writer(grid, k, names, profile, tmps, probabilities, nodata_value)
+                    probs = torch.softmax(logits.float(), dim=1)[:, :, :th, :tw]
+                    rows = torch.tensor([i for i, _ in batch.tiles], device=dev)
+                    cols = torch.tensor([j for _, j in batch.tiles], device=dev)
+                    probs *= (row_w[rows][:, :, None] * col_w[cols][:, None, :])[:, None]
+                    writer.put((batch.tiles, probs.cpu().numpy(), batch.valid))
+                    if task_id is not None:
+                        bar.advance(task_id, len(batch.tiles))
+            if writer is None:
+                raise RuntimeError("no tiles were predicted")
+            writer.finish()
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            raise
+    return dst
+
+
+def _start_writer(
+    grid: TileGrid,
+    k: int,
+    names: list[str],
+    profile: dict[str, Any],
+    tmps: dict[str, Path],
+    probabilities: Probabilities,
+    nodata_value: int,
+) -> _Writer:
+    aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
+    blender = TileBlender(grid, make_encoder(probabilities, nodata_value), 1 + aux_bands)
+
+    def open_outputs(opened: list[Any]) -> None:
+        ds = rasterio.open(tmps["classes"], "w", **classes_profile(profile, nodata_value))
+        opened.append(ds)
+        ds.write_colormap(1, colour_table(k, names, nodata_value))
+        ds.set_band_description(1, "class")
+        ds.update_tags(CLASS_NAMES=",".join(names), NUM_CLASSES=str(k), NODATA_VALUE=str(nodata_value))
+        if aux_bands:
+            aux = rasterio.open(tmps[probabilities], "w", **aux_profile(profile, aux_bands))
+            opened.append(aux)
+            descriptions = names if probabilities == "probs" else ["confidence"]
+            for b, name in enumerate(descriptions, start=1):
+                aux.set_band_description(b, name)
+            aux.scales = (1 / 255,) * aux_bands
+            aux.update_tags(CLASS_NAMES=",".join(names), NUM_CLASSES=str(k), SCALE="value / 255 = probability")
+
+    return _Writer(blender, open_outputs, nodata_value)

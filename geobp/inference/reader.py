@@ -1,0 +1,198 @@
+"""Input side of inference: the tile grid with its blend weights, and a prefetching tile reader.
+
+Tiles of one batch that lie side by side in the same tile row are read as one window and
+preprocessed once, so overlapping columns are neither read nor normalised twice within a batch.
+Batches are read and preprocessed in background threads (each with its own rasterio handle:
+handles are not thread-safe) while the model works on earlier batches; they come out in order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.raster import open_reader, read_window
+from geobp.tiling import axis_blend_weights
+
+Tile = tuple[int, int]  # (tile row index, tile column index)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Sliding-window tiles over a raster, with normalised separable blend weights.
+
+    Attributes:
+        height, width: raster size.
+        tile: model input size (tiles of rasters smaller than this are padded to it).
+        row_offsets, col_offsets: tile origins along each axis (``grid_offsets``).
+        row_weights: float32 [len(row_offsets), tile_h]; tile (i, j) has weights
+            ``outer(row_weights[i], col_weights[j])``, which sum to 1 at every pixel.
+        col_weights: float32 [len(col_offsets), tile_w].
+    """
+
+    height: int
+    width: int
+    tile: int
+    row_offsets: list[int]
+    col_offsets: list[int]
+    row_weights: np.ndarray
+    col_weights: np.ndarray
+
+    @classmethod
+    def build(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
+        """Grid of ``tile``-sized windows overlapping by at least ``overlap`` pixels.
+
+        Raises:
+            ConfigError: invalid tile size or overlap.
+        """
+        rows, row_w = axis_blend_weights(height, tile, overlap)
+        cols, col_w = axis_blend_weights(width, tile, overlap)
+        return cls(height, width, tile, rows, cols, row_w, col_w)
+
+    @property
+    def tile_h(self) -> int:
+        """Rows of the raster inside one tile (less than ``tile`` for a short raster)."""
+        return min(self.tile, self.height)
+
+    @property
+    def tile_w(self) -> int:
+        """Columns of the raster inside one tile."""
+        return min(self.tile, self.width)
+
+    def tiles(self) -> list[Tile]:
+        """All tiles in row-major order."""
+        return [(i, j) for i in range(len(self.row_offsets)) for j in range(len(self.col_offsets))]
+
+    def batches(self, batch_size: int) -> list[list[Tile]]:
+        """Tiles in row-major order, cut into batches (a batch may span two tile rows)."""
+        tiles = self.tiles()
+        return [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
+
+
+@dataclass
+class TileBatch:
+    """One batch of model input and the validity of its pixels.
+
+    Attributes:
+        tiles: (row index, column index) of each tile.
+        image: float32 [B, C, tile, tile] normalised input, padded by reflection where the
+            raster is smaller than a tile.
+        valid: bool [B, tile_h, tile_w], False at the input's nodata pixels.
+    """
+
+    tiles: list[Tile]
+    image: torch.Tensor
+    valid: np.ndarray
+
+
+class PrefetchReader:
+    """Reads and preprocesses batches in ``num_workers`` background threads, yielding them in order.
+
+    At most ``prefetch`` batches are read ahead. Use as a context manager (or call
+    :meth:`close`) so that the threads stop and the file handles are closed.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        grid: TileGrid,
+        batches: list[list[Tile]],
+        preprocessing: Preprocessing,
+        num_workers: int = 2,
+        prefetch: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.path = str(path)
+        self.grid = grid
+        self.batches = batches
+        self.pre = preprocessing
+        self.num_workers = max(1, num_workers)
+        self.prefetch = prefetch or 2 * self.num_workers
+        self.pin_memory = pin_memory
+        self._local = threading.local()
+        self._handles: list[rasterio.DatasetReader] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="geobp-read")
+
+    def _handle(self) -> rasterio.DatasetReader:
+        src = getattr(self._local, "src", None)
+        if src is None:
+            src = open_reader(self.path)
+            self._local.src = src
+            with self._lock:
+                self._handles.append(src)
+        return src
+
+    def read(self, tiles: list[Tile]) -> TileBatch:
+        """Read and preprocess one batch (runs in a worker thread, or anywhere for tests)."""
+        g = self.grid
+        th, tw, t = g.tile_h, g.tile_w, g.tile
+        src = self._handle()
+        image = np.empty((len(tiles), len(self.pre.bands), t, t), np.float32)
+        valid = np.empty((len(tiles), th, tw), bool)
+        pad = ((0, 0), (0, t - th), (0, t - tw))
+        k = 0
+        while k < len(tiles):
+            # a run: consecutive tiles of the same tile row, read as one window
+            end = k + 1
+            while end < len(tiles) and tiles[end][0] == tiles[k][0]:
+                end += 1
+            i = tiles[k][0]
+            c0 = g.col_offsets[tiles[k][1]]
+            c1 = g.col_offsets[tiles[end - 1][1]] + tw
+            raw = read_window(src, Window(c0, g.row_offsets[i], c1 - c0, th), indexes=self.pre.bands)
+            x, v = self.pre(raw)
+            for n in range(k, end):
+                c = g.col_offsets[tiles[n][1]] - c0
+                if th < t or tw < t:
+                    image[n] = np.pad(x[:, :, c : c + tw], pad, mode="reflect")
+                else:
+                    image[n] = x[:, :, c : c + tw]
+                valid[n] = v[:, c : c + tw]
+            k = end
+        tensor = torch.from_numpy(image)
+        if self.pin_memory:
+            tensor = tensor.pin_memory()
+        return TileBatch(tiles, tensor, valid)
+
+    def __iter__(self) -> Iterator[TileBatch]:
+        queue: deque[Future[TileBatch]] = deque()
+        todo = iter(self.batches)
+        try:
+            for tiles in todo:
+                queue.append(self._pool.submit(self.read, tiles))
+                if len(queue) >= self.prefetch:
+                    break
+            while queue:
+                batch = queue.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    queue.append(self._pool.submit(self.read, nxt))
+                yield batch
+        finally:
+            for fut in queue:
+                fut.cancel()
+
+    def close(self) -> None:
+        """Stop the threads (waiting for reads in progress) and close every handle."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for src in self._handles:
+                src.close()
+            self._handles.clear()
+
+    def __enter__(self) -> PrefetchReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
