@@ -134,11 +134,52 @@ def print_iou_table(metrics: dict[str, float], class_names: list[str]) -> None:
     Console().print(table)
 
 
+# ----- check --------------------------------------------------------------------------------
+
+
+def cmd_check(argv: Sequence[str]) -> int:
+    """``geobp check DATA_DIR``: validate a dataset folder; exit 1 when any scene is unusable."""
+    from geobp.data.scenes import check_dataset
+
+    p = argparse.ArgumentParser(
+        prog="geobp check",
+        description="Check every scene of a dataset folder: readable end to end, georeferenced and north-up, "
+        "image and mask on one grid, consistent bands, labels within the classes, nodata declared.",
+    )
+    p.add_argument("root", help="dataset folder with images/ and masks/")
+    p.add_argument("--num-classes", type=int, default=None, help="mask values must be below this (or the ignore index)")
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the files' tags)")
+    p.add_argument("--quick", action="store_true", help="headers only: do not read the pixels")
+    a = p.parse_args(argv)
+    reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True)
+    table = Table(title=f"geobp check {a.root}", show_lines=True)
+    for col in ("scene", "size", "bands", "valid", "labels", "status", "problems"):
+        table.add_column(col, overflow="fold")
+    for r in reports:
+        img = r.image
+        status = "[red]FATAL[/red]" if r.fatal else ("[yellow]warn[/yellow]" if r.problems else "[green]ok[/green]")
+        table.add_row(
+            r.name,
+            f"{img.height}x{img.width}" if img else "-",
+            f"{img.count} x {img.dtype}" if img else "-",
+            f"{r.valid_fraction:.0%}" if r.valid_fraction is not None else "-",
+            ",".join(map(str, r.labels[:12])) if r.labels is not None else "-",
+            status,
+            "\n".join(p.message for p in r.problems) or "",
+        )
+    Console(width=max(Console().width, 160)).print(table)
+    fatal = sum(r.fatal for r in reports)
+    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
+    return 1 if fatal else 0
+
+
 # ----- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "synth": cmd_synth,
     "demo": cmd_demo,
+    "check": cmd_check,
 }
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from geobp.errors import BandMismatchError, ConfigError, DataNotFoundError, format_error
-from geobp.raster import RasterInfo, check_georeferenced, check_same_grid, read_info
+from rich.progress import track
+
+from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
+from geobp.errors import ConfigError, DataNotFoundError, format_error
+from geobp.raster import RasterInfo
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 
@@ -29,20 +32,12 @@ def list_rasters(folder: Path) -> dict[str, Path]:
     }
 
 
-def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
-    """Find and check the scenes of a dataset folder.
-
-    Expected layout: ``root/images/<name>.tif`` (multi-band) and ``root/masks/<name>.tif``
-    (single-band class ids), matched by name. Each pair must share CRS, transform and shape;
-    all images must have the same band count and dtype.
+def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
+    """Pair ``root/images/<name>.tif`` with ``root/masks/<name>.tif`` (None when the mask is missing).
 
     Raises:
-        DataNotFoundError: the folders are missing or empty, or an image has no mask.
-        RasterMismatchError: an image and its mask are on different grids.
-        BandMismatchError: band counts or dtypes differ between scenes, or a mask has several bands.
-        GeoreferenceError: a raster lacks a CRS or is not north-up.
+        DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
     """
-    root = Path(root)
     images_dir, masks_dir = root / "images", root / "masks"
     layout_fix = "put images in ROOT/images/<name>.tif and masks in ROOT/masks/<name>.tif (see data/README.md)"
     if not images_dir.is_dir():
@@ -51,39 +46,62 @@ def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
     if not images:
         raise DataNotFoundError(format_error(images_dir, "no .tif files found", layout_fix))
     masks = list_rasters(masks_dir) if masks_dir.is_dir() else {}
-    scenes: list[Scene] = []
-    for name, image_path in images.items():
-        image = read_info(image_path)
-        check_georeferenced(image)
-        mask = None
-        if name in masks:
-            mask = read_info(masks[name])
-            if mask.count != 1:
-                raise BandMismatchError(
-                    format_error(mask.path, f"mask must have 1 band (found {mask.count})", "write class ids in a single band")
-                )
-            check_same_grid(image, mask)
-        elif require_masks:
-            raise DataNotFoundError(
-                format_error(
-                    masks_dir / f"{name}.tif",
-                    f"mask for image {image_path} not found",
-                    "add the mask with the same file name, or remove the image",
-                )
-            )
-        scenes.append(Scene(name=name, image=image, mask=mask))
-    first = scenes[0].image
-    for scene in scenes[1:]:
-        if (scene.image.count, scene.image.dtype) != (first.count, first.dtype):
-            raise BandMismatchError(
-                format_error(
-                    scene.image.path,
-                    f"band count/dtype differs from {first.path} (expected {first.count} x {first.dtype}, "
-                    f"found {scene.image.count} x {scene.image.dtype})",
-                    "give every scene the same bands in the same order and dtype",
-                )
-            )
-    return scenes
+    return {name: (path, masks.get(name)) for name, path in images.items()}
+
+
+def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
+    """Find the scenes of a dataset folder and run the header checks on them.
+
+    Expected layout: ``root/images/<name>.tif`` (multi-band) and ``root/masks/<name>.tif``
+    (single-band class ids), matched by name. Each pair must share CRS, transform and shape;
+    all images must have the same band count and dtype.
+
+    Raises:
+        DataNotFoundError: the folders are missing or empty, or an image has no mask.
+        RasterReadError: a file is not a readable raster.
+        RasterMismatchError: an image and its mask are on different grids.
+        BandMismatchError: band counts or dtypes differ between scenes, or a mask has several bands.
+        GeoreferenceError: a raster lacks a CRS or is not north-up.
+    """
+    pairs = scene_paths(Path(root))
+    reports = [check_headers(name, img, msk, require_masks) for name, (img, msk) in pairs.items()]
+    check_consistency(reports)
+    for report in reports:
+        for problem in report.problems:
+            if problem.severity == "fatal" and problem.error is not None:
+                raise problem.error
+    return [Scene(r.name, r.image, r.mask) for r in reports]  # type: ignore[arg-type]
+
+
+def check_dataset(
+    root: str | Path,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    nodata: float | None = None,
+    full: bool = True,
+    progress: bool = False,
+) -> list[SceneReport]:
+    """Check every scene of a dataset folder (all problems, not only the first) and report per scene.
+
+    Args:
+        root: dataset folder.
+        num_classes: when given, mask values must be below it (or the ignore index).
+        ignore_index: label of unlabelled pixels.
+        nodata: nodata value; the files' tags when None.
+        full: also read every block of every file (slower; finds corrupt blocks and bad labels).
+        progress: show a progress bar.
+
+    Raises:
+        DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
+    """
+    pairs = scene_paths(Path(root))
+    reports = [check_headers(name, img, msk) for name, (img, msk) in pairs.items()]
+    check_consistency(reports)
+    if full:
+        for r in track(reports, description="Reading scenes", disable=not progress, transient=True):
+            if not r.fatal:
+                scan_pixels(r, num_classes, ignore_index, nodata)
+    return reports
 
 
 def resolve_bands(bands: list[int] | None, count: int, source: str) -> list[int]:

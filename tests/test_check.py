@@ -1,0 +1,118 @@
+"""Bad input: each broken file gets a clear, per-file problem; `geobp check` exits non-zero."""
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from rasterio.transform import Affine, from_origin
+
+from geobp.cli import main
+from geobp.data.scenes import check_dataset
+from geobp.errors import GeoreferenceError, RasterReadError
+from geobp.raster import open_raster, read_window
+from tests.conftest import write_tif
+
+
+@pytest.fixture
+def good(make_scene, tmp_path):
+    for name in ("a", "b"):
+        make_scene(name, nodata=0)
+    return tmp_path / "data"
+
+
+def problems(reports, name):
+    return next(r for r in reports if r.name == name).problems
+
+
+def only_fatal(reports, name):
+    r = next(r for r in reports if r.name == name)
+    assert r.fatal, r.problems
+    return " ".join(p.message for p in r.problems if p.severity == "fatal")
+
+
+def test_clean_dataset_passes(good, capsys):
+    reports = check_dataset(good, num_classes=3)
+    assert not any(r.problems for r in reports)
+    assert main(["check", str(good), "--num-classes", "3"]) == 0
+
+
+def test_random_bytes_empty_and_truncated_files(good, make_scene, tmp_path):
+    (good / "images" / "junk.tif").write_bytes(np.random.default_rng(0).bytes(5000))
+    write_tif(good / "masks" / "junk.tif", np.zeros((64, 64), np.uint8))
+    (good / "images" / "empty.tif").write_bytes(b"")
+    write_tif(good / "masks" / "empty.tif", np.zeros((64, 64), np.uint8))
+    # a truncated download: a COG (headers first) cut in half, so it opens but blocks fail to decode
+    img, _ = make_scene("trunc", size=(256, 256), nodata=0)
+    cog = tmp_path / "cog.tif"
+    rasterio.shutil.copy(img, cog, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=64)
+    raw = cog.read_bytes()
+    img.write_bytes(raw[: len(raw) // 2])
+    reports = check_dataset(good, num_classes=3)
+    assert "junk.tif: not a readable raster" in only_fatal(reports, "junk")
+    assert "empty.tif: not a readable raster: the file is empty" in only_fatal(reports, "empty")
+    msg = only_fatal(reports, "trunc")
+    assert "trunc.tif" in msg and ("failed to read window" in msg or "not a readable raster" in msg)
+    assert "Fix:" in msg
+    assert not next(r for r in reports if r.name == "a").fatal
+    assert main(["check", str(good)]) == 1
+
+
+def test_truncated_block_error_names_file_and_window(make_scene, tmp_path):
+    img, _ = make_scene("t", size=(256, 256))
+    cog = tmp_path / "cog.tif"
+    rasterio.shutil.copy(img, cog, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=64)
+    raw = cog.read_bytes()
+    cog.write_bytes(raw[: len(raw) // 2])
+    with open_raster(cog) as src:
+        with pytest.raises(RasterReadError, match=r"cog.tif: failed to read window \(row 192, col 192, 64x64\).*Fix: "):
+            read_window(src, rasterio.windows.Window(192, 192, 64, 64))
+
+
+def test_no_crs_and_rotated_transform(good):
+    write_tif(good / "images" / "nocrs.tif", np.ones((3, 32, 32), np.uint16), crs=None)
+    write_tif(good / "masks" / "nocrs.tif", np.zeros((32, 32), np.uint8), crs=None)
+    rotated = Affine(10.0, 2.0, 500000.0, 2.0, -10.0, 5000000.0)
+    write_tif(good / "images" / "rot.tif", np.ones((3, 32, 32), np.uint16), transform=rotated)
+    write_tif(good / "masks" / "rot.tif", np.zeros((32, 32), np.uint8), transform=rotated)
+    reports = check_dataset(good)
+    assert "nocrs.tif: raster has no CRS" in only_fatal(reports, "nocrs")
+    assert "rot.tif: transform is rotated" in only_fatal(reports, "rot")
+    assert isinstance(problems(reports, "rot")[0].error, GeoreferenceError)
+
+
+def test_shifted_mask_and_out_of_range_labels(good, make_scene):
+    _, msk = make_scene("shift")
+    write_tif(msk, np.zeros((64, 64), np.uint8), transform=from_origin(500020.0, 5000000.0, 10.0, 10.0))
+    _, msk2 = make_scene("labels")
+    write_tif(msk2, np.full((64, 64), 7, np.uint8))
+    reports = check_dataset(good, num_classes=3)
+    assert "masks/shift.tif: transform differs from its image" in only_fatal(reports, "shift")
+    assert "masks/labels.tif: mask values [7] are outside the 3 classes" in only_fatal(reports, "labels")
+
+
+def test_nan_and_all_nodata_are_warnings(tmp_path):
+    root = tmp_path / "f"
+    img = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    img[:, :4, :4] = np.nan
+    write_tif(root / "images" / "nan.tif", img, nodata=-9999.0)
+    write_tif(root / "masks" / "nan.tif", np.zeros((32, 32), np.uint8))
+    write_tif(root / "images" / "void.tif", np.full((3, 32, 32), -9999.0, np.float32), nodata=-9999.0)
+    write_tif(root / "masks" / "void.tif", np.zeros((32, 32), np.uint8))
+    reports = check_dataset(root, num_classes=2)
+    nan = problems(reports, "nan")
+    assert [p.severity for p in nan] == ["warning"] and "16 pixels are NaN" in nan[0].message
+    void = problems(reports, "void")
+    assert any("every pixel is nodata" in p.message for p in void)
+    assert not any(r.fatal for r in reports)
+    assert main(["check", str(root)]) == 0
+
+
+def test_band_count_mismatch_between_scenes(good, make_scene):
+    make_scene("four", bands=4)
+    reports = check_dataset(good)
+    assert "four.tif: band count/dtype differs" in only_fatal(reports, "four")
+
+
+def test_check_missing_folder_exit_code(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "none")]) == 2
+    assert "none/images: folder not found" in capsys.readouterr().err
