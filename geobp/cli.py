@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
 from rich.table import Table
 
+from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import GeobpError
 from geobp.task import SegmentationTask
@@ -29,8 +30,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class GeobpCLI(LightningCLI):
     """LightningCLI with geobp's links: the data decides the model's bands, classes and preprocessing.
 
-    Always-on callbacks are configurable under their own keys: ``checkpoint`` (best ``val/mIoU``
-    and the last state).
+    Always-on callbacks: ``checkpoint`` (best ``val/mIoU`` and the last state, configurable under
+    that key) and :class:`CheckpointOnInterrupt` (Ctrl-C or SIGTERM saves ``last.ckpt``).
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -62,6 +63,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
         args=list(args),
         run=run,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},
         parser_kwargs={"prog": "geobp", "description": "Land-cover segmentation of multi-band GeoTIFFs"},
     )
 

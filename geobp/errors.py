@@ -64,3 +64,7 @@ class CheckpointError(GeobpError, ValueError):
 
 class OutputExistsError(GeobpError, FileExistsError):
     """An output file exists and overwriting was not asked for."""
+
+
+class NonFiniteError(GeobpError, FloatingPointError):
+    """Training produced a NaN or Inf loss or gradient and was configured to stop."""

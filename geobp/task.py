@@ -13,7 +13,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from geobp.data.preprocessing import Preprocessing
-from geobp.errors import CheckpointError, DataNotFoundError, format_error
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from geobp.errors import CheckpointError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss
 from geobp.models import EncoderName, ModelName, create_model
 
@@ -48,6 +50,10 @@ class SegmentationTask(L.LightningModule):
         preprocessing: the data's preprocessing as a dict (linked by the CLI; stored for inference).
         tile_size: training tile size (linked; the default tile size for inference).
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
+        nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
+            ``train/nonfinite_steps``) or ``stop`` with an error naming the step, the batch's tiles
+            and the first module whose output went non-finite. Checking costs one device-to-host
+            sync per step; ``ignore`` turns the check off.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class SegmentationTask(L.LightningModule):
         preprocessing: dict[str, Any] | None = None,
         tile_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        nonfinite: Literal["skip", "stop", "ignore"] = "skip",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +94,7 @@ class SegmentationTask(L.LightningModule):
             }
         )
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
+        self.nonfinite_steps = 0
         self.metrics = torch.nn.ModuleDict({f"{stage}_metrics": metrics.clone() for stage in ("train", "val", "test")})
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,16 +103,40 @@ class SegmentationTask(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
-    def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor:
+    def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor | None:
+        if "skipped" in batch:
+            self.log(f"{stage}/skipped_tiles", batch["skipped"].float(), on_step=False, on_epoch=True, reduce_fx="sum")
+        if "image" not in batch:  # every tile of the batch failed to read (data.on_read_error: skip)
+            return None
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
+        if stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
+            return self._nonfinite(batch, loss)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
                  batch_size=batch["image"].shape[0], sync_dist=stage != "train")
         self.metrics[f"{stage}_metrics"].update(logits.detach().argmax(dim=1), batch["mask"])
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train")
+
+    def _nonfinite(self, batch: dict[str, Any], loss: Tensor) -> None:
+        """Skip the step (returning None makes Lightning skip backward and the optimizer) or stop."""
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if self.hparams["nonfinite"] == "skip":
+            rank_zero_warn(f"step {self.global_step}: loss is {loss.item()}; step skipped ({describe_tiles(batch)})")
+            return None
+        where = first_nonfinite_module(self.model, batch["image"])
+        raise NonFiniteError(
+            format_error(
+                None,
+                f"step {self.global_step}: training loss is {loss.item()} on tiles {describe_tiles(batch)}; "
+                f"first non-finite output: {where or 'none in forward (inputs or loss)'}",
+                "check those tiles with `geobp check`, lower model.lr, set trainer.gradient_clip_val, "
+                "or set model.nonfinite: skip; see the gradient-flow report of the run",
+            )
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -175,3 +207,43 @@ class SegmentationTask(L.LightningModule):
         task = cls(**{k: v for k, v in hp.items() if k in accepted and k != "weights"})
         task.load_state_dict(ckpt["state_dict"])
         return task.to(map_location).eval()
+
+
+def describe_tiles(batch: dict[str, Any], limit: int = 4) -> str:
+    """``scene (row, col)`` of the first tiles of a batch, for messages."""
+    scenes, windows = batch.get("scene"), batch.get("window")
+    if scenes is None or windows is None:
+        return "unknown tiles"
+    parts = [f"{s} (row {int(w[0])}, col {int(w[1])})" for s, w in zip(scenes[:limit], windows[:limit])]
+    more = len(scenes) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: torch.nn.Module, x: Tensor) -> str | None:
+    """Re-run the forward pass and return the name of the first module whose output is NaN/Inf.
+
+    Modules finish in forward order, children before their parent, so the first hit is the
+    innermost module where the values went bad.
+    """
+    if not bool(torch.isfinite(x).all()):
+        return "the input image"
+    found: list[str] = []
+    hooks = []
+
+    def hook(name: str) -> Any:
+        def fn(_m: torch.nn.Module, _i: Any, out: Any) -> None:
+            if not found and isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(name)
+
+        return fn
+
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else None

@@ -12,7 +12,7 @@ from rasterio.windows import Window
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from geobp.data.dataset import TileDataset, TileSpec
+from geobp.data.dataset import TileDataset, TileSpec, collate_tiles
 from geobp.data.preprocessing import NormMethod, Preprocessing, SceneStats, combine_stats, load_scene_stats, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
@@ -54,6 +54,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         max_nodata_fraction: training tiles with more nodata than this are skipped.
         augment: random flips and 90-degree rotations of training tiles.
         cache_dir: where band statistics are cached; ``root`` when None.
+        on_read_error: a block that fails to decode during training either stops the run
+            (``stop``, naming the scene and window) or is skipped with a warning and counted in
+            ``train/skipped_tiles`` (``skip``).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         max_nodata_fraction: float = 0.5,
         augment: bool = True,
         cache_dir: str | None = None,
+        on_read_error: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -215,6 +219,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             num_classes=hp["num_classes"],
             ignore_index=hp["ignore_index"],
             augment=Augment() if augment else None,
+            on_read_error=hp["on_read_error"],
         )
 
     def _rank(self) -> tuple[int, int]:
@@ -231,6 +236,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last,
+            collate_fn=collate_tiles,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,17 +11,18 @@ Batch contract (what every model, task and callback relies on):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import rasterio
 import torch
 from rasterio.windows import Window
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from geobp.data.preprocessing import Preprocessing
-from geobp.errors import LabelError, format_error
+from geobp.errors import LabelError, RasterReadError, format_error
 from geobp.raster import open_reader, read_window
 
 Sample = dict[str, Any]
@@ -58,6 +59,9 @@ class TileDataset(Dataset[Sample]):
         num_classes: number of classes; mask values must be in ``[0, num_classes)`` or ``ignore_index``.
         ignore_index: label of pixels excluded from loss and metrics.
         augment: optional joint augmentation of (image HWC, mask HW).
+        on_read_error: ``stop`` raises on a block that fails to decode; ``skip`` warns (naming
+            the scene and window) and drops the tile from its batch; the batch's ``skipped``
+            entry counts the dropped tiles.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class TileDataset(Dataset[Sample]):
         num_classes: int,
         ignore_index: int = 255,
         augment: Augment | None = None,
+        on_read_error: Literal["stop", "skip"] = "stop",
     ) -> None:
         self.images = images
         self.masks = masks
@@ -79,6 +84,7 @@ class TileDataset(Dataset[Sample]):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.augment = augment
+        self.on_read_error = on_read_error
         self._handles: dict[str, rasterio.DatasetReader] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -103,7 +109,16 @@ class TileDataset(Dataset[Sample]):
         # Samples are addressed by TileSpec, not by position; samplers define the epoch length.
         raise TypeError("TileDataset is indexed by TileSpec; use it with a geobp tile sampler")
 
-    def __getitem__(self, spec: TileSpec) -> Sample:
+    def __getitem__(self, spec: TileSpec) -> Sample | None:
+        try:
+            return self._read(spec)
+        except RasterReadError as err:
+            if self.on_read_error == "stop":
+                raise
+            warnings.warn(f"skipping tile of scene {self.names[spec.scene]}: {err}", RuntimeWarning, stacklevel=2)
+            return None
+
+    def _read(self, spec: TileSpec) -> Sample:
         t = self.tile_size
         window = Window(spec.col, spec.row, t, t)
         pre = self.preprocessing
@@ -143,3 +158,15 @@ class TileDataset(Dataset[Sample]):
                     "set data.num_classes to cover every label, or recode those pixels to the ignore index",
                 )
             )
+
+
+def collate_tiles(samples: Sequence[Sample | None]) -> dict[str, Any]:
+    """Collate samples into the batch contract, dropping tiles that failed to read.
+
+    The batch gets ``skipped`` (int64 scalar tensor), the number of dropped tiles. A batch whose
+    tiles all failed holds only ``skipped``; the task skips it.
+    """
+    kept = [s for s in samples if s is not None]
+    batch: dict[str, Any] = default_collate(kept) if kept else {}
+    batch["skipped"] = torch.tensor(len(samples) - len(kept), dtype=torch.int64)
+    return batch
