@@ -265,8 +265,10 @@ def test_existing_output_needs_overwrite(tmp_path):
     with pytest.raises(OutputExistsError, match=r"a_classes\.tif: output exists.*--overwrite"):
         run(src, out)
     (tmp_path / "a_probs.tif").write_bytes(b"old")
+    out.unlink()
     with pytest.raises(OutputExistsError, match=r"a_probs\.tif: output exists"):
-        run(src, out, overwrite=False, probabilities="probs") if not out.unlink() else None
+        run(src, out, probabilities="probs")
+    assert not out.exists()
     run(src, out, overwrite=True, probabilities="probs")
     assert read(tmp_path / "a_probs.tif").shape == (K, 50, 70)
 

@@ -1,0 +1,172 @@
+"""Streaming internals of inference: tile grid, blender (exactness, bounded memory), strip writer, reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.inference import predict as predict_mod
+from geobp.inference.blend import TileBlender
+from geobp.inference.outputs import StripWriter
+from geobp.inference.predict import make_encoder, predict_raster
+from geobp.inference.reader import PrefetchReader, TileGrid
+from tests.conftest import write_tif
+
+K = 3
+
+
+def dense_blend(grid: TileGrid, tile_probs: dict) -> np.ndarray:
+    """Reference: the whole raster at once, sum of weighted tiles."""
+    acc = np.zeros((K, grid.height, grid.width))
+    for (i, j), p in tile_probs.items():
+        r, c = grid.row_offsets[i], grid.col_offsets[j]
+        w = np.outer(grid.row_weights[i], grid.col_weights[j])
+        acc[:, r : r + grid.tile_h, c : c + grid.tile_w] += p * w
+    return acc
+
+
+def stream(grid: TileGrid, tile_probs: dict, valid_fn=None):
+    """Feed the blender in row-major order; return the assembled uint8 output and the blender."""
+    blender = TileBlender(grid, make_encoder("probs", 255), 1 + K)
+    out = np.zeros((1 + K, grid.height, grid.width), np.uint8)
+    next_row = 0
+    for i, j in grid.tiles():
+        p = tile_probs[(i, j)] * np.outer(grid.row_weights[i], grid.col_weights[j])
+        valid = np.ones((grid.tile_h, grid.tile_w), bool) if valid_fn is None else valid_fn(i, j)
+        done = blender.add(i, j, p.astype(np.float32), valid)
+        if done is not None:
+            row, strip = done
+            assert row == next_row and strip.shape[2] == grid.width
+            out[:, row : row + strip.shape[1]] = strip
+            next_row = row + strip.shape[1]
+    assert next_row == grid.height and blender.done and blender.buffered == 0
+    return out, blender
+
+
+def random_tiles(grid: TileGrid, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    probs = {}
+    for t in grid.tiles():
+        p = rng.random((K, grid.tile_h, grid.tile_w))
+        probs[t] = p / p.sum(0)
+    return probs
+
+
+@pytest.mark.parametrize(
+    "h,w,tile,overlap",
+    [(50, 70, 16, 8), (50, 70, 24, 4), (37, 41, 16, 0), (33, 20, 16, 12), (5, 3, 16, 4), (100, 30, 30, 29)],
+)
+def test_blender_equals_dense_blend(h, w, tile, overlap):
+    # arbitrary (not equivariant) tile predictions: streaming must equal summing everything at once,
+    # including overlaps larger than half a tile (three tiles per pixel along an axis)
+    grid = TileGrid.build(h, w, tile, overlap)
+    tiles = random_tiles(grid)
+    out, _ = stream(grid, tiles)
+    want = dense_blend(grid, tiles)
+    np.testing.assert_array_equal(out[0], want.argmax(0))
+    assert np.abs(out[1:].astype(int) - np.rint(want * 255)).max() <= 1
+
+
+def test_blender_applies_validity_per_cell():
+    grid = TileGrid.build(40, 40, 16, 4)
+    invalid = np.zeros((40, 40), bool)
+    invalid[10:20, 5:33] = True
+
+    def valid_fn(i, j):
+        r, c = grid.row_offsets[i], grid.col_offsets[j]
+        return ~invalid[r : r + 16, c : c + 16]
+
+    out, _ = stream(grid, random_tiles(grid), valid_fn)
+    assert (out[0][invalid] == 255).all() and (out[0][~invalid] < K).all()
+    assert (out[1:, invalid] == 0).all()
+
+
+def test_blender_memory_does_not_grow_with_height_and_stays_below_one_band():
+    # the blender keeps only the overlap band under the current tile row (plus a column piece),
+    # never a full tile row, and the same amount however tall the raster is
+    tile, overlap, width = 16, 4, 64
+    peaks = []
+    for height in (64, 256, 1024):
+        grid = TileGrid.build(height, width, tile, overlap)
+        _, blender = stream(grid, random_tiles(grid))
+        peaks.append(blender.peak_buffered)
+    assert peaks[0] == peaks[1] == peaks[2]
+    n_cols = len(TileGrid.build(64, width, tile, overlap).col_offsets)
+    bound = K * (overlap * n_cols * tile + tile * tile)
+    assert peaks[0] <= bound < K * (tile + tile - overlap) * width / 2
+
+
+class _RecordingBlender(TileBlender):
+    instances: list[TileBlender] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.instances.append(self)
+
+
+def test_memory_bound_in_an_instrumented_run(tmp_path, monkeypatch):
+    """A real run over a tall raster: the accumulator holds far less than (tile + stride) rows."""
+    monkeypatch.setattr(predict_mod, "TileBlender", _RecordingBlender)
+    written = []
+    original = StripWriter.write
+
+    def spy(self, row, strip):
+        original(self, row, strip)
+        written.append(self.peak_pending_rows)
+
+    monkeypatch.setattr(StripWriter, "write", spy)
+    tile, overlap, height, width = 32, 8, 700, 200
+    rng = np.random.default_rng(0)
+    src = write_tif(tmp_path / "tall.tif", rng.integers(1, 1000, (3, height, width)).astype("uint16"), nodata=0)
+    pre = Preprocessing(bands=[1, 2, 3], nodata=0, mean=[500.0] * 3, std=[300.0] * 3)
+    model = torch.nn.Conv2d(3, K, 1)
+    predict_raster(model, src, tmp_path / "tall_classes.tif", pre, tile_size=tile, overlap=overlap, progress=False)
+    blender = _RecordingBlender.instances[-1]
+    grid = blender.grid
+    stride = tile - overlap
+    rows = grid.row_offsets
+    carried = max(rows[i] + tile - rows[i + 1] for i in range(len(rows) - 1))  # 12: the clamped last row
+    assert blender.peak_buffered <= K * (carried * len(grid.col_offsets) * tile + 2 * tile * tile)
+    assert blender.peak_buffered <= K * (tile + stride) * width / 2
+    # uint8 rows waiting for a whole block row: less than one block plus one strip
+    assert max(written) < 256 + stride
+
+
+def test_strip_writer_refuses_out_of_order(tmp_path):
+    import rasterio
+
+    profile = dict(driver="GTiff", width=8, height=32, count=1, dtype="uint8", tiled=True, blockxsize=16, blockysize=16)
+    with rasterio.open(tmp_path / "o.tif", "w", **profile) as ds:
+        writer = StripWriter(ds, None, 255)
+        writer.write(0, np.zeros((1, 5, 8), np.uint8))
+        with pytest.raises(RuntimeError, match="strips out of order: expected row 5, got 6"):
+            writer.write(6, np.zeros((1, 5, 8), np.uint8))
+
+
+def test_blender_refuses_out_of_order():
+    grid = TileGrid.build(32, 32, 16, 4)
+    blender = TileBlender(grid, make_encoder("none", 255), 1)
+    with pytest.raises(RuntimeError, match=r"tiles out of order: expected \(0, 0\), got \(0, 1\)"):
+        blender.add(0, 1, np.zeros((K, 16, 16), np.float32), np.ones((16, 16), bool))
+
+
+def test_reader_batches_in_order_with_padding_and_validity(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(1, 1000, (2, 10, 40)).astype("uint16")
+    img[:, 0, :5] = 0
+    src = write_tif(tmp_path / "a.tif", img, nodata=0, block=None)
+    pre = Preprocessing(bands=[2, 1], nodata=0, mean=[0.0, 0.0], std=[1.0, 1.0])
+    grid = TileGrid.build(10, 40, 16, 4)  # rows shorter than a tile: padded by reflection
+    batches = grid.batches(3)
+    with PrefetchReader(src, grid, batches, pre, num_workers=2, prefetch=2) as reader:
+        got = list(reader)
+    assert [b.tiles for b in got] == batches
+    first = got[0]
+    assert first.image.shape == (3, 2, 16, 16) and first.valid.shape == (3, 10, 16)
+    np.testing.assert_array_equal(first.image[0, 0, :10].numpy(), img[1, :, :16])  # band order [2, 1]
+    np.testing.assert_array_equal(first.image[0, :, 10].numpy(), first.image[0, :, 8].numpy())  # reflect
+    assert not first.valid[0, 0, :5].any() and first.valid[0, 1:].all()
+    # tile (0, 1) starts at column 12
+    np.testing.assert_array_equal(first.image[1, 1, :10].numpy(), img[0, :, 12:28])
