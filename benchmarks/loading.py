@@ -1,0 +1,300 @@
+"""Section "loading": training tiles per second of geobp, torchgeo 0.8 and a bare rasterio loop.
+
+All three read the same synthetic scenes (uint16, DEFLATE with predictor 2, internal tiles),
+with the same tile size, batch size and number of DataLoader workers:
+
+- geobp: ``GeoTiffDataModule.train_dataloader()`` (random block-aligned tiles, normalisation,
+  nodata mask, int64 labels), without and with augmentation; the band-statistics scan is done
+  before timing;
+- torchgeo: ``RasterDataset`` for images ``&`` a ``RasterDataset`` for masks, with
+  ``RandomGeoSampler`` and ``stack_samples``, as its documentation shows;
+- bare: a trivial Dataset reading random 256 px windows that lie inside one internal block
+  (what geobp reads), image and mask, handles opened once per worker, no conversion at all.
+
+Grid tiling is compared too: geobp's ``val_dataloader()`` against ``GridGeoSampler`` over the
+same scenes. GDAL's block cache is capped (``Config.gdal_cache_mb``, set by the harness before
+GDAL starts) so that decoded blocks are not simply served from memory, as with a real dataset
+much larger than RAM.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+from benchmarks.scenes import ensure_scenes
+
+TORCHGEO_RES = 10.0  # the synthetic scenes are EPSG:32633 at 10 m
+
+
+# ----- timing -------------------------------------------------------------------------------
+
+
+def time_loader(loader: Iterable[dict[str, Any]], warmup_batches: int, batches: int | None = None) -> tuple[float, int]:
+    """Tiles per second over ``batches`` batches (all remaining when None), after ``warmup_batches``.
+
+    The warm-up covers worker start-up, opening files and the first reads.
+
+    Returns:
+        (tiles per second, tiles timed).
+    """
+    it = iter(loader)
+    for _ in range(warmup_batches):
+        next(it)
+    tiles = 0
+    start = time.perf_counter()
+    for i, batch in enumerate(it):
+        tiles += len(batch["image"])
+        if batches is not None and i + 1 >= batches:
+            break
+    seconds = time.perf_counter() - start
+    del it
+    gc.collect()
+    return (tiles / seconds if tiles else float("nan")), tiles
+
+
+# ----- geobp ------------------------------------------------------------------------------
+
+
+def geobp_datamodule(root: Path, cfg: Config, *, tiles: int, augment: bool, seed: int, val_fraction: float = 0.0) -> Any:
+    """The data module as a user configures it; statistics are computed (or read from cache) here."""
+    from geobp.data.datamodule import GeoTiffDataModule
+
+    dm = GeoTiffDataModule(
+        str(root), num_classes=cfg.classes, tile_size=cfg.tile_size, batch_size=cfg.batch_size,
+        num_workers=cfg.workers, augment=augment, tiles_per_epoch=tiles, seed=seed, val_fraction=val_fraction,
+    )
+    dm.preprocessing  # noqa: B018 - the band-statistics scan, kept out of the timing
+    return dm
+
+
+# ----- torchgeo ---------------------------------------------------------------------------
+
+
+def _torchgeo_classes() -> tuple[type, type]:
+    from torchgeo.datasets import RasterDataset
+
+    class BenchImages(RasterDataset):
+        filename_glob = "*.tif"
+        is_image = True
+
+    class BenchMasks(RasterDataset):
+        filename_glob = "*.tif"
+        is_image = False
+
+    return BenchImages, BenchMasks
+
+
+def torchgeo_dataset(images: list[str], masks: list[str]) -> Any:
+    """Images ``&`` masks (an IntersectionDataset), as torchgeo recommends for segmentation."""
+    images_cls, masks_cls = _torchgeo_classes()
+    return images_cls(paths=images, res=TORCHGEO_RES) & masks_cls(paths=masks, res=TORCHGEO_RES)
+
+
+def torchgeo_loader(dataset: Any, sampler: Any, cfg: Config) -> DataLoader:
+    from torchgeo.datasets import stack_samples
+
+    return DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=stack_samples)
+
+
+# ----- bare rasterio ------------------------------------------------------------------------
+
+
+class BareTiles(Dataset):
+    """Reads pre-drawn windows (scene, row, col) of image and mask; nothing else.
+
+    The image is handed over as int16 (a view of the uint16 pixels, no copy) because torch
+    cannot stack uint16 tensors; the mask stays uint8.
+    """
+
+    def __init__(self, images: list[str], masks: list[str], windows: np.ndarray, tile: int) -> None:
+        self.images, self.masks, self.windows, self.tile = images, masks, windows, tile
+        self._handles: dict[str, Any] = {}
+
+    def _open(self, path: str) -> Any:
+        import rasterio
+
+        if path not in self._handles:
+            self._handles[path] = rasterio.open(path)
+        return self._handles[path]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from rasterio.windows import Window
+
+        s, r, c = (int(v) for v in self.windows[i])
+        w = Window(c, r, self.tile, self.tile)
+        image = self._open(self.images[s]).read(window=w)
+        mask = self._open(self.masks[s]).read(1, window=w)
+        return {"image": torch.from_numpy(image.view(np.int16)), "mask": torch.from_numpy(mask)}
+
+
+def block_aligned_windows(n: int, scenes: int, size: int, block: int, tile: int, seed: int) -> np.ndarray:
+    """``n`` random (scene, row, col) origins of tiles that lie inside one internal block."""
+    rng = np.random.default_rng(seed)
+    per_block = block - tile + 1 if tile <= block else 1
+    blocks = -(-size // block)
+    s = rng.integers(0, scenes, n)
+    r = rng.integers(0, blocks, n) * block + rng.integers(0, per_block, n)
+    c = rng.integers(0, blocks, n) * block + rng.integers(0, per_block, n)
+    r, c = np.minimum(r, size - tile), np.minimum(c, size - tile)
+    return np.stack([s, r, c], axis=1)
+
+
+# ----- the section --------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from torchgeo.samplers import GridGeoSampler, RandomGeoSampler
+
+    start = time.perf_counter()
+    root = ensure_scenes(cfg.cache_dir, cfg.scenes, cfg.scene_size, cfg.bands, cfg.classes, cfg.block_size)
+    gen_seconds = time.perf_counter() - start
+    images = sorted(str(p) for p in (root / "images").glob("*.tif"))
+    masks = sorted(str(p) for p in (root / "masks").glob("*.tif"))
+    bs = cfg.batch_size
+    warm = max(1, cfg.warmup_tiles // bs)
+    timed = max(1, cfg.tiles // bs)
+    total = (warm + timed) * bs
+
+    tg_random = torchgeo_dataset(images, masks)
+    # Grid: geobp's validation split and torchgeo over the same scene files.
+    grid_dm = geobp_datamodule(root, cfg, tiles=bs, augment=False, seed=0, val_fraction=cfg.grid_val_fraction)
+    grid_scenes = sorted({i for i, _ in grid_dm.regions["val"]})
+    tg_grid = torchgeo_dataset([images[i] for i in grid_scenes], [masks[i] for i in grid_scenes])
+    grid_tiles = len(grid_dm.grid_tiles("val"))
+    grid_warm = 1 if grid_tiles > 4 * bs else 0  # tiny (quick) grids: no warm-up, or nothing is left to time
+
+    def geobp_random(seed: int, augment: bool) -> DataLoader:
+        return geobp_datamodule(root, cfg, tiles=total, augment=augment, seed=seed).train_dataloader()
+
+    variants: dict[str, Any] = {
+        "geobp": lambda seed: (geobp_random(seed, False), warm, timed),
+        "geobp_augment": lambda seed: (geobp_random(seed, True), warm, timed),
+        "torchgeo": lambda seed: (
+            torchgeo_loader(tg_random, RandomGeoSampler(tg_random, size=cfg.tile_size, length=total,
+                                                        generator=torch.Generator().manual_seed(seed)), cfg),
+            warm, timed),
+        "bare": lambda seed: (
+            DataLoader(BareTiles(images, masks, block_aligned_windows(total, len(images), cfg.scene_size, cfg.block_size,
+                                                                      cfg.tile_size, seed), cfg.tile_size),
+                       batch_size=bs, num_workers=cfg.workers),
+            warm, timed),
+        "geobp_grid": lambda seed: (grid_dm.val_dataloader(), grid_warm, None),
+        "torchgeo_grid": lambda seed: (
+            torchgeo_loader(tg_grid, GridGeoSampler(tg_grid, size=cfg.tile_size, stride=cfg.tile_size), cfg), grid_warm, None),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    counts: dict[str, int] = {}
+    for rep in range(cfg.repeats):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # spread drift over variants
+        for name in order:
+            loader, w, b = variants[name](rep)
+            rate, n = time_loader(loader, w, b)
+            rates[name].append(rate)
+            counts[name] = n
+            del loader
+            gc.collect()
+
+    med = {k: median(v) for k, v in rates.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return med[a] / med[b] if med[b] > 0 else float("nan")
+
+    n_rep = cfg.repeats
+    headers = ["loader", "tiles/s (median)", "min-max", "tiles timed x n", "geobp / this"]
+    random_rows = [
+        ["geobp `GeoTiffDataModule` (no augmentation)", med["geobp"], spread(rates["geobp"]), f"{counts['geobp']} x {n_rep}", "1"],
+        ["geobp, with flips and rotations", med["geobp_augment"], spread(rates["geobp_augment"]),
+         f"{counts['geobp_augment']} x {n_rep}", ratio("geobp", "geobp_augment")],
+        ["torchgeo `RasterDataset` & + `RandomGeoSampler`", med["torchgeo"], spread(rates["torchgeo"]),
+         f"{counts['torchgeo']} x {n_rep}", ratio("geobp", "torchgeo")],
+        ["bare rasterio loop (the limit)", med["bare"], spread(rates["bare"]), f"{counts['bare']} x {n_rep}",
+         ratio("geobp", "bare")],
+    ]
+    grid_rows = [
+        ["geobp `val_dataloader()` grid", med["geobp_grid"], spread(rates["geobp_grid"]),
+         f"{counts['geobp_grid']} x {n_rep}", "1"],
+        ["torchgeo `GridGeoSampler`", med["torchgeo_grid"], spread(rates["torchgeo_grid"]),
+         f"{counts['torchgeo_grid']} x {n_rep}", ratio("geobp_grid", "torchgeo_grid")],
+    ]
+    vs_torchgeo = ratio("geobp", "torchgeo")
+    vs_bare = ratio("geobp", "bare")
+    res = SectionResult(
+        section="loading",
+        title="Training tile loading",
+        setup=[
+            f"{len(images)} synthetic scenes of {cfg.scene_size} x {cfg.scene_size} px, {cfg.bands} bands uint16, "
+            f"{cfg.block_size} x {cfg.block_size} internal tiles, DEFLATE with predictor 2, uint8 masks "
+            "(`geobp.data.synth.write_scenes`), EPSG:32633 at 10 m; every other scene has a nodata border.",
+            f"Tiles of {cfg.tile_size} px, batches of {bs}, {cfg.workers} DataLoader workers for every loader; "
+            f"{warm * bs} warm-up tiles (worker start, file opening), then {timed * bs} timed random tiles per repeat; "
+            f"grid: every tile of {len(grid_scenes)} scene(s) after {grid_warm} warm-up batch.",
+            f"GDAL block cache capped at {cfg.gdal_cache_mb} MB per process (`GDAL_CACHEMAX`), smaller than the "
+            "decoded scenes, so blocks are decoded as they would be on a dataset larger than RAM; files are in the "
+            "OS page cache (no disk reads).",
+            "geobp yields float32 normalised images, nodata-masked int64 labels and tile metadata; torchgeo yields "
+            "float32 images and int64 masks (no normalisation); the bare loop yields the raw integers.",
+            "Repeats alternate the order of the loaders; each repeat starts fresh workers.",
+        ],
+        tables=[
+            table("Random training tiles", headers, random_rows),
+            table("Grid (evaluation) tiles over the same scenes", headers, grid_rows),
+        ],
+        targets=[
+            target("loading: geobp / torchgeo, random tiles/s", vs_torchgeo, ">=", 15.0, f"{fmt(vs_torchgeo)}x"),
+            target("loading: geobp / bare rasterio loop, random tiles/s", vs_bare, ">=", 0.8, f"{fmt(vs_bare)}x"),
+        ],
+        notes=[
+            f"Grid ratio (geobp / torchgeo): {fmt(ratio('geobp_grid', 'torchgeo_grid'))}x; the issue sets no "
+            "separate target for it. geobp skips grid tiles without a valid pixel, torchgeo reads them all; "
+            "rates are per tile read.",
+            f"Scene generation (once, cached in `{Path(cfg.cache_dir).name}/`): {gen_seconds:.0f} s this run.",
+        ],
+        metrics={"tiles_per_s": med, "repeats": rates, "counts": counts, "workers": cfg.workers},
+    )
+    return res.to_dict()
+
+
+# ----- profiling ----------------------------------------------------------------------------
+
+
+def profile_geobp(cfg: Config, tiles: int = 400, top: int = 25) -> str:
+    """cProfile of geobp's training loader in the main process (``num_workers=0``).
+
+    Returns:
+        The profile's top functions by total and by cumulative time, as text.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    root = ensure_scenes(cfg.cache_dir, cfg.scenes, cfg.scene_size, cfg.bands, cfg.classes, cfg.block_size)
+    cfg0 = Config(**{**cfg.__dict__, "workers": 0})
+    loader = geobp_datamodule(root, cfg0, tiles=tiles, augment=False, seed=0).train_dataloader()
+    images = sorted(str(p) for p in (root / "images").glob("*.tif"))
+    masks = sorted(str(p) for p in (root / "masks").glob("*.tif"))
+    bare = DataLoader(BareTiles(images, masks, block_aligned_windows(tiles, len(images), cfg.scene_size, cfg.block_size,
+                                                                    cfg.tile_size, 0), cfg.tile_size),
+                      batch_size=cfg.batch_size, num_workers=0)
+    out = io.StringIO()
+    for name, ld in (("bare", bare), ("geobp", loader)):
+        time_loader(ld, 1, 1)  # open files, first reads
+        prof = cProfile.Profile()
+        prof.enable()
+        rate, n = time_loader(ld, 0)
+        prof.disable()
+        out.write(f"\n===== {name}: {rate:.1f} tiles/s over {n} tiles in one process (profiled) =====\n")
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+    return out.getvalue()

@@ -1,0 +1,144 @@
+"""Render stored section results (``<results>/*.json``) as ``BENCHMARKS.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import SECTIONS, fmt
+
+REGENERATE = ".venv/bin/python -m benchmarks run"
+GPU_COMMAND = "python benchmarks/gpu.py --out benchmarks/results/gpu.json"
+
+_TITLES = {
+    "loading": "1. Training tile loading",
+    "training": "2. Training step and gradient-flow monitoring",
+    "inference": "3. Inference",
+    "gpu": "4. GPU",
+}
+
+
+def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Latest stored result per section (``loading``, ``training``, ``inference``, ``gpu``)."""
+    out = {}
+    for name in (*SECTIONS, "gpu"):
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _machine_table(m: dict[str, Any]) -> list[str]:
+    rows = [
+        ["CPU", f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable)"],
+        ["RAM", f"{m['ram_gib']} GiB"],
+        ["load average (1 min) at start", str(m.get("load_1min"))],
+        ["OS, Python", f"{m['os']}, Python {m['python']}"],
+        ["torch, lightning", f"{m['torch']}, {m['lightning']}"],
+        ["rasterio, GDAL, torchgeo, numpy", f"{m['rasterio']}, {m['gdal']}, {m['torchgeo']}, {m['numpy']}"],
+        ["geobp commit", m["commit"]],
+        ["date", m["date"]],
+    ]
+    return _md_table(["", ""], rows)
+
+
+def _gpu_section(gpu: dict[str, Any]) -> list[str]:
+    """The GPU result file written by ``benchmarks/gpu.py`` (absolute numbers, that device only)."""
+    d, r = gpu["device"], gpu["results"]
+    lines = [
+        f"Measured on **{d['name']}** ({d.get('memory_gib', '?')} GiB, CUDA {d.get('cuda', '?')}, "
+        f"torch {d.get('torch', '?')}) on {gpu['date']}, with `{gpu.get('command', GPU_COMMAND)}`. "
+        "These numbers are absolute and hold on that device only.",
+        "",
+        f"Model: {gpu['model']}; {gpu['repeats']} timed repeats of {gpu['steps']} steps, medians.",
+        "",
+    ]
+    rows = [
+        ["bf16 matmul 8192^3 (the device's measured limit)", "-", fmt(r["matmul_tflops"]), "1"],
+        ["training (fwd + bwd + AdamW, batch " + str(gpu["batch"]) + ")", fmt(r["train_images_per_s"]),
+         fmt(r["train_tflops"]), fmt(r["train_share"])],
+        ["inference (batch " + str(gpu["batch"]) + ")", fmt(r["infer_images_per_s"]), fmt(r["infer_tflops"]),
+         fmt(r["infer_share"])],
+    ]
+    lines += _md_table(["what", "images/s", "achieved TFLOP/s", "share of matmul TFLOP/s"], rows)
+    lines += ["", f"FLOPs per image (torch.utils.flop_counter): forward {fmt(r['forward_gflop_per_image'])} GFLOP, "
+              f"training step {fmt(r['train_gflop_per_image'])} GFLOP."]
+    if gpu.get("dry_run"):
+        lines += ["", "**Dry run** (tiny sizes, not a GPU measurement)."]
+    return lines
+
+
+def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
+    """The whole ``BENCHMARKS.md``."""
+    cpu = [results[s] for s in SECTIONS if s in results]
+    lines = ["# Benchmarks", ""]
+    if quick or any(r.get("quick") for r in cpu):
+        lines += ["> **Quick mode**: tiny sizes that only check the harness runs; the numbers mean nothing.", ""]
+    lines += [
+        "Side-by-side measurements of geobp against a peer (torchgeo), a hand-written PyTorch loop and the",
+        "bare limits (raw rasterio reads, the model's forward pass), with the targets of issue 6.",
+        "Every number is the median of several timed repeats (n in the tables); ratios are of the medians.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"{REGENERATE}                      # every CPU section, then BENCHMARKS.md",
+        f"{REGENERATE} --only loading       # one section; the others keep their stored results",
+        f"{REGENERATE} --quick --out /tmp/B.md  # tiny sizes (what the test suite runs)",
+        f"{GPU_COMMAND}   # on a CUDA machine (needs torch and geobp.models only)",
+        ".venv/bin/python -m benchmarks render                   # rewrite BENCHMARKS.md from benchmarks/results/",
+        "```",
+        "",
+        "Synthetic inputs are generated once into `benchmarks/.data/` (git-ignored; about 5 min and 1 GB for the",
+        "full sizes). Results of each section are stored in `benchmarks/results/<section>.json`; the commands",
+        "that produced each section are shown with it.",
+        "",
+    ]
+    if cpu:
+        lines += ["## Machine", ""]
+        lines += _machine_table(cpu[-1]["machine"]) + [""]
+        others = {r["machine"]["date"][:10] for r in cpu}
+        if len(others) > 1:
+            lines += ["Sections were measured on different days; each section states its own date.", ""]
+    checks = [t for r in cpu for t in r.get("targets", [])]
+    if checks:
+        lines += ["## Targets", ""]
+        rows = [[t["name"], t["text"], t["target"], "PASS" if t["ok"] else "**MISS**"] for t in checks]
+        lines += _md_table(["benchmark", "measured", "target", "result"], rows) + [""]
+    for name in (*SECTIONS, "gpu"):
+        lines += [f"## {_TITLES[name]}", ""]
+        r = results.get(name)
+        if r is None:
+            how = f"`{GPU_COMMAND}`" if name == "gpu" else f"`{REGENERATE} --only {name}`"
+            lines += [f"Not measured yet: run {how}.", ""]
+            continue
+        if name == "gpu":
+            lines += _gpu_section(r) + [""]
+            continue
+        m = r["machine"]
+        lines += [f"Measured {m['date']} in {r['elapsed_s']:.0f} s with `{r['command']}`.", ""]
+        if r.get("error"):
+            lines += [f"**The section failed**: `{r['error']}` (log: `{r.get('log', '?')}`).", ""]
+            continue
+        lines += [f"- {s}" for s in r.get("setup", [])] + [""]
+        for t in r.get("tables", []):
+            lines += [f"**{t['title']}**", ""] + _md_table(t["headers"], t["rows"]) + [""]
+        if r.get("skipped"):
+            lines += [f"*Skipped*: {r['skipped']}", ""]
+        if r.get("targets"):
+            lines += [
+                "Targets: " + "; ".join(f"{t['name'].split(': ', 1)[-1]} {t['text']} "
+                                        f"({t['target']}: {'PASS' if t['ok'] else 'MISS'})" for t in r["targets"]),
+                "",
+            ]
+        lines += [f"- {n}" for n in r.get("notes", [])]
+        if r.get("notes"):
+            lines += [""]
+    return "\n".join(lines).rstrip() + "\n"
