@@ -27,17 +27,26 @@ def dense_blend(grid: TileGrid, tile_probs: dict) -> np.ndarray:
     return acc
 
 
-def stream(grid: TileGrid, tile_probs: dict, valid_fn=None):
-    """Feed the blender in row-major order; return the assembled uint8 output and the blender."""
+def stream(grid: TileGrid, tile_probs: dict, valid_fn=None, backend="numpy"):
+    """Feed the blender in row-major order; return the assembled uint8 output and the blender.
+
+    backend "torch" feeds torch tensors, as on a GPU (here on the CPU).
+    """
     blender = TileBlender(grid, make_encoder("probs", 255), 1 + K)
     out = np.zeros((1 + K, grid.height, grid.width), np.uint8)
     next_row = 0
     for i, j in grid.tiles():
         p = tile_probs[(i, j)] * np.outer(grid.row_weights[i], grid.col_weights[j])
         valid = np.ones((grid.tile_h, grid.tile_w), bool) if valid_fn is None else valid_fn(i, j)
-        done = blender.add(i, j, p.astype(np.float32), valid)
+        p = p.astype(np.float32)
+        if backend == "torch":
+            p, valid = torch.from_numpy(p), torch.from_numpy(valid)
+        done = blender.add(i, j, p, valid)
         if done is not None:
             row, strip = done
+            if backend == "torch":
+                assert isinstance(strip, torch.Tensor) and strip.dtype == torch.uint8
+                strip = strip.numpy()
             assert row == next_row and strip.shape[2] == grid.width
             out[:, row : row + strip.shape[1]] = strip
             next_row = row + strip.shape[1]
@@ -54,22 +63,24 @@ def random_tiles(grid: TileGrid, seed=0) -> dict:
     return probs
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize(
     "h,w,tile,overlap",
     [(50, 70, 16, 8), (50, 70, 24, 4), (37, 41, 16, 0), (33, 20, 16, 12), (5, 3, 16, 4), (100, 30, 30, 29)],
 )
-def test_blender_equals_dense_blend(h, w, tile, overlap):
+def test_blender_equals_dense_blend(h, w, tile, overlap, backend):
     # arbitrary (not equivariant) tile predictions: streaming must equal summing everything at once,
     # including overlaps larger than half a tile (three tiles per pixel along an axis)
     grid = TileGrid.build(h, w, tile, overlap)
     tiles = random_tiles(grid)
-    out, _ = stream(grid, tiles)
+    out, _ = stream(grid, tiles, backend=backend)
     want = dense_blend(grid, tiles)
     np.testing.assert_array_equal(out[0], want.argmax(0))
     assert np.abs(out[1:].astype(int) - np.rint(want * 255)).max() <= 1
 
 
-def test_blender_applies_validity_per_cell():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_blender_applies_validity_per_cell(backend):
     grid = TileGrid.build(40, 40, 16, 4)
     invalid = np.zeros((40, 40), bool)
     invalid[10:20, 5:33] = True
@@ -78,7 +89,7 @@ def test_blender_applies_validity_per_cell():
         r, c = grid.row_offsets[i], grid.col_offsets[j]
         return ~invalid[r : r + 16, c : c + 16]
 
-    out, _ = stream(grid, random_tiles(grid), valid_fn)
+    out, _ = stream(grid, random_tiles(grid), valid_fn, backend=backend)
     assert (out[0][invalid] == 255).all() and (out[0][~invalid] < K).all()
     assert (out[1:, invalid] == 0).all()
 
@@ -168,5 +179,20 @@ def test_reader_batches_in_order_with_padding_and_validity(tmp_path):
     np.testing.assert_array_equal(first.image[0, 0, :10].numpy(), img[1, :, :16])  # band order [2, 1]
     np.testing.assert_array_equal(first.image[0, :, 10].numpy(), first.image[0, :, 8].numpy())  # reflect
     assert not first.valid[0, 0, :5].any() and first.valid[0, 1:].all()
+    assert first.valid.dtype == torch.bool
     # tile (0, 1) starts at column 12
     np.testing.assert_array_equal(first.image[1, 1, :10].numpy(), img[0, :, 12:28])
+
+
+@pytest.mark.parametrize("mode", ["none", "probs", "confidence"])
+def test_numpy_and_torch_encoders_agree(mode):
+    rng = np.random.default_rng(3)
+    p = rng.random((K, 9, 11)).astype(np.float32)
+    p /= p.sum(0)
+    valid = rng.random((9, 11)) > 0.2
+    encode = make_encoder(mode, 255)
+    a = encode(p, valid)
+    b = encode(torch.from_numpy(p), torch.from_numpy(valid)).numpy()
+    assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == ({"none": 1, "probs": 1 + K, "confidence": 2}[mode], 9, 11)
+    np.testing.assert_array_equal(a, b)
+    assert (a[0][~valid] == 255).all() and (a[1:, ~valid] == 0).all()

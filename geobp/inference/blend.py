@@ -12,19 +12,32 @@ that thin band depends on its width.
 
 Finished cells are encoded (argmax, nodata, uint8 probabilities) at once, and a full-width
 uint8 strip is handed out each time a tile row is complete.
+
+The blender works on numpy arrays (CPU inference) or on torch tensors on the model's device
+(GPU inference: blending stays on the GPU and only uint8 strips travel to the host).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
 from geobp.inference.reader import TileGrid
 
-#: encode(probabilities float32 [K, h, w], valid bool [h, w]) -> uint8 [bands, h, w]
-Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: encode(probabilities float32 [K, h, w], valid bool [h, w]) -> uint8 [bands, h, w], numpy or torch
+Encoder = Callable[[Any, Any], Any]
+
+
+def _copy(a: Any) -> Any:
+    return a.clone() if isinstance(a, torch.Tensor) else a.copy()
+
+
+def _size(a: Any) -> int:
+    return a.numel() if isinstance(a, torch.Tensor) else a.size
 
 
 def _cells(offsets: list[int], length: int, span: int) -> list[list[tuple[int, int, int]]]:
@@ -63,17 +76,20 @@ class TileBlender:
         self._row_edges = [*grid.row_offsets, grid.height]
         self._col_edges = [*grid.col_offsets, grid.width]
         self._pending: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
-        self._strip: np.ndarray | None = None
+        self._strip: Any = None
         self._next = (0, 0)
         self.buffered = 0
         self.peak_buffered = 0
 
-    def add(self, i: int, j: int, probs: np.ndarray, valid: np.ndarray) -> tuple[int, np.ndarray] | None:
+    def add(self, i: int, j: int, probs: Any, valid: Any) -> tuple[int, Any] | None:
         """Add tile (i, j); return ``(first row, uint8 [bands, rows, width])`` when it completes a tile row.
 
         Args:
-            probs: float32 [K, tile_h, tile_w] weighted probabilities (modified in place).
-            valid: bool [tile_h, tile_w].
+            probs: float32 [K, tile_h, tile_w] weighted probabilities (numpy or torch; modified in place).
+            valid: bool [tile_h, tile_w], of the same kind.
+
+        Returns:
+            None, or the finished strip (numpy, or a torch tensor on the probabilities' device).
         """
         if (i, j) != self._next:
             raise RuntimeError(f"tiles out of order: expected {self._next}, got {(i, j)}")
@@ -86,20 +102,24 @@ class TileBlender:
                 if (a, b) == (i, j):
                     own = piece
                 else:  # anchored at the later cell's top-left corner, kept until it is final
-                    self._pending[(a, b)].append(piece.copy())
-                    self.buffered += piece.size
+                    self._pending[(a, b)].append(_copy(piece))
+                    self.buffered += _size(piece)
         self.peak_buffered = max(self.peak_buffered, self.buffered)
         assert own is not None  # tile (i, j) always covers cell (i, j)
         for piece in self._pending.pop((i, j), []):
             own[:, : piece.shape[1], : piece.shape[2]] += piece
-            self.buffered -= piece.size
+            self.buffered -= _size(piece)
         r1 = self._row_cells[i][0][2]
         c1 = self._col_cells[j][0][2]
+        encoded = self.encode(own, valid[:r1, :c1])
         if j == 0:
-            self._strip = np.empty((self.out_bands, r1, self.grid.width), np.uint8)
-        assert self._strip is not None
+            shape = (self.out_bands, r1, self.grid.width)
+            if isinstance(encoded, torch.Tensor):
+                self._strip = encoded.new_empty(shape)
+            else:
+                self._strip = np.empty(shape, np.uint8)
         col = self._col_edges[j]
-        self._strip[:, :, col : col + c1] = self.encode(own, valid[:r1, :c1])
+        self._strip[:, :, col : col + c1] = encoded
         if j + 1 < n_cols:
             return None
         strip, self._strip = self._strip, None

@@ -27,7 +27,7 @@ from torch import nn
 
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, format_error
-from geobp.inference.blend import TileBlender
+from geobp.inference.blend import Encoder, TileBlender
 from geobp.inference.outputs import (
     Probabilities,
     StripWriter,
@@ -110,10 +110,13 @@ def _check_output(logits: torch.Tensor, batch: int, tile: int, num_classes: int 
     return k
 
 
-def make_encoder(probabilities: Probabilities, nodata_value: int):
-    """The cell encoder for :class:`TileBlender`: class ids (+ uint8 probabilities or confidence)."""
+def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
+    """The cell encoder for :class:`TileBlender`: class ids, then uint8 probabilities or confidence.
 
-    def encode(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    Works on numpy arrays and on torch tensors (on any device), returning the same kind.
+    """
+
+    def encode_numpy(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
         bands = 1 + (probs.shape[0] if probabilities == "probs" else probabilities == "confidence")
         out = np.empty((bands, *probs.shape[1:]), np.uint8)
         out[0] = probs.argmax(axis=0)
@@ -126,6 +129,19 @@ def make_encoder(probabilities: Probabilities, nodata_value: int):
             out[1] = np.clip(np.rint(probs.max(axis=0) * 255.0), 0, 255)
             out[1][invalid] = 0
         return out
+
+    def encode_torch(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        invalid = ~valid
+        bands = [probs.argmax(dim=0).to(torch.uint8).masked_fill_(invalid, nodata_value)[None]]
+        if probabilities == "probs":
+            bands.append((probs * 255.0).round_().clamp_(0, 255).to(torch.uint8).masked_fill_(invalid, 0))
+        elif probabilities == "confidence":
+            conf = (probs.amax(dim=0) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+            bands.append(conf.masked_fill_(invalid, 0)[None])
+        return torch.cat(bands) if len(bands) > 1 else bands[0]
+
+    def encode(probs: Any, valid: Any) -> Any:
+        return encode_torch(probs, valid) if isinstance(probs, torch.Tensor) else encode_numpy(probs, valid)
 
     return encode
 
@@ -157,7 +173,10 @@ class _Writer:
                 for n, (i, j) in enumerate(tiles):
                     done = self.blender.add(i, j, probs[n], valid[n])
                     if done is not None:
-                        self.strips.write(*done)
+                        row, strip = done
+                        if isinstance(strip, torch.Tensor):
+                            strip = strip.cpu().numpy()
+                        self.strips.write(row, strip)
         except BaseException as err:  # reported to the calling thread
             self.error = err
         finally:
@@ -318,10 +337,12 @@ def predict_raster(
                         names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
                         writer = _start_writer(grid, k, names, profile, tmps, probabilities, nodata_value)
                     probs = torch.softmax(logits.float(), dim=1)[:, :, :th, :tw]
-                    rows = torch.tensor([i for i, _ in batch.tiles], device=dev)
-                    cols = torch.tensor([j for _, j in batch.tiles], device=dev)
-                    probs *= (row_w[rows][:, :, None] * col_w[cols][:, None, :])[:, None]
-                    writer.put((batch.tiles, probs.cpu().numpy(), batch.valid))
+                    for n, (i, j) in enumerate(batch.tiles):  # python indices: no host-device sync
+                        probs[n].mul_(row_w[i][:, None]).mul_(col_w[j])
+                    if dev.type == "cpu":  # numpy blending is faster than torch on CPU
+                        writer.put((batch.tiles, probs.numpy(), batch.valid.numpy()))
+                    else:  # blend on the device; only uint8 strips come back
+                        writer.put((batch.tiles, probs, batch.valid.to(dev, non_blocking=True)))
                     if task_id is not None:
                         bar.advance(task_id, len(batch.tiles))
             if writer is None:

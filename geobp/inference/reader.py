@@ -88,11 +88,14 @@ class TileBatch:
         image: float32 [B, C, tile, tile] normalised input, padded by reflection where the
             raster is smaller than a tile.
         valid: bool [B, tile_h, tile_w], False at the input's nodata pixels.
+
+    Both tensors are in pinned memory when the reader was asked to pin (for CUDA), so that
+    copies to the device do not wait for the GPU.
     """
 
     tiles: list[Tile]
     image: torch.Tensor
-    valid: np.ndarray
+    valid: torch.Tensor
 
 
 class PrefetchReader:
@@ -160,10 +163,10 @@ class PrefetchReader:
                     image[n] = x[:, :, c : c + tw]
                 valid[n] = v[:, c : c + tw]
             k = end
-        tensor = torch.from_numpy(image)
+        tensor, mask = torch.from_numpy(image), torch.from_numpy(valid)
         if self.pin_memory:
-            tensor = tensor.pin_memory()
-        return TileBatch(tiles, tensor, valid)
+            tensor, mask = tensor.pin_memory(), mask.pin_memory()
+        return TileBatch(tiles, tensor, mask)
 
     def __iter__(self) -> Iterator[TileBatch]:
         queue: deque[Future[TileBatch]] = deque()
