@@ -123,7 +123,15 @@ def target(name: str, value: float, op: str, threshold: float, text: str | None 
 
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
     """A Markdown table as data: cells are turned into strings here."""
-    return {"title": title, "headers": list(headers), "rows": [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]}
+    return {"title": title, "headers": list(headers), "rows": [[_cell(c) for c in r] for r in rows]}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return fmt(value)
 
 
 @dataclass

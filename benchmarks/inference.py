@@ -1,0 +1,194 @@
+"""Section "inference": ``predict_raster`` throughput against the bare model, and its peak memory.
+
+- Throughput: pixels per second of ``geobp.inference.predict_raster`` (what ``geobp infer``
+  runs) on a 6-band raster with a U-Net ResNet-18, against the model's forward pass alone over
+  the same tiles (same grid, overlap and batch size) already read and normalised in memory.
+  A 1x1 convolution through ``predict_raster`` shows the pipeline's own ceiling.
+- Memory: peak RSS (``VmHWM``) of a fresh process predicting a 1-band raster with a 1x1
+  convolution (cheap on the CPU; the model's size does not depend on the raster), for a small
+  and a large raster.
+
+The memory child is this module run as a script: ``python -m benchmarks.inference --memory-child``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import REPO, Config, SectionResult, fmt, median, rss_peak_mib, spread, table, target
+from benchmarks.scenes import ensure_plain_raster
+
+ENCODER = "resnet18"
+BANDS = 6
+CLASSES = 5
+
+
+def _inference_api() -> tuple[Any, str]:
+    try:
+        from geobp.inference import predict_raster
+    except Exception as err:  # not written yet, or broken
+        return None, f"geobp.inference.predict_raster not available ({type(err).__name__}: {err})"
+    return predict_raster, ""
+
+
+def preprocessing(bands: int) -> Any:
+    from geobp.data.preprocessing import Preprocessing
+
+    return Preprocessing(bands=list(range(1, bands + 1)), nodata=0, method="meanstd", mean=[1000.0] * bands,
+                         std=[300.0] * bands)
+
+
+def predict(model: torch.nn.Module, src: Path, dst: Path, bands: int, tile: int, overlap: int, batch: int,
+            workers: int) -> float:
+    """Seconds for one ``predict_raster`` call (class map only, overwritten each time)."""
+    predict_raster, why = _inference_api()
+    if predict_raster is None:
+        raise RuntimeError(why)
+    start = time.perf_counter()
+    predict_raster(model, src, dst, preprocessing(bands), tile_size=tile, overlap=overlap, batch_size=batch,
+                   device="cpu", progress=False, overwrite=True, num_workers=workers)
+    return time.perf_counter() - start
+
+
+def tiles_in_memory(src: Path, tile: int, overlap: int) -> torch.Tensor:
+    """Every tile of the prediction grid, read and normalised: float32 [N, C, tile, tile]."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from geobp.inference.reader import TileGrid
+
+    pre = preprocessing(BANDS)
+    with rasterio.open(src) as ds:
+        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
+        out = []
+        for r in grid.row_offsets:
+            for c in grid.col_offsets:
+                raw = ds.read(pre.bands, window=Window(c, r, tile, tile))
+                out.append(torch.from_numpy(pre(raw)[0]))
+    return torch.stack(out)
+
+
+def forward_seconds(model: torch.nn.Module, tiles: torch.Tensor, batch: int) -> float:
+    """Seconds for the model's forward pass over ``tiles`` in batches (inference mode)."""
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(tiles), batch):
+            model(tiles[i : i + batch])
+    return time.perf_counter() - start
+
+
+def memory_child(src: str, dst: str, tile: int, overlap: int, batch: int, workers: int) -> dict[str, float]:
+    """In a fresh process: predict ``src`` with a 1x1 convolution; peak RSS and baseline."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 4, kernel_size=1)
+    baseline = rss_peak_mib()  # after imports and model: what any run pays
+    seconds = predict(model, Path(src), Path(dst), 1, tile, overlap, batch, workers)
+    return {"peak_mib": rss_peak_mib(), "baseline_mib": baseline, "seconds": seconds}
+
+
+def _memory_run(src: Path, dst: Path, cfg: Config) -> dict[str, float]:
+    argv = [sys.executable, "-m", "benchmarks.inference", "--memory-child", str(src), str(dst), str(cfg.mem_tile),
+            str(cfg.mem_overlap), str(cfg.mem_batch), str(cfg.workers)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    predict_raster, why = _inference_api()
+    res = SectionResult(section="inference", title="Inference")
+    if predict_raster is None:
+        res.skipped = f"{why}; rerun this section once it exists."
+        return res.to_dict()
+    from geobp.models import create_model
+
+    cache = Path(cfg.cache_dir) / "inference"
+    block = min(512, cfg.infer_size // 2 // 16 * 16)
+    src = ensure_plain_raster(cache, cfg.infer_size, bands=BANDS, block=block)
+    torch.manual_seed(0)
+    unet = create_model("unet", encoder=ENCODER, in_channels=BANDS, num_classes=CLASSES).eval()
+    conv = torch.nn.Conv2d(BANDS, CLASSES, kernel_size=1).eval()
+    tiles = tiles_in_memory(src, cfg.infer_tile, cfg.infer_overlap)
+    pixels = cfg.infer_size**2
+    args = (BANDS, cfg.infer_tile, cfg.infer_overlap, cfg.infer_batch, cfg.workers)
+    times: dict[str, list[float]] = {"predict": [], "forward": [], "predict_conv": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "out_classes.tif"
+        forward_seconds(unet, tiles[: cfg.infer_batch], cfg.infer_batch)  # warm-up
+        predict(conv, src, dst, *args)  # warm-up: file cache, GDAL, threads
+        for rep in range(cfg.repeats):
+            runs = {
+                "predict": lambda: predict(unet, src, dst, *args),
+                "forward": lambda: forward_seconds(unet, tiles, cfg.infer_batch),
+                "predict_conv": lambda: predict(conv, src, dst, *args),
+            }
+            for name in runs if rep % 2 == 0 else reversed(list(runs)):
+                times[name].append(runs[name]())
+    del tiles
+    px = {k: [pixels / t for t in v] for k, v in times.items()}
+    med = {k: median(v) for k, v in px.items()}
+    ratio = med["predict"] / med["forward"]
+    n = cfg.repeats
+    rows = [
+        ["model forward only, tiles in memory (the limit)", med["forward"] / 1e6, spread([v / 1e6 for v in px["forward"]]),
+         median(times["forward"]), n, "1"],
+        ["`predict_raster` (read, normalise, forward, blend, write)", med["predict"] / 1e6,
+         spread([v / 1e6 for v in px["predict"]]), median(times["predict"]), n, ratio],
+        ["`predict_raster` with a 1x1 convolution (pipeline ceiling)", med["predict_conv"] / 1e6,
+         spread([v / 1e6 for v in px["predict_conv"]]), median(times["predict_conv"]), n, "-"],
+    ]
+    res.tables.append(table(f"Throughput, {cfg.infer_size} x {cfg.infer_size} px, U-Net ResNet-18",
+                            ["run", "Mpixel/s (median)", "min-max", "seconds", "n", "vs forward only"], rows))
+    res.targets.append(target("inference: predict_raster / model forward, pixels/s", ratio, ">=", 0.85, f"{fmt(ratio)}"))
+
+    small, large = cfg.mem_sizes
+    mem: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (small, large):
+            path = ensure_plain_raster(cache, size, bands=1, block=min(512, size // 2 // 16 * 16))
+            mem[size] = _memory_run(path, Path(tmp) / f"m{size}_classes.tif", cfg)
+    mratio = mem[large]["peak_mib"] / mem[small]["peak_mib"]
+    inc = {s: mem[s]["peak_mib"] - mem[s]["baseline_mib"] for s in mem}
+    mrows = [
+        [f"{s} x {s}", m["peak_mib"], m["baseline_mib"], inc[s], s * s / m["seconds"] / 1e6, "1"
+         if s == small else f"{fmt(mratio)}"]
+        for s, m in mem.items()
+    ]
+    res.tables.append(table("Peak memory (1-band uint16 raster, 1x1 convolution, one fresh process per raster)",
+                            ["raster", "peak RSS (MiB)", "RSS before predicting (MiB)", "growth while predicting (MiB)",
+                             "Mpixel/s", "peak vs small"], mrows))
+    res.targets.append(target(f"inference: peak RSS {large}^2 / {small}^2 raster", mratio, "<=", 1.3, f"{fmt(mratio)}x"))
+    res.setup = [
+        f"Throughput: a {cfg.infer_size} x {cfg.infer_size} px, {BANDS}-band uint16 raster (DEFLATE, predictor 2, "
+        f"{block} px blocks); `predict_raster(model, src, dst, preprocessing, tile_size={cfg.infer_tile}, "
+        f"overlap={cfg.infer_overlap}, batch_size={cfg.infer_batch}, num_workers={cfg.workers}, device='cpu')`, "
+        f"class map only. The limit runs the same model on the same {cfg.infer_tile} px tiles of the same grid, "
+        f"read and normalised beforehand, in batches of {cfg.infer_batch} under `torch.inference_mode()`.",
+        f"Memory: 1-band uint16 rasters of {small} x {small} and {large} x {large} px, a 1x1 convolution to 4 "
+        f"classes (so that the CPU run takes minutes, not hours; the model's memory does not depend on the raster), "
+        f"tile {cfg.mem_tile}, overlap {cfg.mem_overlap}, batch {cfg.mem_batch}; peak RSS is the child process's "
+        "`VmHWM` (n = 1 each: it does not vary between runs).",
+        f"{n} timed repeats in alternating order after one warm-up run; {torch.get_num_threads()} torch threads.",
+    ]
+    res.metrics = {"mpixel_per_s": {k: v / 1e6 for k, v in med.items()}, "seconds": times, "memory": mem,
+                   "ratio": ratio, "memory_ratio": mratio}
+    return res.to_dict()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--memory-child", nargs=6, metavar=("SRC", "DST", "TILE", "OVERLAP", "BATCH", "WORKERS"), required=True)
+    a = p.parse_args()
+    s, d, t, o, b, w = a.memory_child
+    print(json.dumps(memory_child(s, d, int(t), int(o), int(b), int(w))))

@@ -1,0 +1,205 @@
+"""Section "training": Lightning step time against a hand-written loop, and gradient-flow monitor cost.
+
+Both fit the same U-Net ResNet-18 (same initial weights) on the same batches, pre-generated in
+memory in the batch contract and served by a DataLoader over a list, with AdamW, fp32 and
+gradient clipping at norm 1.0:
+
+- hand-written: forward, cross-entropy, ``zero_grad``, backward, ``clip_grad_norm_``, step;
+- Lightning: ``Trainer(accelerator="cpu", gradient_clip_val=1.0, logger=False, ...)`` fitting
+  ``SegmentationTask`` with its defaults (cosine schedule per step, train metrics per step).
+
+A step is the time between the ends of consecutive optimizer steps, so it includes fetching
+the batch and every hook. Warm-up steps are left out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+
+ENCODER = "resnet18"
+IN_CHANNELS = 6
+CLASSES = 5
+IGNORE_INDEX = 255
+
+
+def make_batches(n: int, batch: int, size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` batches in the batch contract (image float32 [B, 6, H, W], mask int64 [B, H, W])."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        image = torch.randn(batch, IN_CHANNELS, size, size, generator=g)
+        mask = torch.randint(0, CLASSES, (batch, size, size), generator=g)
+        window = torch.tensor([[0, 0, size, size]] * batch)
+        out.append({"image": image, "mask": mask, "scene": [f"s{i}"] * batch, "window": window})
+    return out
+
+
+def _loader(batches: list[dict[str, Any]]) -> torch.utils.data.DataLoader:
+    # batch_size=None: each list item already is a batch
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
+
+
+def hand_loop(batches: list[dict[str, Any]], seed: int = 0) -> list[float]:
+    """Step durations (s) of a plain PyTorch loop: same model, optimizer, clipping, precision."""
+    import torch.nn.functional as F
+
+    from geobp.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet", encoder=ENCODER, in_channels=IN_CHANNELS, num_classes=CLASSES)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)  # SegmentationTask's defaults
+    ends = [time.perf_counter()]
+    for batch in _loader(batches):
+        logits = model(batch["image"])
+        loss = F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ends.append(time.perf_counter())
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def monitor_class() -> tuple[type | None, str]:
+    """``GradientFlowMonitor`` if importable, else None and why."""
+    try:
+        from geobp.callbacks import GradientFlowMonitor
+    except Exception as err:  # not written yet, or broken
+        return None, f"geobp.callbacks.GradientFlowMonitor not available ({type(err).__name__}: {err})"
+    return GradientFlowMonitor, ""
+
+
+def default_interval(cls: type) -> int:
+    return int(inspect.signature(cls.__init__).parameters["every_n_steps"].default)
+
+
+def lightning_fit(batches: list[dict[str, Any]], seed: int = 0, callbacks: list[Any] | None = None) -> list[float]:
+    """Step durations (s) of ``Trainer.fit(SegmentationTask)`` on the same batches."""
+    import lightning as L
+
+    from geobp.task import SegmentationTask
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.ends.append(time.perf_counter())
+
+    torch.manual_seed(seed)
+    task = SegmentationTask(encoder=ENCODER, in_channels=IN_CHANNELS, num_classes=CLASSES, ignore_index=IGNORE_INDEX)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, gradient_clip_val=1.0, default_root_dir=tmp,
+            callbacks=[*(callbacks or []), timer],
+        )
+        trainer.fit(task, train_dataloaders=_loader(batches))
+    return [b - a for a, b in zip(timer.ends, timer.ends[1:])]
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    monitor, why_not = monitor_class()
+    every = default_interval(monitor) if monitor else 1
+    steps = cfg.train_steps
+    if monitor and not cfg.quick:  # timed steps: a whole number of monitor intervals, at least monitor_steps
+        steps = max(steps, math.ceil(cfg.monitor_steps / every) * every)
+    warm = cfg.train_warmup
+    batches = make_batches(warm + steps, cfg.train_batch, cfg.train_size)
+
+    variants: dict[str, Any] = {
+        "hand": lambda: hand_loop(batches),
+        "lightning": lambda: lightning_fit(batches),
+    }
+    if monitor:
+        variants["monitor_default"] = lambda: lightning_fit(batches, callbacks=[monitor()])
+        variants["monitor_every"] = lambda: lightning_fit(batches, callbacks=[monitor(every_n_steps=1)])
+    medians: dict[str, list[float]] = {k: [] for k in variants}
+    means: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(cfg.repeats):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            durations = variants[name]()[warm:]
+            medians[name].append(median(durations))
+            means[name].append(sum(durations) / len(durations))
+
+    ms = {k: median(v) * 1e3 for k, v in medians.items()}
+    mean_ms = {k: median(v) * 1e3 for k, v in means.items()}
+    n = f"{steps} x {cfg.repeats}"
+    ratio = ms["lightning"] / ms["hand"]
+    step_rows = [
+        ["hand-written PyTorch loop", ms["hand"], spread([v * 1e3 for v in medians["hand"]]), mean_ms["hand"], n, "1"],
+        ["Lightning `Trainer.fit(SegmentationTask)`", ms["lightning"], spread([v * 1e3 for v in medians["lightning"]]),
+         mean_ms["lightning"], n, ratio],
+    ]
+    tables = [table("Step time", ["loop", "median step (ms)", "min-max of repeats", "mean step (ms)", "steps x n",
+                                  "vs hand-written"], step_rows)]
+    targets = [target("training: Lightning step / hand-written step (median)", ratio, "<=", 1.05, f"{fmt(ratio)}x")]
+    notes = [
+        "The Lightning side also runs what geobp's task does on every step and the loop does not: "
+        "the cosine learning-rate schedule, `self.log` of the loss and the update of the train metrics "
+        "(mIoU, per-class IoU, F1, accuracy).",
+    ]
+    metrics: dict[str, Any] = {"step_ms": ms, "mean_step_ms": mean_ms, "repeats_median_s": medians,
+                               "repeats_mean_s": means, "steps": steps}
+    skipped = None
+    if monitor:
+        base = mean_ms["lightning"]
+        over_default = mean_ms["monitor_default"] / base - 1
+        over_every = mean_ms["monitor_every"] / base - 1
+        gfm_rows = [
+            ["without the monitor", mean_ms["lightning"], ms["lightning"], n, "0"],
+            [f"`GradientFlowMonitor()` (default, every {every} steps)", mean_ms["monitor_default"],
+             ms["monitor_default"], n, f"{100 * over_default:+.1f}%"],
+            ["`GradientFlowMonitor(every_n_steps=1)`", mean_ms["monitor_every"], ms["monitor_every"], n,
+             f"{100 * over_every:+.1f}%"],
+        ]
+        tables.append(table("Gradient-flow monitoring (Lightning fit as above)",
+                            ["run", "mean step (ms)", "median step (ms)", "steps x n", "overhead (of the mean)"], gfm_rows))
+        targets.append(target(f"training: gradient-flow monitor overhead, every {every} steps", 100 * over_default, "<=",
+                              3.0, f"{100 * over_default:+.1f}%"))
+        notes.append(f"The monitor's cost is compared on the mean step time (a recording every {every} steps is "
+                     f"invisible in a median); the timed window is {steps} steps{'' if steps % every else ', a whole number of intervals'}. "
+                     f"Every-step monitoring costs {100 * over_every:+.1f}% (reported, no target).")
+        metrics["monitor_overhead"] = {"default": over_default, "every_step": over_every, "every_n_steps": every}
+    else:
+        skipped = f"gradient-flow monitoring: {why_not}."
+    res = SectionResult(
+        section="training",
+        title="Training step",
+        setup=[
+            f"`geobp.models.create_model('unet', encoder='{ENCODER}', in_channels={IN_CHANNELS}, "
+            f"num_classes={CLASSES})`, random init (same seed for every run), AdamW (lr 1e-3, weight decay 1e-4), "
+            "fp32, gradient clipping at norm 1.0, on the CPU "
+            f"({torch.get_num_threads()} torch threads).",
+            f"Batches of {cfg.train_batch} x {IN_CHANNELS} x {cfg.train_size} x {cfg.train_size} (random images, "
+            f"random labels), pre-generated in memory; {warm} warm-up steps, then {steps} timed steps per run; "
+            f"{cfg.repeats} runs of each, in alternating order.",
+            "Lightning: `Trainer(accelerator='cpu', max_steps=N, logger=False, enable_checkpointing=False, "
+            "enable_progress_bar=False, gradient_clip_val=1.0)`.",
+        ],
+        tables=tables,
+        targets=targets,
+        notes=notes,
+        metrics=metrics,
+        skipped=skipped,
+    )
+    return res.to_dict()
