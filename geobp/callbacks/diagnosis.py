@@ -230,10 +230,11 @@ def find_exploding(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
                         f"gradients explode: total norm grew {value:.3g}x over its start "
                         f"({ref:.3g}; threshold {t.exploding_growth:.0e}x), largest in {largest_layer(i)}",
                         fix))
-    seen = data.get("steps_seen") or []
-    clipped = data.get("clipped_steps") or []
-    if seen and clipped and clipped[-1] is not None and seen[-1] >= 10:
-        fraction = clipped[-1] / seen[-1]
+    totals = data.get("totals") or {}
+    seen = totals.get("steps_seen", (data.get("steps_seen") or [0])[-1])
+    n_clipped = totals.get("clipped_steps", (data.get("clipped_steps") or [None])[-1])
+    if n_clipped is not None and seen >= 10:
+        fraction = n_clipped / seen
         if fraction > t.clip_fraction:
             first = next((s for s, c in zip(steps, data.get("clipped") or []) if c), steps[0] if steps else 0)
             clip = (data.get("meta") or {}).get("gradient_clip_val")

@@ -511,9 +511,25 @@ class GradientFlowMonitor(L.Callback):
         self._read_metrics(trainer)
         self._maybe_write(trainer, force=False)
 
+    def _flush(self) -> None:
+        """Read the per-step counters once more: steps after the last recording, pending events."""
+        if self.data is None or self._device_state is None:
+            return
+        state = self._device_state
+        values = torch.cat([state["nonfinite"].reshape(1), state["clipped"].reshape(1), state["first_bad"].reshape(1),
+                            state["bad_vec"].to(torch.float64)]).tolist()
+        state["first_bad"].fill_(-1.0)
+        n_bad, n_clip, first_bad = values[:3]
+        if first_bad >= 0:
+            scale = float(self._scaler.get_scale()) if self._scaler is not None else None
+            self._add_event(int(first_bad), values[3:], scale)
+        self.data["totals"] = {"steps_seen": self._steps_seen, "nonfinite_steps": int(n_bad),
+                               "clipped_steps": int(n_clip) if self._clip is not None else None}
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._taps is not None:
             self._taps.disarm()
+        self._flush()
         self._read_metrics(trainer)
         if self.data is not None and trainer.is_global_zero:
             self._diagnose()
@@ -525,11 +541,12 @@ class GradientFlowMonitor(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._taps is not None:
             self._taps.disarm()
-        if self.data is not None and trainer.is_global_zero:
-            try:
+        try:
+            self._flush()
+            if self.data is not None and trainer.is_global_zero:
                 self._diagnose()
-            except Exception:  # never mask the original exception
-                pass
+        except Exception:  # never mask the original exception
+            pass
         self._maybe_write(trainer, force=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

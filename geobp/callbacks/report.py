@@ -21,6 +21,8 @@ clipped            ``[R]`` whether that step's total exceeded the clip threshold
 steps_seen         ``[R]`` optimizer steps observed so far (every step unless step_check off)
 clipped_steps      ``[R]`` of those, clipped so far (null: no clipping)
 nonfinite_steps    ``[R]`` of those, with NaN/Inf gradients so far (skipped steps under fp16)
+totals             ``{steps_seen, nonfinite_steps, clipped_steps}`` at the end of training (or
+                   at an exception), counting steps after the last recording; absent before
 loss_scale         ``[R]`` the fp16 loss scale (null without a scaler)
 loss               ``[R]`` the training loss of the recorded step (unscaled)
 bands              null, or ``{layer, norm: [R][C]}``: first convolution's gradient per band
