@@ -1,0 +1,72 @@
+"""Under fp16 with a loss scaler the monitor reports true (unscaled) gradients: the proof."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import Tensor
+
+from geobp.callbacks import GradientFlowMonitor
+from geobp.callbacks.measure import find_layers
+from geobp.callbacks.skips import SkipTaps, find_skips
+from tests.callbacks.conftest import TileSet, ZooModule, small_resnet
+
+SCALE = 2.0**10
+
+
+class WithFp32Reference(ZooModule):
+    """Before each optimizer step, recompute the step's gradients in fp32, unscaled, on a copy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference: dict[int, dict[str, Any]] = {}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._batch = batch
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Runs after the callbacks' hook, on the same weights, outside autocast.
+        ref = copy.deepcopy(self.net).float()
+        ref.zero_grad(set_to_none=True)
+        taps = SkipTaps(ref, find_skips(ref))
+        taps.arm()
+        with torch.autocast("cpu", enabled=False):
+            loss = F.cross_entropy(ref(self._batch["image"].float()), self._batch["target"])
+            loss.backward()
+        taps.disarm()
+        layers, params = find_layers(ref)
+        layer_norms = [math.sqrt(sum(float(params[i].grad.double().square().sum()) for i in x.params)) for x in layers]
+        self.reference[self.global_step] = {
+            "total": math.sqrt(sum(n * n for n in layer_norms)),
+            "layers": layer_norms,
+            "skips": taps.collect().tolist(),
+            "loss": float(loss),
+        }
+
+
+def test_fp16_norms_are_unscaled(fit) -> None:
+    torch.manual_seed(0)
+    module = WithFp32Reference(small_resnet(), lr=0.01)
+    monitor = GradientFlowMonitor(every_n_steps=2)
+    precision = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=SCALE))
+    fit(module, TileSet(), monitor, max_steps=8, plugins=[precision])
+    data = monitor.data
+    assert data["meta"]["loss_scaler"] and data["loss_scale"] == [SCALE] * 4
+    assert data["nonfinite_steps"][-1] == 0
+    for i, step in enumerate(data["steps"]):
+        ref = module.reference[step]
+        # Equal to the fp32 gradient within fp16 rounding, and nowhere near SCALE times it.
+        assert data["total_norm"][i] == pytest.approx(ref["total"], rel=2e-2)
+        assert abs(math.log2(data["total_norm"][i] / ref["total"])) < 0.05
+        assert data["layer_norm"][i] == pytest.approx(ref["layers"], rel=5e-2)
+        assert data["loss"][i] == pytest.approx(ref["loss"], rel=1e-2)
+        # Skip norms come from activation gradients, which the scaler never unscales.
+        skips = [v for s in data["skips"] for v in s["norms"][i]]
+        assert skips == pytest.approx([v for pair in ref["skips"] for v in pair], rel=5e-2)
