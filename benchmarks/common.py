@@ -65,7 +65,7 @@ class Config:
         """Tiny sizes: checks that the harness runs, numbers mean nothing."""
         base = dict(
             quick=True, repeats=1, scenes=2, scene_size=1024, tiles=64, warmup_tiles=32,
-            train_batch=2, train_size=64, train_steps=3, train_warmup=1, monitor_steps=3,
+            train_batch=1, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2,
             infer_size=512, infer_tile=128, infer_overlap=16, infer_batch=2,
             mem_sizes=(500, 1000), mem_tile=128, mem_overlap=16, mem_batch=2,
         )

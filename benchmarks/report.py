@@ -52,26 +52,28 @@ def _machine_table(m: dict[str, Any]) -> list[str]:
 def _gpu_section(gpu: dict[str, Any]) -> list[str]:
     """The GPU result file written by ``benchmarks/gpu.py`` (absolute numbers, that device only)."""
     d, r = gpu["device"], gpu["results"]
+    about = ", ".join(x for x in (f"{d['memory_gib']} GiB" if d.get("memory_gib") else "",
+                                  f"CUDA {d['cuda']}" if d.get("cuda") else "", f"torch {d.get('torch', '?')}") if x)
     lines = [
-        f"Measured on **{d['name']}** ({d.get('memory_gib', '?')} GiB, CUDA {d.get('cuda', '?')}, "
-        f"torch {d.get('torch', '?')}) on {gpu['date']}, with `{gpu.get('command', GPU_COMMAND)}`. "
+        f"Measured on **{d['name']}** ({about}) on {gpu['date']}, with `{gpu.get('command', GPU_COMMAND)}`. "
         "These numbers are absolute and hold on that device only.",
         "",
-        f"Model: {gpu['model']}; {gpu['repeats']} timed repeats of {gpu['steps']} steps, medians.",
+        f"Model: {gpu['model']}; batch {gpu['batch']}; medians of {gpu['repeats']} timed repeats of "
+        f"{gpu['steps']} steps.",
         "",
     ]
-    rows = [
-        ["bf16 matmul 8192^3 (the device's measured limit)", "-", fmt(r["matmul_tflops"]), "1"],
-        ["training (fwd + bwd + AdamW, batch " + str(gpu["batch"]) + ")", fmt(r["train_images_per_s"]),
-         fmt(r["train_tflops"]), fmt(r["train_share"])],
-        ["inference (batch " + str(gpu["batch"]) + ")", fmt(r["infer_images_per_s"]), fmt(r["infer_tflops"]),
-         fmt(r["infer_share"])],
-    ]
-    lines += _md_table(["what", "images/s", "achieved TFLOP/s", "share of matmul TFLOP/s"], rows)
-    lines += ["", f"FLOPs per image (torch.utils.flop_counter): forward {fmt(r['forward_gflop_per_image'])} GFLOP, "
-              f"training step {fmt(r['train_gflop_per_image'])} GFLOP."]
     if gpu.get("dry_run"):
-        lines += ["", "**Dry run** (tiny sizes, not a GPU measurement)."]
+        lines += ["**Dry run** (tiny sizes, not a GPU measurement).", ""]
+    n = r.get("matmul_n", 8192)
+    rows = [
+        [f"bf16 matmul {n}^3 (the measured limit)", "-", fmt(r["matmul_tflops"]), "100%"],
+        ["training step (fwd + bwd + clip + AdamW)", fmt(r["train_images_per_s"]), fmt(r["train_tflops"]),
+         f"{100 * r['train_share']:.0f}%"],
+        ["inference (forward)", fmt(r["infer_images_per_s"]), fmt(r["infer_tflops"]), f"{100 * r['infer_share']:.0f}%"],
+    ]
+    lines += _md_table(["what", "images/s", "model TFLOP/s", "share of matmul TFLOP/s"], rows)
+    lines += ["", f"FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`): forward "
+              f"{fmt(r['forward_gflop_per_image'])} GFLOP, training step {fmt(r['train_gflop_per_image'])} GFLOP."]
     return lines
 
 

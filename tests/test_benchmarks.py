@@ -1,0 +1,74 @@
+"""The benchmark harness runs at tiny sizes and writes its tables (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_loading_and_training_tables(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "loading,training", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    assert "Quick mode" in text
+    assert "## Machine" in text and "geobp commit" in text
+    # One table row per loader, each with a number of tiles per second.
+    for row in ("geobp `GeoTiffDataModule`", "torchgeo `RasterDataset`", "bare rasterio loop", "torchgeo `GridGeoSampler`"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    for row in ("hand-written PyTorch loop", "Lightning `Trainer.fit(SegmentationTask)`"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    assert re.search(r"\| loading: geobp / torchgeo, random tiles/s \| [\d.]+x \| >= 15 \| (PASS|\*\*MISS\*\*) \|", text)
+    assert "training: Lightning step / hand-written step (median)" in text
+    assert "Not measured yet" in text  # inference and gpu were not run
+    stored = json.loads((tmp_path / "results" / "loading.json").read_text())
+    assert set(stored["metrics"]["tiles_per_s"]) >= {"geobp", "torchgeo", "bare", "geobp_grid", "torchgeo_grid"}
+    assert all(v > 0 for v in stored["metrics"]["tiles_per_s"].values())
+
+
+def test_gpu_script_dry_run_needs_no_rasterio(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    code = (
+        "import sys, runpy\n"
+        "for name in ('rasterio', 'lightning', 'torchgeo'):\n"
+        "    sys.modules[name] = None  # importing them now fails, as on the GPU machine\n"
+        f"sys.argv = ['gpu.py', '--dry-run', '--out', {str(out)!r}]\n"
+        "runpy.run_path('benchmarks/gpu.py', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["dry_run"] is True
+    r = result["results"]
+    assert r["forward_gflop_per_image"] > 0 and r["train_gflop_per_image"] > r["forward_gflop_per_image"]
+    assert 0 < r["train_share"] and 0 < r["infer_share"]
+
+
+def test_report_renders_gpu_result_and_marks_missing_sections(tmp_path: Path) -> None:
+    from benchmarks.report import render
+
+    gpu = {
+        "date": "2025-01-01T00:00:00+00:00", "command": "python benchmarks/gpu.py --out x.json",
+        "device": {"name": "NVIDIA H100", "memory_gib": 80.0, "cuda": "12.4", "torch": "2.5"},
+        "model": "U-Net resnet34", "batch": 16, "steps": 20, "repeats": 3, "dry_run": False,
+        "results": {"matmul_tflops": 700.0, "matmul_n": 8192, "train_images_per_s": 100.0, "infer_images_per_s": 300.0,
+                    "forward_gflop_per_image": 60.0, "train_gflop_per_image": 180.0, "train_tflops": 18.0,
+                    "infer_tflops": 18.0, "train_share": 18 / 700, "infer_share": 18 / 700},
+    }
+    text = render({"gpu": gpu})
+    assert "**NVIDIA H100**" in text and "| training step (fwd + bwd + clip + AdamW) | 100 | 18.0 | 3% |" in text
+    assert "Not measured yet: run `.venv/bin/python -m benchmarks run --only loading`" in text
