@@ -176,12 +176,73 @@ def cmd_check(argv: Sequence[str]) -> int:
     return 1 if fatal else 0
 
 
+# ----- infer --------------------------------------------------------------------------------
+
+
+def cmd_infer(argv: Sequence[str]) -> int:
+    """``geobp infer``: predict whole rasters with a checkpoint; exit 1 when any input failed."""
+    from geobp.inference import predict_many
+
+    p = argparse.ArgumentParser(
+        prog="geobp infer",
+        description="Predict land cover over whole GeoTIFFs of any size with a checkpoint from `geobp fit`. "
+        "Writes OUT/<name>_classes.tif (uint8 class ids, colour table, class names, input's CRS and grid).",
+    )
+    p.add_argument("inputs", nargs="+", help="GeoTIFFs and/or folders of them")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tile-size", type=int, default=None, help="default: the training tile size")
+    p.add_argument("--overlap", type=int, default=None, help="default: tile size / 8")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="autocast precision on GPU")
+    p.add_argument("--probabilities", default="none", choices=["none", "probs", "confidence"],
+                   help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
+    p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    a = p.parse_args(argv)
+    summary = predict_many(
+        a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
+        precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
+        num_workers=a.workers,
+    )
+    for src, dst in summary.succeeded:
+        console.print(f"{src} -> {dst}", highlight=False)
+    for line in summary.lines():
+        console.print(line, highlight=False, soft_wrap=True)
+    return summary.exit_code
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----- report -------------------------------------------------------------------------------
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    """``geobp report RUN_DIR``: re-render the gradient-flow report from its gradflow.json."""
+    from geobp.callbacks.report import render_report_from_run_dir
+
+    p = argparse.ArgumentParser(prog="geobp report", description="Re-render RUN_DIR/gradflow/report.html from gradflow.json.")
+    p.add_argument("run_dir", help="a run folder, e.g. runs/demo/version_0")
+    a = p.parse_args(argv)
+    html = render_report_from_run_dir(a.run_dir)
+    console.print(f"wrote {html}", highlight=False)
+    return 0
+
+
 # ----- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "synth": cmd_synth,
     "demo": cmd_demo,
     "check": cmd_check,
+    "infer": cmd_infer,
+    "report": cmd_report,
 }
 
 

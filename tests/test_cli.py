@@ -69,3 +69,21 @@ def test_bad_data_gives_one_line_error(tmp_path, capsys):
 def test_synth_command(tmp_path):
     assert main(["synth", "--out", str(tmp_path / "s"), "--scenes", "2", "--size", "32", "--bands", "3", "--classes", "2"]) == 0
     assert len(list((tmp_path / "s" / "images").glob("*.tif"))) == 2
+
+
+def test_infer_command_writes_georeferenced_maps_and_reports_failures(tmp_path, scenes, capsys):
+    import rasterio
+
+    assert main(["fit", "--config", str(tiny_config(tmp_path, scenes))]) == 0
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff")
+    img = scenes / "images" / "scene_000.tif"
+    code = main(["infer", "--ckpt", str(last), "--out", str(tmp_path / "pred"), str(img), str(bad)])
+    assert code == 1  # one input failed, the other finished
+    out = tmp_path / "pred" / "scene_000_classes.tif"
+    with rasterio.open(out) as dst, rasterio.open(img) as src:
+        assert dst.crs == src.crs and dst.transform == src.transform and dst.shape == src.shape
+        assert dst.dtypes[0] == "uint8"
+    err = capsys.readouterr().err
+    assert "bad.tif: not a readable raster" in err and "1 raster(s) predicted, 1 failed" in err
