@@ -235,11 +235,25 @@ def blend_weights(tile: int, overlap: int) -> np.ndarray:
     return np.outer(w, w)
 
 
+def spread_offsets(length: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of as few tiles as :func:`grid_offsets` uses, spread evenly over ``[0, length)``.
+
+    Instead of keeping the stride and clamping the last tile back (which leaves one overlap of up
+    to a whole tile), the slack is shared: every overlap is at least ``overlap`` and they differ
+    by at most one pixel, and every tile lies inside the raster. A length shorter than one tile
+    gives ``[0]``.
+    """
+    check_tile_args(tile, overlap)
+    if length <= tile:
+        return [0]
+    n = -(-(length - tile) // (tile - overlap)) + 1
+    return [k * (length - tile) // (n - 1) for k in range(n)]
+
+
 def axis_blend_weights(length: int, tile: int, overlap: int) -> tuple[list[int], np.ndarray]:
     """Tile offsets along one raster axis and each tile's normalised 1-D blend weights.
 
-    Tiles follow :func:`grid_offsets` (stride ``tile - overlap``, last tile clamped to the edge).
-    Each tile is tapered only on the sides it shares with a neighbour, so raster borders keep
+    Tiles follow :func:`spread_offsets` (overlaps of at least ``overlap``, evenly spread). Each tile is tapered only on the sides it shares with a neighbour, so raster borders keep
     full weight, then all weights are divided by their sum over tiles: at every pixel the
     weights of the tiles covering it sum to 1. Because 2-D weights are the outer product of a
     row and a column weight and the grid is a product of row and column offsets, the 2-D
@@ -253,8 +267,7 @@ def axis_blend_weights(length: int, tile: int, overlap: int) -> tuple[list[int],
     Returns:
         (offsets, float32 [len(offsets), min(tile, length)] weights).
     """
-    check_tile_args(tile, overlap)
-    offsets = grid_offsets(length, tile, tile - overlap)
+    offsets = spread_offsets(length, tile, overlap)
     span = min(tile, length)
     n = len(offsets)
     weights = np.stack(

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geobp.errors import ConfigError
-from geobp.tiling import BLEND_EPS, axis_blend_weights, blend_weights, blend_weights_1d, grid_offsets
+from geobp.tiling import BLEND_EPS, axis_blend_weights, blend_weights, blend_weights_1d, grid_offsets, spread_offsets
 
 
 def test_blend_weights_2d_smooth_positive_symmetric():
@@ -45,7 +45,7 @@ def test_axis_blend_weights_partition_of_unity(length, tile, data):
     overlap = data.draw(st.integers(0, tile - 1))
     offsets, weights = axis_blend_weights(length, tile, overlap)
     span = min(tile, length)
-    assert offsets == grid_offsets(length, tile, tile - overlap)
+    assert offsets == spread_offsets(length, tile, overlap)
     assert weights.shape == (len(offsets), span) and weights.dtype == np.float32
     assert (weights > 0).all()
     total = np.zeros(length)
@@ -60,3 +60,25 @@ def test_axis_blend_weights_border_tiles_keep_full_weight():
     assert weights[0, 0] == pytest.approx(1.0) and weights[-1, -1] == pytest.approx(1.0)
     # tile edges inside the raster get (almost) nothing: the neighbour takes over
     assert weights[0, -1] < 1e-3 and weights[1, 0] < 1e-3
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 2000), tile=st.integers(1, 300), data=st.data())
+def test_spread_offsets_even_overlaps_inside_raster(length, tile, data):
+    overlap = data.draw(st.integers(0, tile - 1))
+    offsets = spread_offsets(length, tile, overlap)
+    assert len(offsets) == len(grid_offsets(length, tile, tile - overlap))  # no extra tiles
+    assert offsets[0] == 0 and offsets == sorted(set(offsets))
+    if length <= tile:
+        assert offsets == [0]
+        return
+    assert offsets[-1] == length - tile  # covers the end, stays inside
+    gaps = np.diff(offsets)
+    assert gaps.max() <= tile - overlap  # overlap at least `overlap`: every pixel covered
+    assert gaps.max() - gaps.min() <= 1  # spread evenly: no big clamped last overlap
+
+
+def test_spread_offsets_exact():
+    # grid_offsets would give 0, 6, 12, 18, 20 (last overlap 8); spread gives gaps of 5
+    assert grid_offsets(30, 10, 6) == [0, 6, 12, 18, 20]
+    assert spread_offsets(30, 10, 4) == [0, 5, 10, 15, 20]

@@ -46,7 +46,7 @@ Precision = Literal["32", "bf16", "16"]
 
 #: GDAL block cache while predicting: enough for the block rows a tile row re-reads, and a
 #: fixed bound, so that memory does not grow with the raster (GDAL's default is 5% of RAM).
-GDAL_CACHE_BYTES = 256 * 2**20
+GDAL_CACHE_BYTES = 64 * 2**20
 _AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -153,7 +153,7 @@ class _Writer:
         self.blender = blender
         self.open_outputs = open_outputs
         self.nodata_value = nodata_value
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.abort = False
         self.strips: StripWriter | None = None
@@ -336,7 +336,11 @@ def predict_raster(
                             )
                         names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
                         writer = _start_writer(grid, k, names, profile, tmps, probabilities, nodata_value)
-                    probs = torch.softmax(logits.float(), dim=1)[:, :, :th, :tw]
+                    # softmax in place on the model's output: one [B, K, tile, tile] buffer per batch
+                    probs = logits.float()
+                    probs = probs.sub_(probs.amax(dim=1, keepdim=True)).exp_()
+                    probs = probs.div_(probs.sum(dim=1, keepdim=True))[:, :, :th, :tw]
+                    del logits
                     for n, (i, j) in enumerate(batch.tiles):  # python indices: no host-device sync
                         probs[n].mul_(row_w[i][:, None]).mul_(col_w[j])
                     if dev.type == "cpu":  # numpy blending is faster than torch on CPU

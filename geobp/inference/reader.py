@@ -34,7 +34,7 @@ class TileGrid:
     Attributes:
         height, width: raster size.
         tile: model input size (tiles of rasters smaller than this are padded to it).
-        row_offsets, col_offsets: tile origins along each axis (``grid_offsets``).
+        row_offsets, col_offsets: tile origins along each axis (``spread_offsets``).
         row_weights: float32 [len(row_offsets), tile_h]; tile (i, j) has weights
             ``outer(row_weights[i], col_weights[j])``, which sum to 1 at every pixel.
         col_weights: float32 [len(col_offsets), tile_w].
@@ -141,8 +141,10 @@ class PrefetchReader:
         g = self.grid
         th, tw, t = g.tile_h, g.tile_w, g.tile
         src = self._handle()
-        image = np.empty((len(tiles), len(self.pre.bands), t, t), np.float32)
-        valid = np.empty((len(tiles), th, tw), bool)
+        # allocated pinned (for CUDA) up front and filled through numpy views: no extra copy
+        image_t = torch.empty((len(tiles), len(self.pre.bands), t, t), dtype=torch.float32, pin_memory=self.pin_memory)
+        valid_t = torch.empty((len(tiles), th, tw), dtype=torch.bool, pin_memory=self.pin_memory)
+        image, valid = image_t.numpy(), valid_t.numpy()
         pad = ((0, 0), (0, t - th), (0, t - tw))
         k = 0
         while k < len(tiles):
@@ -163,10 +165,7 @@ class PrefetchReader:
                     image[n] = x[:, :, c : c + tw]
                 valid[n] = v[:, c : c + tw]
             k = end
-        tensor, mask = torch.from_numpy(image), torch.from_numpy(valid)
-        if self.pin_memory:
-            tensor, mask = tensor.pin_memory(), mask.pin_memory()
-        return TileBatch(tiles, tensor, mask)
+        return TileBatch(tiles, image_t, valid_t)
 
     def __iter__(self) -> Iterator[TileBatch]:
         queue: deque[Future[TileBatch]] = deque()
