@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,7 +69,9 @@ class GradientFlowMonitor(L.Callback):
     each new finding is issued once as a :class:`GradientFlowWarning`. Rank 0 writes
     ``<trainer.log_dir>/gradflow/gradflow.json`` and ``report.html`` (see
     :mod:`geobp.callbacks.report`) at the end of training, on an exception, and at validation
-    and training epoch ends at most every ``report_every_s`` seconds.
+    and training epoch ends at most every ``report_every_s`` seconds (there the JSON is written
+    at once and the page rendered in a background thread, so a killed run keeps a recent report
+    without training waiting for matplotlib).
 
     Logged to the trainer's loggers (rank 0, at each recording, ``step`` = optimizer step):
 
@@ -149,6 +153,8 @@ class GradientFlowMonitor(L.Callback):
         self.findings: list = []  # latest diagnosis
         self.report_dir: Path | None = None
         self._taps: SkipTaps | None = None
+        self._render_thread: threading.Thread | None = None
+        self._render_error: Exception | None = None
 
     # ----- setup ---------------------------------------------------------------------------------
 
@@ -189,7 +195,8 @@ class GradientFlowMonitor(L.Callback):
         clip = trainer.gradient_clip_val
         self._clip = float(clip) if clip else None
         algorithm = trainer.gradient_clip_algorithm
-        self._clip_by_value = self._clip is not None and str(getattr(algorithm, "value", algorithm)) == "value"
+        algorithm = str(getattr(algorithm, "value", algorithm) or "norm")
+        self._clip_by_value = self._clip is not None and algorithm == "value"
         self._mode: StepCheck = self.step_check
         self._device_state: dict[str, Tensor] | None = None
         self._steps_seen = 0
@@ -209,7 +216,7 @@ class GradientFlowMonitor(L.Callback):
                 "model": type(pl_module).__name__,
                 "precision": str(trainer.precision),
                 "gradient_clip_val": self._clip,
-                "gradient_clip_algorithm": str(getattr(algorithm, "value", algorithm)) if self._clip else None,
+                "gradient_clip_algorithm": algorithm if self._clip else None,
                 "loss_scaler": self._scaler is not None,
                 "world_size": trainer.world_size,
                 "every_n_steps": self.every_n_steps,
@@ -476,8 +483,13 @@ class GradientFlowMonitor(L.Callback):
             else:
                 series.append([step, encode_float(v)])
 
-    def write(self) -> tuple[Path, Path] | None:
-        """Write ``gradflow.json`` and ``report.html`` now (atomically); None before ``setup``.
+    def write(self, background: bool = False) -> tuple[Path, Path] | None:
+        """Write ``gradflow.json`` and ``report.html`` now (each atomically); None before ``setup``.
+
+        Args:
+            background: render the page in a thread from a snapshot of the data, so training
+                goes on meanwhile (rendering takes a few seconds); the JSON is written at once.
+                If the previous rendering is still running, this one is skipped.
 
         Returns:
             ``(json_path, html_path)``.
@@ -486,9 +498,28 @@ class GradientFlowMonitor(L.Callback):
             return None
         json_path = write_json(self.data, self.report_dir / JSON_NAME)
         html_path = self.report_dir / HTML_NAME
-        atomic_write_text(html_path, render_html(self.data))
         self._last_write = time.monotonic()
+        if not background:
+            self.wait_for_report()
+            atomic_write_text(html_path, render_html(self.data))
+        elif self._render_thread is None or not self._render_thread.is_alive():
+            snapshot = json.loads(json_path.read_text(encoding="utf-8"))
+            self._render_thread = threading.Thread(target=self._render, args=(snapshot, html_path),
+                                                   name="gradflow-report", daemon=True)
+            self._render_thread.start()
         return json_path, html_path
+
+    def _render(self, data: dict[str, Any], html_path: Path) -> None:
+        try:
+            atomic_write_text(html_path, render_html(data))
+        except Exception as err:  # reported by the next write
+            self._render_error = err
+
+    def wait_for_report(self) -> None:
+        """Wait for a report being rendered in the background, if any."""
+        if self._render_thread is not None:
+            self._render_thread.join()
+            self._render_thread = None
 
     def _maybe_write(self, trainer: L.Trainer, force: bool) -> None:
         if not (self.write_report and trainer.is_global_zero and self.data is not None):
@@ -496,7 +527,10 @@ class GradientFlowMonitor(L.Callback):
         if not force and time.monotonic() - self._last_write < self.report_every_s:
             return
         try:
-            self.write()
+            self.write(background=not force)
+            if self._render_error is not None:
+                err, self._render_error = self._render_error, None
+                raise err
         except Exception as err:  # a report must never end a training run
             rank_zero_warn(f"GradientFlowMonitor: could not write the report to {self.report_dir} ({err!r})",
                            category=GradientFlowWarning)
@@ -552,6 +586,7 @@ class GradientFlowMonitor(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._taps is not None:
             self._taps.disarm()
+        self.wait_for_report()
 
 
 def _early_head_ratio(data: Mapping[str, Any]) -> float | None:

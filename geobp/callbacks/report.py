@@ -277,7 +277,7 @@ def _fmt(x: Any) -> str:
 
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -334,7 +334,7 @@ def _flow_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     mx = as_array(data.get("layer_max_abs"))
     if not names:
         return None
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="tight")
     ax = fig.add_subplot()
     x = np.arange(len(names))
     ax.plot(x, _positive(np.nanmedian(_positive(rms), axis=0)), "o-", ms=3, label="RMS (median over recordings)")
@@ -357,7 +357,7 @@ def _heatmap_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None
     values = _positive(rms).T  # layers x recordings
     if not np.isfinite(values).any():
         return None
-    fig = Figure(figsize=(12, max(3.0, min(12.0, 0.12 * len(names) + 1.5))))
+    fig = Figure(figsize=(12, max(3.0, min(12.0, 0.12 * len(names) + 1.5))), layout="tight")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
     lo, hi = np.nanmin(values), np.nanmax(values)
@@ -381,7 +381,7 @@ def _skips_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     series = [(s, r) for s, r in series if len(r) == len(steps) and np.isfinite(r).any()]
     if not series:
         return None
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="tight")
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"]
     for j, (s, r) in enumerate(series):
@@ -405,7 +405,7 @@ def _bands_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     norms = as_array(bands.get("norm"))
     if norms.ndim != 2 or norms.shape[0] != len(steps) or not np.isfinite(norms).any():
         return None
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(12, 4), layout="tight")
     ax, bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
     for b in range(norms.shape[1]):
         ax.plot(steps, _positive(norms[:, b]), ".-", ms=3, label=f"band {b}")
@@ -428,7 +428,7 @@ def _clip_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     meta = data.get("meta") or {}
     scale = as_array(data.get("loss_scale"))
     has_scale = len(scale) == len(steps) and np.isfinite(scale).any()
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(12, 4), layout="tight")
     axes = fig.subplots(1, 2 if has_scale else 1)
     ax = axes[0] if has_scale else axes
     ax.plot(steps, _positive(total), ".-", ms=3, label="total norm (before clipping)")
@@ -480,7 +480,7 @@ def _metrics_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None
     losses = {k: v for k, v in curves.items() if "loss" in k.lower()}
     others = {k: v for k, v in curves.items() if k not in losses}
     panels = [p for p in (losses, others) if p]
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(12, 4), layout="tight")
     axes = fig.subplots(1, len(panels))
     axes = np.atleast_1d(axes)
     for ax, panel, label in zip(axes, panels, ("loss" if losses else "metric", "metric")):
