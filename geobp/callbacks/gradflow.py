@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -19,7 +20,16 @@ from torch import Tensor
 import geobp
 from geobp.callbacks.diagnosis import GradientFlowWarning, Thresholds, diagnose, encode_float
 from geobp.callbacks.measure import band_norms, find_band_conv, find_layers, grad_max_abs, grad_norms, layer_reduce
-from geobp.callbacks.report import HTML_NAME, JSON_NAME, REPORT_DIR, SCHEMA, SCHEMA_VERSION, atomic_write_text, render_html, write_json
+from geobp.callbacks.report import (
+    HTML_NAME,
+    JSON_NAME,
+    REPORT_DIR,
+    SCHEMA,
+    SCHEMA_VERSION,
+    atomic_write_text,
+    render_html,
+    write_json,
+)
 from geobp.callbacks.skips import SkipTaps, find_skips
 from geobp.errors import ConfigError, format_error
 
@@ -135,8 +145,9 @@ class GradientFlowMonitor(L.Callback):
             try:
                 re.compile(skip_pattern)
             except re.error as err:
-                raise ConfigError(format_error(None, f"skip_pattern {skip_pattern!r} is not a valid regular expression ({err})",
-                                               "fix the pattern, e.g. 'decoder\\.skip\\d+'")) from err
+                raise ConfigError(format_error(
+                    None, f"skip_pattern {skip_pattern!r} is not a valid regular expression ({err})",
+                    "fix the pattern, e.g. 'decoder\\.skip\\d+'")) from err
         if not report_every_s >= 0:
             raise ConfigError(format_error(None, f"report_every_s must be >= 0 (found {report_every_s!r})",
                                            "set GradientFlowMonitor report_every_s to e.g. 300"))
@@ -168,8 +179,9 @@ class GradientFlowMonitor(L.Callback):
         try:
             band = find_band_conv(pl_module, self.band_layer)
         except KeyError as err:
-            raise ConfigError(format_error(None, f"band_layer: {err.args[0]}",
-                                           "set GradientFlowMonitor band_layer to one of the candidates, or to null")) from err
+            raise ConfigError(format_error(
+                None, f"band_layer: {err.args[0]}",
+                "set GradientFlowMonitor band_layer to one of the candidates, or to null")) from err
         skips = find_skips(pl_module, self.skip_pattern)
         if self.skip_pattern and not any(s.kind == "pattern" for s in skips):
             rank_zero_warn(f"GradientFlowMonitor: skip_pattern {self.skip_pattern!r} matches no module of "
@@ -237,7 +249,8 @@ class GradientFlowMonitor(L.Callback):
 
     # ----- per batch -------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self.data is None or self._taps is None:
             return
         step = trainer.global_step
@@ -329,18 +342,17 @@ class GradientFlowMonitor(L.Callback):
             sq = trainer.strategy.reduce(sq, reduce_op="mean")
             skips = torch.where(torch.isnan(sq), -1.0, sq.sqrt())
         has_skips = skips is not None
-        loss = self._loss.float().reshape(-1)[:1].to(device) if self._loss is not None else torch.zeros(0, device=device)
+        empty = torch.zeros(0, device=device)
+        loss = self._loss.float().reshape(-1)[:1].to(device) if self._loss is not None else empty
         state = self._device_state
-        pieces = [layer_norm, layer_max, bands, skips.flatten().float().to(device) if has_skips else torch.zeros(0, device=device),
+        pieces = [layer_norm, layer_max, bands, skips.flatten().float().to(device) if has_skips else empty,
                   total.reshape(1), over.reshape(1), state["nonfinite"].reshape(1), state["clipped"].reshape(1),
                   state["first_bad"].reshape(1), state["bad_vec"], loss]
-        values = torch.cat([p.to(torch.float64) for p in pieces]).tolist()  # the one host sync
+        values = iter(torch.cat([p.to(torch.float64) for p in pieces]).tolist())  # the one host sync
         state["first_bad"].fill_(-1.0)
 
         def take(n: int) -> list[float]:
-            nonlocal values
-            out, values = values[:n], values[n:]
-            return out
+            return list(itertools.islice(values, n))
 
         l_norm, l_max, band_vals = take(num_layers), take(num_layers), take(bands.numel())
         skip_vals = take(2 * num_skips if has_skips else 0)
@@ -398,6 +410,7 @@ class GradientFlowMonitor(L.Callback):
     def _add_event(self, step: int, param_norms: list[float], scale: float | None) -> None:
         assert self.data is not None
         layer_bad = [any(not math.isfinite(param_norms[i]) for i in layer.params) for layer in self._layers]
+        layer_zero = [all(param_norms[i] == 0 for i in layer.params) for layer in self._layers]
         bad_names = [layer.name for layer, b in zip(self._layers, layer_bad) if b]
         if len(self.data["nonfinite"]) >= MAX_EVENTS or not bad_names:
             return
@@ -412,7 +425,7 @@ class GradientFlowMonitor(L.Callback):
         self.data["nonfinite"].append({
             "step": step,
             "layer": bad_names[-1],  # nearest the output: backward visits it first
-            "all_layers": all(layer_bad),
+            "all_layers": all(b or z for b, z in zip(layer_bad, layer_zero)),  # zero: no gradient
             "nonfinite_layers": len(bad_names),
             "loss_scale": scale,
             "scenes": scenes,
@@ -456,8 +469,9 @@ class GradientFlowMonitor(L.Callback):
             key = (f.kind, f.where)
             if key not in self._warned:
                 self._warned.add(key)
-                rank_zero_warn(f"GradientFlowMonitor: {f.kind} at {f.where} (step {f.step}): {f.message}. Fix: {f.fix}.",
-                               category=GradientFlowWarning)
+                rank_zero_warn(
+                    f"GradientFlowMonitor: {f.kind} at {f.where} (step {f.step}): {f.message}. Fix: {f.fix}.",
+                    category=GradientFlowWarning)
 
     # ----- metrics and report ------------------------------------------------------------------------
 

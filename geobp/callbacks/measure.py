@@ -120,7 +120,8 @@ def grad_max_abs(grads: Sequence[Tensor]) -> Tensor:
     return ends.amax(dim=1)
 
 
-def layer_reduce(param_norms: Tensor, param_max: Tensor, layer_of_param: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
+def layer_reduce(param_norms: Tensor, param_max: Tensor, layer_of_param: Tensor,
+                 num_layers: int) -> tuple[Tensor, Tensor]:
     """Combine per-parameter statistics into per-layer ones.
 
     Args:

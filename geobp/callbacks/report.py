@@ -340,7 +340,8 @@ def _flow_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     ax.plot(x, _positive(np.nanmedian(_positive(rms), axis=0)), "o-", ms=3, label="RMS (median over recordings)")
     ax.plot(x, _positive(rms[-1]), ".:", ms=3, label=f"RMS at step {int(steps[-1])}")
     if mx.ndim == 2 and mx.shape == rms.shape:
-        ax.plot(x, _positive(np.nanmax(_positive(mx), axis=0)), "^-", ms=3, alpha=0.7, label="max |grad| (over recordings)")
+        ax.plot(x, _positive(np.nanmax(_positive(mx), axis=0)), "^-", ms=3, alpha=0.7,
+                label="max |grad| (over recordings)")
     ax.set_yscale("log")
     ax.set_ylabel("gradient magnitude")
     ax.set_xlabel("layer (module order: input left, output right)")
@@ -434,8 +435,8 @@ def _clip_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     ax.plot(steps, _positive(total), ".-", ms=3, label="total norm (before clipping)")
     bad = ~np.isfinite(total)
     if bad.any():
-        ax.plot(steps[bad], np.full(bad.sum(), np.nanmax(_positive(total)) if np.isfinite(_positive(total)).any() else 1.0),
-                "rx", label="non-finite")
+        top = np.nanmax(_positive(total)) if np.isfinite(_positive(total)).any() else 1.0
+        ax.plot(steps[bad], np.full(bad.sum(), top), "rx", label="non-finite")
     clip = meta.get("gradient_clip_val")
     title = "no gradient clipping"
     if clip:

@@ -87,7 +87,8 @@ def test_exploding_by_bound_by_growth_and_by_clipping() -> None:
 
 
 def test_nonfinite_without_scaler_reports_the_first_event() -> None:
-    events = [{"step": 42, "layer": "l3", "all_layers": False, "scenes": ["a", "b"], "windows": [[0, 0, 8, 8], [8, 0, 8, 8]]},
+    events = [{"step": 42, "layer": "l3", "all_layers": False, "scenes": ["a", "b"],
+               "windows": [[0, 0, 8, 8], [8, 0, 8, 8]]},
               {"step": 50, "layer": "l9", "all_layers": True, "scenes": None, "windows": None}]
     (f,) = diagnose(doc(nonfinite=events, nonfinite_steps=[0] * 9 + [7]))
     assert (f.kind, f.where, f.step, f.value) == ("nonfinite", "l3", 42, 7.0)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from geobp.callbacks import GradientFlowMonitor, GradientFlowWarning
 from geobp.errors import ConfigError
 from geobp.task import SegmentationTask
-from tests.callbacks.conftest import CaptureLogger, TileSet, ZooModule, deep_sigmoid_mlp, small_resnet
+from tests.callbacks.zoo import CaptureLogger, TileSet, ZooModule, deep_sigmoid_mlp, small_resnet
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -50,7 +50,8 @@ class HookCounter(L.Callback):
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self.counts[trainer.global_step] = sum(len(pl_module.net[i]._forward_pre_hooks) for i in (3, 4, 5))
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from geobp.callbacks import GradientFlowMonitor
 from geobp.callbacks.measure import find_layers
 from geobp.callbacks.skips import SkipTaps, find_skips
-from tests.callbacks.conftest import TileSet, ZooModule, small_resnet
+from tests.callbacks.zoo import TileSet, ZooModule, small_resnet
 
 SCALE = 2.0**10
 

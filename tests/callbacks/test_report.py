@@ -106,7 +106,8 @@ def test_run_dir_lookup(tmp_path: Path) -> None:
 def test_missing_report_names_the_run_dir(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(DataNotFoundError, match=r"empty_run: no gradflow/gradflow.json in this folder or below it\. "
-                                                r"Fix: pass the log directory of a run trained with the GradientFlowMonitor"):
+                                                r"Fix: pass the log directory of a run trained with the "
+                                                r"GradientFlowMonitor"):
         render_report_from_run_dir(tmp_path / "empty_run")
     with pytest.raises(FileNotFoundError, match=r"nowhere: run directory not found"):
         render_report_from_run_dir(tmp_path / "nowhere")

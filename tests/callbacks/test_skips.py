@@ -22,7 +22,8 @@ def _hook_counts(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("block", [
     BasicBlock(8, 8),
-    BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))),
+    BasicBlock(8, 16, stride=2,
+               downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))),
     Bottleneck(16, 4),
     Bottleneck(8, 4, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))),
 ], ids=["basic-identity", "basic-downsample", "bottleneck-identity", "bottleneck-downsample"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from geobp.callbacks import GradientFlowMonitor, GradientFlowWarning, Thresholds
-from tests.callbacks.conftest import (
+from geobp.callbacks import GradientFlowMonitor, GradientFlowWarning
+from tests.callbacks.zoo import (
     NaNForwardAt,
     NaNGradAt,
     TileSet,
