@@ -39,8 +39,9 @@ def stream(grid: TileGrid, tile_probs: dict, valid_fn=None, backend="numpy"):
         p = tile_probs[(i, j)] * np.outer(grid.row_weights[i], grid.col_weights[j])
         valid = np.ones((grid.tile_h, grid.tile_w), bool) if valid_fn is None else valid_fn(i, j)
         p = p.astype(np.float32)
-        if backend == "torch":
-            p, valid = torch.from_numpy(p), torch.from_numpy(valid)
+        if backend == "torch":  # inference tensors, as the model thread makes them
+            with torch.inference_mode():
+                p, valid = torch.from_numpy(p).clone(), torch.from_numpy(valid).clone()
         done = blender.add(i, j, p, valid)
         if done is not None:
             row, strip = done

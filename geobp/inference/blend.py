@@ -91,6 +91,13 @@ class TileBlender:
         Returns:
             None, or the finished strip (numpy, or a torch tensor on the probabilities' device).
         """
+        if isinstance(probs, torch.Tensor):
+            # tensors made under inference mode (in another thread) may only be updated in it
+            with torch.inference_mode():
+                return self._add(i, j, probs, valid)
+        return self._add(i, j, probs, valid)
+
+    def _add(self, i: int, j: int, probs: Any, valid: Any) -> tuple[int, Any] | None:
         if (i, j) != self._next:
             raise RuntimeError(f"tiles out of order: expected {self._next}, got {(i, j)}")
         n_cols = len(self.grid.col_offsets)
