@@ -32,7 +32,7 @@ QUICK_DIR = REPO / "benchmarks" / ".data" / "quick"
 def _section_env(name: str, cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if name == "loading":
+    if name == "loading" and cfg.gdal_cache_mb > 0:
         env["GDAL_CACHEMAX"] = str(cfg.gdal_cache_mb)  # read by GDAL when it starts
     return env
 
@@ -89,7 +89,8 @@ def _parse_only(text: str | None) -> list[str]:
 
 def _config(args: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in (("repeats", args.repeats), ("workers", args.workers), ("tiles", args.tiles),
-                                   ("cache_dir", args.cache_dir)) if v is not None}
+                                   ("cache_dir", args.cache_dir),
+                                   ("gdal_cache_mb", args.gdal_cache_mb)) if v is not None}
     return Config.quick_config(**overrides) if args.quick else Config(**overrides)
 
 
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--workers", type=int, help="DataLoader workers / reader threads (default 2)")
         sp.add_argument("--tiles", type=int, help="timed tiles per loading repeat (default 2000)")
         sp.add_argument("--cache-dir", help="where generated rasters are kept (default benchmarks/.data)")
+        sp.add_argument("--gdal-cache-mb", type=int, help="GDAL block cache per loading process (default 64; 0: GDAL's default)")
 
     r = sub.add_parser("run", help="run sections and write BENCHMARKS.md")
     common(r)
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cfg = _config(args)
     if args.cmd == "profile-loading":
-        os.environ.setdefault("GDAL_CACHEMAX", str(cfg.gdal_cache_mb))
+        if cfg.gdal_cache_mb > 0:
+            os.environ.setdefault("GDAL_CACHEMAX", str(cfg.gdal_cache_mb))
         from benchmarks.loading import profile_geobp
 
         print(profile_geobp(cfg, tiles=args.profile_tiles))

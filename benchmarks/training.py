@@ -140,6 +140,8 @@ def run(cfg: Config) -> dict[str, Any]:
             durations = variants[name]()[warm:]
             medians[name].append(median(durations))
             means[name].append(sum(durations) / len(durations))
+            print(f"training: repeat {rep} {name}: median {1e3 * medians[name][-1]:.1f} ms, "
+                  f"mean {1e3 * means[name][-1]:.1f} ms", flush=True)
 
     ms = {k: median(v) * 1e3 for k, v in medians.items()}
     mean_ms = {k: median(v) * 1e3 for k, v in means.items()}
