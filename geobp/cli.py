@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
 from rich.table import Table
 
+from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import GeobpError
@@ -30,12 +31,14 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class GeobpCLI(LightningCLI):
     """LightningCLI with geobp's links: the data decides the model's bands, classes and preprocessing.
 
-    Always-on callbacks: ``checkpoint`` (best ``val/mIoU`` and the last state, configurable under
-    that key) and :class:`CheckpointOnInterrupt` (Ctrl-C or SIGTERM saves ``last.ckpt``).
+    Always-on callbacks: ``checkpoint`` (best ``val/mIoU`` and the last state), ``gradflow``
+    (:class:`GradientFlowMonitor`: the gradient-flow report of every run), each configurable under
+    its key, and :class:`CheckpointOnInterrupt` (Ctrl-C or SIGTERM saves ``last.ckpt``).
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GradientFlowMonitor, "gradflow")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mIoU",

@@ -1,5 +1,6 @@
 """End-to-end: the real CLI on a tiny config over tiny generated GeoTIFFs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,13 @@ def test_fit_end_to_end_writes_self_describing_checkpoint(tmp_path, scenes):
     assert task.hparams["tile_size"] == 32
     out = task(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 3, 32, 32)
+    # the gradient-flow report is on by default, and `geobp report` re-renders it
+    run_dir = next((tmp_path / "runs").rglob("gradflow")).parent
+    report = json.loads((run_dir / "gradflow" / "gradflow.json").read_text())
+    assert "diagnoses" in report
+    (run_dir / "gradflow" / "report.html").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert "<html" in (run_dir / "gradflow" / "report.html").read_text().lower()
 
 
 def test_validate_from_checkpoint(tmp_path, scenes, capsys):
