@@ -86,7 +86,7 @@ def predict_many(
     cog: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
 

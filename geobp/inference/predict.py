@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import threading
 from pathlib import Path
@@ -247,7 +248,7 @@ def predict_raster(
     progress: bool = True,
     nodata_value: int = 255,
     expected_dtype: str | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> Path:
     """Predict a class map for one raster with sliding, overlapping, smoothly blended tiles.
 
@@ -280,7 +281,8 @@ def predict_raster(
         progress: show a progress bar (rich, on stderr).
         nodata_value: class-map value at nodata pixels; must not be a class id.
         expected_dtype: training data type, when known; a different input dtype is refused.
-        num_workers: reader threads.
+        num_workers: reader threads (each with its own file handle); None picks half the CPU
+            cores, between 2 and 8.
 
     Returns:
         ``dst``.
@@ -306,6 +308,8 @@ def predict_raster(
     if num_classes is not None and nodata_value < num_classes:
         raise ConfigError(format_error(None, f"nodata value {nodata_value} is a class id ({num_classes} classes)", "pick a larger nodata value"))
 
+    if num_workers is None:
+        num_workers = max(2, min(8, (os.cpu_count() or 2) // 2))
     grid = TileGrid.build(height, width, tile_size, overlap)
     th, tw = grid.tile_h, grid.tile_w
     dev = torch.device(device)

@@ -101,7 +101,7 @@ class TileBatch:
 class PrefetchReader:
     """Reads and preprocesses batches in ``num_workers`` background threads, yielding them in order.
 
-    At most ``prefetch`` batches are read ahead. Use as a context manager (or call
+    At most ``prefetch`` batches (``num_workers + 2`` by default) are read ahead. Use as a context manager (or call
     :meth:`close`) so that the threads stop and the file handles are closed.
     """
 
@@ -120,7 +120,7 @@ class PrefetchReader:
         self.batches = batches
         self.pre = preprocessing
         self.num_workers = max(1, num_workers)
-        self.prefetch = prefetch or 2 * self.num_workers
+        self.prefetch = prefetch or self.num_workers + 2
         self.pin_memory = pin_memory
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
