@@ -263,7 +263,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "rates are per tile read.",
             f"The bare loop reads {fmt(ratio('bare', 'torchgeo'))}x as many tiles/s as torchgeo: no loader that decodes "
             "the same blocks can beat the bare loop, so this is the most any loader can gain over torchgeo here.",
-            f"Finding the cached scenes (generated on first use) took {gen_seconds:.0f} s this run.",
+            f"Preparing the scenes (generated on first use, then cached) took {gen_seconds:.0f} s this run.",
         ],
         metrics={"tiles_per_s": med, "repeats": rates, "counts": counts, "workers": cfg.workers},
     )

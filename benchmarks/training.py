@@ -134,12 +134,14 @@ def run(cfg: Config) -> dict[str, Any]:
         variants["monitor_every"] = lambda: lightning_fit(batches, callbacks=[monitor(every_n_steps=1)])
     medians: dict[str, list[float]] = {k: [] for k in variants}
     means: dict[str, list[float]] = {k: [] for k in variants}
+    steps_ms: dict[str, list[list[float]]] = {k: [] for k in variants}  # every timed step, for inspection
     for rep in range(cfg.repeats):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
             durations = variants[name]()[warm:]
             medians[name].append(median(durations))
             means[name].append(sum(durations) / len(durations))
+            steps_ms[name].append([round(1e3 * d, 2) for d in durations])
             print(f"training: repeat {rep} {name}: median {1e3 * medians[name][-1]:.1f} ms, "
                   f"mean {1e3 * means[name][-1]:.1f} ms", flush=True)
 
@@ -161,7 +163,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "(mIoU, per-class IoU, F1, accuracy).",
     ]
     metrics: dict[str, Any] = {"step_ms": ms, "mean_step_ms": mean_ms, "repeats_median_s": medians,
-                               "repeats_mean_s": means, "steps": steps}
+                               "repeats_mean_s": means, "steps": steps, "steps_ms": steps_ms}
     skipped = None
     if monitor:
         base = mean_ms["lightning"]
