@@ -209,13 +209,12 @@ class _Writer:
     def cancel(self) -> None:
         """Stop without finishing (the outputs are discarded by the caller)."""
         self.abort = True
-        with contextlib.suppress(queue.Full):
-            while self.thread.is_alive():
-                try:
-                    self.queue.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+        while self.thread.is_alive():  # wake it if it waits for an item; it stops at the next one
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
         self.thread.join()
 
 
