@@ -120,9 +120,17 @@ def cmd_demo(argv: Sequence[str]) -> int:
     ckpt = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt or None, verbose=False)
     print_iou_table(results[0] if results else {}, cli.model.class_names)
-    log_dir = cli.trainer.log_dir
+    log_dir = Path(cli.trainer.log_dir or "runs")
     console.print(f"best checkpoint: {ckpt or '(none)'}")
-    console.print(f"logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent if log_dir else 'runs'})")
+    console.print(f"logs: {log_dir}  (tensorboard --logdir {log_dir.parent})")
+    gradflow = log_dir / "gradflow" / "gradflow.json"
+    if gradflow.exists():
+        import json
+
+        findings = json.loads(gradflow.read_text()).get("diagnoses", [])
+        console.print(f"gradient-flow report: {gradflow.parent / 'report.html'} ({len(findings)} finding(s))")
+        for f in findings:
+            console.print(f"  {f['kind']} at {f['where']} (step {f['step']}): {f['message']}", highlight=False)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -233,8 +241,8 @@ def cmd_report(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="geobp report", description="Re-render RUN_DIR/gradflow/report.html from gradflow.json.")
     p.add_argument("run_dir", help="a run folder, e.g. runs/demo/version_0")
     a = p.parse_args(argv)
-    html = render_report_from_run_dir(a.run_dir)
-    console.print(f"wrote {html}", highlight=False)
+    for html in render_report_from_run_dir(a.run_dir):
+        console.print(f"wrote {html}", highlight=False)
     return 0
 
 
