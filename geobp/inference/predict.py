@@ -47,7 +47,7 @@ Precision = Literal["32", "bf16", "16"]
 
 #: GDAL block cache while predicting, a fixed bound so that memory does not grow with the
 #: raster (GDAL's default is 5% of RAM and fills with the whole file). It holds the block row a
-#: tile row re-reads for rasters up to ~2 GB of blocks per row band (e.g. 20k px x 3 bands
+#: tile row re-reads while one block row takes up to 32 MB (e.g. 20k px x 3 bands
 #: uint16 with 256-row blocks); wider ones decode those blocks twice.
 GDAL_CACHE_BYTES = 32 * 2**20
 _AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
