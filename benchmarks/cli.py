@@ -90,7 +90,8 @@ def _parse_only(text: str | None) -> list[str]:
 def _config(args: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in (("repeats", args.repeats), ("workers", args.workers), ("tiles", args.tiles),
                                    ("cache_dir", args.cache_dir),
-                                   ("gdal_cache_mb", args.gdal_cache_mb)) if v is not None}
+                                   ("gdal_cache_mb", args.gdal_cache_mb), ("torch_threads", args.torch_threads))
+                 if v is not None}
     return Config.quick_config(**overrides) if args.quick else Config(**overrides)
 
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--workers", type=int, help="DataLoader workers / reader threads (default 2)")
         sp.add_argument("--tiles", type=int, help="timed tiles per loading repeat (default 2000)")
         sp.add_argument("--cache-dir", help="where generated rasters are kept (default benchmarks/.data)")
+        sp.add_argument("--torch-threads", type=int, help="torch intra-op threads for training/inference (default: torch's)")
         sp.add_argument("--gdal-cache-mb", type=int, help="GDAL block cache per loading process (default 64; 0: GDAL's default)")
 
     r = sub.add_parser("run", help="run sections and write BENCHMARKS.md")

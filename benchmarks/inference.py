@@ -106,6 +106,8 @@ def _memory_run(src: Path, dst: Path, cfg: Config) -> dict[str, float]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     predict_raster, why = _inference_api()
     res = SectionResult(section="inference", title="Inference")
     if predict_raster is None:
@@ -135,6 +137,7 @@ def run(cfg: Config) -> dict[str, Any]:
             }
             for name in runs if rep % 2 == 0 else reversed(list(runs)):
                 times[name].append(runs[name]())
+                print(f"inference: repeat {rep} {name}: {times[name][-1]:.2f} s", flush=True)
     del tiles
     px = {k: [pixels / t for t in v] for k, v in times.items()}
     med = {k: median(v) for k, v in px.items()}
@@ -158,6 +161,7 @@ def run(cfg: Config) -> dict[str, Any]:
         for size in (small, large):
             path = ensure_plain_raster(cache, size, bands=1, block=min(512, size // 2 // 16 * 16))
             mem[size] = _memory_run(path, Path(tmp) / f"m{size}_classes.tif", cfg)
+            print(f"inference: memory {size}: {mem[size]}", flush=True)
     mratio = mem[large]["peak_mib"] / mem[small]["peak_mib"]
     inc = {s: mem[s]["peak_mib"] - mem[s]["baseline_mib"] for s in mem}
     mrows = [

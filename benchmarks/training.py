@@ -114,6 +114,8 @@ def lightning_fit(batches: list[dict[str, Any]], seed: int = 0, callbacks: list[
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -40,6 +40,7 @@ def test_quick_run_writes_loading_and_training_tables(tmp_path: Path) -> None:
     assert all(v > 0 for v in stored["metrics"]["tiles_per_s"].values())
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_needs_no_rasterio(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     code = (
