@@ -98,7 +98,7 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
         ".venv/bin/python -m benchmarks render                   # rewrite BENCHMARKS.md from benchmarks/results/",
         "```",
         "",
-        "Synthetic inputs are generated once into `benchmarks/.data/` (git-ignored; about 5 min and 1 GB for the",
+        "Synthetic inputs are generated once into `benchmarks/.data/` (git-ignored; about 3 min and 1.1 GB for the",
         "full sizes). Results of each section are stored in `benchmarks/results/<section>.json`; the commands",
         "that produced each section are shown with it.",
         "",
