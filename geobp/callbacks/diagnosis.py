@@ -117,16 +117,18 @@ def decode_float(x: Any) -> float:
 
 
 def as_array(rows: Sequence[Any] | None) -> np.ndarray:
-    """A nested list of JSON numbers (with None and non-finite strings) as a float64 array."""
+    """A list (or list of lists) of JSON numbers, None and non-finite strings as a float64 array.
+
+    None becomes NaN; a None standing for a whole row (e.g. no band gradient at a recording)
+    becomes a row of NaN.
+    """
     if not rows:
         return np.zeros((0,))
-    return np.array(_decode_nested(rows), dtype=np.float64)
-
-
-def _decode_nested(x: Any) -> Any:
-    if isinstance(x, (list, tuple)):
-        return [_decode_nested(v) for v in x]
-    return decode_float(x)
+    try:
+        return np.array(rows, dtype=np.float64)  # numpy parses "nan"/"inf" and maps None to NaN
+    except ValueError:
+        width = max((len(r) for r in rows if isinstance(r, (list, tuple))), default=0)
+        return np.array([r if isinstance(r, (list, tuple)) else [None] * width for r in rows], dtype=np.float64)
 
 
 def persistent_start(flags: np.ndarray, t: Thresholds) -> int | None:

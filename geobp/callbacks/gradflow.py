@@ -8,7 +8,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,7 +19,7 @@ from torch import Tensor
 
 import geobp
 from geobp.callbacks.diagnosis import GradientFlowWarning, Thresholds, diagnose, encode_float
-from geobp.callbacks.measure import band_norms, find_band_conv, find_layers, grad_max_abs, grad_norms, layer_reduce
+from geobp.callbacks.measure import band_norms, find_band_conv, find_layers, grad_max_abs, layer_reduce
 from geobp.callbacks.report import (
     HTML_NAME,
     JSON_NAME,
@@ -210,9 +210,12 @@ class GradientFlowMonitor(L.Callback):
         algorithm = str(getattr(algorithm, "value", algorithm) or "norm")
         self._clip_by_value = self._clip is not None and algorithm == "value"
         self._mode: StepCheck = self.step_check
-        self._device_state: dict[str, Tensor] | None = None
-        self._steps_seen = 0
-        self._last_bad = False
+        self._ring: Tensor | None = None
+        self._ring_steps: list[int] = []
+        self._steps_seen = self._nonfinite_steps = self._clipped_steps = 0
+        self._events_diagnosed = 0
+        self._last_bad = False  # sync mode: whether the previous step was non-finite
+        self._window_ended_bad = False  # whether the last step of the previous ring window was
         self._armed_step: int | None = None
         self._loss: Tensor | None = None
         self._tiles: dict[int, list[tuple[Any, Any]]] = {}
@@ -276,36 +279,32 @@ class GradientFlowMonitor(L.Callback):
             return
         step = trainer.global_step
         planned = step % self.every_n_steps == 0
+        if self._mode == "off" and not planned:
+            return
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
-        if not present or (self._mode == "off" and not planned):
+        if not present:
             return
         grads = [self._params[i].grad for i in present]
-        device = grads[0].device
-        if self._device_state is None:
-            self._start(device)
-        state = self._device_state
-        assert state is not None
-        norms = grad_norms(grads).to(device)
-        vec = norms if len(present) == len(self._params) else self._scatter(present, norms)
-        total = torch.linalg.vector_norm(vec)
-        self._steps_seen += 1
-        bad = ~torch.isfinite(total)
-        state["nonfinite"] += bad
-        if self._clip is not None:
-            over = grad_max_abs(grads).max() > self._clip if self._clip_by_value else total > self._clip
-            state["clipped"] += over
+        if self._ring is None:
+            self._start(grads[0].device)
+        assert self._ring is not None
+        if len(self._ring_steps) == len(self._ring):  # a planned recording was missed
+            self._consume_ring(iter(torch.cat(self._ring_pieces()).tolist()), None)
+        # The per-step work: one fused norm per parameter, written into the ring (2 kernels).
+        row = self._ring[len(self._ring_steps)]
+        norms = torch._foreach_norm(grads)
+        if len(present) == len(self._params):
+            torch.stack(norms, out=row)
         else:
-            over = torch.zeros((), dtype=torch.bool, device=device)
-        new = bad & (state["first_bad"] < 0)
-        state["first_bad"] = torch.where(new, float(step), state["first_bad"])
-        state["bad_vec"] = torch.where(new, vec, state["bad_vec"])
+            row.zero_().index_copy_(0, self._index(present, row.device), torch.stack(norms).to(row.dtype))
+        self._ring_steps.append(step)
         record = planned
         if self._mode == "sync":
-            is_bad = bool(bad)  # the one host read per step in sync mode
-            record = planned or (is_bad and not self._last_bad)
-            self._last_bad = is_bad
+            bad = not bool(torch.isfinite(torch.linalg.vector_norm(row)))  # the one host read per step
+            record = planned or (bad and not self._last_bad)
+            self._last_bad = bad
         if record:
-            self._record(trainer, step, vec, total, over, grads, present, optimizer)
+            self._record(trainer, step, grads, present, optimizer)
 
     # ----- recording -------------------------------------------------------------------------------
 
@@ -313,23 +312,67 @@ class GradientFlowMonitor(L.Callback):
         if self._mode == "auto":
             self._mode = "sync" if device.type == "cpu" or self._scaler is not None else "deferred"
         self._layer_of_param = self._layer_of_param.to(device)
-        self._device_state = {
-            "nonfinite": torch.zeros((), dtype=torch.float64, device=device),
-            "clipped": torch.zeros((), dtype=torch.float64, device=device),
-            "first_bad": torch.full((), -1.0, dtype=torch.float64, device=device),
-            "bad_vec": torch.zeros(len(self._params), device=device),
-        }
+        # One row of per-parameter norms per step since the last recording.
+        self._ring = torch.zeros(self.every_n_steps, len(self._params), device=device)
         assert self.data is not None
         self.data["meta"]["step_check"] = self._mode
 
-    def _record(self, trainer: L.Trainer, step: int, vec: Tensor, total: Tensor, over: Tensor,
-                grads: list[Tensor], present: list[int], optimizer: Any) -> None:
-        assert self.data is not None and self._device_state is not None and self._taps is not None
-        device = vec.device
+    def _index(self, present: list[int], device: torch.device) -> Tensor:
+        """Device index of the parameters that hold a gradient (cached: the set rarely changes)."""
+        key = tuple(present)
+        index = self._index_cache.get(key)
+        if index is None:
+            if len(self._index_cache) > 8:
+                self._index_cache.clear()
+            index = self._index_cache[key] = torch.tensor(present, device=device)
+        return index
+
+    def _ring_pieces(self) -> list[Tensor]:
+        """Summaries of the ring's rows, float64, for one host read (see ``_consume_ring``)."""
+        assert self._ring is not None
+        rows = self._ring[: len(self._ring_steps)]
+        totals = torch.linalg.vector_norm(rows, dim=1)
+        bad = ~torch.isfinite(totals)
+        if self._clip is not None and not self._clip_by_value:
+            clipped = (totals > self._clip).sum()
+        else:
+            clipped = torch.zeros((), device=rows.device)
+        # A non-finite event is the first step of a run of non-finite steps (a NaN that reached the
+        # weights makes every later step non-finite too: one event, not one per window).
+        before = bad.roll(1, 0)
+        before[0] = self._window_ended_bad
+        starts = bad & ~before
+        first = starts.to(torch.int32).argmax().reshape(1)  # index_select, not rows[first]: no host sync
+        pieces = [totals[-1:], bad.sum().reshape(1), clipped.reshape(1), starts.any().reshape(1), first,
+                  bad[-1:], rows.index_select(0, first).reshape(-1)]
+        return [p.to(torch.float64) for p in pieces]
+
+    def _consume_ring(self, values: Iterator[float], scale: float | None) -> float:
+        """Update the step counters and non-finite events from ``_ring_pieces`` values; empty the ring.
+
+        Returns:
+            The total norm of the latest step.
+        """
+        total, n_bad, n_clip, any_start, first, ended_bad = itertools.islice(values, 6)
+        snapshot = list(itertools.islice(values, len(self._params)))
+        self._steps_seen += len(self._ring_steps)
+        self._nonfinite_steps += int(n_bad)
+        self._clipped_steps += int(n_clip)
+        self._window_ended_bad = bool(ended_bad)
+        if any_start:
+            self._add_event(self._ring_steps[int(first)], snapshot, scale)
+        self._ring_steps = []
+        return total
+
+    def _record(self, trainer: L.Trainer, step: int, grads: list[Tensor], present: list[int],
+                optimizer: Any) -> None:
+        assert self.data is not None and self._ring is not None and self._taps is not None
+        device = self._ring.device
         num_layers, num_params = len(self._layers), len(self._params)
+        vec = self._ring[len(self._ring_steps) - 1]
         maxabs = grad_max_abs(grads).to(device)
         if len(present) < num_params:
-            maxabs = self._scatter(present, maxabs)
+            maxabs = torch.zeros(num_params, device=device).index_copy_(0, self._index(present, device), maxabs)
         layer_norm, layer_max = layer_reduce(vec, maxabs, self._layer_of_param, num_layers)
         band_grad = self._params[self._band_param].grad if self._band_param is not None else None
         bands = band_norms(band_grad).to(device) if band_grad is not None else torch.zeros(0, device=device)
@@ -344,21 +387,18 @@ class GradientFlowMonitor(L.Callback):
         has_skips = skips is not None
         empty = torch.zeros(0, device=device)
         loss = self._loss.float().reshape(-1)[:1].to(device) if self._loss is not None else empty
-        state = self._device_state
-        pieces = [layer_norm, layer_max, bands, skips.flatten().float().to(device) if has_skips else empty,
-                  total.reshape(1), over.reshape(1), state["nonfinite"].reshape(1), state["clipped"].reshape(1),
-                  state["first_bad"].reshape(1), state["bad_vec"], loss]
+        pieces = [*self._ring_pieces(), layer_norm, layer_max, bands,
+                  skips.flatten().to(device) if has_skips else empty, loss]
         values = iter(torch.cat([p.to(torch.float64) for p in pieces]).tolist())  # the one host sync
-        state["first_bad"].fill_(-1.0)
+        scale = float(self._scaler.get_scale()) if self._scaler is not None else None  # queue already drained
+        total_v = self._consume_ring(values, scale)
 
         def take(n: int) -> list[float]:
             return list(itertools.islice(values, n))
 
         l_norm, l_max, band_vals = take(num_layers), take(num_layers), take(bands.numel())
         skip_vals = take(2 * num_skips if has_skips else 0)
-        total_v, over_v, n_bad, n_clip, first_bad = take(5)
-        bad_vec, loss_v = take(num_params), take(loss.numel())
-        scale = float(self._scaler.get_scale()) if self._scaler is not None else None  # queue already drained
+        loss_v = take(loss.numel())
         divisor = scale if scale else 1.0
         if scale and getattr(optimizer, "_step_supports_amp_scaling", False):
             # Optimizers that unscale inside step() hand over scaled gradients.
@@ -366,6 +406,9 @@ class GradientFlowMonitor(L.Callback):
             l_max = [v / scale for v in l_max]
             band_vals = [v / scale for v in band_vals]
             total_v /= scale
+        over = self._clip is not None and (max(l_max) if self._clip_by_value else total_v) > self._clip
+        if over and self._clip_by_value:
+            self._clipped_steps += 1  # value clipping is counted on recorded steps only
         has_grad = [False] * num_layers
         for i in present:
             has_grad[self._layer_list[i]] = True
@@ -374,10 +417,10 @@ class GradientFlowMonitor(L.Callback):
         d["layer_norm"].append([encode_float(v) if h else None for v, h in zip(l_norm, has_grad)])
         d["layer_max_abs"].append([encode_float(v) if h else None for v, h in zip(l_max, has_grad)])
         d["total_norm"].append(encode_float(total_v))
-        d["clipped"].append(bool(over_v) if self._clip is not None else None)
+        d["clipped"].append(over if self._clip is not None else None)
         d["steps_seen"].append(self._steps_seen)
-        d["clipped_steps"].append(int(n_clip) if self._clip is not None else None)
-        d["nonfinite_steps"].append(int(n_bad))
+        d["clipped_steps"].append(self._clipped_steps if self._clip is not None else None)
+        d["nonfinite_steps"].append(self._nonfinite_steps)
         d["loss_scale"].append(scale)
         accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
         d["loss"].append(encode_float(loss_v[0] * accumulate / divisor) if loss_v else None)
@@ -389,23 +432,17 @@ class GradientFlowMonitor(L.Callback):
             entry["norms"].append([encode_float(a_v), encode_float(b_v)])
             ratio = a_v / b_v if a_v is not None and b_v not in (None, 0.0) else None
             entry["ratio"].append(encode_float(ratio))
-        if first_bad >= 0:
-            self._add_event(int(first_bad), bad_vec, scale)
         self._tiles = {s: t for s, t in self._tiles.items() if s > step}
         if trainer.is_global_zero:
             if self.log_to_logger and trainer.loggers:
                 self._log(trainer, step)
-            self._diagnose()
-
-    def _scatter(self, present: list[int], values: Tensor) -> Tensor:
-        """Per-parameter vector from values of the parameters that hold a gradient (others 0)."""
-        key = tuple(present)
-        index = self._index_cache.get(key)
-        if index is None:
-            if len(self._index_cache) > 8:
-                self._index_cache.clear()
-            index = self._index_cache[key] = torch.tensor(present, device=values.device)
-        return torch.zeros(len(self._params), device=values.device).index_copy_(0, index, values)
+            # Diagnosis costs O(recordings x layers): after 50 recordings it runs on every
+            # (recordings // 50)-th one, and on every new non-finite event, so its cost per
+            # recording stays flat as the run grows.
+            count = len(d["steps"])
+            if len(d["nonfinite"]) > self._events_diagnosed or count <= 50 or count % (count // 50) == 0:
+                self._events_diagnosed = len(d["nonfinite"])
+                self._diagnose()
 
     def _add_event(self, step: int, param_norms: list[float], scale: float | None) -> None:
         assert self.data is not None
@@ -510,6 +547,7 @@ class GradientFlowMonitor(L.Callback):
         """
         if self.data is None or self.report_dir is None:
             return None
+        self._diagnose()
         json_path = write_json(self.data, self.report_dir / JSON_NAME)
         html_path = self.report_dir / HTML_NAME
         self._last_write = time.monotonic()
@@ -560,19 +598,14 @@ class GradientFlowMonitor(L.Callback):
         self._maybe_write(trainer, force=False)
 
     def _flush(self) -> None:
-        """Read the per-step counters once more: steps after the last recording, pending events."""
-        if self.data is None or self._device_state is None:
+        """Count the steps after the last recording (and their non-finite event); set ``totals``."""
+        if self.data is None or self._ring is None:
             return
-        state = self._device_state
-        values = torch.cat([state["nonfinite"].reshape(1), state["clipped"].reshape(1), state["first_bad"].reshape(1),
-                            state["bad_vec"].to(torch.float64)]).tolist()
-        state["first_bad"].fill_(-1.0)
-        n_bad, n_clip, first_bad = values[:3]
-        if first_bad >= 0:
+        if self._ring_steps:
             scale = float(self._scaler.get_scale()) if self._scaler is not None else None
-            self._add_event(int(first_bad), values[3:], scale)
-        self.data["totals"] = {"steps_seen": self._steps_seen, "nonfinite_steps": int(n_bad),
-                               "clipped_steps": int(n_clip) if self._clip is not None else None}
+            self._consume_ring(iter(torch.cat(self._ring_pieces()).tolist()), scale)
+        self.data["totals"] = {"steps_seen": self._steps_seen, "nonfinite_steps": self._nonfinite_steps,
+                               "clipped_steps": self._clipped_steps if self._clip is not None else None}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._taps is not None:

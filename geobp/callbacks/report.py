@@ -31,8 +31,10 @@ skips              ``[{name, kind, source, paths: [a, b], norms: [R][2], ratio: 
                    deeper), ``pattern`` (through, elsewhere)
 metrics            ``{name: [[step, value], ...]}`` from ``trainer.callback_metrics``
 nonfinite          ``[{step, layer, all_layers, nonfinite_layers, loss_scale, scenes, windows}]``:
-                   each non-finite step recorded (first 100), ``layer`` the first non-finite
-                   in backward order, ``windows`` as ``[row_off, col_off, height, width]``
+                   the first step of each run of non-finite steps (first 100 runs), ``layer``
+                   the first non-finite one in backward order, ``all_layers`` whether every
+                   layer with a gradient was (then the loss was), the step's tiles, with
+                   ``windows`` as ``[row_off, col_off, height, width]``
 diagnoses          ``[{kind, where, step, value, message, fix}]``
 =================  ===========================================================================
 """

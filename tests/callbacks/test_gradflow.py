@@ -198,3 +198,19 @@ def test_geobp_unet_resnet18_end_to_end(tmp_path: Path, steps: int, size: int, e
     assert not {d["kind"] for d in data["diagnoses"]} & {"vanishing", "exploding", "nonfinite"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6
+
+
+def test_steps_are_counted_when_a_planned_recording_is_missed(fit) -> None:
+    from tests.callbacks.test_zoo import nan_grad_mlp
+
+    class StopPlanning(L.Callback):
+        """After the first recording, no step is planned any more: the per-step ring fills up."""
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            monitor.every_n_steps = 10**6
+
+    monitor = GradientFlowMonitor(every_n_steps=3, step_check="deferred", write_report=False)
+    fit(ZooModule(nan_grad_mlp(at=7)), TileSet(size=0, bands=16), monitor, max_steps=12, callbacks=[StopPlanning()])
+    assert monitor.data["steps"] == [0]
+    assert monitor.data["totals"] == {"steps_seen": 12, "nonfinite_steps": 5, "clipped_steps": None}
+    assert [(e["step"], e["layer"]) for e in monitor.data["nonfinite"]] == [(7, "net.2")]

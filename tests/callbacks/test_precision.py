@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from geobp.callbacks import GradientFlowMonitor
 from geobp.callbacks.measure import find_layers
@@ -70,3 +73,46 @@ def test_fp16_norms_are_unscaled(fit) -> None:
         # Skip norms come from activation gradients, which the scaler never unscales.
         skips = [v for s in data["skips"] for v in s["norms"][i]]
         assert skips == pytest.approx([v for pair in ref["skips"] for v in pair], rel=5e-2)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
+def test_cuda_norms_match_fp32_reference(tmp_path: Path, precision: str) -> None:
+    torch.manual_seed(0)
+    module = WithFp32Reference(small_resnet(), lr=0.01)
+    monitor = GradientFlowMonitor(every_n_steps=2)
+    trainer = L.Trainer(max_steps=6, accelerator="cuda", devices=1, precision=precision, logger=False,
+                        default_root_dir=tmp_path, callbacks=[monitor], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TileSet(), batch_size=8))
+    data = monitor.data
+    # 16-mixed has a scaler that syncs every step anyway, so "auto" checks every step.
+    assert data["meta"]["step_check"] == ("sync" if precision == "16-mixed" else "deferred")
+    assert data["meta"]["loss_scaler"] == (precision == "16-mixed")
+    rel = 2e-2 if precision == "16-mixed" else (1e-1 if precision == "bf16-mixed" else 1e-4)
+    for i, step in enumerate(data["steps"]):
+        ref = module.reference[step]
+        assert data["total_norm"][i] == pytest.approx(ref["total"], rel=rel)
+        assert data["loss"][i] == pytest.approx(ref["loss"], rel=rel)
+        skips = [v for s in data["skips"] for v in s["norms"][i]]
+        assert skips == pytest.approx([v for pair in ref["skips"] for v in pair], rel=max(rel, 5e-2))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_deferred_nonfinite_is_reported_at_the_next_recording(tmp_path: Path) -> None:
+    from tests.callbacks.test_zoo import nan_grad_mlp
+
+    monitor = GradientFlowMonitor(every_n_steps=5, step_check="deferred")
+    trainer = L.Trainer(max_steps=12, accelerator="cuda", devices=1, logger=False, default_root_dir=tmp_path,
+                        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(ZooModule(nan_grad_mlp(at=7)), DataLoader(TileSet(size=0, bands=16), batch_size=8))
+    event = monitor.data["nonfinite"][0]
+    assert (event["step"], event["layer"]) == (7, "net.2")
+    assert event["windows"][0] == [16 * 56, 8 * (56 % 3), 16, 16]
+    assert monitor.data["totals"]["nonfinite_steps"] == 5

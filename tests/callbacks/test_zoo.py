@@ -84,7 +84,8 @@ def test_nan_in_backward_names_the_layer_step_and_tiles(fit, step_check: str, ev
         fit(ZooModule(nan_grad_mlp(at=7)), TileSet(size=0, bands=16), monitor, max_steps=12)
     (finding,) = [f for f in monitor.findings if f.kind == "nonfinite"]
     assert (finding.where, finding.step) == ("net.2", 7)
-    event = monitor.data["nonfinite"][0]
+    # One event for the run of non-finite steps that starts at step 7.
+    (event,) = monitor.data["nonfinite"]
     assert event["step"] == 7 and event["layer"] == "net.2" and not event["all_layers"]
     # Step 7 is the 8th batch of 8 samples: samples 56..63.
     assert event["scenes"] == [f"scene_{i % 4}" for i in range(56, 64)]
