@@ -211,7 +211,7 @@ def cmd_infer(argv: Sequence[str]) -> int:
                    help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--workers", type=int, default=None, help="reader threads (default: half the cores, 2 to 8)")
     a = p.parse_args(argv)
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=a.device,

@@ -95,3 +95,13 @@ def test_infer_command_writes_georeferenced_maps_and_reports_failures(tmp_path, 
         assert dst.dtypes[0] == "uint8"
     err = capsys.readouterr().err
     assert "bad.tif: not a readable raster" in err and "1 raster(s) predicted, 1 failed" in err
+
+
+def test_infer_refuses_another_dtype_than_training(tmp_path, scenes, capsys):
+    assert main(["fit", "--config", str(tiny_config(tmp_path, scenes))]) == 0
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    other = tmp_path / "other"
+    write_scenes(other, scenes=1, size=64, bands=4, classes=3, block_size=32, dtype="float32")
+    code = main(["infer", "--ckpt", str(last), "--out", str(tmp_path / "pred"), str(other / "images")])
+    assert code == 1
+    assert "raster data type differs from training (expected uint16, found float32)" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -22,6 +23,53 @@ from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cell
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class ResumableTileLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch by Lightning (``state_dict``/``load_state_dict``).
+
+    Lightning stores ``state_dict()`` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``)
+    and, when a run restarts inside an epoch, calls ``load_state_dict`` before iterating again. The
+    state is the sampler's epoch and the number of batches handed out in that epoch; restored, the
+    next iteration over the same epoch starts at the following tile of the (seed, epoch) draw, so the
+    resumed run trains on exactly the batches the interrupted one had left. Without it a plain
+    DataLoader restarts the epoch's iterator: Lightning's batch counter goes on while the batches
+    are the epoch's first ones again.
+
+    The count is exact because Lightning does not prefetch from loaders with a length, and a
+    checkpoint is taken between batches (every N steps, on SIGTERM, at validation); only an
+    interrupt inside a training step (Ctrl-C) makes that batch count as done.
+
+    The sampler must be a :class:`RandomTileSampler`. Iteration is lazy: the underlying iterator
+    (and its workers' first index requests) is made at the first ``next``, after Lightning's
+    ``set_epoch``, so a run resumed in epoch ``e > 0`` with ``num_workers > 0`` draws epoch ``e``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._batches = 0
+        self._restore: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        assert isinstance(sampler, RandomTileSampler)
+        self._epoch, self._batches = sampler.epoch, 0
+        restore, self._restore = self._restore, None
+        if restore is not None and restore["epoch"] == sampler.epoch:
+            self._batches = restore["batches"]
+            sampler.start = self._batches * int(self.batch_size or 1)
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches handed out in it (saved by Lightning in every checkpoint)."""
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the next iteration over ``state_dict["epoch"]`` after its first ``batches`` batches."""
+        self._restore = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
 
 class GeoTiffDataModule(L.LightningDataModule):
@@ -135,6 +183,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             self._preprocessing = combine_stats(
                 [stats[i] for i in train_scenes], self.bands, self.nodata, self.hparams["normalization"]
             )
+            self._preprocessing.dtype = self.scenes[0].image.dtype
         return self._preprocessing
 
     @property
@@ -228,7 +277,8 @@ class GeoTiffDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TileDataset, sampler: GridTileSampler | RandomTileSampler, drop_last: bool) -> DataLoader:
         workers = self.hparams["num_workers"]
-        return DataLoader(
+        cls = ResumableTileLoader if isinstance(sampler, RandomTileSampler) else DataLoader
+        return cls(
             dataset,  # type: ignore[arg-type]
             batch_size=self.hparams["batch_size"],
             sampler=sampler,

@@ -135,6 +135,7 @@ class Preprocessing:
         method: ``meanstd`` (standardise) or ``percentile`` (clip to [low, high] and scale to [0, 1]).
         mean, std: per selected band, for ``meanstd``.
         low, high: per selected band, for ``percentile``.
+        dtype: data type of the training images (inference refuses another), when known.
     """
 
     bands: list[int]
@@ -144,6 +145,7 @@ class Preprocessing:
     std: list[float] = field(default_factory=list)
     low: list[float] = field(default_factory=list)
     high: list[float] = field(default_factory=list)
+    dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and YAML-safe dict, as stored in checkpoints."""

@@ -140,7 +140,7 @@ def predict_many(
             predict_raster(
                 task, src, dst, pre, tile_size=tile, overlap=overlap, batch_size=batch_size,
                 device=device, precision=precision, num_classes=k, class_names=names, probabilities=probabilities,
-                cog=cog, overwrite=overwrite, progress=progress, num_workers=num_workers,
+                cog=cog, overwrite=overwrite, progress=progress, num_workers=num_workers, expected_dtype=pre.dtype,
             )
         except GeobpError as err:
             summary.failed.append((src, str(err)))
