@@ -20,8 +20,9 @@ much larger than RAM.
 from __future__ import annotations
 
 import gc
+import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +39,48 @@ TORCHGEO_RES = 10.0  # the synthetic scenes are EPSG:32633 at 10 m
 # ----- timing -------------------------------------------------------------------------------
 
 
-def time_loader(loader: Iterable[dict[str, Any]], warmup_batches: int, batches: int | None = None) -> tuple[float, int]:
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process, CPU seconds of its finished, reaped children)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def time_loader(make: Callable[[], Iterable[dict[str, Any]]], warmup_batches: int,
+                batches: int | None = None) -> dict[str, float]:
     """Tiles per second over ``batches`` batches (all remaining when None), after ``warmup_batches``.
 
-    The warm-up covers worker start-up, opening files and the first reads.
+    The warm-up covers worker start-up, opening files and the first reads. CPU time is counted
+    over the loader's whole life, warm-up included, in this process and in its workers (which
+    are joined before it is read), per tile read: a measure that other load on the machine
+    disturbs much less than the rate.
 
     Returns:
-        (tiles per second, tiles timed).
+        ``tiles_per_s``, ``tiles`` (timed), ``cpu_ms_per_tile`` (all processes) and
+        ``main_cpu_ms_per_tile`` (this process: receiving batches from the workers).
     """
+    main0, kids0 = _cpu_seconds()
+    loader = make()
     it = iter(loader)
+    warm_tiles = 0
     for _ in range(warmup_batches):
-        next(it)
-    tiles = 0
+        warm_tiles += len(next(it)["image"])
+    tiles, batch = 0, None
     start = time.perf_counter()
     for i, batch in enumerate(it):
         tiles += len(batch["image"])
         if batches is not None and i + 1 >= batches:
             break
     seconds = time.perf_counter() - start
-    del it
-    gc.collect()
-    return (tiles / seconds if tiles else float("nan")), tiles
+    del it, loader, batch
+    gc.collect()  # shuts the workers down (also persistent ones), so their CPU time is counted
+    main1, kids1 = _cpu_seconds()
+    total = max(warm_tiles + tiles, 1)
+    return {
+        "tiles_per_s": tiles / seconds if tiles else float("nan"),
+        "tiles": tiles,
+        "cpu_ms_per_tile": 1e3 * ((main1 - main0) + (kids1 - kids0)) / total,
+        "main_cpu_ms_per_tile": 1e3 * (main1 - main0) / total,
+    }
 
 
 # ----- geobp ------------------------------------------------------------------------------
@@ -178,56 +200,66 @@ def run(cfg: Config) -> dict[str, Any]:
     def geobp_random(seed: int, augment: bool) -> DataLoader:
         return geobp_datamodule(root, cfg, tiles=total, augment=augment, seed=seed).train_dataloader()
 
-    variants: dict[str, Any] = {
-        "geobp": lambda seed: (geobp_random(seed, False), warm, timed),
-        "geobp_augment": lambda seed: (geobp_random(seed, True), warm, timed),
-        "torchgeo": lambda seed: (
-            torchgeo_loader(tg_random, RandomGeoSampler(tg_random, size=cfg.tile_size, length=total,
-                                                        generator=torch.Generator().manual_seed(seed)), cfg),
-            warm, timed),
-        "bare": lambda seed: (
-            DataLoader(BareTiles(images, masks, block_aligned_windows(total, len(images), cfg.scene_size, cfg.block_size,
-                                                                      cfg.tile_size, seed), cfg.tile_size),
-                       batch_size=bs, num_workers=cfg.workers),
-            warm, timed),
-        "geobp_grid": lambda seed: (grid_dm.val_dataloader(), grid_warm, None),
-        "torchgeo_grid": lambda seed: (
-            torchgeo_loader(tg_grid, GridGeoSampler(tg_grid, size=cfg.tile_size, stride=cfg.tile_size), cfg), grid_warm, None),
+    def bare_random(seed: int) -> DataLoader:
+        windows = block_aligned_windows(total, len(images), cfg.scene_size, cfg.block_size, cfg.tile_size, seed)
+        return DataLoader(BareTiles(images, masks, windows, cfg.tile_size), batch_size=bs, num_workers=cfg.workers)
+
+    def torchgeo_random(seed: int) -> DataLoader:
+        sampler = RandomGeoSampler(tg_random, size=cfg.tile_size, length=total, generator=torch.Generator().manual_seed(seed))
+        return torchgeo_loader(tg_random, sampler, cfg)
+
+    # name: (loader factory for a repeat's seed, warm-up batches, timed batches or None for all)
+    variants: dict[str, tuple[Callable[[int], DataLoader], int, int | None]] = {
+        "geobp": (lambda seed: geobp_random(seed, False), warm, timed),
+        "geobp_augment": (lambda seed: geobp_random(seed, True), warm, timed),
+        "torchgeo": (torchgeo_random, warm, timed),
+        "bare": (bare_random, warm, timed),
+        "geobp_grid": (lambda seed: grid_dm.val_dataloader(), grid_warm, None),
+        "torchgeo_grid": (lambda seed: torchgeo_loader(tg_grid, GridGeoSampler(tg_grid, size=cfg.tile_size,
+                                                                               stride=cfg.tile_size), cfg), grid_warm, None),
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    main_cpu: dict[str, list[float]] = {k: [] for k in variants}
     counts: dict[str, int] = {}
     for rep in range(cfg.repeats):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # spread drift over variants
         for name in order:
-            loader, w, b = variants[name](rep)
-            rate, n = time_loader(loader, w, b)
-            rates[name].append(rate)
-            counts[name] = n
-            print(f"loading: repeat {rep} {name}: {rate:.1f} tiles/s over {n} tiles", flush=True)
-            del loader
-            gc.collect()
+            make, w, b = variants[name]
+            m = time_loader(lambda: make(rep), w, b)
+            rates[name].append(m["tiles_per_s"])
+            cpu[name].append(m["cpu_ms_per_tile"])
+            main_cpu[name].append(m["main_cpu_ms_per_tile"])
+            counts[name] = int(m["tiles"])
+            print(f"loading: repeat {rep} {name}: {m['tiles_per_s']:.1f} tiles/s over {m['tiles']} tiles, "
+                  f"{m['cpu_ms_per_tile']:.2f} CPU ms/tile ({m['main_cpu_ms_per_tile']:.2f} in the main process)",
+                  flush=True)
 
     med = {k: median(v) for k, v in rates.items()}
 
     def ratio(a: str, b: str) -> float:
         return med[a] / med[b] if med[b] > 0 else float("nan")
 
+    cpu_med = {k: median(v) for k, v in cpu.items()}
+    main_med = {k: median(v) for k, v in main_cpu.items()}
     n_rep = cfg.repeats
-    headers = ["loader", "tiles/s (median)", "min-max", "tiles timed x n", "geobp / this"]
+    headers = ["loader", "tiles/s (median)", "min-max", "tiles timed x n", "geobp / this (tiles/s)",
+               "CPU ms per tile (main process)", "this / geobp (CPU per tile)"]
+
+    def row(label: str, key: str, ref: str) -> list[Any]:
+        return [label, med[key], spread(rates[key]), f"{counts[key]} x {n_rep}",
+                "1" if key == ref else ratio(ref, key), f"{fmt(cpu_med[key])} ({fmt(main_med[key])})",
+                "1" if key == ref else cpu_med[key] / cpu_med[ref]]
+
     random_rows = [
-        ["geobp `GeoTiffDataModule` (no augmentation)", med["geobp"], spread(rates["geobp"]), f"{counts['geobp']} x {n_rep}", "1"],
-        ["geobp, with flips and rotations", med["geobp_augment"], spread(rates["geobp_augment"]),
-         f"{counts['geobp_augment']} x {n_rep}", ratio("geobp", "geobp_augment")],
-        ["torchgeo `RasterDataset` & + `RandomGeoSampler`", med["torchgeo"], spread(rates["torchgeo"]),
-         f"{counts['torchgeo']} x {n_rep}", ratio("geobp", "torchgeo")],
-        ["bare rasterio loop (the limit)", med["bare"], spread(rates["bare"]), f"{counts['bare']} x {n_rep}",
-         ratio("geobp", "bare")],
+        row("geobp `GeoTiffDataModule` (no augmentation)", "geobp", "geobp"),
+        row("geobp, with flips and rotations", "geobp_augment", "geobp"),
+        row("torchgeo `RasterDataset` & + `RandomGeoSampler`", "torchgeo", "geobp"),
+        row("bare rasterio loop (the limit)", "bare", "geobp"),
     ]
     grid_rows = [
-        ["geobp `val_dataloader()` grid", med["geobp_grid"], spread(rates["geobp_grid"]),
-         f"{counts['geobp_grid']} x {n_rep}", "1"],
-        ["torchgeo `GridGeoSampler`", med["torchgeo_grid"], spread(rates["torchgeo_grid"]),
-         f"{counts['torchgeo_grid']} x {n_rep}", ratio("geobp_grid", "torchgeo_grid")],
+        row("geobp `val_dataloader()` grid", "geobp_grid", "geobp_grid"),
+        row("torchgeo `GridGeoSampler`", "torchgeo_grid", "geobp_grid"),
     ]
     vs_torchgeo = ratio("geobp", "torchgeo")
     vs_bare = ratio("geobp", "bare")
@@ -265,7 +297,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "the same blocks can beat the bare loop, so this is the most any loader can gain over torchgeo here.",
             f"Preparing the scenes (generated on first use, then cached) took {gen_seconds:.0f} s this run.",
         ],
-        metrics={"tiles_per_s": med, "repeats": rates, "counts": counts, "workers": cfg.workers},
+        metrics={"tiles_per_s": med, "repeats": rates, "counts": counts, "workers": cfg.workers,
+                 "cpu_ms_per_tile": cpu_med, "main_cpu_ms_per_tile": main_med, "repeats_cpu_ms_per_tile": cpu},
     )
     return res.to_dict()
 
