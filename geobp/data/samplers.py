@@ -57,6 +57,11 @@ class RandomTileSampler(_RankSampler):
     with probability proportional to their weight (number of origins), so every origin in every
     scene is equally likely. The draw depends only on (seed, epoch), so all ranks agree on it and
     take disjoint shares.
+
+    ``start`` skips the first tiles of this rank's share in the next iteration only (then it returns
+    to 0): a run resumed mid-epoch continues the epoch's draw where it stopped instead of replaying
+    its first tiles. The length stays the whole share, as Lightning counts the epoch's batches
+    from it.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class RandomTileSampler(_RankSampler):
         w = np.array([self.scenes[i].weights[j] for i, j in flat], dtype=np.float64)
         self._flat = flat
         self._p = w / w.sum()
+        self.start = 0
 
     def draw(self, epoch: int) -> list[TileSpec]:
         """All ``length`` tiles of an epoch (every rank's), in order."""
@@ -94,7 +100,8 @@ class RandomTileSampler(_RankSampler):
         return out
 
     def __iter__(self) -> Iterator[TileSpec]:
-        return iter(self.draw(self.epoch)[self.rank :: self.num_replicas])
+        start, self.start = self.start, 0
+        return iter(self.draw(self.epoch)[self.rank :: self.num_replicas][start:])
 
     def __len__(self) -> int:
         return self._share(self.length)
