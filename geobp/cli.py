@@ -7,6 +7,7 @@ layer: nothing in geobp imports it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -267,7 +269,7 @@ def error_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``geobp``. Returns the process exit code (0 success, 1 failed work, 2 bad input)."""
+    """Run ``geobp``. Returns the process exit code (0 success, 1 failed work, 2 bad input, 143 stopped by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in COMMANDS:
@@ -277,3 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GeobpError as err:
         console.print(f"[bold red]error:[/bold red] {error_line(err)}", highlight=False, soft_wrap=True)
         return 2
+    except SIGTERMException:
+        # Lightning stops at a batch boundary with SystemExit(None), which would exit 0 as if training
+        # had finished; CheckpointOnInterrupt has saved last.ckpt by now.
+        return 128 + signal.SIGTERM
