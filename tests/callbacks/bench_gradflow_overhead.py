@@ -20,6 +20,11 @@ monitor's ``on_before_optimizer_step`` itself, and the whole step. From them:
   forward+backward time of recording steps (the skip taps' hooks);
 - overhead at ``every_n_steps = N``: ``(per-step + per-recording / N) / base step``.
 
+``--mode wall`` instead times whole asynchronous steps (a device sync only at both ends of the
+timed window) without a monitor, with tracking only, and with each ``--every`` value: the
+overhead as training sees it, where the host launches the monitor's kernels while the device
+still runs the backward pass.
+
 Only ``geobp.models`` and ``geobp.callbacks`` are imported (no raster I/O stack needed).
 """
 
@@ -42,17 +47,21 @@ from geobp.models import create_model
 
 
 class Tiles(Dataset):
+    """``n`` samples drawn from a pool of 8 made once, so that loading costs next to nothing."""
+
     def __init__(self, n: int, bands: int, size: int, classes: int) -> None:
-        self.n, self.bands, self.size, self.classes = n, bands, size, classes
+        self.n = n
+        g = torch.Generator().manual_seed(0)
+        masks = torch.randint(0, classes, (8, size, size), generator=g)
+        images = torch.randn(8, bands, size, size, generator=g) + masks[:, None].float() / classes
+        self.pool = [{"image": images[i], "mask": masks[i], "scene": f"s{i % 3}",
+                      "window": torch.tensor([0, 0, size, size])} for i in range(8)]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(i % 8)
-        mask = torch.randint(0, self.classes, (self.size, self.size), generator=g)
-        return {"image": torch.randn(self.bands, self.size, self.size, generator=g) + mask.float() / self.classes,
-                "mask": mask, "scene": f"s{i % 3}", "window": torch.tensor([0, 0, self.size, self.size])}
+        return self.pool[i % 8]
 
 
 class Segmenter(L.LightningModule):
@@ -106,6 +115,57 @@ class TimedMonitor(GradientFlowMonitor):
         self.timer.hook[trainer.global_step] = time.perf_counter() - t0
 
 
+class WindowTimer(L.Callback):
+    """Wall time of the steps after the warm-up, with a device sync only at both ends."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.seconds = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            _sync()
+            self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        _sync()
+        self.seconds = time.perf_counter() - self._t0
+
+
+def run_wall(every: int | None, args: argparse.Namespace) -> float:
+    """Mean step time (s) over ``args.steps`` steps, asynchronous as in real training."""
+    torch.manual_seed(0)
+    timer = WindowTimer(args.warmup)
+    callbacks: list[L.Callback] = [timer]
+    if every is not None:
+        callbacks.append(GradientFlowMonitor(every_n_steps=every, write_report=False, log_to_logger=False,
+                                             warn=False))
+    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator=args.device, devices=1,
+                        precision=args.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        gradient_clip_val=1.0, default_root_dir="/tmp/gradflow-bench")
+    data = Tiles(args.batch * (args.warmup + args.steps), args.bands, args.size, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Segmenter(args.bands, 5), DataLoader(data, batch_size=args.batch, num_workers=0))
+    return timer.seconds / args.steps
+
+
+def main_wall(args: argparse.Namespace) -> None:
+    configs: dict[str, int | None] = {"base": None, "track only": 10**9, **{f"every {n}": n for n in args.every}}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits every configuration
+        for name, every in configs.items():
+            times[name].append(run_wall(every, args))
+    print(f"wall mode: device={args.device} precision={args.precision} "
+          f"batch={args.batch}x{args.bands}x{args.size}x{args.size} steps={args.steps} torch={torch.__version__}")
+    base = statistics.median(times["base"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:>10}: {1e3 * med:8.2f} ms/step  ({100 * (med / base - 1):+.2f}%)  runs: "
+              + ", ".join(f"{1e3 * t:.2f}" for t in ts))
+
+
 def run(monitored: bool, args: argparse.Namespace) -> StepTimer:
     torch.manual_seed(0)
     timer = StepTimer()
@@ -133,8 +193,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each configuration")
+    parser.add_argument("--mode", choices=["components", "wall"], default="components",
+                        help="components: synchronized timings of each part; wall: asynchronous steps end to end")
+    parser.add_argument("--every", type=int, nargs="*", default=[25, 50], help="wall mode: every_n_steps to run")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
+    if args.mode == "wall":
+        main_wall(args)
+        return
     base: list[float] = []
     rec: dict[str, list[float]] = {"fwd_bwd": [], "hook": []}
     trk: dict[str, list[float]] = {"fwd_bwd": [], "hook": []}

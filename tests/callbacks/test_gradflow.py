@@ -214,3 +214,23 @@ def test_steps_are_counted_when_a_planned_recording_is_missed(fit) -> None:
     assert monitor.data["steps"] == [0]
     assert monitor.data["totals"] == {"steps_seen": 12, "nonfinite_steps": 5, "clipped_steps": None}
     assert [(e["step"], e["layer"]) for e in monitor.data["nonfinite"]] == [(7, "net.2")]
+
+
+def test_yaml_config_builds_the_monitor() -> None:
+    """The shape LightningCLI gives ``trainer.callbacks`` (via jsonargparse), thresholds included."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    config = parser.parse_string(
+        "callbacks:\n"
+        "  - class_path: geobp.callbacks.GradientFlowMonitor\n"
+        "    init_args:\n"
+        "      every_n_steps: 10\n"
+        "      step_check: deferred\n"
+        "      thresholds: {vanishing_ratio: 1.0e-5, persist: 0.5}\n")
+    (monitor,) = parser.instantiate_classes(config).callbacks
+    assert isinstance(monitor, GradientFlowMonitor)
+    assert (monitor.every_n_steps, monitor.step_check) == (10, "deferred")
+    assert (monitor.thresholds.vanishing_ratio, monitor.thresholds.persist, monitor.thresholds.min_recordings) == (
+        1e-5, 0.5, 3)
