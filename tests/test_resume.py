@@ -116,21 +116,16 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
         pytest.fail(f"geobp fit did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def stall_then(config: Path, run_dir: Path, sig: signal.Signals) -> int:
-    """Run until the stall step, send ``sig``, wait for the process to end; returns its exit code."""
-    log = run_dir / "interrupted.log"
-    proc = geobp_fit(config, log, stall_at=KILL_STEP)
-    marker = run_dir / "stalled"
+def wait_for_stall(proc: subprocess.Popen, run_dir: Path, log: Path) -> None:
+    """Wait until the run stalls at KILL_STEP (see tests.ddp_helpers.StallAt)."""
     deadline = time.monotonic() + 600
-    while not marker.exists():
+    while not (run_dir / "stalled").exists():
         if proc.poll() is not None:
             pytest.fail(f"the run ended before step {KILL_STEP}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no stall at step {KILL_STEP} within 600 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    proc.send_signal(sig)
-    return finish(proc, log)
 
 
 def load(path: Path) -> dict:
@@ -179,34 +174,92 @@ def uninterrupted(tmp_path_factory, scenes):
     drop_checkpoints(run_dir)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_run_resumed_with_same_command_matches_uninterrupted(tmp_path, scenes, uninterrupted, sig):
-    config = resume_config(tmp_path, scenes)
-    code = stall_then(config, tmp_path, sig)
-    state = load(last_ckpt(tmp_path))
-    assert not (tmp_path / "final.ckpt").exists()
-    if sig == signal.SIGKILL:
-        assert code == -signal.SIGKILL
-        assert state["global_step"] == KILL_STEP  # the periodic checkpoint (every KILL_STEP / 2 steps)
-    else:
-        assert code == 143  # geobp exits 128 + SIGTERM after saving, so that scripts see the stop
-        assert state["global_step"] == KILL_STEP + 1  # CheckpointOnInterrupt, after the stalled batch
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": state["global_step"] - 8}
-    ]
+def assert_interrupted_at(run_dir: Path, step: int) -> None:
+    """last.ckpt holds ``step`` and the training loader's position in the second epoch."""
+    state = load(last_ckpt(run_dir))
+    assert state["global_step"] == step
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": step - 8}]
+    assert not (run_dir / "final.ckpt").exists()
 
-    log = tmp_path / "resumed.log"
-    assert finish(geobp_fit(config, log), log) == 0, log.read_text()[-3000:]
+
+def assert_resumed_like(run_dir: Path, log: Path, uninterrupted: Path) -> None:
     text = log.read_text()
     assert "Restored all states from the checkpoint" in text
     assert "dataloader is not resumable" not in text
-
-    assert tiles(tmp_path) == tiles(uninterrupted)  # both processes' batches, in order
+    assert tiles(run_dir) == tiles(uninterrupted)  # both processes' batches, in order
     try:
-        assert_same_state(load(uninterrupted / "final.ckpt"), load(tmp_path / "final.ckpt"))
+        assert_same_state(load(uninterrupted / "final.ckpt"), load(run_dir / "final.ckpt"))
     finally:
-        drop_checkpoints(tmp_path)
+        drop_checkpoints(run_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, scenes, uninterrupted):
+    config = resume_config(tmp_path, scenes)
+    log = tmp_path / "interrupted.log"
+    proc = geobp_fit(config, log, stall_at=KILL_STEP)
+    wait_for_stall(proc, tmp_path, log)
+    proc.kill()
+    assert finish(proc, log) == -signal.SIGKILL
+    assert_interrupted_at(tmp_path, KILL_STEP)  # the periodic checkpoint (every KILL_STEP / 2 steps)
+
+    log = tmp_path / "resumed.log"
+    assert finish(geobp_fit(config, log), log) == 0, log.read_text()[-3000:]
+    assert_resumed_like(tmp_path, log, uninterrupted)
+
+
+# ----- scripts/slurm/train.sbatch, with stand-ins for srun, scancel and scontrol ------------------
+
+FAKE_SLURM = {
+    # runs the command on this machine, as one task; records its pid for scancel
+    "srun": '#!/bin/bash\necho $$ > "$FAKE_SLURM/srun.pid"\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    "scancel": '#!/bin/bash\necho "scancel $*" >> "$FAKE_SLURM/calls"\nkill -TERM "$(cat "$FAKE_SLURM/srun.pid")"\n',
+    "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$FAKE_SLURM/calls"\n',
+    "python": f'#!/bin/bash\nexec {sys.executable} "$@"\n',
+}
+
+
+def sbatch_env(tmp_path: Path, config: Path) -> dict[str, str]:
+    """What SLURM gives the batch script of a one-node, one-task job, with fake SLURM commands first on PATH."""
+    bin_dir = tmp_path / "fake_slurm"
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "activate").write_text("")
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "geobp-train", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_JOB_NODELIST": "localhost", "SLURM_NODELIST": "localhost"}
+    return {**os.environ, **slurm, "FAKE_SLURM": str(bin_dir), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "GEOBP_VENV": str(tmp_path / "venv"), "GEOBP_CONFIG": str(config), "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def sbatch(env: dict[str, str], log: Path, stall_at: int | None = None) -> subprocess.Popen:
+    env = {**env, **({"GEOBP_TEST_STALL_AT": str(stall_at)} if stall_at is not None else {})}
+    with log.open("ab") as out:
+        return subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "train.sbatch")], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sbatch_time_limit_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, scenes, uninterrupted):
+    config = resume_config(tmp_path, scenes)
+    env = sbatch_env(tmp_path, config)
+    calls = tmp_path / "fake_slurm" / "calls"
+    log = tmp_path / "job.log"
+    job = sbatch(env, log, stall_at=KILL_STEP)
+    wait_for_stall(job, tmp_path, log)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` sends before the time limit
+    assert finish(job, log) == 143, log.read_text()[-3000:]  # geobp's status after SIGTERM, passed on
+    assert calls.read_text().splitlines() == ["scancel --signal=TERM 4242", "scontrol requeue 4242"]
+    assert_interrupted_at(tmp_path, KILL_STEP + 1)  # CheckpointOnInterrupt, once the stalled batch is done
+
+    log = tmp_path / "requeued.log"  # SLURM runs the same script with the same arguments again
+    assert finish(sbatch(env, log), log) == 0, log.read_text()[-3000:]
+    assert len(calls.read_text().splitlines()) == 2  # finished: not requeued again
+    assert_resumed_like(tmp_path, log, uninterrupted)
 
 
 # ----- the loader on its own (fast) -------------------------------------------------------
