@@ -67,6 +67,7 @@ def run_section_here(name: str, cfg: Config, command: str) -> dict:
     machine = machine_info()
     module = importlib.import_module(f"benchmarks.{name}")
     result = module.run(cfg)
+    machine["load_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     result.update(machine=machine, command=command, quick=cfg.quick, elapsed_s=time.perf_counter() - start)
     return result
 

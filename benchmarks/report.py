@@ -39,7 +39,9 @@ def _machine_table(m: dict[str, Any]) -> list[str]:
     rows = [
         ["CPU", f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable)"],
         ["RAM", f"{m['ram_gib']} GiB"],
-        ["load average (1 min) at start", str(m.get("load_1min"))],
+        ["load average (1 min) at the start", f"{m.get('load_1min')}" + (
+            " (other work was running: timings are noisy)" if (m.get("load_1min") or 0) > 0.5 * (m["usable_cores"] or 1)
+            else "")],
         ["OS, Python", f"{m['os']}, Python {m['python']}"],
         ["torch, lightning", f"{m['torch']}, {m['lightning']}"],
         ["rasterio, GDAL, torchgeo, numpy", f"{m['rasterio']}, {m['gdal']}, {m['torchgeo']}, {m['numpy']}"],
@@ -125,7 +127,9 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
             lines += _gpu_section(r) + [""]
             continue
         m = r["machine"]
-        lines += [f"Measured {m['date']} in {r['elapsed_s']:.0f} s with `{r['command']}`.", ""]
+        load = f"; load average {m.get('load_1min')} at the start, {m['load_1min_end']} at the end on " \
+               f"{m['usable_cores']} cores" if m.get("load_1min_end") is not None else ""
+        lines += [f"Measured {m['date']} in {r['elapsed_s']:.0f} s{load}, with `{r['command']}`.", ""]
         if r.get("error"):
             lines += [f"**The section failed**: `{r['error']}` (log: `{r.get('log', '?')}`).", ""]
             continue
