@@ -70,7 +70,9 @@ def ddp_run(tmp_path_factory):
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
-    return {"tmp": tmp, "scenes": scenes, "record": record, "runs": tmp / "runs", "config": config, "log": text}
+    yield {"tmp": tmp, "scenes": scenes, "record": record, "runs": tmp / "runs", "config": config, "log": text}
+    for ckpt in tmp.rglob("*.ckpt"):  # 136 MB each (weights and AdamW moments)
+        ckpt.unlink()
 
 
 @pytest.mark.slow
