@@ -268,6 +268,8 @@ class GradientFlowMonitor(L.Callback):
         step = trainer.global_step
         if isinstance(batch, Mapping) and ("scene" in batch or "window" in batch):
             self._tiles.setdefault(step, []).append((batch.get("scene"), batch.get("window")))
+            if len(self._tiles) > 2 * RING_ROWS:  # recordings pruned nothing (no gradients?)
+                del self._tiles[min(self._tiles)]
         if step % self.every_n_steps == 0 and self._taps.specs and self._armed_step != step:
             self._taps.arm()
             self._armed_step = step
@@ -277,7 +279,8 @@ class GradientFlowMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # A step that never reached the optimizer (training_step returned None) leaves hooks armed.
+        # Hooks armed for a step that ended without a recording (no gradient reached the
+        # optimizer hook) go once the step is over; a skipped batch keeps them for the next one.
         if self._taps is not None and self._armed_step is not None and trainer.global_step > self._armed_step:
             self._taps.disarm()
             self._taps.collect()

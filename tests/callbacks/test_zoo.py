@@ -30,11 +30,11 @@ def kinds(monitor: GradientFlowMonitor) -> set[str]:
 def test_healthy_resnet_has_no_finding(fit, tmp_path: Path) -> None:
     torch.manual_seed(0)
     monitor = GradientFlowMonitor(every_n_steps=3)
-    fit(ZooModule(small_resnet()), TileSet(), monitor, max_steps=30)
+    fit(ZooModule(small_resnet()), TileSet(), monitor, max_steps=20)
     assert kinds(monitor) == set()
     data = json.loads((tmp_path / "gradflow" / "gradflow.json").read_text())
     assert data["diagnoses"] == []
-    assert data["steps"] == list(range(0, 30, 3))
+    assert data["steps"] == list(range(0, 20, 3))
     assert len(data["skips"]) == 3 and all(s["kind"] == "residual" for s in data["skips"])
 
 
