@@ -73,3 +73,15 @@ def test_report_renders_gpu_result_and_marks_missing_sections(tmp_path: Path) ->
     text = render({"gpu": gpu})
     assert "**NVIDIA H100**" in text and "| training step (fwd + bwd + clip + AdamW) | 100 | 18.0 | 3% |" in text
     assert "Not measured yet: run `.venv/bin/python -m benchmarks run --only loading`" in text
+
+
+def test_robust_mean_counts_periodic_work_and_ignores_bursts() -> None:
+    from benchmarks.training import robust_mean
+
+    steps = [0.2] * 75
+    for i in (20, 45, 70):  # with 5 warm-up steps, the recordings of every 25 steps
+        steps[i] = 1.0
+    assert robust_mean(steps, 25, 5) == pytest.approx(sum(steps) / len(steps))
+    burst = steps[:30] + [5.0] * 10 + steps[40:]  # other work on the machine for ten steps
+    assert robust_mean(burst, 25, 5) == pytest.approx(sum(steps) / len(steps))
+    assert robust_mean(burst, None, 5) == pytest.approx(0.2)
