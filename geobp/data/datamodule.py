@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,10 +43,18 @@ class ResumableTileLoader(DataLoader):
     The sampler must be a :class:`RandomTileSampler`. Iteration is lazy: the underlying iterator
     (and its workers' first index requests) is made at the first ``next``, after Lightning's
     ``set_epoch``, so a run resumed in epoch ``e > 0`` with ``num_workers > 0`` draws epoch ``e``.
+
+    Args:
+        current_epoch: returns the trainer's ``current_epoch`` (None without a trainer); the epoch
+            drawn is its value at the first batch. Lightning 2.6 calls ``set_epoch`` with its count
+            of processed epochs, which after resuming from a checkpoint saved by an epoch-end
+            validation runs one ahead of ``current_epoch`` (it replays that epoch's end, without
+            batches): the resumed run would draw other tiles than an uninterrupted one.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, current_epoch: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.current_epoch = current_epoch
         self._epoch = 0
         self._batches = 0
         self._restore: dict[str, int] | None = None
@@ -54,6 +62,9 @@ class ResumableTileLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         sampler = self.sampler
         assert isinstance(sampler, RandomTileSampler)
+        epoch = self.current_epoch() if self.current_epoch is not None else None
+        if epoch is not None:
+            sampler.set_epoch(epoch)
         self._epoch, self._batches = sampler.epoch, 0
         restore, self._restore = self._restore, None
         if restore is not None and restore["epoch"] == sampler.epoch:
@@ -277,9 +288,7 @@ class GeoTiffDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TileDataset, sampler: GridTileSampler | RandomTileSampler, drop_last: bool) -> DataLoader:
         workers = self.hparams["num_workers"]
-        cls = ResumableTileLoader if isinstance(sampler, RandomTileSampler) else DataLoader
-        return cls(
-            dataset,  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = dict(
             batch_size=self.hparams["batch_size"],
             sampler=sampler,
             num_workers=workers,
@@ -288,6 +297,12 @@ class GeoTiffDataModule(L.LightningDataModule):
             drop_last=drop_last,
             collate_fn=collate_tiles,
         )
+        if isinstance(sampler, RandomTileSampler):
+            return ResumableTileLoader(dataset, current_epoch=self._current_epoch, **kwargs)  # type: ignore[arg-type]
+        return DataLoader(dataset, **kwargs)  # type: ignore[arg-type]
+
+    def _current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._rank()
