@@ -31,7 +31,7 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 class RecordTiles(L.Callback):
-    """Append every training tile (epoch, step, scene, window) to ``out/tiles_rank<r>.jsonl``."""
+    """Append every training tile (epoch, step, scene, window, process) to ``out/tiles_rank<r>.jsonl``."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -40,7 +40,7 @@ class RecordTiles(L.Callback):
         path = self.out / f"tiles_rank{trainer.global_rank}.jsonl"
         for scene, window in zip(batch["scene"], batch["window"].tolist()):
             _append(path, {"epoch": trainer.current_epoch, "step": trainer.global_step, "batch_idx": batch_idx,
-                           "scene": scene, "window": window, "world": trainer.world_size})
+                           "scene": scene, "window": window, "world": trainer.world_size, "pid": os.getpid()})
 
 
 class RecordValidation(L.Callback):

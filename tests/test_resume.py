@@ -3,8 +3,10 @@
 The runs use the settings of ``configs/cluster.yaml`` that make resuming work (``ckpt_path: last``,
 a fixed logger version, a periodic ``last.ckpt`` every N steps, the CLI's checkpoint overwriting
 the same ``last.ckpt``), on the CPU with a tiny model. ``python -m geobp fit`` runs in
-subprocesses; SIGKILL and SIGTERM arrive mid-epoch in the second epoch, and the same command is
-then run again.
+subprocesses, is stalled at a step (``tests.ddp_helpers.StallAt``) and killed there, then the same
+command is run again. Three cases: SIGKILL mid-epoch after a periodic save; SIGKILL just after an
+epoch, whose last.ckpt is the one the validation wrote; and the time limit under
+``scripts/slurm/train.sbatch`` (SIGTERM to the task, save at the next batch end, requeue).
 
 What is equal, bit for bit, to a run that was never interrupted (``augment: false``,
 ``num_workers: 0``): the tiles of every step, the global step, the weights, AdamW's state and
@@ -13,7 +15,9 @@ the OneCycle scheduler's state. Three things make that so:
 - the training DataLoader is resumable (:class:`~geobp.data.datamodule.ResumableTileLoader`): a
   plain DataLoader restarts the epoch's iterator and the resumed run trains on the epoch's first
   batches a second time (Lightning warns about it);
-- tiles are drawn from (seed, epoch) alone, so the resumed run draws the same epoch;
+- tiles are drawn from (seed, epoch) alone, with the trainer's ``current_epoch``: after resuming
+  from a checkpoint written by an epoch-end validation, Lightning 2.6 passes ``set_epoch`` a number
+  one higher than the uninterrupted run did;
 - nothing else in training draws random numbers (no dropout; the torch RNG, which Lightning does
   not checkpoint, is only used for DataLoader worker seeds).
 
@@ -47,8 +51,8 @@ from geobp.data.synth import write_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
-MAX_STEPS = 12  # 8 batches per epoch: the kills at steps 10 and 11 are in the second epoch
-KILL_STEP = 10
+MAX_STEPS = 12  # 8 batches per epoch, then 4 more in the second epoch
+SAVE_EVERY = 5  # periodic last.ckpt at steps 5 and 10; the CLI's checkpoint writes it at the validation of step 8
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def resume_config(run_dir: Path, scenes: Path) -> Path:
             },
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": KILL_STEP // 2, "save_top_k": 0, "save_last": True,
+                 "init_args": {"every_n_train_steps": SAVE_EVERY, "save_top_k": 0, "save_last": True,
                                "enable_version_counter": False}},
                 # StallAt before RecordTiles: a batch is recorded only once it is going to be trained
                 {"class_path": "tests.ddp_helpers.StallAt", "init_args": {"marker": str(run_dir / "stalled")}},
@@ -117,14 +121,14 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
 
 
 def wait_for_stall(proc: subprocess.Popen, run_dir: Path, log: Path) -> None:
-    """Wait until the run stalls at KILL_STEP (see tests.ddp_helpers.StallAt)."""
+    """Wait until the run stalls (see tests.ddp_helpers.StallAt)."""
     deadline = time.monotonic() + 600
     while not (run_dir / "stalled").exists():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {KILL_STEP}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the run ended before its stall:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no stall at step {KILL_STEP} within 600 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"no stall within 600 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
 
 
@@ -136,16 +140,35 @@ def last_ckpt(run_dir: Path) -> Path:
     return run_dir / "runs" / "resume" / "fixed" / "checkpoints" / "last.ckpt"
 
 
-def tiles(run_dir: Path) -> list[tuple]:
+def tiles(run_dir: Path) -> dict[int, list[tuple]]:
+    """Tiles of each optimizer step: (epoch, scene, window) of its batch, in order.
+
+    A batch trained again after a kill (its step was done but not yet checkpointed) replaces the
+    lost one.
+    """
     path = run_dir / "record" / "tiles_rank0.jsonl"
-    return [(r["epoch"], r["step"], r["scene"], tuple(r["window"])) for r in map(json.loads, path.read_text().splitlines())]
+    by_step: dict[int, list[tuple]] = {}
+    previous = None
+    for r in map(json.loads, path.read_text().splitlines()):
+        if (r["pid"], r["step"]) != previous:
+            by_step[r["step"]] = []
+        by_step[r["step"]].append((r["epoch"], r["scene"], tuple(r["window"])))
+        previous = (r["pid"], r["step"])
+    return by_step
 
 
-def assert_same_state(a: dict, b: dict) -> None:
-    """Same global step, epoch progress, weights, optimizer and scheduler state, bit for bit."""
+def assert_same_state(a: dict, b: dict, processed_ahead: int = 0) -> None:
+    """Same global step, epochs, weights, optimizer and scheduler state, bit for bit.
+
+    ``processed_ahead``: Lightning's count of processed epochs in ``b`` is this much higher (see
+    the epoch-end-validation case); its other epoch counters are equal.
+    """
     assert a["global_step"] == b["global_step"] == MAX_STEPS
     assert a["epoch"] == b["epoch"]
-    assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
+    pa, pb = a["loops"]["fit_loop"]["epoch_progress"], b["loops"]["fit_loop"]["epoch_progress"]
+    for part in ("total", "current"):
+        assert pb[part]["processed"] - pa[part]["processed"] == processed_ahead
+        assert {**pa[part], "processed": 0} == {**pb[part], "processed": 0}
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), f"weights differ: {k}"
@@ -174,38 +197,52 @@ def uninterrupted(tmp_path_factory, scenes):
     drop_checkpoints(run_dir)
 
 
-def assert_interrupted_at(run_dir: Path, step: int) -> None:
-    """last.ckpt holds ``step`` and the training loader's position in the second epoch."""
+def assert_interrupted_at(run_dir: Path, step: int, loader: dict[str, int]) -> None:
+    """last.ckpt holds ``step`` and the training loader's position ``loader``."""
     state = load(last_ckpt(run_dir))
     assert state["global_step"] == step
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": step - 8}]
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [loader]
     assert not (run_dir / "final.ckpt").exists()
 
 
-def assert_resumed_like(run_dir: Path, log: Path, uninterrupted: Path) -> None:
+def assert_resumed_like(run_dir: Path, log: Path, uninterrupted: Path, processed_ahead: int = 0) -> None:
     text = log.read_text()
     assert "Restored all states from the checkpoint" in text
     assert "dataloader is not resumable" not in text
-    assert tiles(run_dir) == tiles(uninterrupted)  # both processes' batches, in order
+    assert tiles(run_dir) == tiles(uninterrupted)
     try:
-        assert_same_state(load(uninterrupted / "final.ckpt"), load(run_dir / "final.ckpt"))
+        assert_same_state(load(uninterrupted / "final.ckpt"), load(run_dir / "final.ckpt"), processed_ahead)
     finally:
         drop_checkpoints(run_dir)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_same_command_matches_uninterrupted(tmp_path, scenes, uninterrupted):
+@pytest.mark.parametrize(
+    ("kill_at", "saved_step", "loader", "processed_ahead"),
+    [
+        (10, 10, {"epoch": 1, "batches": 2}, 0),  # mid-epoch: the periodic last.ckpt of step 10
+        # Killed at step 9: the newest last.ckpt is the one epoch 0's validation wrote at step 8 (the
+        # trained step 8 is lost and done again). Resuming from it, Lightning 2.6 runs epoch 0's end
+        # hooks a second time (without batches) and counts that as one more processed epoch: its
+        # epoch_progress.processed stays 1 ahead for the rest of the run (and it passes that number
+        # to set_epoch, which ResumableTileLoader overrides with current_epoch). All else is equal.
+        (9, 8, {"epoch": 0, "batches": 8}, 1),
+    ],
+    ids=["periodic-mid-epoch", "epoch-end-validation"],
+)
+def test_sigkill_then_same_command_matches_uninterrupted(tmp_path, scenes, uninterrupted, kill_at, saved_step, loader,
+                                                         processed_ahead):
     config = resume_config(tmp_path, scenes)
     log = tmp_path / "interrupted.log"
-    proc = geobp_fit(config, log, stall_at=KILL_STEP)
+    proc = geobp_fit(config, log, stall_at=kill_at)
     wait_for_stall(proc, tmp_path, log)
     proc.kill()
     assert finish(proc, log) == -signal.SIGKILL
-    assert_interrupted_at(tmp_path, KILL_STEP)  # the periodic checkpoint (every KILL_STEP / 2 steps)
+    assert_interrupted_at(tmp_path, saved_step, loader)
 
     log = tmp_path / "resumed.log"
     assert finish(geobp_fit(config, log), log) == 0, log.read_text()[-3000:]
-    assert_resumed_like(tmp_path, log, uninterrupted)
+    assert_resumed_like(tmp_path, log, uninterrupted, processed_ahead)
 
 
 # ----- scripts/slurm/train.sbatch, with stand-ins for srun, scancel and scontrol ------------------
@@ -249,12 +286,13 @@ def test_sbatch_time_limit_checkpoints_requeues_and_the_requeued_job_resumes(tmp
     env = sbatch_env(tmp_path, config)
     calls = tmp_path / "fake_slurm" / "calls"
     log = tmp_path / "job.log"
-    job = sbatch(env, log, stall_at=KILL_STEP)
+    job = sbatch(env, log, stall_at=10)
     wait_for_stall(job, tmp_path, log)
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` sends before the time limit
     assert finish(job, log) == 143, log.read_text()[-3000:]  # geobp's status after SIGTERM, passed on
     assert calls.read_text().splitlines() == ["scancel --signal=TERM 4242", "scontrol requeue 4242"]
-    assert_interrupted_at(tmp_path, KILL_STEP + 1)  # CheckpointOnInterrupt, once the stalled batch is done
+    # CheckpointOnInterrupt, once the stalled batch is done: step 11, the 3rd batch of epoch 1
+    assert_interrupted_at(tmp_path, 11, {"epoch": 1, "batches": 3})
 
     log = tmp_path / "requeued.log"  # SLURM runs the same script with the same arguments again
     assert finish(sbatch(env, log), log) == 0, log.read_text()[-3000:]
@@ -301,6 +339,15 @@ def test_loader_state_resumes_mid_epoch_and_then_goes_on(scenes, augment):
     # the next epoch is whole again, and a state saved in another epoch is ignored
     assert len(epoch_batches(fresh, 4)) == 6
     assert len(epoch_batches(fresh, 5, {"epoch": 4, "batches": 3})) == 6
+
+
+def test_loader_draws_the_trainers_current_epoch_not_the_set_epoch_argument(scenes):
+    dm = datamodule(scenes, augment=False)
+    expected = [b["window"] for b in epoch_batches(dm.train_dataloader(), 1)]
+    loader = dm.train_dataloader()
+    loader.current_epoch = lambda: 1  # what GeoTiffDataModule passes: the trainer's current_epoch
+    got = [b["window"] for b in epoch_batches(loader, 2)]  # Lightning's set_epoch one ahead after some resumes
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @pytest.mark.xfail(strict=True, reason="augmentation is seeded per process, not per tile: the resumed process "
