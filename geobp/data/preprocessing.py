@@ -182,16 +182,20 @@ class Preprocessing:
             (float32 [C, H, W] normalised image with invalid pixels set to 0, bool [H, W] valid mask).
         """
         valid = valid_pixels(image, self.nodata)
+        # One float32 copy, then in-place arithmetic: this runs per tile in the loader workers,
+        # where temporaries of a whole tile cost as much as the arithmetic itself.
         x = image.astype(np.float32)
         if self.method == "meanstd":
-            mean = np.asarray(self.mean, np.float32)[:, None, None]
-            std = np.asarray(self.std, np.float32)[:, None, None]
-            x = (x - mean) / std
+            x -= np.asarray(self.mean, np.float32)[:, None, None]
+            x *= (1.0 / np.asarray(self.std, np.float32))[:, None, None]
         else:
             low = np.asarray(self.low, np.float32)[:, None, None]
             high = np.asarray(self.high, np.float32)[:, None, None]
-            x = (np.clip(x, low, high) - low) / (high - low)
-        x[:, ~valid] = 0.0
+            np.clip(x, low, high, out=x)
+            x -= low
+            x *= 1.0 / (high - low)
+        if not valid.all():
+            np.copyto(x, 0.0, where=~valid)
         return x, valid
 
 
