@@ -8,8 +8,8 @@ with the same tile size, batch size and number of DataLoader workers:
   before timing;
 - torchgeo: ``RasterDataset`` for images ``&`` a ``RasterDataset`` for masks, with
   ``RandomGeoSampler`` and ``stack_samples``, as its documentation shows;
-- bare: a trivial Dataset reading random 256 px windows that lie inside one internal block
-  (what geobp reads), image and mask, handles opened once per worker, no conversion at all.
+- bare: a trivial Dataset reading the very windows geobp's sampler draws (256 px, inside one
+  internal block), image and mask, handles opened once per worker, no conversion at all.
 
 Grid tiling is compared too: geobp's ``val_dataloader()`` against ``GridGeoSampler`` over the
 same scenes. GDAL's block cache is capped (``Config.gdal_cache_mb``, set by the harness before
@@ -167,16 +167,10 @@ class BareTiles(Dataset):
         return {"image": torch.from_numpy(image.view(np.int16)), "mask": torch.from_numpy(mask)}
 
 
-def block_aligned_windows(n: int, scenes: int, size: int, block: int, tile: int, seed: int) -> np.ndarray:
-    """``n`` random (scene, row, col) origins of tiles that lie inside one internal block."""
-    rng = np.random.default_rng(seed)
-    per_block = block - tile + 1 if tile <= block else 1
-    blocks = -(-size // block)
-    s = rng.integers(0, scenes, n)
-    r = rng.integers(0, blocks, n) * block + rng.integers(0, per_block, n)
-    c = rng.integers(0, blocks, n) * block + rng.integers(0, per_block, n)
-    r, c = np.minimum(r, size - tile), np.minimum(c, size - tile)
-    return np.stack([s, r, c], axis=1)
+def geobp_windows(root: Path, cfg: Config, tiles: int, seed: int) -> np.ndarray:
+    """The (scene, row, col) origins geobp's sampler draws for ``seed``: the bare loop reads the same blocks."""
+    sampler = geobp_datamodule(root, cfg, tiles=tiles, augment=False, seed=seed).train_dataloader().sampler
+    return np.array([(s.scene, s.row, s.col) for s in sampler], dtype=np.int64)
 
 
 # ----- the section --------------------------------------------------------------------------
@@ -225,7 +219,7 @@ def run(cfg: Config) -> dict[str, Any]:
         return geobp_datamodule(root, cfg, tiles=total, augment=augment, seed=seed).train_dataloader()
 
     def bare_random(seed: int) -> DataLoader:
-        windows = block_aligned_windows(total, len(images), cfg.scene_size, cfg.block_size, cfg.tile_size, seed)
+        windows = geobp_windows(root, cfg, total, seed)
         return DataLoader(BareTiles(images, masks, windows, cfg.tile_size), batch_size=bs, num_workers=cfg.workers)
 
     def torchgeo_random(seed: int) -> DataLoader:
@@ -300,7 +294,8 @@ def run(cfg: Config) -> dict[str, Any]:
              if cfg.gdal_cache_mb > 0 else "GDAL's default block cache (5% of RAM per process): repeated blocks "
              "may be served from memory; ") + "files are in the OS page cache (no disk reads).",
             "geobp yields float32 normalised images, nodata-masked int64 labels and tile metadata; torchgeo yields "
-            "float32 images and int64 masks (no normalisation); the bare loop yields the raw integers.",
+            "float32 images and int64 masks (no normalisation); the bare loop reads the same windows as geobp "
+            "(same blocks decoded) and yields the raw integers.",
             "Repeats alternate the order of the loaders; each repeat starts fresh workers.",
             CPU_NOTE,
         ],
@@ -378,8 +373,7 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
     dm = geobp_datamodule(root, Config(**{**cfg.__dict__, "workers": 0}), tiles=tiles, augment=False, seed=0)
     specs = list(dm.train_dataloader().sampler)
     ds = dm._dataset(False)
-    bare = BareTiles(images, masks, block_aligned_windows(tiles, len(images), cfg.scene_size, cfg.block_size,
-                                                         cfg.tile_size, 0), cfg.tile_size)
+    bare = BareTiles(images, masks, geobp_windows(root, cfg, tiles, 0), cfg.tile_size)
     for i in range(min(8, tiles)):  # open every file, first reads
         ds[specs[i]], bare[i]  # noqa: B018
     stages: dict[str, float] = {}
