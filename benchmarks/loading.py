@@ -308,8 +308,8 @@ def run(cfg: Config) -> dict[str, Any]:
             f"Grid ratio (geobp / torchgeo): {fmt(ratio('geobp_grid', 'torchgeo_grid'))}x; the issue sets no "
             "separate target for it. geobp skips grid tiles without a valid pixel, torchgeo reads them all; "
             "rates are per tile read.",
-            f"The bare loop reads {fmt(ratio('bare', 'torchgeo'))}x as many tiles/s as torchgeo: no loader that decodes "
-            "the same blocks can beat the bare loop, so this is the most any loader can gain over torchgeo here.",
+            f"The bare loop reads {fmt(ratio('bare', 'torchgeo'))}x as many tiles/s as torchgeo. No loader reads tiles "
+            "faster than the bare loop, so this is the most any loader can gain over torchgeo on this data.",
             f"Preparing the scenes (generated on first use, then cached) took {gen_seconds:.0f} s this run.",
         ],
         metrics={"tiles_per_s": med, "repeats": rates, "counts": counts, "workers": cfg.workers,
