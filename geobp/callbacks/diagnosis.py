@@ -235,7 +235,9 @@ def find_exploding(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     totals = data.get("totals") or {}
     seen = totals.get("steps_seen", (data.get("steps_seen") or [0])[-1])
     n_clipped = totals.get("clipped_steps", (data.get("clipped_steps") or [None])[-1])
-    if n_clipped is not None and seen >= 10:
+    # Like the other rules, wait for min_recordings: early in training norms are large and
+    # clipping is normal (warm-up), so a fraction over the first recording alone is a false alarm.
+    if n_clipped is not None and seen >= 10 and len(steps) >= t.min_recordings:
         fraction = n_clipped / seen
         if fraction > t.clip_fraction:
             first = next((s for s, c in zip(steps, data.get("clipped") or []) if c), steps[0] if steps else 0)

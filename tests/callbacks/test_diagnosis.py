@@ -142,3 +142,15 @@ def test_findings_are_sorted_and_serialisable() -> None:
 def test_thresholds_are_checked(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Thresholds(**kwargs)
+
+
+def test_clipping_during_warm_up_alone_is_not_exploding() -> None:
+    # a healthy run: large norms (clipped) over its first recording window, not yet 3 recordings
+    meta = {"loss_scaler": False, "gradient_clip_val": 1.0}
+    early = doc(steps=1, meta=meta, clipped=[True], clipped_steps=[23], totals={"steps_seen": 25, "clipped_steps": 23})
+    assert diagnose(early) == []
+    # the same fraction lasting over min_recordings recordings is a finding
+    lasting = doc(steps=3, meta=meta, clipped=[True] * 3, clipped_steps=[23, 46, 69],
+                  totals={"steps_seen": 75, "clipped_steps": 69})
+    (f,) = diagnose(lasting)
+    assert (f.kind, f.where) == ("exploding", "gradient clipping")
