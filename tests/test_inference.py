@@ -323,3 +323,15 @@ def test_input_nodata_tag_overrides_checkpoint(tmp_path):
     src = write_tif(tmp_path / "a.tif", img, nodata=7)
     out = run(src, tmp_path / "a_classes.tif")
     assert (read(out)[0][:, -3:] == 255).all() and (read(out)[0][:, :-3] < K).all()
+
+
+def test_rasters_without_crs_or_rotated_are_refused(tmp_path):
+    from geobp.errors import GeoreferenceError
+
+    nocrs = make_image(tmp_path / "nocrs.tif", crs=None)
+    with pytest.raises(GeoreferenceError, match=r"nocrs\.tif: raster has no CRS.*Fix: "):
+        run(nocrs, tmp_path / "nocrs_classes.tif")
+    rotated = make_image(tmp_path / "rot.tif", transform=Affine(10.0, 2.0, 500000.0, 2.0, -10.0, 5000000.0))
+    with pytest.raises(GeoreferenceError, match=r"rot\.tif: transform is rotated"):
+        run(rotated, tmp_path / "rot_classes.tif")
+    assert not (tmp_path / "nocrs_classes.tif").exists() and not (tmp_path / "rot_classes.tif").exists()

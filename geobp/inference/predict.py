@@ -40,7 +40,7 @@ from geobp.inference.outputs import (
     output_paths,
 )
 from geobp.inference.reader import PrefetchReader, TileGrid
-from geobp.raster import open_raster
+from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
 Precision = Literal["32", "bf16", "16"]
@@ -70,6 +70,8 @@ def _check_args(
 
 
 def _check_input(src: rasterio.DatasetReader, preprocessing: Preprocessing, expected_dtype: str | None) -> None:
+    # the output takes the input's grid: refuse rasters without a CRS or not north-up, as fit does
+    check_georeferenced(describe(src))
     need = max(preprocessing.bands)
     if src.count < need:
         raise BandMismatchError(
