@@ -272,7 +272,8 @@ class GeoTiffDataModule(L.LightningDataModule):
         hp = self.hparams
         return TileDataset(
             images=[s.image.path for s in self.scenes],
-            masks=[s.mask.path for s in self.scenes if s.mask is not None],
+            # find_scenes requires a mask per image, so masks line up with images by index
+            masks=[s.mask.path for s in self.scenes],  # type: ignore[union-attr]
             names=[s.name for s in self.scenes],
             preprocessing=self.preprocessing,
             tile_size=hp["tile_size"],
