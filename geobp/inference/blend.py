@@ -61,14 +61,21 @@ class TileBlender:
         grid: the tile grid (its weights must already be applied to the probabilities).
         encode: turns the blended probabilities and validity of a finished cell into uint8 bands.
         out_bands: number of bands ``encode`` returns.
+        first_row, stop_row: tile rows to expect (all of them by default). A blender that starts
+            after row 0 lacks the contributions of earlier rows: the strips of its first rows are
+            incomplete and only prime the overlap band of the later ones (distributed inference
+            discards them).
 
     Attributes:
         buffered: float32 elements currently held for unfinished cells.
         peak_buffered: the most ever held (for memory checks).
     """
 
-    def __init__(self, grid: TileGrid, encode: Encoder, out_bands: int) -> None:
+    def __init__(self, grid: TileGrid, encode: Encoder, out_bands: int, first_row: int = 0, stop_row: int | None = None) -> None:
         self.grid = grid
+        self.stop_row = len(grid.row_offsets) if stop_row is None else stop_row
+        if not 0 <= first_row < self.stop_row <= len(grid.row_offsets):
+            raise ValueError(f"tile rows [{first_row}, {stop_row}) are not inside the grid's {len(grid.row_offsets)} rows")
         self.encode = encode
         self.out_bands = out_bands
         self._row_cells = _cells(grid.row_offsets, grid.height, grid.tile_h)
@@ -77,7 +84,7 @@ class TileBlender:
         self._col_edges = [*grid.col_offsets, grid.width]
         self._pending: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)
         self._strip: Any = None
-        self._next = (0, 0)
+        self._next = (first_row, 0)
         self.buffered = 0
         self.peak_buffered = 0
 
@@ -134,5 +141,5 @@ class TileBlender:
 
     @property
     def done(self) -> bool:
-        """True when every tile has been added."""
-        return self._next[0] == len(self.grid.row_offsets)
+        """True when every expected tile has been added."""
+        return self._next[0] == self.stop_row

@@ -157,6 +157,68 @@ class StripWriter:
         return self._row == self.height and not self._pending_rows
 
 
+class OutputFiles:
+    """The open output files of one raster (temporary names), written strip by strip in row order.
+
+    Opens the class map (colour table, band description, ``CLASS_NAMES``/``NUM_CLASSES``/
+    ``NODATA_VALUE`` tags) and, for ``probabilities`` other than ``none``, the auxiliary file,
+    then writes strips through a :class:`StripWriter`.
+
+    Args:
+        paths: ``{"classes": path}`` plus ``"probs"`` or ``"confidence"`` (see :func:`output_paths`).
+        profile: the input raster's profile (grid, CRS, transform).
+        class_names: one name per class.
+    """
+
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        profile: dict[str, Any],
+        class_names: list[str],
+        probabilities: Probabilities,
+        nodata_value: int,
+    ) -> None:
+        k = len(class_names)
+        aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
+        #: bands of the strips this writer takes: the class ids, then the auxiliary bands
+        self.bands = 1 + aux_bands
+        self.datasets: list[Any] = []
+        try:
+            ds = rasterio.open(paths["classes"], "w", **classes_profile(profile, nodata_value))
+            self.datasets.append(ds)
+            ds.write_colormap(1, colour_table(k, class_names, nodata_value))
+            ds.set_band_description(1, "class")
+            ds.update_tags(CLASS_NAMES=",".join(class_names), NUM_CLASSES=str(k), NODATA_VALUE=str(nodata_value))
+            aux = None
+            if aux_bands:
+                aux = rasterio.open(paths[probabilities], "w", **aux_profile(profile, aux_bands))
+                self.datasets.append(aux)
+                descriptions = class_names if probabilities == "probs" else ["confidence"]
+                for b, name in enumerate(descriptions, start=1):
+                    aux.set_band_description(b, name)
+                aux.scales = (1 / 255,) * aux_bands
+                aux.update_tags(CLASS_NAMES=",".join(class_names), NUM_CLASSES=str(k), SCALE="value / 255 = probability")
+            self.strips = StripWriter(ds, aux, nodata_value)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, row: int, strip: np.ndarray) -> None:
+        """Write ``strip`` (uint8 [bands, rows, width]) starting at ``row`` (strips come in row order)."""
+        self.strips.write(row, strip)
+
+    @property
+    def complete(self) -> bool:
+        """True when every row has been written."""
+        return self.strips.complete
+
+    def close(self) -> None:
+        """Close the files (flushing them)."""
+        for ds in self.datasets:
+            ds.close()
+        self.datasets.clear()
+
+
 @contextmanager
 def atomic_output(final: Path, cog: bool) -> Iterator[Path]:
     """Yield a temporary GeoTIFF path beside ``final``; on success make it ``final`` (as a COG if asked).

@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import queue
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,23 +22,29 @@ import numpy as np
 import rasterio
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, format_error
 from geobp.inference.blend import Encoder, TileBlender
 from geobp.inference.outputs import (
+    OutputFiles,
     Probabilities,
-    StripWriter,
-    aux_profile,
     atomic_output,
     check_outputs_free,
-    classes_profile,
-    colour_table,
     output_paths,
 )
+from geobp.inference.parts import PartSink, RowShare
 from geobp.inference.reader import PrefetchReader, TileGrid
+from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
@@ -151,77 +156,6 @@ def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
     return encode
 
 
-class _Writer:
-    """Writer thread: blends tiles, opens the outputs and writes finished strips."""
-
-    def __init__(self, blender: TileBlender, open_outputs: Any, nodata_value: int) -> None:
-        self.blender = blender
-        self.open_outputs = open_outputs
-        self.nodata_value = nodata_value
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self.abort = False
-        self.strips: StripWriter | None = None
-        self.thread = threading.Thread(target=self._run, name="geobp-write", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        datasets: list[Any] = []
-        try:
-            self.open_outputs(datasets)
-            self.strips = StripWriter(datasets[0], datasets[1] if len(datasets) > 1 else None, self.nodata_value)
-            while True:
-                item = self.queue.get()
-                if item is None or self.abort:
-                    break
-                tiles, probs, valid = item
-                for n, (i, j) in enumerate(tiles):
-                    done = self.blender.add(i, j, probs[n], valid[n])
-                    if done is not None:
-                        row, strip = done
-                        if isinstance(strip, torch.Tensor):
-                            strip = strip.cpu().numpy()
-                        self.strips.write(row, strip)
-        except BaseException as err:  # reported to the calling thread
-            self.error = err
-        finally:
-            for ds in datasets:
-                ds.close()
-
-    def put(self, item: Any) -> None:
-        """Queue an item, waiting while the queue is full; re-raise the thread's error."""
-        while True:
-            if self.error is not None:
-                raise self.error
-            if not self.thread.is_alive():
-                raise RuntimeError("writer thread stopped")
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> None:
-        """Flush everything, close the files; raise the thread's error or an incomplete output."""
-        self.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if self.strips is None or not (self.blender.done and self.strips.complete):
-            raise RuntimeError("prediction ended before every tile was written")
-
-    def cancel(self) -> None:
-        """Stop without finishing (the outputs are discarded by the caller)."""
-        self.abort = True
-        while self.thread.is_alive():  # wake it if it waits for an item; it stops at the next one
-            try:
-                self.queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self.thread.join()
-
-
 def _progress(enabled: bool, name: str, total: int) -> tuple[Any, Any]:
     if not enabled:
         return contextlib.nullcontext(), None
@@ -302,6 +236,52 @@ def predict_raster(
     if src.resolve() in {p.resolve() for p in paths.values()}:
         raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
     check_outputs_free(paths, overwrite)
+    job = open_job(src, preprocessing, tile_size, overlap, expected_dtype, num_classes, nodata_value)
+    with contextlib.ExitStack() as stack:
+        tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
+
+        def open_sink(names: list[str]) -> OutputFiles:
+            return OutputFiles(tmps, job.profile, names, probabilities, nodata_value)
+
+        _run(model, job, open_sink, rows=(0, len(job.grid.row_offsets)), batch_size=batch_size, device=device,
+             precision=precision, num_classes=num_classes, class_names=class_names, probabilities=probabilities,
+             progress=progress, nodata_value=nodata_value, num_workers=num_workers)
+    return dst
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A checked input raster and its tile grid.
+
+    Attributes:
+        src: the input.
+        profile: its rasterio profile (the outputs take its grid).
+        preprocessing: the training preprocessing, with the file's own nodata when it has one.
+        grid: the sliding-window tiles.
+    """
+
+    src: Path
+    profile: dict[str, Any]
+    preprocessing: Preprocessing
+    grid: TileGrid
+
+
+def open_job(
+    src: str | Path,
+    preprocessing: Preprocessing,
+    tile_size: int,
+    overlap: int,
+    expected_dtype: str | None = None,
+    num_classes: int | None = None,
+    nodata_value: int = 255,
+) -> Job:
+    """Check an input raster against the model's preprocessing and lay out its tiles.
+
+    Raises:
+        DataNotFoundError, RasterReadError, GeoreferenceError, BandMismatchError, ConfigError:
+            as :func:`predict_raster`.
+    """
+    src = Path(src)
     with open_raster(src) as ds:
         _check_input(ds, preprocessing, expected_dtype)
         profile = ds.profile
@@ -310,27 +290,88 @@ def predict_raster(
         preprocessing = dataclasses.replace(preprocessing, nodata=file_nodata)
     if num_classes is not None and nodata_value < num_classes:
         raise ConfigError(format_error(None, f"nodata value {nodata_value} is a class id ({num_classes} classes)", "pick a larger nodata value"))
+    return Job(src, profile, preprocessing, TileGrid.build(height, width, tile_size, overlap))
 
+
+def predict_share(
+    model: nn.Module,
+    job: Job,
+    share: RowShare,
+    part: str | Path,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    precision: Precision = "32",
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    probabilities: Probabilities = "none",
+    progress: bool = True,
+    nodata_value: int = 255,
+    num_workers: int | None = None,
+) -> Path:
+    """Predict one process's share of a raster's tile rows into a part file (see :mod:`geobp.inference.parts`).
+
+    Arguments as in :func:`predict_raster`; ``batch_size`` must be the same for every share
+    (the shares run the single-process batches). On failure the part file is removed.
+
+    Returns:
+        ``part``.
+    """
+    _check_args(job.grid.tile, 0, batch_size, precision, probabilities, nodata_value)
+    part = Path(part)
+
+    def open_sink(names: list[str]) -> PartSink:
+        bands = 1 + (len(names) if probabilities == "probs" else probabilities == "confidence")
+        return PartSink(part, job.grid, share, bands)
+
+    try:
+        _run(model, job, open_sink, rows=(share.warmup, share.stop), batch_size=batch_size, device=device,
+             precision=precision, num_classes=num_classes, class_names=class_names, probabilities=probabilities,
+             progress=progress, nodata_value=nodata_value, num_workers=num_workers)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return part
+
+
+def _run(
+    model: nn.Module,
+    job: Job,
+    open_sink: Callable[[list[str]], Any],
+    *,
+    rows: tuple[int, int],
+    batch_size: int,
+    device: str | torch.device,
+    precision: str,
+    num_classes: int | None,
+    class_names: list[str] | None,
+    probabilities: Probabilities,
+    progress: bool,
+    nodata_value: int,
+    num_workers: int | None,
+) -> None:
+    """Predict the tiles of tile rows ``rows`` and hand the finished strips to ``open_sink(class names)``."""
     if num_workers is None:
         num_workers = max(2, min(8, (os.cpu_count() or 2) // 2))
-    grid = TileGrid.build(height, width, tile_size, overlap)
-    th, tw = grid.tile_h, grid.tile_w
+    grid = job.grid
+    th, tw, tile_size = grid.tile_h, grid.tile_w, grid.tile
+    first, stop = rows
     dev = torch.device(device)
     model = model.to(dev).eval()
     row_w = torch.from_numpy(grid.row_weights).to(dev)
     col_w = torch.from_numpy(grid.col_weights).to(dev)
     autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32")
-    batches = grid.batches(batch_size)
-    bar, task_id = _progress(progress, src.name, len(grid.tiles()))
+    # the single-process batches, also for a share: every tile's logits come from the same forward pass
+    batches = [b for b in grid.batches(batch_size) if any(first <= i < stop for i, _ in b)]
+    bar, task_id = _progress(progress, job.src.name, sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
-        tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         reader = stack.enter_context(
-            PrefetchReader(src, grid, batches, preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda")
+            PrefetchReader(job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda")
         )
         stack.enter_context(bar)
-        writer: _Writer | None = None
+        writer: BlendWriter | None = None
         try:
             with torch.inference_mode(), autocast:
                 for batch in reader:
@@ -342,18 +383,26 @@ def predict_raster(
                                 format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
                             )
                         names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
-                        writer = _start_writer(grid, k, names, profile, tmps, probabilities, nodata_value)
+                        aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
+                        blender = TileBlender(grid, make_encoder(probabilities, nodata_value), 1 + aux_bands, first, stop)
+                        writer = BlendWriter(blender, lambda names=names: open_sink(names))
                     # softmax in place on the model's output: one [B, K, tile, tile] buffer per batch
                     probs = logits.float()
                     probs = probs.sub_(probs.amax(dim=1, keepdim=True)).exp_()
                     probs = probs.div_(probs.sum(dim=1, keepdim=True))[:, :, :th, :tw]
                     del logits
-                    for n, (i, j) in enumerate(batch.tiles):  # python indices: no host-device sync
+                    keep = [n for n, (i, _) in enumerate(batch.tiles) if first <= i < stop]
+                    tiles = [batch.tiles[n] for n in keep]
+                    for n in keep:  # python indices: no host-device sync
+                        i, j = batch.tiles[n]
                         probs[n].mul_(row_w[i][:, None]).mul_(col_w[j])
+                    valid = batch.valid
+                    if len(keep) < len(batch.tiles):  # a share's first or last batch holds other shares' tiles
+                        probs, valid = probs[keep], valid[keep]
                     if dev.type == "cpu":  # numpy blending is faster than torch on CPU
-                        writer.put((batch.tiles, probs.numpy(), batch.valid.numpy()))
+                        writer.put((tiles, probs.numpy(), valid.numpy()))
                     else:  # blend on the device; only uint8 strips come back
-                        writer.put((batch.tiles, probs, batch.valid.to(dev, non_blocking=True)))
+                        writer.put((tiles, probs, valid.to(dev, non_blocking=True)))
                     if task_id is not None:
                         bar.advance(task_id, len(batch.tiles))
             if writer is None:
@@ -363,34 +412,3 @@ def predict_raster(
             if writer is not None:
                 writer.cancel()
             raise
-    return dst
-
-
-def _start_writer(
-    grid: TileGrid,
-    k: int,
-    names: list[str],
-    profile: dict[str, Any],
-    tmps: dict[str, Path],
-    probabilities: Probabilities,
-    nodata_value: int,
-) -> _Writer:
-    aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
-    blender = TileBlender(grid, make_encoder(probabilities, nodata_value), 1 + aux_bands)
-
-    def open_outputs(opened: list[Any]) -> None:
-        ds = rasterio.open(tmps["classes"], "w", **classes_profile(profile, nodata_value))
-        opened.append(ds)
-        ds.write_colormap(1, colour_table(k, names, nodata_value))
-        ds.set_band_description(1, "class")
-        ds.update_tags(CLASS_NAMES=",".join(names), NUM_CLASSES=str(k), NODATA_VALUE=str(nodata_value))
-        if aux_bands:
-            aux = rasterio.open(tmps[probabilities], "w", **aux_profile(profile, aux_bands))
-            opened.append(aux)
-            descriptions = names if probabilities == "probs" else ["confidence"]
-            for b, name in enumerate(descriptions, start=1):
-                aux.set_band_description(b, name)
-            aux.scales = (1 / 255,) * aux_bands
-            aux.update_tags(CLASS_NAMES=",".join(names), NUM_CLASSES=str(k), SCALE="value / 255 = probability")
-
-    return _Writer(blender, open_outputs, nodata_value)
