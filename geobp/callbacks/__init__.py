@@ -2,7 +2,8 @@
 
 from geobp.callbacks.diagnosis import Finding, GradientFlowWarning, Thresholds, diagnose
 from geobp.callbacks.gradflow import GradientFlowMonitor
-from geobp.callbacks.report import read_json, render_report, render_report_from_run_dir
+from geobp.callbacks.jsonfile import read_json
+from geobp.callbacks.report import render_report, render_report_from_run_dir
 
 __all__ = [
     "Finding",

@@ -12,7 +12,8 @@ import pytest
 
 from geobp.callbacks import read_json, render_report, render_report_from_run_dir
 from geobp.callbacks.diagnosis import Finding, encode_float
-from geobp.callbacks.report import SCHEMA, SCHEMA_VERSION, write_json
+from geobp.callbacks.jsonfile import write_json
+from geobp.callbacks.series import SCHEMA, SCHEMA_VERSION
 from geobp.errors import DataNotFoundError, GeobpError
 
 

@@ -1,0 +1,142 @@
+"""What the monitor measures from a model's gradients, per step and per recording.
+
+:class:`GradientRecorder` owns the monitored parameters, the skip taps and the per-step tracker.
+It knows nothing of Lightning: the caller passes in the step, the loss, the loss scale and how to
+average over ranks, so it can be driven by a hand-written loop too. A recording reads everything
+it needs in one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+import torch
+from torch import Tensor, nn
+
+from geobp.callbacks.measure import Layer, band_norms, grad_max_abs, layer_reduce
+from geobp.callbacks.series import Recording
+from geobp.callbacks.skips import SkipTaps
+from geobp.callbacks.steps import EventFn, StepTracker, TrackMode
+
+
+class GradientRecorder:
+    """Measures gradients per layer, input band and skip path.
+
+    Args:
+        layers: the layers, in module order (:func:`~geobp.callbacks.measure.find_layers`).
+        params: the flat parameter list the layers index.
+        band: ``(name, conv)`` of the convolution measured per input band, or None.
+        taps: the skip-connection hooks (armed by the caller before the forward pass).
+        rows: steps between recordings (the per-step ring's size; see
+            :class:`~geobp.callbacks.steps.StepTracker`).
+        clip: the gradient clipping threshold, or None.
+        clip_by_value: whether clipping is by value (counted at recordings only) or by norm.
+        on_event: called for each new run of non-finite steps the tracker finds.
+    """
+
+    def __init__(self, layers: list[Layer], params: list[nn.Parameter], band: tuple[str, nn.Conv2d] | None,
+                 taps: SkipTaps, rows: int, clip: float | None, clip_by_value: bool, on_event: EventFn) -> None:
+        self.layers, self.params, self.taps = layers, params, taps
+        self.clip, self.clip_by_value = clip, clip_by_value
+        self._layer_list = [j for j, layer in enumerate(layers) for _ in layer.params]
+        self._layer_of_param = torch.tensor(self._layer_list)
+        ids = {id(p): i for i, p in enumerate(params)}
+        self._band_param = ids.get(id(band[1].weight)) if band else None
+        self.tracker = StepTracker(len(params), rows, None if clip_by_value else clip, on_event)
+
+    def gradients(self) -> tuple[list[int], list[Tensor]]:
+        """``(present, grads)``: indices of the parameters holding a gradient, and those gradients."""
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        return present, [self.params[i].grad for i in present]
+
+    def start(self, device: torch.device, mode: TrackMode) -> None:
+        """Prepare the device buffers (at the first gradient)."""
+        self.tracker.start(device, mode)
+        self._layer_of_param = self._layer_of_param.to(device)
+
+    def layer_flags(self, param_norms: list[float]) -> tuple[list[bool], list[bool]]:
+        """Per layer, from per-parameter norms: ``(non-finite, zero)``."""
+        bad = [any(not math.isfinite(param_norms[i]) for i in layer.params) for layer in self.layers]
+        zero = [all(param_norms[i] == 0 for i in layer.params) for layer in self.layers]
+        return bad, zero
+
+    def record(self, step: int, present: list[int], grads: list[Tensor], loss: Tensor | None,
+               scale: Callable[[], float | None], grads_scaled: bool,
+               mean_over_ranks: Callable[[Tensor], Tensor] | None, accumulate: int) -> Recording:
+        """Measure everything for one recording; call after :meth:`StepTracker.track` for this step.
+
+        Args:
+            step: the optimizer step.
+            present, grads: from :meth:`gradients`.
+            loss: the step's (last micro-batch's) loss, or None.
+            scale: gives the fp16 loss scale (read after the host copy), or None without a scaler.
+            grads_scaled: the gradients are still multiplied by the loss scale (optimizers that
+                unscale inside ``step()``).
+            mean_over_ranks: averages a tensor over ranks (skip norms come from activation
+                gradients, which DDP does not synchronize), or None on one rank.
+            accumulate: gradient accumulation steps (the loss is rescaled to a batch's).
+
+        Returns:
+            The recording; the tracker's counters include this step.
+        """
+        tracker = self.tracker
+        vec = tracker.latest()
+        device = vec.device
+        num_layers, num_params = len(self.layers), len(self.params)
+        maxabs = grad_max_abs(grads).to(device)
+        if len(present) < num_params:
+            maxabs = torch.zeros(num_params, device=device).index_copy_(0, tracker.index(present, device), maxabs)
+        layer_norm, layer_max = layer_reduce(vec, maxabs, self._layer_of_param, num_layers)
+        band_grad = self.params[self._band_param].grad if self._band_param is not None else None
+        bands = band_norms(band_grad).to(device) if band_grad is not None else torch.zeros(0, device=device)
+        self.taps.disarm()
+        skips = self.taps.collect()
+        num_skips = len(self.taps.specs)
+        if skips is not None and mean_over_ranks is not None:
+            sq = mean_over_ranks(torch.where(skips < 0, torch.nan, skips.square()))
+            skips = torch.where(torch.isnan(sq), -1.0, sq.sqrt())
+        empty = torch.zeros(0, device=device)
+        loss_t = loss.float().reshape(-1)[:1].to(device) if loss is not None else empty
+        pieces = [*tracker.pieces(), layer_norm, layer_max, bands,
+                  skips.flatten().to(device) if skips is not None else empty, loss_t]
+        values = iter(torch.cat([p.to(torch.float64) for p in pieces]).tolist())  # the one host sync
+        loss_scale = scale()  # the queue is drained: no further wait
+        total = tracker.consume(values, loss_scale)
+
+        def take(n: int) -> list[float]:
+            return list(itertools.islice(values, n))
+
+        l_norm, l_max, band_vals = take(num_layers), take(num_layers), take(bands.numel())
+        skip_vals = take(2 * num_skips if skips is not None else 0)
+        loss_v = take(loss_t.numel())
+        divisor = loss_scale if loss_scale else 1.0
+        if loss_scale and grads_scaled:
+            l_norm = [v / loss_scale for v in l_norm]
+            l_max = [v / loss_scale for v in l_max]
+            band_vals = [v / loss_scale for v in band_vals]
+            total /= loss_scale
+        over = self.clip is not None and (max(l_max) if self.clip_by_value else total) > self.clip
+        if over and self.clip_by_value:
+            tracker.clipped_steps += 1  # value clipping is counted on recorded steps only
+        has_grad = [False] * num_layers
+        for i in present:
+            has_grad[self._layer_list[i]] = True
+        skip_norms: list[tuple[float | None, float | None]] = []
+        for k in range(num_skips):
+            a, b = (skip_vals[2 * k] / divisor, skip_vals[2 * k + 1] / divisor) if skip_vals else (-1.0, -1.0)
+            skip_norms.append((None if a < 0 else a, None if b < 0 else b))
+        return Recording(
+            step=step,
+            layer_norm=[v if h else None for v, h in zip(l_norm, has_grad)],
+            layer_max_abs=[v if h else None for v, h in zip(l_max, has_grad)],
+            total_norm=total,
+            clipped=over if self.clip is not None else None,
+            steps_seen=tracker.steps_seen,
+            clipped_steps=tracker.clipped_steps if self.clip is not None else None,
+            nonfinite_steps=tracker.nonfinite_steps,
+            loss_scale=loss_scale,
+            loss=loss_v[0] * accumulate / divisor if loss_v else None,
+            band_norm=band_vals or None,
+            skip_norms=skip_norms,
+        )

@@ -1,0 +1,246 @@
+"""The recorded series: the gradflow document in memory, built and appended to by the monitor.
+
+The document is the content of ``gradflow.json`` (written by :mod:`geobp.callbacks.jsonfile`,
+diagnosed by :mod:`geobp.callbacks.diagnosis`, drawn by :mod:`geobp.callbacks.report`). It is
+plain JSON data: dicts, lists, strings, numbers, booleans and None.
+
+``gradflow.json`` schema (``"schema": "geobp.gradflow"``, ``"version": 1``). Numbers that are
+not finite are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``; ``null`` means "not
+measured". ``R`` is the number of recordings, ``L`` of layers, ``C`` of input bands.
+
+=================  ===========================================================================
+key                value
+=================  ===========================================================================
+schema, version    ``"geobp.gradflow"``, ``1``
+meta               ``model`` (class name), ``precision``, ``gradient_clip_val`` (null: none),
+                   ``gradient_clip_algorithm``, ``loss_scaler`` (bool), ``world_size``,
+                   ``every_n_steps``, ``step_check``, ``geobp_version``, ``updated`` (ISO time)
+thresholds         the diagnosis thresholds used (:class:`~geobp.callbacks.diagnosis.Thresholds`)
+layers             ``[L]`` of ``{name, type, numel}``: modules owning parameters, module order
+steps              ``[R]`` optimizer step (``trainer.global_step``, 0-based) of each recording
+layer_norm         ``[R][L]`` L2 norm of each layer's gradient (unscaled, before clipping)
+layer_max_abs      ``[R][L]`` largest absolute gradient value of each layer
+total_norm         ``[R]`` L2 norm over all parameters, before clipping
+clipped            ``[R]`` whether that step's total exceeded the clip threshold (null: no clip)
+steps_seen         ``[R]`` optimizer steps observed so far (every step unless step_check off)
+clipped_steps      ``[R]`` of those, clipped so far (null: no clipping)
+nonfinite_steps    ``[R]`` of those, with NaN/Inf gradients so far (skipped steps under fp16)
+totals             ``{steps_seen, nonfinite_steps, clipped_steps}`` at the end of training (or
+                   at an exception), counting steps after the last recording; absent before
+loss_scale         ``[R]`` the fp16 loss scale (null without a scaler)
+loss               ``[R]`` the training loss of the recorded step (unscaled)
+bands              null, or ``{layer, norm: [R][C]}``: first convolution's gradient per band
+skips              ``[{name, kind, source, paths: [a, b], norms: [R][2], ratio: [R]}]``,
+                   ``ratio = a / b``; kinds ``residual`` (branch, shortcut), ``unet`` (skip,
+                   deeper), ``pattern`` (through, elsewhere)
+metrics            ``{name: [[step, value], ...]}`` from ``trainer.callback_metrics``
+nonfinite          ``[{step, layer, all_layers, nonfinite_layers, loss_scale, scenes, windows}]``:
+                   the first step of each run of non-finite steps (first 100 runs), ``layer``
+                   the first non-finite one in backward order, ``all_layers`` whether every
+                   layer with a gradient was (then the loss was), the step's tiles, with
+                   ``windows`` as ``[row_off, col_off, height, width]``
+diagnoses          ``[{kind, where, step, value, message, fix}]``
+=================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from geobp.callbacks.diagnosis import encode_float
+
+SCHEMA = "geobp.gradflow"
+SCHEMA_VERSION = 1
+#: Non-finite steps kept in full in ``nonfinite`` (all are counted).
+MAX_EVENTS = 100
+
+
+def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers: Sequence[Mapping[str, Any]],
+                 band_layer: str | None, skips: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """An empty document.
+
+    Args:
+        meta: the ``meta`` entries (model, precision, clipping, ...).
+        thresholds: the diagnosis thresholds.
+        layers: ``{name, type, numel}`` of each layer, in module order.
+        band_layer: module path of the convolution measured per band, or None.
+        skips: ``{name, kind, source, paths}`` of each skip connection.
+
+    Returns:
+        The document, with every series empty.
+    """
+    return {
+        "schema": SCHEMA,
+        "version": SCHEMA_VERSION,
+        "meta": dict(meta),
+        "thresholds": dict(thresholds),
+        "layers": [dict(x) for x in layers],
+        "steps": [], "layer_norm": [], "layer_max_abs": [], "total_norm": [], "clipped": [],
+        "steps_seen": [], "clipped_steps": [], "nonfinite_steps": [], "loss_scale": [], "loss": [],
+        "bands": {"layer": band_layer, "norm": []} if band_layer is not None else None,
+        "skips": [{**dict(s), "norms": [], "ratio": []} for s in skips],
+        "metrics": {},
+        "nonfinite": [],
+        "diagnoses": [],
+    }
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The values of one recording, as measured (host floats; None: not measured).
+
+    Attributes:
+        step: optimizer step.
+        layer_norm: L2 norm of each layer's gradient (None for a layer without gradient).
+        layer_max_abs: largest ``|grad|`` of each layer (None likewise).
+        total_norm: L2 norm over all gradients.
+        clipped: whether the step was clipped (None without clipping).
+        steps_seen: optimizer steps observed so far.
+        clipped_steps: of those, clipped (None without clipping).
+        nonfinite_steps: of those, with NaN/Inf gradients.
+        loss_scale: the fp16 loss scale, or None.
+        loss: the training loss, or None.
+        band_norm: gradient norm per input band, or None.
+        skip_norms: ``(a, b)`` norms of each skip's two paths (None: path not observed).
+    """
+
+    step: int
+    layer_norm: list[float | None]
+    layer_max_abs: list[float | None]
+    total_norm: float
+    clipped: bool | None
+    steps_seen: int
+    clipped_steps: int | None
+    nonfinite_steps: int
+    loss_scale: float | None
+    loss: float | None
+    band_norm: list[float] | None
+    skip_norms: list[tuple[float | None, float | None]]
+
+
+def append_recording(data: dict[str, Any], rec: Recording) -> None:
+    """Append one recording to every series of ``data`` (non-finite values encoded)."""
+    data["steps"].append(rec.step)
+    data["layer_norm"].append([encode_float(v) for v in rec.layer_norm])
+    data["layer_max_abs"].append([encode_float(v) for v in rec.layer_max_abs])
+    data["total_norm"].append(encode_float(rec.total_norm))
+    data["clipped"].append(rec.clipped)
+    data["steps_seen"].append(rec.steps_seen)
+    data["clipped_steps"].append(rec.clipped_steps)
+    data["nonfinite_steps"].append(rec.nonfinite_steps)
+    data["loss_scale"].append(rec.loss_scale)
+    data["loss"].append(encode_float(rec.loss))
+    if data["bands"] is not None:
+        data["bands"]["norm"].append([encode_float(v) for v in rec.band_norm] if rec.band_norm else None)
+    for entry, (a, b) in zip(data["skips"], rec.skip_norms, strict=True):
+        entry["norms"].append([encode_float(a), encode_float(b)])
+        entry["ratio"].append(encode_float(a / b if a is not None and b not in (None, 0.0) else None))
+
+
+def append_nonfinite_event(data: dict[str, Any], step: int, layers: Sequence[str], layer_bad: Sequence[bool],
+                           layer_zero: Sequence[bool], loss_scale: float | None,
+                           tiles: tuple[Any, Any] | None) -> None:
+    """Add a ``nonfinite`` entry (at most :data:`MAX_EVENTS`; nothing when no layer is non-finite).
+
+    Args:
+        data: the document.
+        step: the step of the event.
+        layers: layer names, in module order.
+        layer_bad: whether each layer's gradient is non-finite.
+        layer_zero: whether each layer's gradient is zero (or absent).
+        loss_scale: the fp16 loss scale, or None.
+        tiles: ``(scene, window)`` of the step's batch (geobp's batch contract), or None.
+    """
+    bad_names = [name for name, bad in zip(layers, layer_bad) if bad]
+    if len(data["nonfinite"]) >= MAX_EVENTS or not bad_names:
+        return
+    scenes, windows = None, None
+    if tiles is not None:
+        scene, window = tiles
+        if scene is not None:
+            scenes = [str(s) for s in (scene if isinstance(scene, (list, tuple)) else [scene])]
+        if window is not None:
+            windows = window.tolist() if isinstance(window, Tensor) else [list(w) for w in window]
+    data["nonfinite"].append({
+        "step": step,
+        "layer": bad_names[-1],  # nearest the output: backward visits it first
+        "all_layers": all(b or z for b, z in zip(layer_bad, layer_zero)),  # zero: no gradient
+        "nonfinite_layers": len(bad_names),
+        "loss_scale": loss_scale,
+        "scenes": scenes,
+        "windows": windows,
+    })
+
+
+def append_metrics(data: dict[str, Any], step: int, metrics: Mapping[str, Any]) -> None:
+    """Add the scalar ``metrics`` at ``step`` (a second value at the same step replaces the first).
+
+    Names starting with ``gradflow/`` (the monitor's own) and values that are not one number
+    are left out.
+    """
+    for name, value in metrics.items():
+        if name.startswith("gradflow/"):
+            continue
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            continue
+        series = data["metrics"].setdefault(name, [])
+        if series and series[-1][0] == step:
+            series[-1][1] = encode_float(v)
+        else:
+            series.append([step, encode_float(v)])
+
+
+def latest_scalars(data: Mapping[str, Any], clipping: bool, loss_scaler: bool) -> dict[str, float]:
+    """The logger scalars of the latest recording (see :class:`~geobp.callbacks.GradientFlowMonitor`)."""
+
+    def last(key: str) -> float:
+        v = data[key][-1]
+        return math.nan if v is None else float(v)
+
+    out: dict[str, float] = {"gradflow/total_norm": last("total_norm"),
+                             "gradflow/nonfinite_steps": last("nonfinite_steps")}
+    ratio = early_head_ratio(data)
+    if ratio is not None:
+        out["gradflow/early_head_ratio"] = ratio
+    if clipping:
+        out["gradflow/clip_fraction"] = last("clipped_steps") / max(int(data["steps_seen"][-1]), 1)
+    if loss_scaler:
+        out["gradflow/loss_scale"] = last("loss_scale")
+        out["gradflow/skipped_steps"] = last("nonfinite_steps")
+    for entry in data["skips"]:
+        if entry["ratio"][-1] is not None:
+            out[f"gradflow/skip_ratio/{entry['name']}"] = float(entry["ratio"][-1])
+    if data["bands"] is not None and data["bands"]["norm"][-1] is not None:
+        for b, v in enumerate(data["bands"]["norm"][-1]):
+            out[f"gradflow/band_norm/{b}"] = float(v)
+    return out
+
+
+def early_head_ratio(data: Mapping[str, Any]) -> float | None:
+    """RMS gradient of the first tenth of the layers over that of the last tenth (medians)."""
+    layers = data["layers"]
+    row = data["layer_norm"][-1]
+    k = max(1, len(layers) // 10)
+    if len(layers) < 2:
+        return None
+
+    def rms(j: int) -> float:
+        v = row[j]
+        return math.nan if v is None else float(v) / math.sqrt(max(layers[j]["numel"], 1))
+
+    early = sorted(rms(j) for j in range(k))[k // 2]
+    head = sorted(rms(j) for j in range(len(layers) - k, len(layers)))[k // 2]
+    if not (math.isfinite(early) and math.isfinite(head)) or head == 0:
+        return None
+    return early / head
