@@ -7,6 +7,7 @@ layer: nothing in geobp imports it.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from rich.table import Table
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
-from geobp.errors import GeobpError
+from geobp.errors import ConfigError, GeobpError, format_error
 from geobp.task import SegmentationTask
 
 console = Console(stderr=True)
@@ -214,17 +215,49 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: half the cores, 2 to 8)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes per node, one per GPU (or CPU processes with --device cpu); >1 splits the work")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")
     a = p.parse_args(argv)
+    ranks, device = _infer_processes(a.device, a.devices, a.num_nodes)
     summary = predict_many(
-        a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
+        a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.workers,
+        num_workers=a.workers, ranks=ranks,
     )
+    if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
+        return summary.exit_code
     for src, dst in summary.succeeded:
         console.print(f"{src} -> {dst}", highlight=False)
     for line in summary.lines():
         console.print(line, highlight=False, soft_wrap=True)
     return summary.exit_code
+
+
+def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, str]:
+    """Start (or join) the inference processes with Lightning Fabric; this one's ranks and device.
+
+    One process unless ``devices * num_nodes > 1``; then Fabric's DDP set-up applies: under
+    ``srun`` or ``torchrun`` it joins the processes they started, otherwise it starts the others
+    by running the same command again.
+    """
+    from geobp.inference.distributed import Ranks
+
+    if devices < 1 or num_nodes < 1:
+        raise ConfigError(format_error(None, f"--devices and --num-nodes must be >= 1 (found {devices}, {num_nodes})", "pass positive numbers"))
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != devices * num_nodes:
+        raise ConfigError(format_error(
+            None, f"started as {launched} processes (WORLD_SIZE) but --devices {devices} x --num-nodes {num_nodes} = {devices * num_nodes}",
+            "pass --devices (processes per node) and --num-nodes matching the launcher"))
+    if devices * num_nodes == 1:
+        return Ranks(), device
+    from lightning.fabric import Fabric
+
+    accelerator = "cuda" if device.startswith("cuda") else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
 
 
 def _cuda() -> bool:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
-from geobp.inference.predict import Precision, predict_raster
+from geobp.inference.distributed import Ranks, plan, release_cuda_memory
+from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
+from geobp.inference.predict import Precision, check_paths, open_job, predict_raster, predict_share
 from geobp.task import SegmentationTask
 from geobp.tiling import check_tile_args
 
@@ -87,6 +89,7 @@ def predict_many(
     overwrite: bool = False,
     progress: bool = True,
     num_workers: int | None = None,
+    ranks: Ranks | None = None,
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
 
@@ -102,6 +105,10 @@ def predict_many(
         overlap: tile overlap; an eighth of the tile size when None (64 for 512).
         batch_size, device, precision, probabilities, cog, overwrite, progress,
         num_workers: as in :func:`predict_raster`.
+        ranks: this process's rank among several (see :mod:`geobp.inference.distributed`);
+            by default those of the initialized process group, or a single process. With
+            several, each call must get the same arguments; every process returns the same
+            summary, and only rank 0 shows progress bars.
 
     Returns:
         An :class:`InferenceSummary`; its ``exit_code`` is non-zero when any input failed.
@@ -134,20 +141,76 @@ def predict_many(
                 format_error(src, f"same file name as {seen[dst]}: both would write {dst}", "predict them into separate output folders")
             )
         seen[dst] = src
-    for src in rasters:
+    ranks = ranks or Ranks.current()
+    owners = plan(rasters, ranks.world) if ranks.world > 1 else [0] * len(rasters)
+    kw: dict[str, Any] = {
+        "tile_size": tile, "overlap": overlap, "batch_size": batch_size, "device": device, "precision": precision,
+        "num_classes": k, "class_names": names, "probabilities": probabilities, "cog": cog, "overwrite": overwrite,
+        "progress": progress and ranks.rank == 0, "num_workers": num_workers, "expected_dtype": pre.dtype,
+    }
+    # (input index, input, error message or None) of the rasters this process reports
+    results: list[tuple[int, Path, str | None]] = []
+    for n, src in enumerate(rasters):
         dst = class_map_path(src, out_dir)
-        try:
-            predict_raster(
-                task, src, dst, pre, tile_size=tile, overlap=overlap, batch_size=batch_size,
-                device=device, precision=precision, num_classes=k, class_names=names, probabilities=probabilities,
-                cog=cog, overwrite=overwrite, progress=progress, num_workers=num_workers, expected_dtype=pre.dtype,
-            )
-        except GeobpError as err:
-            summary.failed.append((src, str(err)))
-        except Exception as err:  # noqa: BLE001 - one bad raster must not stop the others
-            summary.failed.append((src, f"{src}: {type(err).__name__}: {err}"))
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
+        if owners is None:  # fewer rasters than processes: every process predicts a share of each
+            error = _predict_split(task, src, dst, ranks, **kw)
+            if ranks.rank == 0:
+                results.append((n, src, error))
+        elif owners[n] == ranks.rank:
+            results.append((n, src, _predict_whole(task, src, dst, **kw)))
+    if ranks.world > 1:
+        results = sorted((r for part in ranks.all_gather(results) for r in part), key=lambda r: r[0])
+    for _, src, error in results:
+        if error is None:
+            summary.succeeded.append((src, class_map_path(src, out_dir)))
         else:
-            summary.succeeded.append((src, dst))
+            summary.failed.append((src, error))
     return summary
+
+
+def _message(src: Path, err: Exception) -> str:
+    """The one-line report of a failed raster."""
+    release_cuda_memory(err)
+    return str(err) if isinstance(err, GeobpError) else f"{src}: {type(err).__name__}: {err}"
+
+
+def _predict_whole(task: SegmentationTask, src: Path, dst: Path, **kw: Any) -> str | None:
+    """Predict one raster in this process; the error message, or None on success."""
+    try:
+        predict_raster(task, src, dst, task.preprocessing, **kw)
+    except Exception as err:  # noqa: BLE001 - one bad raster must not stop the others
+        return _message(src, err)
+    return None
+
+
+def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, **kw: Any) -> str | None:
+    """Predict this process's share of one raster; rank 0 then writes the outputs from every share.
+
+    Every process takes part in the exchange of errors even when its share failed, so that one
+    bad raster cannot leave the others waiting. Returns the error message (on rank 0), or None.
+    """
+    error, job = None, None
+    try:
+        check_paths(src, dst, kw["probabilities"], kw["overwrite"])
+        job = open_job(src, task.preprocessing, kw["tile_size"], kw["overlap"], kw["expected_dtype"], kw["num_classes"])
+        mine = [s for s in share_rows(job.grid, ranks.world) if s.rank == ranks.rank]
+        if mine:
+            share_kw = {key: kw[key] for key in ("batch_size", "device", "precision", "num_classes", "class_names",
+                                                 "probabilities", "progress", "num_workers")}
+            predict_share(task, job, mine[0], part_path(dst, ranks.rank), **share_kw)
+    except Exception as err:  # noqa: BLE001 - reported by rank 0 after the exchange
+        error = _message(src, err)
+    errors = [e for e in ranks.all_gather(error) if e is not None]
+    if ranks.rank != 0:
+        return None
+    try:
+        if errors:
+            return errors[0]
+        assert job is not None
+        write_from_parts(dst, job.grid, share_rows(job.grid, ranks.world), job.profile, kw["class_names"],
+                         probabilities=kw["probabilities"], cog=kw["cog"], overwrite=kw["overwrite"])
+    except Exception as err:  # noqa: BLE001
+        return _message(src, err)
+    finally:
+        remove_parts(dst, ranks.world)
+    return None

@@ -232,10 +232,7 @@ def predict_raster(
     """
     _check_args(tile_size, overlap, batch_size, precision, probabilities, nodata_value)
     src, dst = Path(src), Path(dst)
-    paths = output_paths(dst, probabilities)
-    if src.resolve() in {p.resolve() for p in paths.values()}:
-        raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
-    check_outputs_free(paths, overwrite)
+    paths = check_paths(src, dst, probabilities, overwrite)
     job = open_job(src, preprocessing, tile_size, overlap, expected_dtype, num_classes, nodata_value)
     with contextlib.ExitStack() as stack:
         tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
@@ -247,6 +244,20 @@ def predict_raster(
              precision=precision, num_classes=num_classes, class_names=class_names, probabilities=probabilities,
              progress=progress, nodata_value=nodata_value, num_workers=num_workers)
     return dst
+
+
+def check_paths(src: Path, dst: Path, probabilities: Probabilities, overwrite: bool) -> dict[str, Path]:
+    """The output paths of ``dst`` (see :func:`output_paths`), checked before any work.
+
+    Raises:
+        ConfigError: an output would replace the input.
+        OutputExistsError: an output exists and ``overwrite`` is False.
+    """
+    paths = output_paths(dst, probabilities)
+    if src.resolve() in {p.resolve() for p in paths.values()}:
+        raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
+    check_outputs_free(paths, overwrite)
+    return paths
 
 
 @dataclasses.dataclass(frozen=True)
