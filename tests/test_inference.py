@@ -335,3 +335,17 @@ def test_rasters_without_crs_or_rotated_are_refused(tmp_path):
     with pytest.raises(GeoreferenceError, match=r"rot\.tif: transform is rotated"):
         run(rotated, tmp_path / "rot_classes.tif")
     assert not (tmp_path / "nocrs_classes.tif").exists() and not (tmp_path / "rot_classes.tif").exists()
+
+
+def test_outputs_get_normal_file_permissions(tmp_path):
+    # the temporary file (mkstemp) is private; the finished outputs must not be
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        dst = run(make_image(tmp_path / "in.tif"), tmp_path / "out" / "in_classes.tif", probabilities="confidence")
+    finally:
+        os.umask(umask)
+    for path in output_paths(dst, "confidence").values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
