@@ -349,3 +349,13 @@ def test_outputs_get_normal_file_permissions(tmp_path):
         os.umask(umask)
     for path in output_paths(dst, "confidence").values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_default_reader_threads_use_the_cores_this_process_may_run_on(monkeypatch):
+    from geobp.inference.predict import default_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers("cpu") == 8
+    assert default_workers("cuda") == 14
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers("cpu") == 2 and default_workers("cuda:0") == 2
