@@ -20,18 +20,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 import geobp
-from geobp.callbacks.diagnosis import GradientFlowWarning, Thresholds, diagnose
+from geobp.callbacks.diagnosis import Finding, GradientFlowWarning, Thresholds, decode_float, diagnose
 from geobp.callbacks.jsonfile import REPORT_DIR
-from geobp.callbacks.measure import find_band_conv, find_layers
 from geobp.callbacks.recorder import GradientRecorder
 from geobp.callbacks.series import (
     append_metrics,
     append_nonfinite_event,
     append_recording,
+    continue_document,
+    copy_document,
     latest_scalars,
+    layout_mismatch,
     new_document,
+    thin,
 )
-from geobp.callbacks.skips import SkipTaps, find_skips
 from geobp.callbacks.steps import RING_ROWS
 from geobp.callbacks.writer import ReportWriter
 from geobp.errors import ConfigError, format_error
@@ -44,38 +46,24 @@ class GradientFlowMonitor(L.Callback):
 
     Works on any LightningModule. Measurements are taken in ``on_before_optimizer_step``, where
     Lightning hands over gradients that are unscaled (AMP) and not yet clipped, and, under DDP,
-    already averaged across ranks. Every ``every_n_steps`` optimizer steps (step 0 included) a
-    *recording* stores, with fused kernels and one device-to-host copy:
-
-    - per layer (module owning parameters): gradient L2 norm and max ``|grad|``;
-    - per input band: the norm of the first ``nn.Conv2d``'s ``weight.grad[:, b]``;
-    - per skip connection (torchvision ``BasicBlock``/``Bottleneck``, geobp U-Net
-      ``SkipConnection`` modules, modules matching ``skip_pattern``): the gradient reaching the
-      block input through each path and their ratio (see :mod:`geobp.callbacks.skips`). The
-      hooks that measure this exist only during recording steps; other steps pay nothing;
-    - the total norm, the clip threshold and whether the step was clipped, the loss scale
-      under fp16 and the training loss.
+    already averaged across ranks. Every ``every_n_steps`` optimizer steps (step 0 included), and
+    at the first step of each run of non-finite steps, a *recording* stores, with fused kernels
+    and one device-to-host copy, the gradient norms per layer, input band and skip-connection
+    path, the total norm, clipping, the fp16 loss scale and the loss (see
+    :mod:`geobp.callbacks.recorder` for each, and for DDP, FSDP and gradient accumulation).
 
     Between recordings, ``step_check`` decides what is done on each step (see
     :mod:`geobp.callbacks.steps`):
 
-    - ``deferred``: the per-parameter gradient norms (one fused ``torch._foreach_norm``) go into
-      a small device buffer, no host sync; the next recording reads it: the number of clipped and
-      non-finite steps, and the first step of each run of non-finite steps with its layer and
-      tiles, reported up to ``every_n_steps - 1`` steps late;
-    - ``sync``: the same, plus one host read per step of the step's finiteness, so a non-finite
-      step is recorded in full at once. Free on CPU, and nearly so under fp16, whose loss scaler
-      already syncs on every step;
+    - ``deferred``: each step's per-parameter norms (one fused ``torch._foreach_norm``) wait on
+      the device, no host sync, and the next recording counts clipped and non-finite steps and
+      reports the first of each run of non-finite steps (up to ``every_n_steps - 1`` steps late);
+    - ``sync``: the same, plus one host read per step of its finiteness, so a non-finite step is
+      recorded at once. Free on CPU, and nearly so under fp16 (its loss scaler syncs anyway);
     - ``auto`` (default): ``sync`` on CPU or with a loss scaler, else ``deferred``;
     - ``off``: nothing between recordings (clip and non-finite counts cover recorded steps only).
 
     With ``gradient_clip_algorithm="value"`` clipping is counted on recorded steps only.
-
-    A non-finite recording names the first layer in backward order (the one nearest the
-    output, by module order) whose gradient is NaN/Inf; when every layer is non-finite the loss
-    was, and the forward pass is to blame. It also names the tiles of the step's batch when the
-    batch is a dict with ``scene`` and ``window`` (geobp's batch contract). Under DDP these are
-    rank 0's tiles.
 
     After each recording the diagnosis rules (:mod:`geobp.callbacks.diagnosis`) run on rank 0;
     each new finding is issued once as a :class:`GradientFlowWarning`. Rank 0 writes
@@ -97,10 +85,9 @@ class GradientFlowMonitor(L.Callback):
       through/elsewhere);
     - ``gradflow/band_norm/<b>``: gradient norm of input band ``b``.
 
-    Skip norms come from activation gradients, which DDP does not synchronize: they are the
-    root-mean-square over ranks. Under sharded strategies (FSDP, DeepSpeed) parameter norms
-    are per shard. With gradient accumulation, skip norms combine the micro-batches as a
-    root-sum-square. Several optimizers: each call measures every parameter holding a gradient.
+    Checkpoints carry the recorded run (:meth:`state_dict`): a run resumed from one continues its
+    series, step counts and findings (each still warned only once), and its report covers the
+    whole run; ``meta.resumed_at`` lists the resume steps.
 
     Args:
         every_n_steps: optimizer steps between recordings. A recording of a ResNet-18 U-Net
@@ -118,13 +105,15 @@ class GradientFlowMonitor(L.Callback):
         report_every_s: least seconds between refreshes of the report at epoch ends (0: every
             epoch end); the final write is always done.
         warn: issue findings as warnings while training runs.
+        max_recordings: most recordings kept; past it the series is thinned (every other one
+            dropped, see :mod:`geobp.callbacks.series`), which bounds memory, ``gradflow.json``
+            and the checkpoint state (about 1.7 kB a recording for a ResNet-18 U-Net).
 
     Raises:
         ConfigError: an argument is out of range or ``skip_pattern`` is not a valid regex;
             in ``setup``, a model without trainable parameters or a ``band_layer`` that is not
             a convolution of the model.
     """
-
 
     def __init__(
         self,
@@ -137,6 +126,7 @@ class GradientFlowMonitor(L.Callback):
         write_report: bool = True,
         report_every_s: float = 300.0,
         warn: bool = True,
+        max_recordings: int = 2000,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -153,6 +143,9 @@ class GradientFlowMonitor(L.Callback):
                 raise ConfigError(format_error(
                     None, f"skip_pattern {skip_pattern!r} is not a valid regular expression ({err})",
                     "fix the pattern, e.g. 'decoder\\.skip\\d+'")) from err
+        if isinstance(max_recordings, bool) or not isinstance(max_recordings, int) or max_recordings < 10:
+            raise ConfigError(format_error(None, f"max_recordings must be an integer >= 10 (found {max_recordings!r})",
+                                           "set GradientFlowMonitor max_recordings to e.g. 2000"))
         if not report_every_s >= 0:
             raise ConfigError(format_error(None, f"report_every_s must be >= 0 (found {report_every_s!r})",
                                            "set GradientFlowMonitor report_every_s to e.g. 300"))
@@ -165,6 +158,7 @@ class GradientFlowMonitor(L.Callback):
         self.write_report = write_report
         self.report_every_s = float(report_every_s)
         self.warn = warn
+        self.max_recordings = max_recordings
         self.data: dict[str, Any] | None = None  # the gradflow document being recorded
         self.findings: list = []  # latest diagnosis
         self._recorder: GradientRecorder | None = None
@@ -175,30 +169,11 @@ class GradientFlowMonitor(L.Callback):
         """The report folder, ``<trainer.log_dir>/gradflow`` (None before ``setup``)."""
         return self._writer.folder if self._writer is not None else None
 
-    @property
-    def _taps(self) -> SkipTaps | None:
-        return self._recorder.taps if self._recorder is not None else None
-
     # ----- setup ---------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layers, params = find_layers(pl_module)
-        if not params:
-            raise ConfigError(format_error(None, f"{type(pl_module).__name__} has no trainable parameters to monitor",
-                                           "remove GradientFlowMonitor from trainer.callbacks, or unfreeze the model"))
-        try:
-            band = find_band_conv(pl_module, self.band_layer)
-        except KeyError as err:
-            raise ConfigError(format_error(
-                None, f"band_layer: {err.args[0]}",
-                "set GradientFlowMonitor band_layer to one of the candidates, or to null")) from err
-        skips = find_skips(pl_module, self.skip_pattern)
-        if self.skip_pattern and not any(s.kind == "pattern" for s in skips):
-            rank_zero_warn(f"GradientFlowMonitor: skip_pattern {self.skip_pattern!r} matches no module of "
-                           f"{type(pl_module).__name__}; check the module paths (print(model))",
-                           category=GradientFlowWarning)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             rank_zero_warn(f"GradientFlowMonitor: under {strategy} parameter gradients are sharded, so layer "
@@ -210,13 +185,20 @@ class GradientFlowMonitor(L.Callback):
         clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
         algorithm = trainer.gradient_clip_algorithm
         algorithm = str(getattr(algorithm, "value", algorithm) or "norm")
-        self._recorder = GradientRecorder(layers, params, band, SkipTaps(pl_module, skips), self.every_n_steps,
-                                          clip, clip is not None and algorithm == "value", self._add_event)
+        self._recorder = recorder = GradientRecorder.for_module(
+            pl_module, self.skip_pattern, self.band_layer, self.every_n_steps, clip,
+            clip is not None and algorithm == "value", self._add_event)
+        if self.skip_pattern and not any(s.kind == "pattern" for s in recorder.taps.specs):
+            rank_zero_warn(f"GradientFlowMonitor: skip_pattern {self.skip_pattern!r} matches no module of "
+                           f"{type(pl_module).__name__}; check the module paths (print(model))",
+                           category=GradientFlowWarning)
         self._events_diagnosed = 0
         self._armed_step: int | None = None
         self._loss: Tensor | None = None
         self._tiles: dict[int, list[tuple[Any, Any]]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._resumed = False
+        self._can_resume = True  # until this fit's first step: load_state_dict may continue a series
         self.findings = []
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self._writer = ReportWriter(Path(log_dir or trainer.default_root_dir) / REPORT_DIR)
@@ -232,9 +214,9 @@ class GradientFlowMonitor(L.Callback):
             "geobp_version": geobp.__version__,
         }
         self.data = new_document(
-            meta, vars(self.thresholds), [{"name": x.name, "type": x.type, "numel": x.numel} for x in layers],
-            band[0] if band else None,
-            [{"name": s.name, "kind": s.kind, "source": s.source, "paths": list(s.paths)} for s in skips])
+            meta, vars(self.thresholds), [{"name": x.name, "type": x.type, "numel": x.numel} for x in recorder.layers],
+            recorder.band[0] if recorder.band else None,
+            [{"name": s.name, "kind": s.kind, "source": s.source, "paths": list(s.paths)} for s in recorder.taps.specs])
 
     # ----- per batch -------------------------------------------------------------------------------
 
@@ -275,6 +257,7 @@ class GradientFlowMonitor(L.Callback):
         present, grads = recorder.gradients()
         if not present:
             return
+        self._can_resume = False
         if not recorder.tracker.started:
             mode = self.step_check
             if mode == "auto":
@@ -290,6 +273,7 @@ class GradientFlowMonitor(L.Callback):
                               mean, max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
         self._armed_step = None
         append_recording(self.data, rec)
+        thin(self.data, self.max_recordings)
         self._tiles = {s: t for s, t in self._tiles.items() if s > step}
         if trainer.is_global_zero:
             if self.log_to_logger and trainer.loggers:
@@ -330,6 +314,48 @@ class GradientFlowMonitor(L.Callback):
                     f"GradientFlowMonitor: {f.kind} at {f.where} (step {f.step}): {f.message}. Fix: {f.fix}.",
                     category=GradientFlowWarning)
 
+    # ----- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run recorded so far, for a checkpoint (empty before ``setup``).
+
+        Holds a copy of the document (series, metrics, events, diagnoses: bounded by
+        ``max_recordings``), the step counters, and the findings already warned about. Steps
+        still waiting on the device are counted first (one host read).
+        """
+        if self.data is None or self._recorder is None:
+            return {}
+        tracker = self._recorder.tracker
+        tracker.drain(self._scale())
+        return {"data": copy_document(self.data), "counters": tracker.state_dict(),
+                "warned": [list(k) for k in sorted(self._warned)], "events_diagnosed": self._events_diagnosed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the series of a checkpoint (Lightning calls it after ``setup`` when resuming).
+
+        Ignored outside the start of a fit (e.g. ``trainer.test(ckpt_path=...)``). A series
+        recorded on a different model (layers, skips or band layer) is not continued: a new one
+        starts, with a warning.
+        """
+        if self.data is None or self._recorder is None or not self._can_resume or "data" not in state_dict:
+            return
+        why = layout_mismatch(state_dict["data"], self.data)
+        if why is not None:
+            rank_zero_warn(f"GradientFlowMonitor: the checkpoint's gradient-flow series is not continued: {why}; "
+                           "a new series starts here", category=GradientFlowWarning)
+            return
+        self.data = continue_document(state_dict["data"], self.data)
+        self._recorder.tracker.load_state_dict(state_dict["counters"])
+        self._warned = {(str(kind), str(where)) for kind, where in state_dict["warned"]}
+        self._events_diagnosed = int(state_dict["events_diagnosed"])
+        self.findings = [Finding(**{**d, "value": decode_float(d["value"])}) for d in self.data["diagnoses"]]
+        self._resumed = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed and self.data is not None:
+            self.data["meta"].setdefault("resumed_at", []).append(trainer.global_step)
+            self._resumed = False
+
     # ----- metrics and report ------------------------------------------------------------------------
 
     def _read_metrics(self, trainer: L.Trainer) -> None:
@@ -338,18 +364,10 @@ class GradientFlowMonitor(L.Callback):
             append_metrics(self.data, trainer.global_step, trainer.callback_metrics)
 
     def write(self, background: bool = False) -> tuple[Path, Path] | None:
-        """Write ``gradflow.json`` and ``report.html`` now (each atomically); None before ``setup``.
-
-        Args:
-            background: render the page in a thread from a snapshot of the data, so training
-                goes on meanwhile (rendering takes a few seconds); the JSON is written at once.
-                If the previous rendering is still running, this one is skipped.
+        """Write ``gradflow.json`` and ``report.html`` now (see :meth:`ReportWriter.write`).
 
         Returns:
-            ``(json_path, html_path)``.
-
-        Raises:
-            Exception: the error of the previous background rendering, if it failed.
+            ``(json_path, html_path)``, or None before ``setup``.
         """
         if self.data is None or self._writer is None:
             return None

@@ -1,9 +1,27 @@
 """What the monitor measures from a model's gradients, per step and per recording.
 
-:class:`GradientRecorder` owns the monitored parameters, the skip taps and the per-step tracker.
-It knows nothing of Lightning: the caller passes in the step, the loss, the loss scale and how to
-average over ranks, so it can be driven by a hand-written loop too. A recording reads everything
-it needs in one device-to-host copy.
+A *recording* stores, with fused kernels and one device-to-host copy:
+
+- per layer (module owning parameters): gradient L2 norm and max ``|grad|``;
+- per input band: the norm of the first ``nn.Conv2d``'s ``weight.grad[:, b]``;
+- per skip connection (torchvision ``BasicBlock``/``Bottleneck``, geobp U-Net
+  ``SkipConnection`` modules, modules matching a pattern): the gradient reaching the block input
+  through each path and their ratio (see :mod:`geobp.callbacks.skips`). The hooks that measure
+  this are armed only for recording steps; other steps pay nothing for them;
+- the total norm, whether the step was clipped, the loss scale under fp16 and the loss.
+
+Between recordings each step's per-parameter norms wait on the device
+(:mod:`geobp.callbacks.steps`). A non-finite step is named by the first layer in backward order
+(the one nearest the output, by module order) whose gradient is NaN/Inf; when every layer is
+non-finite the loss was, and the forward pass is to blame.
+
+Skip norms come from activation gradients, which DDP does not synchronize: they are the
+root-mean-square over ranks. Under sharded strategies (FSDP, DeepSpeed) parameter norms are per
+shard. With gradient accumulation, skip norms combine the micro-batches as a root-sum-square.
+With several optimizers, each call measures every parameter holding a gradient.
+
+:class:`GradientRecorder` knows nothing of Lightning: the caller passes in the step, the loss,
+the loss scale and how to average over ranks, so a hand-written loop can drive it too.
 """
 
 from __future__ import annotations
@@ -14,10 +32,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from geobp.callbacks.measure import Layer, band_norms, grad_max_abs, layer_reduce
+from geobp.callbacks.measure import Layer, band_norms, find_band_conv, find_layers, grad_max_abs, layer_reduce
 from geobp.callbacks.series import Recording
-from geobp.callbacks.skips import SkipTaps
+from geobp.callbacks.skips import SkipTaps, find_skips
 from geobp.callbacks.steps import EventFn, StepTracker, TrackMode
+from geobp.errors import ConfigError, format_error
 
 
 class GradientRecorder:
@@ -37,13 +56,43 @@ class GradientRecorder:
 
     def __init__(self, layers: list[Layer], params: list[nn.Parameter], band: tuple[str, nn.Conv2d] | None,
                  taps: SkipTaps, rows: int, clip: float | None, clip_by_value: bool, on_event: EventFn) -> None:
-        self.layers, self.params, self.taps = layers, params, taps
+        self.layers, self.params, self.band, self.taps = layers, params, band, taps
         self.clip, self.clip_by_value = clip, clip_by_value
         self._layer_list = [j for j, layer in enumerate(layers) for _ in layer.params]
         self._layer_of_param = torch.tensor(self._layer_list)
         ids = {id(p): i for i, p in enumerate(params)}
         self._band_param = ids.get(id(band[1].weight)) if band else None
         self.tracker = StepTracker(len(params), rows, None if clip_by_value else clip, on_event)
+
+    @classmethod
+    def for_module(cls, root: nn.Module, skip_pattern: str | None, band_layer: str | None, rows: int,
+                   clip: float | None, clip_by_value: bool, on_event: EventFn) -> GradientRecorder:
+        """Find the layers, input-band convolution and skips of ``root`` and record them.
+
+        Args:
+            root: the model (a LightningModule included).
+            skip_pattern: regex of further skip-carrying module paths (see
+                :func:`~geobp.callbacks.skips.find_skips`), or None.
+            band_layer: module path of the band convolution; None takes the first ``nn.Conv2d``.
+            rows, clip, clip_by_value, on_event: as for the constructor.
+
+        Raises:
+            ConfigError: ``root`` has no trainable parameters, or ``band_layer`` is not one of
+                its convolutions (the message lists the candidates).
+        """
+        name = type(root).__name__
+        layers, params = find_layers(root)
+        if not params:
+            raise ConfigError(format_error(None, f"{name} has no trainable parameters to monitor",
+                                           "remove GradientFlowMonitor from trainer.callbacks, or unfreeze the model"))
+        try:
+            band = find_band_conv(root, band_layer)
+        except KeyError as err:
+            raise ConfigError(format_error(
+                None, f"band_layer: {err.args[0]}",
+                "set GradientFlowMonitor band_layer to one of the candidates, or to null")) from err
+        skips = find_skips(root, skip_pattern)
+        return cls(layers, params, band, SkipTaps(root, skips), rows, clip, clip_by_value, on_event)
 
     def gradients(self) -> tuple[list[int], list[Tensor]]:
         """``(present, grads)``: indices of the parameters holding a gradient, and those gradients."""

@@ -14,7 +14,9 @@ key                value
 schema, version    ``"geobp.gradflow"``, ``1``
 meta               ``model`` (class name), ``precision``, ``gradient_clip_val`` (null: none),
                    ``gradient_clip_algorithm``, ``loss_scaler`` (bool), ``world_size``,
-                   ``every_n_steps``, ``step_check``, ``geobp_version``, ``updated`` (ISO time)
+                   ``every_n_steps``, ``step_check``, ``geobp_version``, ``updated`` (ISO time);
+                   ``resumed_at``: steps at which the run was resumed from a checkpoint (absent
+                   if never); ``thinned``: times the series was halved (absent if never)
 thresholds         the diagnosis thresholds used (:class:`~geobp.callbacks.diagnosis.Thresholds`)
 layers             ``[L]`` of ``{name, type, numel}``: modules owning parameters, module order
 steps              ``[R]`` optimizer step (``trainer.global_step``, 0-based) of each recording
@@ -41,6 +43,12 @@ nonfinite          ``[{step, layer, all_layers, nonfinite_layers, loss_scale, sc
                    ``windows`` as ``[row_off, col_off, height, width]``
 diagnoses          ``[{kind, where, step, value, message, fix}]``
 =================  ===========================================================================
+
+**Bounded size.** Past ``max_recordings`` recordings the series is *thinned*: every other
+recording is dropped (the first and the latest are kept), so the spacing of older recordings
+doubles while recording goes on at the same interval. Metric series are thinned the same way.
+The document, and with it ``gradflow.json`` and the monitor's checkpoint state, then stays below
+about ``max_recordings`` x (2 L + 3 K + C + 10) numbers (K skips).
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ SCHEMA = "geobp.gradflow"
 SCHEMA_VERSION = 1
 #: Non-finite steps kept in full in ``nonfinite`` (all are counted).
 MAX_EVENTS = 100
+#: Top-level keys holding one value per recording.
+PER_RECORDING = ("steps", "layer_norm", "layer_max_abs", "total_norm", "clipped", "steps_seen", "clipped_steps",
+                 "nonfinite_steps", "loss_scale", "loss")
 
 
 def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers: Sequence[Mapping[str, Any]],
@@ -244,3 +255,81 @@ def early_head_ratio(data: Mapping[str, Any]) -> float | None:
     if not (math.isfinite(early) and math.isfinite(head)) or head == 0:
         return None
     return early / head
+
+
+def thin(data: dict[str, Any], max_recordings: int) -> bool:
+    """Halve the series once it holds more than ``max_recordings`` recordings (see module doc).
+
+    Keeps the recordings at even positions and the latest one; a metric series longer than
+    ``max_recordings`` is halved the same way. Increments ``meta["thinned"]``.
+
+    Returns:
+        Whether the series was thinned.
+    """
+    n = len(data["steps"])
+    if n <= max_recordings:
+        return False
+    keep = [*range(0, n - 1, 2), n - 1]
+
+    def pick(values: list[Any]) -> list[Any]:
+        return [values[i] for i in keep]
+
+    for key in PER_RECORDING:
+        data[key] = pick(data[key])
+    if data["bands"] is not None:
+        data["bands"]["norm"] = pick(data["bands"]["norm"])
+    for entry in data["skips"]:
+        entry["norms"], entry["ratio"] = pick(entry["norms"]), pick(entry["ratio"])
+    for name, points in data["metrics"].items():
+        if len(points) > max_recordings:
+            data["metrics"][name] = [*points[0:-1:2], points[-1]]
+    data["meta"]["thinned"] = int(data["meta"].get("thinned", 0)) + 1
+    return True
+
+
+def layout_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Why a saved document's series cannot be continued by ``current``'s recordings, or None.
+
+    They must have the same layers (names and sizes), skips (names and kinds) and band layer.
+    """
+    if saved.get("schema") != SCHEMA or saved.get("version") != SCHEMA_VERSION:
+        return f"it is not a {SCHEMA} version {SCHEMA_VERSION} document"
+    for key, fields in (("layers", ("name", "numel")), ("skips", ("name", "kind"))):
+        a = [tuple(x.get(f) for f in fields) for x in saved.get(key) or []]
+        b = [tuple(x.get(f) for f in fields) for x in current.get(key) or []]
+        if a != b:
+            diff = next((f"{x} != {y}" for x, y in zip(a, b) if x != y), f"{len(a)} != {len(b)} entries")
+            return f"its {key} differ from the model's ({diff})"
+    band_a = (saved.get("bands") or {}).get("layer")
+    band_b = (current.get("bands") or {}).get("layer")
+    if band_a != band_b:
+        return f"its band layer {band_a!r} is not the model's {band_b!r}"
+    return None
+
+
+def continue_document(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved document, to be continued by the current run.
+
+    Series, metrics, non-finite events and diagnoses come from ``saved``; ``meta`` (precision,
+    interval, version, ...) and ``thresholds`` from ``current``, as they apply from now on,
+    except ``resumed_at`` and ``thinned``, which keep the saved history. ``totals`` is dropped
+    (set again at the end of training).
+    """
+    out = copy_document(saved)
+    out.pop("totals", None)
+    meta = dict(current["meta"])
+    for key in ("resumed_at", "thinned"):
+        if key in (saved.get("meta") or {}):
+            meta[key] = copy_document(saved["meta"][key])
+    out["meta"] = meta
+    out["thresholds"] = dict(current["thresholds"])
+    return out
+
+
+def copy_document(data: Any) -> Any:
+    """A copy of a document's dicts and lists (the leaves are immutable), e.g. for a checkpoint."""
+    if isinstance(data, dict):
+        return {k: copy_document(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [copy_document(v) for v in data]
+    return data

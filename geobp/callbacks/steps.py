@@ -160,3 +160,20 @@ class StepTracker:
         """Read the filled rows now (one host copy), if any."""
         if self._steps:
             self.consume(iter(torch.cat(self.pieces()).tolist()), scale)
+
+    # ----- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """The counters, for a checkpoint. Call :meth:`drain` first: rows on the device are not kept."""
+        if self._steps:
+            raise RuntimeError("StepTracker.state_dict: drain() the ring first")
+        return {"steps_seen": self.steps_seen, "nonfinite_steps": self.nonfinite_steps,
+                "clipped_steps": self.clipped_steps, "last_bad": self._last_bad, "ended_bad": self._ended_bad}
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        """Continue the counters of :meth:`state_dict`."""
+        self.steps_seen = int(state["steps_seen"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.clipped_steps = int(state["clipped_steps"])
+        self._last_bad = bool(state["last_bad"])
+        self._ended_bad = bool(state["ended_bad"])

@@ -60,7 +60,7 @@ def test_skip_hooks_exist_only_on_recording_steps(fit) -> None:
     monitor = GradientFlowMonitor(every_n_steps=4, write_report=False)
     fit(ZooModule(small_resnet()), TileSet(), monitor, max_steps=10, callbacks=[counter])
     assert counter.counts == {s: (3 if s % 4 == 0 else 0) for s in range(10)}
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in monitor._taps._modules) == 0
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in monitor._recorder.taps._modules) == 0
 
 
 def test_logged_keys_and_clipping(fit, tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_accumulation_and_steps_without_backward(fit) -> None:
     data = monitor.data
     assert data["steps"] == [0, 2, 4]
     assert all(r is not None for s in data["skips"] for r in s["ratio"])
-    assert sum(len(m._forward_pre_hooks) for m in monitor._taps._modules) == 0
+    assert sum(len(m._forward_pre_hooks) for m in monitor._recorder.taps._modules) == 0
 
 
 class RandomTiles(Dataset):
