@@ -3,9 +3,10 @@
 All three read the same synthetic scenes (uint16, DEFLATE with predictor 2, internal tiles),
 with the same tile size, batch size and number of DataLoader workers:
 
-- geobp: ``GeoTiffDataModule.train_dataloader()`` (random block-aligned tiles, normalisation,
-  nodata mask, int64 labels), without and with augmentation; the band-statistics scan is done
-  before timing;
+- geobp: ``GeoTiffDataModule.train_dataloader()`` (random block-aligned tiles, nodata mask; the
+  workers send raw pixels and uint8 labels), then the data module's ``on_after_batch_transfer``
+  in the main process (float32 normalisation, int64 labels: what Lightning runs on the device,
+  here the CPU), without and with augmentation; the band-statistics scan is done before timing;
 - torchgeo: ``RasterDataset`` for images ``&`` a ``RasterDataset`` for masks, with
   ``RandomGeoSampler`` and ``stack_samples``, as its documentation shows;
 - bare: a trivial Dataset reading the very windows geobp's sampler draws (256 px, inside one
@@ -90,6 +91,20 @@ def time_loader(make: Callable[[], Iterable[dict[str, Any]]], warmup_batches: in
 
 
 # ----- geobp ------------------------------------------------------------------------------
+
+
+class OnDevice:
+    """Iterates a geobp loader as Lightning does: each batch through the data module's ``on_after_batch_transfer``.
+
+    On the CPU the "device" is the main process, so the normalisation is timed there.
+    """
+
+    def __init__(self, dm: Any, loader: DataLoader) -> None:
+        self.dm, self.loader = dm, loader
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield self.dm.on_after_batch_transfer(batch, 0)
 
 
 def geobp_datamodule(root: Path, cfg: Config, *, tiles: int, augment: bool, seed: int, val_fraction: float = 0.0) -> Any:
@@ -215,8 +230,9 @@ def run(cfg: Config) -> dict[str, Any]:
     grid_tiles = len(grid_dm.grid_tiles("val"))
     grid_warm = 1 if grid_tiles > 4 * bs else 0  # tiny (quick) grids: no warm-up, or nothing is left to time
 
-    def geobp_random(seed: int, augment: bool) -> DataLoader:
-        return geobp_datamodule(root, cfg, tiles=total, augment=augment, seed=seed).train_dataloader()
+    def geobp_random(seed: int, augment: bool) -> OnDevice:
+        dm = geobp_datamodule(root, cfg, tiles=total, augment=augment, seed=seed)
+        return OnDevice(dm, dm.train_dataloader())
 
     def bare_random(seed: int) -> DataLoader:
         windows = geobp_windows(root, cfg, total, seed)
@@ -227,12 +243,12 @@ def run(cfg: Config) -> dict[str, Any]:
         return torchgeo_loader(tg_random, sampler, cfg)
 
     # name: (loader factory for a repeat's seed, warm-up batches, timed batches or None for all)
-    variants: dict[str, tuple[Callable[[int], DataLoader], int, int | None]] = {
+    variants: dict[str, tuple[Callable[[int], Iterable[dict[str, Any]]], int, int | None]] = {
         "geobp": (lambda seed: geobp_random(seed, False), warm, timed),
         "geobp_augment": (lambda seed: geobp_random(seed, True), warm, timed),
         "torchgeo": (torchgeo_random, warm, timed),
         "bare": (bare_random, warm, timed),
-        "geobp_grid": (lambda seed: grid_dm.val_dataloader(), grid_warm, None),
+        "geobp_grid": (lambda seed: OnDevice(grid_dm, grid_dm.val_dataloader()), grid_warm, None),
         "torchgeo_grid": (lambda seed: torchgeo_loader(tg_grid, GridGeoSampler(tg_grid, size=cfg.tile_size,
                                                                                stride=cfg.tile_size), cfg), grid_warm, None),
     }
@@ -293,9 +309,10 @@ def run(cfg: Config) -> dict[str, Any]:
              "decoded scenes, so blocks are decoded as they would be on a dataset larger than RAM; "
              if cfg.gdal_cache_mb > 0 else "GDAL's default block cache (5% of RAM per process): repeated blocks "
              "may be served from memory; ") + "files are in the OS page cache (no disk reads).",
-            "geobp yields float32 normalised images, nodata-masked int64 labels and tile metadata; torchgeo yields "
-            "float32 images and int64 masks (no normalisation); the bare loop reads the same windows as geobp "
-            "(same blocks decoded) and yields the raw integers.",
+            "geobp's workers send the raw uint16 pixels, nodata-masked uint8 labels and tile metadata; its "
+            "`on_after_batch_transfer` (float32 normalisation, int64 labels; on the device under Lightning) runs "
+            "in the main process and is timed; torchgeo yields float32 images and int64 masks (no normalisation); "
+            "the bare loop reads the same windows as geobp (same blocks decoded) and yields the raw integers.",
             "Repeats alternate the order of the loaders; each repeat starts fresh workers.",
             CPU_NOTE,
         ],
@@ -354,7 +371,9 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
 
     Stages run in this process (``num_workers=0``) over the same number of random tiles; the
     collate step runs in one DataLoader worker, where batches are written to shared memory as
-    in training. Then cProfile of geobp's ``TileDataset.__getitem__`` over the tiles.
+    in training; the data module's ``on_after_batch_transfer`` (normalisation, on the device
+    under Lightning) runs per batch in this process. Then cProfile of geobp's
+    ``TileDataset.__getitem__`` over the tiles.
 
     Returns:
         A text report.
@@ -365,6 +384,8 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
 
     from rasterio.windows import Window
 
+    from geobp.data.dataset import collate_tiles, mask_dtype
+    from geobp.data.preprocessing import valid_pixels
     from geobp.raster import read_window
 
     root = ensure_scenes(cfg.cache_dir, cfg.scenes, cfg.scene_size, cfg.bands, cfg.classes, cfg.block_size)
@@ -385,15 +406,15 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
         return out
 
     pre, t = ds.preprocessing, cfg.tile_size
+    mask_type = mask_dtype(ds.num_classes, ds.ignore_index)
     for spec in specs:  # geobp's TileDataset._read, stage by stage
         w = Window(spec.col, spec.row, t, t)
         raw = clock("geobp: read image window", lambda: read_window(ds._open(ds.images[spec.scene]), w, pre.bands))
-        image, valid = clock("geobp: normalise + validity (Preprocessing)", lambda: pre(raw))
-        mask = clock("geobp: read mask window + astype int64",
-                     lambda: read_window(ds._open(ds.masks[spec.scene]), w, 1, fill=ds.ignore_index).astype(np.int64))
-        clock("geobp: label check + nodata to ignore", lambda: (ds._check_labels(mask, spec), mask.__setitem__(~valid, 255)))
-        clock("geobp: to torch", lambda: (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                                          torch.from_numpy(mask), torch.tensor([spec.row, spec.col, t, t])))
+        valid = clock("geobp: validity (nodata)", lambda: valid_pixels(raw, pre.nodata))
+        mask = clock("geobp: read mask window", lambda: read_window(ds._open(ds.masks[spec.scene]), w, 1))
+        clock("geobp: label check, compact mask, nodata to ignore",
+              lambda: (ds._check_labels(mask, spec), mask.astype(mask_type).__setitem__(~valid, 255)))
+        clock("geobp: to torch", lambda: (torch.from_numpy(raw), torch.from_numpy(mask), torch.tensor([spec.row, spec.col, t, t])))
     for i in range(tiles):
         s, r, c = (int(v) for v in bare.windows[i])
         w = Window(c, r, t, t)
@@ -403,10 +424,14 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
     bare_samples = [bare[i] for i in range(tiles)]
     stages["geobp: collate (in a worker, shared memory)"] = _collate_ms(geobp_samples, cfg.batch_size) * tiles / 1e3
     stages["bare: collate (in a worker, shared memory)"] = _collate_ms(bare_samples, cfg.batch_size) * tiles / 1e3
+    for i in range(0, tiles, cfg.batch_size):  # on the device under Lightning; here the CPU
+        batch = collate_tiles(geobp_samples[i : i + cfg.batch_size])
+        clock("geobp: on_after_batch_transfer (main process, CPU)", lambda: dm.on_after_batch_transfer(batch, 0))
     del geobp_samples, bare_samples
 
     out = io.StringIO()
-    out.write(f"Milliseconds per tile over {tiles} random {t} px tiles (one process; collate in one worker)\n")
+    out.write(f"Milliseconds per tile over {tiles} random {t} px tiles (one process; collate in one worker; "
+              f"normalisation per batch of {cfg.batch_size})\n")
     for who in ("geobp", "bare"):
         total = sum(v for k, v in stages.items() if k.startswith(who))
         for k, v in stages.items():

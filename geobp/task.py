@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from geobp.data.preprocessing import Preprocessing
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from geobp.errors import CheckpointError, DataNotFoundError, NonFiniteError, format_error
+from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss
 from geobp.models import EncoderName, ModelName, create_model
 
@@ -106,6 +106,16 @@ class SegmentationTask(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor | None:
         if "skipped" in batch:
             self.log(f"{stage}/skipped_tiles", batch["skipped"].float(), on_step=False, on_epoch=True, reduce_fx="sum")
+        if "raw" in batch:
+            raise ConfigError(
+                format_error(
+                    None,
+                    "the batch holds raw pixels (`raw`), not the normalised `image` of the batch contract",
+                    "give the trainer the data module (trainer.fit(task, datamodule=dm)), whose "
+                    "on_after_batch_transfer normalises batches on the device, or call "
+                    "geobp.data.dataset.finish_batch(batch, dm.preprocessing) on each batch",
+                )
+            )
         if "image" not in batch:  # every tile of the batch failed to read (data.on_read_error: skip)
             return None
         logits = self(batch["image"])

@@ -57,7 +57,7 @@ def test_corrupt_block_skip_warns_and_counts(dm, tmp_path):
         bad = ds[TileSpec(0, 32, 32, 32, 32)]
     good = ds[TileSpec(1, 0, 0, 32, 32)]
     batch = collate_tiles([bad, good, good])
-    assert batch["skipped"].item() == 1 and batch["image"].shape[0] == 2
+    assert batch["skipped"].item() == 1 and batch["raw"].shape[0] == 2
     assert collate_tiles([None, None]) == {"skipped": torch.tensor(2)}
 
 

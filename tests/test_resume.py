@@ -334,7 +334,7 @@ def test_loader_state_resumes_mid_epoch_and_then_goes_on(scenes, augment):
     assert len(rest) == 4
     for a, b in zip(rest, full[2:]):
         assert a["scene"] == b["scene"] and torch.equal(a["window"], b["window"])
-        assert augment or torch.equal(a["image"], b["image"])
+        assert augment or torch.equal(a["raw"], b["raw"])
     assert fresh.state_dict() == {"epoch": 3, "batches": 6}
     # the next epoch is whole again, and a state saved in another epoch is ignored
     assert len(epoch_batches(fresh, 4)) == 6
@@ -355,4 +355,4 @@ def test_loader_draws_the_trainers_current_epoch_not_the_set_epoch_argument(scen
 def test_augmentation_restarts_after_resume(scenes):
     full = epoch_batches(datamodule(scenes, augment=True).train_dataloader(), 0)
     rest = epoch_batches(datamodule(scenes, augment=True).train_dataloader(), 0, {"epoch": 0, "batches": 2})
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[2:]))
+    assert all(torch.equal(a["raw"], b["raw"]) for a, b in zip(rest, full[2:]))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from geobp.errors import CheckpointError, DataNotFoundError
+from geobp.errors import CheckpointError, ConfigError, DataNotFoundError
 from geobp.losses import SegmentationLoss, dice_loss
 from geobp.task import SegmentationTask
 
@@ -41,6 +41,14 @@ def test_shared_step_logs_metrics_and_per_class_iou():
     task.on_validation_epoch_end()
     assert {"val/loss", "val/mIoU", "val/F1", "val/acc", "val/IoU_w", "val/IoU_f", "val/IoU_c"} <= set(logged)
     assert 0 <= float(logged["val/mIoU"]) <= 1
+
+
+def test_raw_batch_is_refused_with_the_fix():
+    """A compact loader batch that bypassed the data module's hook is not silently skipped."""
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3)
+    raw = {"raw": torch.zeros(2, 3, 32, 32, dtype=torch.uint16), "mask": torch.zeros(2, 32, 32, dtype=torch.uint8)}
+    with pytest.raises(ConfigError, match=r"raw pixels .*Fix: give the trainer the data module"):
+        task.training_step(raw, 0)
 
 
 def test_checkpoint_roundtrip_rebuilds_model_and_preprocessing(tmp_path):

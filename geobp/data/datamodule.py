@@ -13,7 +13,7 @@ from rasterio.windows import Window
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from geobp.data.dataset import TileDataset, TileSpec, collate_tiles
+from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.preprocessing import NormMethod, Preprocessing, SceneStats, combine_stats, load_scene_stats, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
@@ -90,6 +90,12 @@ class GeoTiffDataModule(L.LightningDataModule):
     its own CRS and grid. Training draws ``tiles_per_epoch`` random tiles aligned to the files'
     internal blocks; validation and test use a grid that covers their part of every scene. Under
     DDP every rank gets a disjoint share of the tiles.
+
+    The DataLoaders yield compact batches (raw pixels in the file's dtype under ``raw``, uint8
+    masks: see :mod:`geobp.data.dataset`); :meth:`on_after_batch_transfer`, which Lightning calls
+    once the batch is on the device, normalises them into the batch contract (float32 ``image``,
+    int64 ``mask``). Lightning calls it when the trainer is given this data module
+    (``trainer.fit(task, datamodule=dm)``); a loop of your own calls it on each batch.
 
     Args:
         root: dataset folder.
@@ -267,6 +273,12 @@ class GeoTiffDataModule(L.LightningDataModule):
         return tiles
 
     # ----- Lightning hooks -----------------------------------------------------------------
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """Normalise a compact batch on its device into the batch contract (:func:`finish_batch`)."""
+        if isinstance(batch, dict):
+            return finish_batch(batch, self.preprocessing)
+        return batch
 
     def _dataset(self, augment: bool) -> TileDataset:
         hp = self.hparams

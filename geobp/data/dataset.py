@@ -1,4 +1,4 @@
-"""The tile dataset: a :class:`TileSpec` in, a sample of the batch contract out.
+"""The tile dataset: a :class:`TileSpec` in, a compact sample out; :func:`finish_batch` makes the contract.
 
 Batch contract (what every model, task and callback relies on):
 
@@ -6,7 +6,16 @@ Batch contract (what every model, task and callback relies on):
 - ``mask``: int64 [B, H, W], class ids, ``ignore_index`` on nodata and padding;
 - ``scene``: list of B scene names;
 - ``window``: int64 [B, 4] as (row_off, col_off, height, width) of the tile in its scene
-  (height/width are the part inside the raster; the rest of the tile is padding).
+  (height/width are the part inside the raster; the rest of the tile is padding);
+- ``skipped``: int64 scalar, tiles of the batch dropped because they failed to read.
+
+DataLoader workers send a compact form of it, less than half the bytes through shared memory:
+``raw`` (the pixels in the file's dtype, e.g. uint16 [B, C, H, W], augmented but not normalised)
+in place of ``image``, and ``mask`` as uint8 (see :func:`mask_dtype`). :func:`finish_batch`
+turns a compact batch into the contract, on whatever device the batch is on;
+:class:`~geobp.data.datamodule.GeoTiffDataModule` calls it in ``on_after_batch_transfer``, after
+Lightning moved the batch to the GPU. Normalising there is exact: the flips and rotations act on
+pixel positions only, and the normalisation on each pixel alone.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, default_collate
 
-from geobp.data.preprocessing import Preprocessing
+from geobp.data.preprocessing import Preprocessing, valid_pixels
 from geobp.errors import LabelError, RasterReadError, format_error
 from geobp.raster import open_reader, read_window
 
@@ -47,6 +56,10 @@ class TileSpec(NamedTuple):
 class TileDataset(Dataset[Sample]):
     """Reads tiles of image/mask pairs given by :class:`TileSpec` (map-style, keyed by spec).
 
+    A sample is compact (see the module docstring): ``raw`` [C, H, W] in the file's dtype, the
+    ``mask`` [H, W] in :func:`mask_dtype` with ``ignore_index`` on nodata and padding, ``scene``
+    and ``window``. :func:`finish_batch` normalises it.
+
     File handles are opened lazily in the process that reads (each DataLoader worker opens its
     own) and kept open for the worker's life; they are never pickled.
 
@@ -58,7 +71,8 @@ class TileDataset(Dataset[Sample]):
         tile_size: output tile size; windows smaller than this are padded bottom/right.
         num_classes: number of classes; mask values must be in ``[0, num_classes)`` or ``ignore_index``.
         ignore_index: label of pixels excluded from loss and metrics.
-        augment: optional joint augmentation of (image HWC, mask HW).
+        augment: optional joint augmentation of (raw image HWC, mask HW). It runs before
+            normalisation, so it must commute with it per pixel (flips, rotations, crops).
         on_read_error: ``stop`` raises on a block that fails to decode; ``skip`` warns (naming
             the scene and window) and drops the tile from its batch; the batch's ``skipped``
             entry counts the dropped tiles.
@@ -125,28 +139,30 @@ class TileDataset(Dataset[Sample]):
         src = self._open(self.images[spec.scene])
         fill = pre.nodata if pre.nodata is not None else 0
         raw = read_window(src, window, pre.bands, fill=fill)
-        image, valid = pre(raw)
-        inside = np.zeros((t, t), dtype=bool)
-        inside[: spec.height, : spec.width] = True
-        valid &= inside
+        valid = valid_pixels(raw, pre.nodata)
+        valid[spec.height :, :] = False  # padding outside the raster
+        valid[:, spec.width :] = False
+        mask_type = mask_dtype(self.num_classes, self.ignore_index)
         if self.masks is not None:
             msrc = self._open(self.masks[spec.scene])
-            mask = read_window(msrc, window, 1, fill=self.ignore_index).astype(np.int64)
+            mask = read_window(msrc, window, 1)  # padding becomes ignore_index below (not valid)
             self._check_labels(mask, spec)
+            mask = mask.astype(mask_type)
             mask[~valid] = self.ignore_index
         else:
-            mask = np.where(valid, 0, self.ignore_index).astype(np.int64)
+            mask = np.where(valid, 0, self.ignore_index).astype(mask_type)
         if self.augment is not None:
-            hwc, mask = self.augment(np.ascontiguousarray(image.transpose(1, 2, 0)), mask)
-            image = hwc.transpose(2, 0, 1)
+            hwc, mask = self.augment(np.ascontiguousarray(raw.transpose(1, 2, 0)), mask)
+            raw = hwc.transpose(2, 0, 1)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+            "raw": torch.from_numpy(np.ascontiguousarray(raw)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=mask_type)),
             "scene": self.names[spec.scene],
             "window": torch.tensor([spec.row, spec.col, spec.height, spec.width], dtype=torch.int64),
         }
 
     def _check_labels(self, mask: np.ndarray, spec: TileSpec) -> None:
+        mask = mask.astype(np.int64, copy=False)  # checked in the file's values, before the compact cast
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
             values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
@@ -158,6 +174,43 @@ class TileDataset(Dataset[Sample]):
                     "set data.num_classes to cover every label, or recode those pixels to the ignore index",
                 )
             )
+
+
+def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
+    """The smallest dtype that holds every class id and the ignore index: uint8, int16, or int64."""
+    lo, hi = min(0, ignore_index), max(num_classes - 1, ignore_index)
+    for dtype in (np.uint8, np.int16):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def finish_batch(batch: dict[str, Any], preprocessing: Preprocessing) -> dict[str, Any]:
+    """Turn a compact batch (as the loaders yield it) into the batch contract, on its device.
+
+    ``raw`` is normalised into a float32 ``image`` (:meth:`Preprocessing.normalize_tensor`) and
+    the mask becomes int64. A batch already in the contract, or one that holds only
+    ``skipped``, is returned unchanged, so calling this twice is harmless.
+
+    Args:
+        batch: a batch from a geobp DataLoader, on any device; changed in place.
+        preprocessing: the preprocessing the tiles were read with (``TileDataset.preprocessing``).
+
+    Returns:
+        The same dict, in the batch contract.
+    """
+    if "raw" in batch:
+        batch["image"], _ = preprocessing.normalize_tensor(batch.pop("raw"))
+    mask = batch.get("mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.int64:
+        if mask.device.type == "cpu":
+            # numpy, single-threaded: torch's parallel kernels leave their threads spinning, taking
+            # the cores from the DataLoader workers
+            batch["mask"] = torch.from_numpy(mask.numpy().astype(np.int64))
+        else:
+            batch["mask"] = mask.long()
+    return batch
 
 
 def collate_tiles(samples: Sequence[Sample | None]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from rasterio.windows import Window
 
 from geobp.errors import CheckpointError, format_error
@@ -172,8 +173,22 @@ class Preprocessing:
             )
         return pre
 
+    def _constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Float32 per-band constants, shaped [C, 1, 1]: (offset, scale, clip high or None).
+
+        ``meanstd``: ``(mean, 1/std, None)``; ``percentile``: ``(low, 1/(high-low), high)``, the
+        pixels being clipped to [low, high] first. Both normalisations (numpy and torch) use them,
+        so they compute the same float32 numbers.
+        """
+        if self.method == "meanstd":
+            offset = np.asarray(self.mean, np.float32)[:, None, None]
+            return offset, (1.0 / np.asarray(self.std, np.float32))[:, None, None], None
+        low = np.asarray(self.low, np.float32)[:, None, None]
+        high = np.asarray(self.high, np.float32)[:, None, None]
+        return low, 1.0 / (high - low), high
+
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalise raw pixels of the selected bands.
+        """Normalise raw pixels of the selected bands (numpy; what inference uses).
 
         Args:
             image: [C, H, W] raw values, C == len(bands).
@@ -181,21 +196,72 @@ class Preprocessing:
         Returns:
             (float32 [C, H, W] normalised image with invalid pixels set to 0, bool [H, W] valid mask).
         """
+        x = np.empty(image.shape, np.float32)
+        return x, self._normalize_into(image, x)
+
+    def _normalize_into(self, image: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Write the normalised ``image`` [C, H, W] into float32 ``x`` of the same shape; return the valid mask."""
         valid = valid_pixels(image, self.nodata)
-        # One float32 copy, then in-place arithmetic: this runs per tile in the loader workers,
-        # where temporaries of a whole tile cost as much as the arithmetic itself.
-        x = image.astype(np.float32)
-        if self.method == "meanstd":
-            x -= np.asarray(self.mean, np.float32)[:, None, None]
-            x *= (1.0 / np.asarray(self.std, np.float32))[:, None, None]
-        else:
-            low = np.asarray(self.low, np.float32)[:, None, None]
-            high = np.asarray(self.high, np.float32)[:, None, None]
-            np.clip(x, low, high, out=x)
-            x -= low
-            x *= 1.0 / (high - low)
+        # One float32 copy, then in-place arithmetic: temporaries of a whole tile cost as much as
+        # the arithmetic itself.
+        np.copyto(x, image, casting="unsafe")
+        offset, scale, high = self._constants()
+        if high is not None:
+            np.clip(x, offset, high, out=x)
+        x -= offset
+        x *= scale
         if not valid.all():
             np.copyto(x, 0.0, where=~valid)
+        return valid
+
+    def normalize_tensor(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__` for a batch of tensors, on the tensor's device (a GPU, after batch transfer).
+
+        Gives the same float32 values as :meth:`__call__`: the same validity rule (nodata in every
+        band, or a non-finite band), the same constants and the same order of operations. On the
+        CPU it runs :meth:`__call__`'s numpy code tile by tile: single-threaded and cache-sized, it
+        is faster there than whole-batch torch operations, whose threads would compete with the
+        DataLoader workers for the cores.
+
+        Args:
+            raw: [..., C, H, W] raw values of the selected bands in any dtype (uint8, uint16,
+                int16, float32 ...); leading dimensions (the batch) are kept. Not modified.
+
+        Returns:
+            (float32 [..., C, H, W] normalised image with invalid pixels set to 0,
+            bool [..., H, W] valid mask).
+        """
+        if raw.device.type != "cpu":
+            return self._normalize_torch(raw)
+        tiles = raw.detach().reshape((-1,) + tuple(raw.shape[-3:])).numpy()
+        x = np.empty(tiles.shape, np.float32)
+        valid = np.empty((tiles.shape[0],) + tiles.shape[-2:], bool)
+        for i, tile in enumerate(tiles):
+            valid[i] = self._normalize_into(tile, x[i])
+        return torch.from_numpy(x).reshape(raw.shape), torch.from_numpy(valid).reshape(raw.shape[:-3] + raw.shape[-2:])
+
+    def _normalize_torch(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`normalize_tensor` in torch operations on the tensor's device (GPUs)."""
+        # Work in float32 from the start: integer pixels are exact in it, and comparisons of
+        # uint16 tensors are not implemented on every device.
+        x = raw.to(dtype=torch.float32, copy=True)
+        # Band-wise extremes decide both rules at once, and reduce faster than all() over bands:
+        # every band is nodata iff max == min == nodata; a NaN or +-inf band makes max or min non-finite.
+        top, bottom = x.amax(dim=-3), x.amin(dim=-3)
+        valid = torch.ones_like(top, dtype=torch.bool)
+        if raw.is_floating_point():
+            valid &= torch.isfinite(top) & torch.isfinite(bottom)
+        nodata = self.nodata
+        if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+            # the nodata value as the raw dtype holds it (as valid_pixels compares), then as float32
+            np_dtype = torch.empty(0, dtype=raw.dtype).numpy().dtype
+            value = float(np.asarray(nodata, dtype=np_dtype).astype(np.float32))
+            valid &= (top != value) | (bottom != value)
+        offset, scale, high = (None if a is None else torch.from_numpy(a).to(x.device) for a in self._constants())
+        if high is not None:
+            torch.clamp(x, offset, high, out=x)
+        x.sub_(offset).mul_(scale)
+        x.masked_fill_(~valid.unsqueeze(-3), 0.0)
         return x, valid
 
 

@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
-from geobp.data import GeoTiffDataModule
-from geobp.data.dataset import TileSpec
+from geobp.data import GeoTiffDataModule, Preprocessing, TileDataset
+from geobp.data.dataset import TileSpec, collate_tiles, finish_batch, mask_dtype
 from geobp.errors import BandMismatchError, ConfigError, DataNotFoundError, LabelError, RasterMismatchError
+from geobp.raster import read_window
 from tests.conftest import write_tif
 
 
@@ -20,7 +22,11 @@ def test_batch_contract_and_link_properties(make_scene, tmp_path):
         make_scene(f"s{i}", seed=i)
     dm = make_dm(tmp_path / "data")
     assert dm.num_bands == 3 and dm.num_classes == 3
-    batch = next(iter(dm.train_dataloader()))
+    compact = next(iter(dm.train_dataloader()))
+    # the loader sends raw pixels and uint8 labels; the hook Lightning calls on the device normalises
+    assert compact["raw"].dtype == torch.uint16 and compact["mask"].dtype == torch.uint8 and "image" not in compact
+    batch = dm.on_after_batch_transfer(compact, 0)
+    assert "raw" not in batch
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, 16, 16)
     assert batch["mask"].dtype == torch.int64 and batch["mask"].shape == (4, 16, 16)
     assert batch["window"].shape == (4, 4) and len(batch["scene"]) == 4
@@ -85,8 +91,12 @@ def test_nodata_becomes_ignore_and_is_excluded_from_stats(make_scene, tmp_path):
     assert min(dm.preprocessing.mean) > 150
     ds = dm._dataset(False)
     s = ds[TileSpec(0, 8, 0, 16, 16)]
+    assert s["mask"].dtype == torch.uint8  # the ignore index survives the compact mask
     assert (s["mask"][:12] == 255).all() and (s["mask"][12:] != 255).all()
-    assert (s["image"][:, :12] == 0).all()
+    batch = dm.on_after_batch_transfer(collate_tiles([s]), 0)
+    assert batch["mask"].dtype == torch.int64
+    assert (batch["mask"][0, :12] == 255).all() and (batch["mask"][0, 12:] != 255).all()
+    assert (batch["image"][0, :, :12] == 0).all() and (batch["image"][0, :, 12:] != 0).all()
 
 
 def test_tiles_above_nodata_fraction_are_skipped(make_scene, tmp_path):
@@ -101,7 +111,7 @@ def test_padding_for_scene_smaller_than_tile(make_scene, tmp_path):
     for i in range(3):
         make_scene(f"s{i}", seed=i, size=(10, 12), block=None)
     dm = make_dm(tmp_path / "data")
-    batch = next(iter(dm.val_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert batch["image"].shape[-2:] == (16, 16)
     assert (batch["mask"][:, 10:, :] == 255).all() and (batch["mask"][:, :, 12:] == 255).all()
     assert batch["window"][0].tolist() == [0, 0, 10, 12]
@@ -153,10 +163,26 @@ def test_augment_is_joint(make_scene, tmp_path):
         seen.add(tuple(s["mask"][0, :3].tolist()))
         # the same geometric transform moved image and mask: band 0 still orders the classes
         cls = s["mask"]
-        means = [s["image"][0][cls == k].mean() for k in range(3)]
+        means = [s["raw"][0][cls == k].float().mean() for k in range(3)]
         assert means[0] < means[1] < means[2]
+        assert s["raw"].dtype == torch.uint16 and s["mask"].dtype == torch.uint8
     assert len(seen) > 1  # different draws gave different orientations
-    assert plain["image"].shape == s["image"].shape
+    assert plain["raw"].shape == s["raw"].shape
+
+
+def test_augmented_tiles_normalise_like_augmented_normalised_tiles(make_scene, tmp_path):
+    """Flipping/rotating raw pixels, then normalising, equals normalising, then flipping/rotating."""
+    for i in range(3):
+        make_scene(f"s{i}", seed=i, nodata=0, nodata_rows=5)
+    dm = make_dm(tmp_path / "data", augment=True, max_nodata_fraction=1.0)
+    ds = dm._dataset(True)
+    spec = TileSpec(0, 0, 0, 16, 16)
+    reference, _ = dm.preprocessing(ds._open(ds.images[0]).read(window=spec.window))
+    orientations = {np.rot90(np.flip(reference, axes), k, (1, 2)).tobytes()
+                    for axes in ((), (1,), (2,), (1, 2)) for k in range(4)}
+    for _ in range(8):
+        image = dm.on_after_batch_transfer(collate_tiles([ds[spec]]), 0)["image"][0].numpy()
+        assert image.tobytes() in orientations
 
 
 def test_mismatched_mask_errors_name_the_file(make_scene, tmp_path):
@@ -219,8 +245,50 @@ def test_percentile_normalisation_in_unit_range(make_scene, tmp_path):
     for i in range(3):
         make_scene(f"s{i}", seed=i)
     dm = make_dm(tmp_path / "data", normalization="percentile")
-    batch = next(iter(dm.val_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+
+
+@pytest.mark.parametrize(("normalization", "size"), [("meanstd", (40, 50)), ("percentile", (40, 50)), ("meanstd", (12, 14))])
+def test_device_normalisation_equals_the_cpu_preprocessing(make_scene, tmp_path, normalization, size):
+    """Loader + on_after_batch_transfer gives what Preprocessing (numpy, per tile) gives, padding included."""
+    for i in range(3):
+        make_scene(f"s{i}", seed=i, size=size, nodata=0, nodata_rows=6, block=16 if size[0] >= 16 else None)
+    dm = make_dm(tmp_path / "data", normalization=normalization, max_nodata_fraction=1.0)
+    pre, ds = dm.preprocessing, dm._dataset(False)
+    loader = dm.val_dataloader()
+    specs = list(loader.sampler)
+    assert any(s.height < 16 for s in specs) == (size[0] < 16)  # tiles of small scenes are padded
+    batches = [dm.on_after_batch_transfer(b, 0) for b in loader]
+    images = torch.cat([b["image"] for b in batches])
+    masks = torch.cat([b["mask"] for b in batches])
+    for spec, image, mask in zip(specs, images, masks, strict=True):
+        raw = read_window(ds._open(ds.images[spec.scene]), Window(spec.col, spec.row, 16, 16), pre.bands, fill=0)
+        expected, valid = pre(raw)
+        np.testing.assert_allclose(image.numpy(), expected, rtol=1e-6, atol=1e-6)
+        valid[spec.height :] = False
+        valid[:, spec.width :] = False
+        labels = read_window(ds._open(ds.masks[spec.scene]), Window(spec.col, spec.row, 16, 16), 1, fill=255)
+        assert torch.equal(mask, torch.from_numpy(np.where(valid, labels, 255).astype(np.int64)))
+
+
+def test_mask_dtype_is_the_smallest_that_holds_the_labels():
+    assert mask_dtype(3, 255) == np.uint8 and mask_dtype(256, 255) == np.uint8
+    assert mask_dtype(300, 255) == np.int16 and mask_dtype(3, 1000) == np.int16 and mask_dtype(3, -1) == np.int16
+    assert mask_dtype(3, 70000) == np.int64
+
+
+def test_large_ignore_index_survives_the_compact_mask(make_scene, tmp_path):
+    make_scene("a", size=(10, 12), block=None)
+    ds = TileDataset([str(tmp_path / "data/images/a.tif")], [str(tmp_path / "data/masks/a.tif")], ["a"],
+                     Preprocessing(bands=[1, 2, 3], mean=[0.0] * 3, std=[1.0] * 3), tile_size=16,
+                     num_classes=3, ignore_index=1000)
+    s = ds[TileSpec(0, 0, 0, 10, 12)]
+    assert s["mask"].dtype == torch.int16
+    assert (s["mask"][10:] == 1000).all() and (s["mask"][:, 12:] == 1000).all() and (s["mask"][:10, :12] < 3).all()
+    batch = finish_batch(collate_tiles([s]), ds.preprocessing)
+    assert batch["mask"].dtype == torch.int64 and int(batch["mask"].max()) == 1000
+    assert finish_batch(batch, ds.preprocessing) is batch and batch["image"].dtype == torch.float32  # idempotent
 
 
 def test_workers_read_tiles(make_scene, tmp_path):
@@ -228,4 +296,6 @@ def test_workers_read_tiles(make_scene, tmp_path):
         make_scene(f"s{i}", seed=i)
     dm = make_dm(tmp_path / "data", num_workers=2, tiles_per_epoch=16)
     batches = list(dm.train_dataloader())
-    assert len(batches) == 4 and all(b["image"].shape == (4, 3, 16, 16) for b in batches)
+    assert len(batches) == 4 and all(b["raw"].shape == (4, 3, 16, 16) for b in batches)
+    # what the workers send through shared memory: the file's uint16 pixels and uint8 labels
+    assert all(b["raw"].dtype == torch.uint16 and b["mask"].dtype == torch.uint8 for b in batches)
