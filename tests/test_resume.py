@@ -8,9 +8,9 @@ command is run again. Three cases: SIGKILL mid-epoch after a periodic save; SIGK
 epoch, whose last.ckpt is the one the validation wrote; and the time limit under
 ``scripts/slurm/train.sbatch`` (SIGTERM to the task, save at the next batch end, requeue).
 
-What is equal, bit for bit, to a run that was never interrupted (``augment: false``,
-``num_workers: 0``): the tiles of every step, the global step, the weights, AdamW's state and
-the OneCycle scheduler's state. Three things make that so:
+What is equal, bit for bit, to a run that was never interrupted (``augment: true``,
+``num_workers: 0``): the tiles of every step, their flips and rotations, the global step, the
+weights, AdamW's state and the OneCycle scheduler's state. Four things make that so:
 
 - the training DataLoader is resumable (:class:`~geobp.data.datamodule.ResumableTileLoader`): a
   plain DataLoader restarts the epoch's iterator and the resumed run trains on the epoch's first
@@ -18,14 +18,10 @@ the OneCycle scheduler's state. Three things make that so:
 - tiles are drawn from (seed, epoch) alone, with the trainer's ``current_epoch``: after resuming
   from a checkpoint written by an epoch-end validation, Lightning 2.6 passes ``set_epoch`` a number
   one higher than the uninterrupted run did;
+- each tile's augmentation is seeded by a number drawn with the tile (``TileSpec.aug_seed``), not
+  by the generator of the process that reads it, whose state no checkpoint holds;
 - nothing else in training draws random numbers (no dropout; the torch RNG, which Lightning does
   not checkpoint, is only used for DataLoader worker seeds).
-
-What differs with ``augment: true``: the flips and rotations after the resume point (see
-``test_augmentation_restarts_after_resume``), so the weights differ. The augmentation generator is
-seeded once per process (per DataLoader worker) and its state is in no checkpoint; the resumed
-process replays the first augmentations of the run on the later tiles. Seeding each tile's
-augmentation from (seed, epoch, tile index) would make these equal as well.
 
 Also not restored (Lightning keeps no metrics in checkpoints): logged metrics of the interrupted
 epoch, so the resumed run's epoch-level ``train/*`` values cover only the batches after the
@@ -93,7 +89,7 @@ def resume_config(run_dir: Path, scenes: Path) -> Path:
         "gradflow": {"write_report": False},  # its matplotlib page costs 6 s a run and has no part in resuming
         "model": {**TINY_MODEL, "scheduler": "onecycle", "lr": 0.002},
         "data": {"root": str(scenes), "num_classes": 3, "tile_size": 32, "tiles_per_epoch": 32, "batch_size": 4,
-                 "val_fraction": 0.34, "augment": False, "num_workers": 0},
+                 "val_fraction": 0.34, "augment": True, "num_workers": 0},
     }
     path = run_dir / "resume.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -350,9 +346,20 @@ def test_loader_draws_the_trainers_current_epoch_not_the_set_epoch_argument(scen
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="augmentation is seeded per process, not per tile: the resumed process "
-                   "applies the run's first flips/rotations to the later tiles")
-def test_augmentation_restarts_after_resume(scenes):
+def test_augmentation_is_the_same_after_resume(scenes):
+    # each tile's flips and rotation come from a seed the sampler draws with it, not from the
+    # generator of the process that happens to read it
     full = epoch_batches(datamodule(scenes, augment=True).train_dataloader(), 0)
     rest = epoch_batches(datamodule(scenes, augment=True).train_dataloader(), 0, {"epoch": 0, "batches": 2})
-    assert all(torch.equal(a["raw"], b["raw"]) for a, b in zip(rest, full[2:]))
+    assert len(rest) == len(full) - 2
+    assert all(torch.equal(a["raw"], b["raw"]) and torch.equal(a["mask"], b["mask"]) for a, b in zip(rest, full[2:], strict=True))
+    plain = epoch_batches(datamodule(scenes, augment=False).train_dataloader(), 0)
+    assert not all(torch.equal(a["raw"], b["raw"]) for a, b in zip(full, plain))  # augmentation did act
+
+
+def test_augmentation_does_not_depend_on_the_worker_that_reads_a_tile(scenes):
+    dm = GeoTiffDataModule(str(scenes), num_classes=3, tile_size=32, tiles_per_epoch=24, batch_size=4,
+                           val_fraction=0.34, augment=True, num_workers=2)
+    workers = epoch_batches(dm.train_dataloader(), 1)
+    main_process = epoch_batches(datamodule(scenes, augment=True).train_dataloader(), 1)
+    assert all(torch.equal(a["raw"], b["raw"]) for a, b in zip(workers, main_process, strict=True))

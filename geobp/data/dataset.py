@@ -35,17 +35,24 @@ from geobp.errors import LabelError, RasterReadError, format_error
 from geobp.raster import open_reader, read_window
 
 Sample = dict[str, Any]
-Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: augment(image HWC, mask HW, seed) -> (image, mask); seed -1 means unseeded
+Augment = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 class TileSpec(NamedTuple):
-    """Which pixels to read: a window of one scene. Samplers yield these; the dataset reads them."""
+    """Which pixels to read: a window of one scene. Samplers yield these; the dataset reads them.
+
+    ``aug_seed`` (>= 0) seeds this tile's augmentation, so that a tile is augmented the same way
+    whichever worker reads it and whether or not the run was resumed; -1 leaves the
+    augmentation's own generator running.
+    """
 
     scene: int
     row: int
     col: int
     height: int
     width: int
+    aug_seed: int = -1
 
     @property
     def window(self) -> Window:
@@ -152,7 +159,7 @@ class TileDataset(Dataset[Sample]):
         else:
             mask = np.where(valid, 0, self.ignore_index).astype(mask_type)
         if self.augment is not None:
-            hwc, mask = self.augment(np.ascontiguousarray(raw.transpose(1, 2, 0)), mask)
+            hwc, mask = self.augment(np.ascontiguousarray(raw.transpose(1, 2, 0)), mask, spec.aug_seed)
             raw = hwc.transpose(2, 0, 1)
         return {
             "raw": torch.from_numpy(np.ascontiguousarray(raw)),

@@ -89,13 +89,15 @@ class RandomTileSampler(_RankSampler):
         """All ``length`` tiles of an epoch (every rank's), in order."""
         rng = np.random.default_rng([self.seed, epoch])
         picks = rng.choice(len(self._flat), size=self.length, p=self._p)
+        # augmentation seeds from a generator of their own: the windows do not depend on them
+        aug_seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**31, size=self.length)
         out = []
-        for k in picks:
+        for k, aug_seed in zip(picks, aug_seeds.tolist()):
             i, j = self._flat[k]
             s = self.scenes[i]
             row, col = draw_origin(rng, s.cells[j])
             out.append(
-                TileSpec(s.scene, row, col, min(self.tile_size, s.height - row), min(self.tile_size, s.width - col))
+                TileSpec(s.scene, row, col, min(self.tile_size, s.height - row), min(self.tile_size, s.width - col), aug_seed)
             )
         return out
 

@@ -29,8 +29,14 @@ class Augment:
         self.pipeline = A.Compose(ops)
         self._seeded_pid: int | None = None
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._seeded_pid != os.getpid():
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """Augment one tile; ``seed >= 0`` makes its flips and rotation a function of the seed alone."""
+        if seed >= 0:
+            # per tile (the sampler draws the seeds): the same tile gets the same augmentation in any
+            # worker and after a resume; also makes the per-process seeding below irrelevant
+            self.pipeline.set_random_seed(seed)
+            self._seeded_pid = os.getpid()
+        elif self._seeded_pid != os.getpid():
             # Forked DataLoader workers would share the parent's generator state and repeat the same
             # augmentations; reseed from torch's per-worker seed (deterministic under seed_everything).
             self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
