@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from geobp.callbacks.measure import band_norms, find_band_conv, find_layers, grad_max_abs, grad_norms, layer_reduce
+from geobp.callbacks.measure import (
+    band_norms,
+    find_band_conv,
+    find_layers,
+    grad_max_abs,
+    grad_norms,
+    layer_reduce,
+    memory_order,
+)
 
 
 def test_layers_are_modules_owning_trainable_parameters_in_module_order() -> None:
@@ -64,3 +72,18 @@ def test_band_conv_is_the_first_ungrouped_conv2d_or_the_named_one() -> None:
     assert find_band_conv(nn.Linear(2, 2)) is None
     with pytest.raises(KeyError, match=r"'0' is not an ungrouped, trainable nn.Conv2d .*candidates: 1, 2"):
         find_band_conv(net, "0")
+
+
+def test_max_abs_reads_channels_last_gradients_in_memory_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last),
+             torch.randn(5, 7, generator=g).t(), torch.randn(6, generator=g)]
+    grads[0][3, 1, 2, 0] = -40.0
+    assert torch.equal(grad_max_abs(grads), torch.stack([x.abs().max() for x in grads]))
+    assert grad_max_abs(grads)[0] == 40.0
+    for x in grads:  # views, not copies
+        flat = memory_order(x)
+        assert flat.data_ptr() == x.data_ptr() and flat.shape == (x.numel(),)
+        assert torch.equal(flat.sort().values, x.reshape(-1).sort().values)
+    strided = torch.randn(4, 6, generator=g)[:, ::2]  # not dense: copied
+    assert torch.equal(memory_order(strided), strided.reshape(-1))
