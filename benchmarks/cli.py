@@ -6,7 +6,8 @@ Commands:
   fresh process (its own GDAL cache, memory and threads), results stored as JSON, then rendered;
 - ``render``: rewrite the Markdown from the stored results (e.g. after adding ``gpu.json``);
 - ``section NAME``: one section in this process (what ``run`` starts);
-- ``profile-loading``: cProfile of geobp's tile loader against the bare loop, in one process.
+- ``profile-loading``: cProfile of geobp's tile loader against the bare loop, in one process;
+- ``monitor-cost [--device cuda ...]``: the gradient-flow monitor's cost by component on any device.
 """
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     common(pr)
     pr.add_argument("--profile-tiles", type=int, default=400)
 
+    sub.add_parser("monitor-cost", add_help=False, help="GradientFlowMonitor cost by component "
+                   "(see benchmarks/monitor.py; --device, --precision, --batch, --size, --steps, --warmup)")
+
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["monitor-cost"]:
+        from benchmarks.monitor import main as monitor_cost
+
+        return monitor_cost(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "section":
         result = run_section_here(args.name, Config.from_json(args.config), args.command)
@@ -150,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = _parse_only(args.only)
     out = args.out or (QUICK_DIR / "BENCHMARKS.md" if cfg.quick else DEFAULT_OUT)
     results_dir = args.results or (out.parent / "results" if cfg.quick else DEFAULT_RESULTS)
-    command = "python -m benchmarks " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks " + shlex.join(argv)
     failed = []
     for name in names:
         print(f"[benchmarks] {name} ...", flush=True)

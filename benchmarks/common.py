@@ -51,6 +51,7 @@ class Config:
     train_steps: int = 30  # timed steps per run, after the warm-up
     train_warmup: int = 5
     monitor_steps: int = 60  # at least this many timed steps for the monitor table
+    monitor_cost_steps: int = 40  # timed steps of the monitor's cost by component (half are recordings)
     # inference
     infer_size: int = 4096  # throughput raster (6 bands), U-Net ResNet-18
     infer_tile: int = 256
@@ -66,7 +67,7 @@ class Config:
         """Tiny sizes: checks that the harness runs, numbers mean nothing."""
         base = dict(
             quick=True, repeats=1, torch_threads=1, scenes=2, scene_size=1024, tiles=64, warmup_tiles=32,
-            train_batch=2, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2,
+            train_batch=2, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2, monitor_cost_steps=4,
             infer_size=512, infer_tile=128, infer_overlap=16, infer_batch=2,
             mem_sizes=(500, 1000), mem_tile=128, mem_overlap=16, mem_batch=2,
         )
@@ -109,6 +110,24 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return f"{value:,.0f}"
     decimals = max(0, digits - 1 - int(f"{mag:e}".split("e")[1]))
     return f"{value:.{decimals}f}"
+
+
+# ----- training batches ---------------------------------------------------------------------
+
+
+def make_batches(n: int, batch: int, size: int, bands: int = 6, classes: int = 5,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` batches in the batch contract (image float32 [B, bands, H, W], mask int64 [B, H, W])."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        image = torch.randn(batch, bands, size, size, generator=g)
+        mask = torch.randint(0, classes, (batch, size, size), generator=g)
+        window = torch.tensor([[0, 0, size, size]] * batch)
+        out.append({"image": image, "mask": mask, "scene": [f"s{i}"] * batch, "window": window})
+    return out
 
 
 # ----- results ----------------------------------------------------------------------------

@@ -10,6 +10,10 @@ gradient clipping at norm 1.0:
 
 A step is the time between the ends of consecutive optimizer steps, so it includes fetching
 the batch and every hook. Warm-up steps are left out.
+
+The gradient-flow monitor is timed twice: end to end (Lightning with and without it, compared on
+a burst-robust mean) and by component (:mod:`benchmarks.monitor`: per-step and per-recording
+cost, and the overhead they predict at each interval).
 """
 
 from __future__ import annotations
@@ -23,24 +27,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+from benchmarks.common import Config, SectionResult, fmt, make_batches, median, spread, table, target
 
 ENCODER = "resnet18"
 IN_CHANNELS = 6
 CLASSES = 5
 IGNORE_INDEX = 255
-
-
-def make_batches(n: int, batch: int, size: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` batches in the batch contract (image float32 [B, 6, H, W], mask int64 [B, H, W])."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        image = torch.randn(batch, IN_CHANNELS, size, size, generator=g)
-        mask = torch.randint(0, CLASSES, (batch, size, size), generator=g)
-        window = torch.tensor([[0, 0, size, size]] * batch)
-        out.append({"image": image, "mask": mask, "scene": [f"s{i}"] * batch, "window": window})
-    return out
 
 
 def _loader(batches: list[dict[str, Any]]) -> torch.utils.data.DataLoader:
@@ -84,6 +76,14 @@ def robust_mean(durations: list[float], period: int | None, warmup: int) -> floa
     if not rec or not other:
         return median(durations)
     return ((period - 1) * median(other) + median(rec)) / period
+
+
+def monitor_cost(cfg: Config, warm: int) -> dict[str, Any]:
+    """The monitor's cost by component (:func:`benchmarks.monitor.measure`) on this section's batches."""
+    from benchmarks.monitor import measure
+
+    batches = make_batches(warm + cfg.monitor_cost_steps, cfg.train_batch, cfg.train_size, IN_CHANNELS, CLASSES, seed=1)
+    return measure(batches, warm)
 
 
 def monitor_class() -> tuple[type | None, str]:
@@ -141,7 +141,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if monitor and not cfg.quick:  # timed steps: a whole number of monitor intervals, at least monitor_steps
         steps = max(steps, math.ceil(cfg.monitor_steps / every) * every)
     warm = cfg.train_warmup
-    batches = make_batches(warm + steps, cfg.train_batch, cfg.train_size)
+    batches = make_batches(warm + steps, cfg.train_batch, cfg.train_size, IN_CHANNELS, CLASSES)
 
     # name: (run, period of the monitor's recordings or None)
     variants: dict[str, tuple[Any, int | None]] = {
@@ -227,6 +227,26 @@ def run(cfg: Config) -> dict[str, Any]:
                      f"{100 * over['monitor_every']:+.1f}% (reported, no target).")
         metrics["monitor_overhead"] = {"default": d, "every_step": over["monitor_every"], "every_n_steps": every,
                                        "plain_mean": over_mean}
+        cost = monitor_cost(cfg, warm)
+        metrics["monitor_cost"] = cost
+        tables.append(table(
+            f"Gradient-flow monitor cost by component (one fit, every_n_steps=2, {cost['recording_steps']} recording "
+            f"and {cost['tracked_steps']} tracked steps, lower quartiles)",
+            ["component", "ms", "% of a step"],
+            [["step without the monitor", cost["step"], "100"],
+             ["per step: fused norm of every gradient into the device ring", cost["per_step"],
+              fmt(100 * cost["per_step"] / cost["step"])],
+             ["per recording: norms, max, bands, skips, one host copy, diagnosis",
+              cost["hook_recording"] - cost["per_step"],
+              fmt(100 * (cost["hook_recording"] - cost["per_step"]) / cost["step"])],
+             ["per recording: skip taps in forward+backward", cost["taps"], fmt(100 * cost["taps"] / cost["step"])],
+             *[[f"expected overhead, every {n} steps", "", f"{100 * v:.2f}%"] for n, v in cost["overhead"].items()]]))
+        notes.append(f"Cost by component (`benchmarks/monitor.py`): in one fit, recording and tracked-only steps "
+                     "alternate, and the monitor's hook and the forward+backward are timed on each (lower quartiles); "
+                     "expected overhead at N = (per-step + per-recording / N) / step. The smallest interval whose "
+                     f"recordings take at most {100 * cost['budget']:.1f}% of a step is {cost['interval']} (default "
+                     f"{every}). It times the U-Net with cross-entropy and AdamW only, whose step is shorter than "
+                     "`SegmentationTask`'s: the percentages are upper bounds.")
     else:
         skipped = f"gradient-flow monitoring: {why_not}."
     res = SectionResult(

@@ -90,10 +90,11 @@ class GradientFlowMonitor(L.Callback):
     whole run; ``meta.resumed_at`` lists the resume steps.
 
     Args:
-        every_n_steps: optimizer steps between recordings. A recording of a ResNet-18 U-Net
-            costs about 6.5 ms on an H100 (25 ms steps at 16x6x256x256) and about 40 ms on a
-            2-core CPU, so 25 spreads it to about 1% of step time; the per-step check adds
-            one fused norm over all gradients (see ``tests/callbacks/bench_gradflow_overhead.py``).
+        every_n_steps: optimizer steps between recordings. Chosen so that recordings take at
+            most 1.5% of step time (``python -m benchmarks monitor-cost``): a recording of a
+            ResNet-18 U-Net costs about 6.5 ms on an H100 (25 ms steps at 16x6x256x256), the
+            binding case, so 25 spreads it to about 1%; on a 2-core CPU it is a smaller share.
+            The per-step check adds one fused norm over all gradients whatever the interval.
         thresholds: diagnosis thresholds (:class:`~geobp.callbacks.diagnosis.Thresholds`).
         skip_pattern: regular expression over module paths of other modules to treat as skip
             carriers (``re.search``), or None.
