@@ -43,6 +43,28 @@ def test_shared_step_logs_metrics_and_per_class_iou():
     assert 0 <= float(logged["val/mIoU"]) <= 1
 
 
+def test_train_metrics_equal_torchmetrics_on_argmax_predictions():
+    """The cheaper per-step path (max indices, no label validation) logs the same numbers."""
+    from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=["w", "f", "c"])
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    task.log_dict = lambda d, **kw: logged.update(d)
+    b = batch(b=2, size=32)
+    with torch.no_grad():
+        task.training_step(b, 0)
+        pred = task(b["image"]).argmax(dim=1)
+    task.on_train_epoch_end()
+    iou = MulticlassJaccardIndex(3, average="none", ignore_index=255)(pred, b["mask"])
+    f1 = MulticlassF1Score(3, average="macro", ignore_index=255)(pred, b["mask"])
+    torch.testing.assert_close(torch.stack([logged[f"train/IoU_{n}"] for n in "wfc"]), iou)
+    torch.testing.assert_close(logged["train/mIoU"], iou.mean())
+    torch.testing.assert_close(logged["train/F1"], f1)
+    # label checks are skipped only where the labels were checked already (training)
+    assert not task.metrics["train_metrics"]["mIoU"].validate_args and task.metrics["val_metrics"]["mIoU"].validate_args
+
+
 def test_raw_batch_is_refused_with_the_fix():
     """A compact loader batch that bypassed the data module's hook is not silently skipped."""
     task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3)
