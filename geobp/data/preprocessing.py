@@ -240,6 +240,24 @@ class Preprocessing:
             valid[i] = self._normalize_into(tile, x[i])
         return torch.from_numpy(x).reshape(raw.shape), torch.from_numpy(valid).reshape(raw.shape[:-3] + raw.shape[-2:])
 
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_constants` as tensors on ``device``, made once per device and statistics.
+
+        A copy from pageable host memory to a GPU waits for the GPU's queued work: made for every
+        batch, it would stall the training loop once per step.
+        """
+        key = (str(device), self.method, *(tuple(v) for v in (self.mean, self.std, self.low, self.high)))
+        cache = self.__dict__.setdefault("_on_device", {})
+        if key not in cache:
+            cache[key] = tuple(None if a is None else torch.from_numpy(a).to(device) for a in self._constants())
+        return cache[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # device tensors stay in this process (DataLoader workers get the statistics only)
+        state = self.__dict__.copy()
+        state.pop("_on_device", None)
+        return state
+
     def _normalize_torch(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`normalize_tensor` in torch operations on the tensor's device (GPUs)."""
         # Work in float32 from the start: integer pixels are exact in it, and comparisons of
@@ -257,7 +275,7 @@ class Preprocessing:
             np_dtype = torch.empty(0, dtype=raw.dtype).numpy().dtype
             value = float(np.asarray(nodata, dtype=np_dtype).astype(np.float32))
             valid &= (top != value) | (bottom != value)
-        offset, scale, high = (None if a is None else torch.from_numpy(a).to(x.device) for a in self._constants())
+        offset, scale, high = self._device_constants(x.device)
         if high is not None:
             torch.clamp(x, offset, high, out=x)
         x.sub_(offset).mul_(scale)

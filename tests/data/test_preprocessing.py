@@ -53,3 +53,18 @@ def test_normalize_tensor_on_cuda_equals_the_numpy_preprocessing():
     expected = [pre(r) for r in raw]
     np.testing.assert_array_equal(valid.cpu().numpy(), np.stack([v for _, v in expected]))
     np.testing.assert_allclose(image.cpu().numpy(), np.stack([x for x, _ in expected]), rtol=1e-6, atol=1e-6)
+
+
+def test_device_constants_are_made_once_and_not_pickled():
+    import pickle
+
+    pre = Preprocessing(bands=[1, 2], nodata=0, mean=[1.0, 2.0], std=[3.0, 4.0])
+    raw = torch.ones(2, 2, 4, 4, dtype=torch.uint16)
+    pre._normalize_torch(raw)
+    first = pre._device_constants(raw.device)
+    pre._normalize_torch(raw)
+    assert all(a is b for a, b in zip(pre._device_constants(raw.device), first))  # no copy per batch
+    pre.mean = [5.0, 6.0]  # changed statistics are not served from the cache
+    assert pre._device_constants(raw.device)[0].flatten().tolist() == [5.0, 6.0]
+    clone = pickle.loads(pickle.dumps(pre))
+    assert "_on_device" not in clone.__dict__ and clone == pre and clone.to_dict() == pre.to_dict()
