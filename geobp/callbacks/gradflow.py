@@ -323,7 +323,10 @@ class GradientFlowMonitor(L.Callback):
 
         Holds a copy of the document (series, metrics, events, diagnoses: bounded by
         ``max_recordings``), the step counters, and the findings already warned about. Steps
-        still waiting on the device are counted first (one host read).
+        still waiting on the device are counted first (one host read). It is saved under the
+        class name (``state_key``), whatever the arguments, so a run resumed with another
+        interval or thresholds still continues; hence one monitor per Trainer (two would also
+        share one report folder).
         """
         if self.data is None or self._recorder is None:
             return {}

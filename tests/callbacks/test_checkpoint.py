@@ -118,6 +118,11 @@ def test_a_series_of_another_model_is_not_continued(tmp_path: Path) -> None:
     assert monitor.data["totals"]["steps_seen"] == 4
 
 
+def test_one_monitor_per_trainer() -> None:
+    with pytest.raises(RuntimeError, match="Found more than one stateful callback of type `GradientFlowMonitor`"):
+        L.Trainer(callbacks=[GradientFlowMonitor(), GradientFlowMonitor(every_n_steps=5)], logger=False)
+
+
 def test_checkpoint_state_is_bounded_by_thinning(tmp_path: Path) -> None:
     monitor, _ = fit(tmp_path, small_resnet, TileSet(n=16), 40, 1, write_report=False, max_recordings=10)
     data = monitor.data
