@@ -51,6 +51,7 @@ class Config:
     train_steps: int = 30  # timed steps per run, after the warm-up
     train_warmup: int = 5
     monitor_steps: int = 60  # at least this many timed steps for the monitor table
+    monitor_pairs: int = 6  # back-to-back fits without and with the monitor, for its overhead
     monitor_cost_steps: int = 40  # timed steps of the monitor's cost by component (half are recordings)
     # inference
     infer_size: int = 4096  # throughput raster (6 bands), U-Net ResNet-18
@@ -67,7 +68,7 @@ class Config:
         """Tiny sizes: checks that the harness runs, numbers mean nothing."""
         base = dict(
             quick=True, repeats=1, torch_threads=1, scenes=2, scene_size=1024, tiles=64, warmup_tiles=32,
-            train_batch=2, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2, monitor_cost_steps=4,
+            train_batch=2, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2, monitor_pairs=1, monitor_cost_steps=4,
             infer_size=512, infer_tile=128, infer_overlap=16, infer_batch=2,
             mem_sizes=(500, 1000), mem_tile=128, mem_overlap=16, mem_batch=2,
         )
