@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from geobp.inference import predict_many
-from geobp.inference.distributed import assign_whole, plan
+from geobp.inference.distributed import Ranks, assign_whole, plan
 from geobp.task import SegmentationTask
 from tests.conftest import write_tif
 
@@ -100,3 +100,21 @@ def test_launcher_and_arguments_must_agree(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["infer", "--ckpt", "x.ckpt", "--out", "o", "in.tif", "--devices", "2"]) == 2
     assert "WORLD_SIZE" in capsys.readouterr().err
+
+
+class OtherRankFailed(Ranks):
+    """Rank 0 of two, where rank 1's share failed (its message arrives through the exchange)."""
+
+    def all_gather(self, obj):
+        if isinstance(obj, list):  # the final exchange of results: rank 1 reports nothing of its own
+            return [obj, []]
+        return [obj, "b.tif: RasterReadError: block (row 2, col 0) failed to decode"]
+
+
+def test_a_share_failing_on_another_rank_fails_the_raster_and_leaves_nothing(setup, tmp_path):
+    out = tmp_path / "out"
+    summary = predict_many(setup["ckpt"], [setup["rasters"][0]], out, batch_size=4, progress=False,
+                           ranks=OtherRankFailed(0, 2))
+    assert not summary.succeeded
+    assert summary.failed == [(setup["rasters"][0], "b.tif: RasterReadError: block (row 2, col 0) failed to decode")]
+    assert not out.exists() or list(out.iterdir()) == []  # rank 0's own part is removed, no output written
