@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,9 +303,24 @@ def error_line(err: BaseException) -> str:
     return text
 
 
+#: Warnings raised inside the libraries about their own internals, which a geobp user cannot act
+#: on: (message regex, why it is silenced).
+LIBRARY_WARNINGS: tuple[tuple[str, str], ...] = (
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+     "Lightning 2.6's pytree helper on torch >= 2.10, at every checkpoint restore"),
+)
+
+
+def quiet_library_warnings() -> None:
+    """Silence :data:`LIBRARY_WARNINGS` (only those: every other warning still shows)."""
+    for message, _why in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``geobp``. Returns the process exit code (0 success, 1 failed work, 2 bad input, 143 stopped by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_warnings()
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])

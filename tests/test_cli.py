@@ -105,3 +105,16 @@ def test_infer_refuses_another_dtype_than_training(tmp_path, scenes, capsys):
     code = main(["infer", "--ckpt", str(last), "--out", str(tmp_path / "pred"), str(other / "images")])
     assert code == 1
     assert "raster data type differs from training (expected uint16, found float32)" in capsys.readouterr().err
+
+
+def test_library_internal_deprecations_are_silenced_and_others_are_not():
+    import warnings
+
+    from geobp.cli import quiet_library_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`", FutureWarning)
+        warnings.warn("something a user should see", UserWarning)
+    assert [str(w.message) for w in caught] == ["something a user should see"]
