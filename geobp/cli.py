@@ -259,6 +259,10 @@ def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, st
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     fabric.launch()
+    if accelerator == "cpu":  # the processes of a node share its cores instead of each taking all of them
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
 
 
