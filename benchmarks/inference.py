@@ -55,7 +55,7 @@ def predict(model: torch.nn.Module, src: Path, dst: Path, bands: int, tile: int,
         raise RuntimeError(why)
     start = time.perf_counter()
     predict_raster(model, src, dst, preprocessing(bands), tile_size=tile, overlap=overlap, batch_size=batch,
-                   device="cpu", progress=False, overwrite=True, num_workers=workers)
+                   device="cpu", progress=False, overwrite=True, num_workers=workers or None)
     return time.perf_counter() - start
 
 
@@ -98,7 +98,7 @@ def memory_child(src: str, dst: str, tile: int, overlap: int, batch: int, worker
 
 def _memory_run(src: Path, dst: Path, cfg: Config) -> dict[str, float]:
     argv = [sys.executable, "-m", "benchmarks.inference", "--memory-child", str(src), str(dst), str(cfg.mem_tile),
-            str(cfg.mem_overlap), str(cfg.mem_batch), str(cfg.workers)]
+            str(cfg.mem_overlap), str(cfg.mem_batch), "0"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -123,7 +123,7 @@ def run(cfg: Config) -> dict[str, Any]:
     conv = torch.nn.Conv2d(BANDS, CLASSES, kernel_size=1).eval()
     tiles = tiles_in_memory(src, cfg.infer_tile, cfg.infer_overlap)
     pixels = cfg.infer_size**2
-    args = (BANDS, cfg.infer_tile, cfg.infer_overlap, cfg.infer_batch, cfg.workers)
+    args = (BANDS, cfg.infer_tile, cfg.infer_overlap, cfg.infer_batch, 0)  # 0: geobp's default reader threads
     times: dict[str, list[float]] = {"predict": [], "forward": [], "predict_conv": []}
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "out_classes.tif"
@@ -173,10 +173,13 @@ def run(cfg: Config) -> dict[str, Any]:
                             ["raster", "peak RSS (MiB)", "RSS before predicting (MiB)", "growth while predicting (MiB)",
                              "Mpixel/s", "peak vs small"], mrows))
     res.targets.append(target(f"inference: peak RSS {large}^2 / {small}^2 raster", mratio, "<=", 1.3, f"{fmt(mratio)}x"))
+    from geobp.inference.predict import default_workers
+
     res.setup = [
         f"Throughput: a {cfg.infer_size} x {cfg.infer_size} px, {BANDS}-band uint16 raster (DEFLATE, predictor 2, "
         f"{block} px blocks); `predict_raster(model, src, dst, preprocessing, tile_size={cfg.infer_tile}, "
-        f"overlap={cfg.infer_overlap}, batch_size={cfg.infer_batch}, num_workers={cfg.workers}, device='cpu')`, "
+        f"overlap={cfg.infer_overlap}, batch_size={cfg.infer_batch}, device='cpu')` with the default reader threads "
+        f"({default_workers('cpu')} here), "
         f"class map only. The limit runs the same model on the same {cfg.infer_tile} px tiles of the same grid, "
         f"read and normalised beforehand, in batches of {cfg.infer_batch} under `torch.inference_mode()`.",
         f"Memory: 1-band uint16 rasters of {small} x {small} and {large} x {large} px, a 1x1 convolution to 4 "

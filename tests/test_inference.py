@@ -355,7 +355,7 @@ def test_default_reader_threads_use_the_cores_this_process_may_run_on(monkeypatc
     from geobp.inference.predict import default_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert default_workers("cpu") == 8
+    assert default_workers("cpu") == 4
     assert default_workers("cuda") == 14
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert default_workers("cpu") == 2 and default_workers("cuda:0") == 2
+    assert default_workers("cpu") == 1 and default_workers("cuda:0") == 2
