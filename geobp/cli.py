@@ -216,7 +216,7 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--workers", type=int, default=None,
-                   help="reader threads (default: a quarter of the usable cores, 1-8, on the CPU; all but two, up to 32, on a GPU)")
+                   help="reader threads (default: a quarter of the usable cores; on a GPU each decodes with several GDAL threads)")
     p.add_argument("--devices", type=int, default=1,
                    help="processes per node, one per GPU (or CPU processes with --device cpu); >1 splits the work")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")

@@ -352,10 +352,31 @@ def test_outputs_get_normal_file_permissions(tmp_path):
 
 
 def test_default_reader_threads_use_the_cores_this_process_may_run_on(monkeypatch):
-    from geobp.inference.predict import default_workers
+    from geobp.inference.predict import decode_threads, default_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert default_workers("cpu") == 4
-    assert default_workers("cuda") == 14
+    assert default_workers("cpu") == 4 and decode_threads("cpu", 4) == 1
+    # on a GPU: 3 readers with 4 GDAL decoding threads each, 2 cores left for the model and the writer
+    assert default_workers("cuda") == 3 and decode_threads("cuda", 3) == 4
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert default_workers("cpu") == 1 and default_workers("cuda:0") == 2
+    assert default_workers("cpu") == 1 and default_workers("cuda:0") == 2 and decode_threads("cuda:0", 2) == 1
+
+
+def test_decoding_threads_are_set_for_the_reads(tmp_path, monkeypatch):
+    # GDAL_NUM_THREADS must be in force where the reader threads open and read the input
+    from rasterio._env import get_gdal_config
+
+    from geobp.inference import predict as predict_mod
+    from geobp.inference import reader as reader_mod
+
+    seen = []
+    original = reader_mod.open_reader
+
+    def spy(path):
+        seen.append(get_gdal_config("GDAL_NUM_THREADS"))
+        return original(path)
+
+    monkeypatch.setattr(reader_mod, "open_reader", spy)
+    monkeypatch.setattr(predict_mod, "decode_threads", lambda device, readers: 3)
+    run(make_image(tmp_path / "in.tif"), tmp_path / "out" / "in_classes.tif", num_workers=2)
+    assert seen and {str(v) for v in seen} == {"3"}

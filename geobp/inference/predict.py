@@ -156,27 +156,42 @@ def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
     return encode
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (SLURM's ``--cpus-per-task``, ``taskset``), or all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
 def default_workers(device: str | torch.device) -> int:
     """Reader threads when none are given: a quarter of the usable cores (1 to 8) on the CPU,
-    where the model needs the others; on a GPU all usable cores but two (for the model's thread
-    and the writer), 2 to 32.
+    where the model needs the others; on a GPU a quarter of the usable cores but two (2 to 8),
+    each decoding with several GDAL threads (:func:`decode_threads`).
 
     Reading is bound by decoding the input's compressed blocks (about 12 ms per 512 x 512
     6-band DEFLATE tile on one core against 1 ms of normalisation, measured on the 2-core
-    development machine), and decoding releases the GIL, so on a GPU every reader thread adds
-    throughput. On the CPU every thread takes cores from the model, and each thread has its own
-    file handle and so decodes again the blocks its batches share with another thread's (GDAL's
-    block cache is per handle): on the 2-core machine one reader thread read the benchmark grid in
-    the same time as two and left the model more CPU (`predict_raster` / forward 0.91 against
-    0.87). "Usable" cores are those this process may run on (SLURM's ``--cpus-per-task``).
+    development machine). Each reader thread has its own file handle, and GDAL's block cache is
+    per handle, so a thread decodes again the blocks its batches share with another thread's:
+    few threads, each decoding with several GDAL threads, read more tiles per second than many
+    single-threaded ones (on the 2-core machine one thread with ``GDAL_NUM_THREADS=2`` read the
+    benchmark grid at 488 tiles/s, two threads with one each at 343). On the CPU every thread
+    also takes cores from the model: one reader thread there left the model more CPU than two
+    (``predict_raster`` / forward 0.91 against 0.87).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
+    cores = usable_cores()
     if torch.device(device).type == "cuda":
-        return max(2, min(32, cores - 2))
+        return max(2, min(8, (cores - 2) // 4))
     return max(1, min(8, cores // 4))
+
+
+def decode_threads(device: str | torch.device, readers: int) -> int:
+    """GDAL decoding threads per reader thread (``GDAL_NUM_THREADS``): on a GPU the cores left
+    after the model's thread and the writer, shared by the readers; 1 on the CPU (the model
+    needs the cores)."""
+    if torch.device(device).type != "cuda":
+        return 1
+    return max(1, (usable_cores() - 2) // max(1, readers))
 
 
 def _progress(enabled: bool, name: str, total: int) -> tuple[Any, Any]:
@@ -400,7 +415,8 @@ def _run(
     bar, task_id = _progress(progress, job.src.name, sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES,
+                                         GDAL_NUM_THREADS=str(decode_threads(dev, num_workers))))
         reader = stack.enter_context(
             PrefetchReader(job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda")
         )
