@@ -54,8 +54,10 @@ class RasterInfo:
         return (self.height, self.width)
 
 
-def open_reader(path: str | Path) -> rasterio.DatasetReader:
+def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     """Open a raster for reading and return the handle (the caller closes it).
+
+    ``options`` are GDAL open options of the driver (e.g. ``NUM_THREADS="4"`` for GeoTIFF).
 
     Raises:
         DataNotFoundError: the file does not exist.
@@ -67,7 +69,7 @@ def open_reader(path: str | Path) -> rasterio.DatasetReader:
             format_error(path, "file not found", "check the path, or the dataset's root folder in the config")
         )
     try:
-        return rasterio.open(path)
+        return rasterio.open(path, **options)
     except RasterioIOError as err:
         size = os.path.getsize(path)
         detail = "the file is empty" if size == 0 else f"GDAL cannot read it ({err})"

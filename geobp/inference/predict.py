@@ -415,10 +415,10 @@ def _run(
     bar, task_id = _progress(progress, job.src.name, sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES,
-                                         GDAL_NUM_THREADS=str(decode_threads(dev, num_workers))))
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         reader = stack.enter_context(
-            PrefetchReader(job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda")
+            PrefetchReader(job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda",
+                           decode_threads=decode_threads(dev, num_workers))
         )
         stack.enter_context(bar)
         writer: BlendWriter | None = None

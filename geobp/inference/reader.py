@@ -101,7 +101,8 @@ class TileBatch:
 class PrefetchReader:
     """Reads and preprocesses batches in ``num_workers`` background threads, yielding them in order.
 
-    At most ``prefetch`` batches (``num_workers + 2`` by default) are read ahead. Use as a context manager (or call
+    At most ``prefetch`` batches (``num_workers + 2`` by default) are read ahead; each thread's
+    handle decodes the blocks of a read with ``decode_threads`` GDAL threads. Use as a context manager (or call
     :meth:`close`) so that the threads stop and the file handles are closed.
     """
 
@@ -114,8 +115,12 @@ class PrefetchReader:
         num_workers: int = 2,
         prefetch: int | None = None,
         pin_memory: bool = False,
+        decode_threads: int = 1,
     ) -> None:
         self.path = str(path)
+        # GDAL threads decoding the blocks of one read, per handle (the GeoTIFF open option
+        # NUM_THREADS: it applies to these handles only, not to the outputs being written)
+        self.open_options = {"NUM_THREADS": str(decode_threads)} if decode_threads > 1 else {}
         self.grid = grid
         self.batches = batches
         self.pre = preprocessing
@@ -130,7 +135,7 @@ class PrefetchReader:
     def _handle(self) -> rasterio.DatasetReader:
         src = getattr(self._local, "src", None)
         if src is None:
-            src = open_reader(self.path)
+            src = open_reader(self.path, **self.open_options)
             self._local.src = src
             with self._lock:
                 self._handles.append(src)
