@@ -77,6 +77,23 @@ def tiles_in_memory(src: Path, tile: int, overlap: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def reading_tiles_per_s(src: Path, tile: int, overlap: int, batch: int, readers: int, decode: int) -> float:
+    """Tiles per second of geobp's inference reader alone (read, normalise) over the prediction grid."""
+    import rasterio
+
+    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.inference.reader import PrefetchReader, TileGrid
+
+    with rasterio.open(src) as ds:
+        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        with PrefetchReader(src, grid, grid.batches(batch), preprocessing(BANDS), num_workers=readers,
+                            decode_threads=decode) as reader:
+            start = time.perf_counter()
+            n = sum(len(b.tiles) for b in reader)
+            return n / (time.perf_counter() - start)
+
+
 def forward_seconds(model: torch.nn.Module, tiles: torch.Tensor, batch: int) -> float:
     """Seconds for the model's forward pass over ``tiles`` in batches (inference mode)."""
     model.eval()
@@ -155,6 +172,20 @@ def run(cfg: Config) -> dict[str, Any]:
                             ["run", "Mpixel/s (median)", "min-max", "seconds", "n", "vs forward only"], rows))
     res.targets.append(target("inference: predict_raster / model forward, pixels/s", ratio, ">=", 0.85, f"{fmt(ratio)}"))
 
+    # the reader alone, in the layouts geobp picks (CPU: one thread; GPU: few threads, several GDAL
+    # decoding threads each) against two single-threaded readers
+    layouts = [(2, 1), (1, 1), (1, 2)]
+    read_rate: dict[tuple[int, int], list[float]] = {lay: [] for lay in layouts}
+    for rep in range(cfg.repeats + 1):
+        for lay in layouts if rep % 2 == 0 else reversed(layouts):
+            rate = reading_tiles_per_s(src, cfg.infer_tile, cfg.infer_overlap, cfg.infer_batch, *lay)
+            if rep:  # the first round warms the file cache
+                read_rate[lay].append(rate)
+    res.tables.append(table(
+        f"Reading alone (`PrefetchReader`, read and normalise the same grid of {cfg.infer_tile} px tiles)",
+        ["reader threads x GDAL decoding threads", "tiles/s (median)", "min-max", "n"],
+        [[f"{r} x {d}", median(v), spread(v), len(v)] for (r, d), v in read_rate.items()]))
+
     small, large = cfg.mem_sizes
     mem: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +218,13 @@ def run(cfg: Config) -> dict[str, Any]:
         f"tile {cfg.mem_tile}, overlap {cfg.mem_overlap}, batch {cfg.mem_batch}; peak RSS is the child process's "
         "`VmHWM` (n = 1 each: it does not vary between runs).",
         f"{n} timed repeats in alternating order after one warm-up run; {torch.get_num_threads()} torch threads.",
+        "Reading alone: geobp's reader over the throughput grid, in batches as `predict_raster` reads them: two "
+        "reader threads with one decoding thread each (each thread's file handle has its own GDAL block cache, so "
+        "blocks that both threads' batches touch are decoded twice), one thread (geobp's CPU default on 2 cores), "
+        "and one thread decoding with two GDAL threads (`NUM_THREADS`, the layout geobp uses on a GPU).",
     ]
     res.metrics = {"mpixel_per_s": {k: v / 1e6 for k, v in med.items()}, "seconds": times, "memory": mem,
+                   "reading_tiles_per_s": {f"{r}x{d}": v for (r, d), v in read_rate.items()},
                    "ratio": ratio, "memory_ratio": mratio}
     return res.to_dict()
 
