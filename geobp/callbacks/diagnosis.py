@@ -266,7 +266,10 @@ def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
             chosen = events[-1]
     if chosen is None:
         return []
-    count = (data.get("nonfinite_steps") or [len(events)])[-1]
+    # the series' count can lag its events (the event is stored on its step, the count at the next
+    # recording) and the totals come only at the end: the largest of the three
+    counts = [len(events), *(data.get("nonfinite_steps") or [])[-1:], (data.get("totals") or {}).get("nonfinite_steps") or 0]
+    count = max(c for c in counts if c is not None)
     tiles = describe_tiles(chosen)
     if chosen.get("all_layers"):
         where = "loss"

@@ -95,6 +95,15 @@ def test_nonfinite_without_scaler_reports_the_first_event() -> None:
     assert "a (0, 0, 8, 8), b (8, 0, 8, 8)" in f.message
 
 
+def test_nonfinite_count_is_never_below_the_events_seen() -> None:
+    # the event is stored on its step; the series' count is taken at the recording before it
+    events = [{"step": 7, "layer": "l2", "all_layers": False, "scenes": None, "windows": None}]
+    (f,) = diagnose(doc(nonfinite=events))
+    assert f.value == 1.0 and "1 non-finite step(s) in all" in f.message
+    (f,) = diagnose(doc(nonfinite=events, totals={"steps_seen": 99, "nonfinite_steps": 3, "clipped_steps": 0}))
+    assert f.value == 3.0
+
+
 def test_nonfinite_under_a_scaler_only_when_the_scale_collapses_or_the_loss_is_nan() -> None:
     overflow = [{"step": s, "layer": "l2", "all_layers": False} for s in (0, 1, 2)]
     meta = {"loss_scaler": True, "gradient_clip_val": None}
