@@ -39,8 +39,9 @@ def _machine_table(m: dict[str, Any]) -> list[str]:
     rows = [
         ["CPU", f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable)"],
         ["RAM", f"{m['ram_gib']} GiB"],
-        ["load average (1 min) at the start", f"{m.get('load_1min')}" + (
-            " (other work was running: timings are noisy)" if (m.get("load_1min") or 0) > 0.5 * (m["usable_cores"] or 1)
+        ["load average (1 min) when the newest section started", f"{m.get('load_1min')}" + (
+            " (the CPU was busy: other work, or the run's previous section, which a 1-minute average still "
+            "shows; each section gives its own load)" if (m.get("load_1min") or 0) > 0.5 * (m["usable_cores"] or 1)
             else "")],
         ["OS, Python", f"{m['os']}, Python {m['python']}"],
         ["torch, lightning", f"{m['torch']}, {m['lightning']}"],
