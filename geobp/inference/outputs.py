@@ -67,6 +67,11 @@ def output_paths(dst: str | Path, probabilities: Probabilities = "none") -> dict
     return paths
 
 
+def output_bands(probabilities: Probabilities, num_classes: int) -> int:
+    """Bands of an encoded prediction strip: the class ids, then ``num_classes`` probabilities or one confidence."""
+    return 1 + (num_classes if probabilities == "probs" else 1 if probabilities == "confidence" else 0)
+
+
 def check_outputs_free(paths: dict[str, Path], overwrite: bool) -> None:
     """Refuse to overwrite existing outputs unless asked.
 
@@ -179,9 +184,9 @@ class OutputFiles:
         nodata_value: int,
     ) -> None:
         k = len(class_names)
-        aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
         #: bands of the strips this writer takes: the class ids, then the auxiliary bands
-        self.bands = 1 + aux_bands
+        self.bands = output_bands(probabilities, k)
+        aux_bands = self.bands - 1
         self.datasets: list[Any] = []
         try:
             ds = rasterio.open(paths["classes"], "w", **classes_profile(profile, nodata_value))

@@ -34,7 +34,7 @@ from geobp.inference.outputs import (
     check_outputs_free,
     output_paths,
 )
-from geobp.inference.reader import Tile, TileGrid
+from geobp.inference.reader import TileGrid
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,6 @@ class RowShare:
         """Raster rows ``[first, end)`` this share writes."""
         edges = [*grid.row_offsets, grid.height]
         return edges[self.start], edges[self.stop]
-
-    def batches(self, batches: list[list[Tile]]) -> list[list[Tile]]:
-        """The global batches that hold at least one tile of rows ``[warmup, stop)``, unchanged."""
-        return [b for b in batches if any(self.warmup <= i < self.stop for i, _ in b)]
 
 
 def share_rows(grid: TileGrid, world: int) -> list[RowShare]:

@@ -40,6 +40,7 @@ from geobp.inference.outputs import (
     Probabilities,
     atomic_output,
     check_outputs_free,
+    output_bands,
     output_paths,
 )
 from geobp.inference.parts import PartSink, RowShare
@@ -127,8 +128,7 @@ def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
     """
 
     def encode_numpy(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        bands = 1 + (probs.shape[0] if probabilities == "probs" else probabilities == "confidence")
-        out = np.empty((bands, *probs.shape[1:]), np.uint8)
+        out = np.empty((output_bands(probabilities, probs.shape[0]), *probs.shape[1:]), np.uint8)
         out[0] = probs.argmax(axis=0)
         invalid = ~valid
         out[0][invalid] = nodata_value
@@ -370,8 +370,7 @@ def predict_share(
     part = Path(part)
 
     def open_sink(names: list[str]) -> PartSink:
-        bands = 1 + (len(names) if probabilities == "probs" else probabilities == "confidence")
-        return PartSink(part, job.grid, share, bands)
+        return PartSink(part, job.grid, share, output_bands(probabilities, len(names)))
 
     try:
         _run(model, job, open_sink, rows=(share.warmup, share.stop), batch_size=batch_size, device=device,
@@ -433,8 +432,8 @@ def _run(
                                 format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
                             )
                         names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
-                        aux_bands = k if probabilities == "probs" else 1 if probabilities == "confidence" else 0
-                        blender = TileBlender(grid, make_encoder(probabilities, nodata_value), 1 + aux_bands, first, stop)
+                        blender = TileBlender(grid, make_encoder(probabilities, nodata_value), output_bands(probabilities, k),
+                                              first, stop)
                         writer = BlendWriter(blender, lambda names=names: open_sink(names))
                     # softmax in place on the model's output: one [B, K, tile, tile] buffer per batch
                     probs = logits.float()
