@@ -262,7 +262,9 @@ def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, st
     if accelerator == "cpu":  # the processes of a node share its cores instead of each taking all of them
         import torch
 
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // devices))
+        from geobp.inference.predict import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
 
 

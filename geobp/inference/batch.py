@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
@@ -189,11 +188,12 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, *
     Every process takes part in the exchange of errors even when its share failed, so that one
     bad raster cannot leave the others waiting. Returns the error message (on rank 0), or None.
     """
-    error, job = None, None
+    error, job, shares = None, None, []
     try:
         check_paths(src, dst, kw["probabilities"], kw["overwrite"])
         job = open_job(src, task.preprocessing, kw["tile_size"], kw["overlap"], kw["expected_dtype"], kw["num_classes"])
-        mine = [s for s in share_rows(job.grid, ranks.world) if s.rank == ranks.rank]
+        shares = share_rows(job.grid, ranks.world)
+        mine = [s for s in shares if s.rank == ranks.rank]
         if mine:
             share_kw = {key: kw[key] for key in ("batch_size", "device", "precision", "num_classes", "class_names",
                                                  "probabilities", "progress", "num_workers")}
@@ -207,7 +207,7 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, *
         if errors:
             return errors[0]
         assert job is not None
-        write_from_parts(dst, job.grid, share_rows(job.grid, ranks.world), job.profile, kw["class_names"],
+        write_from_parts(dst, job.grid, shares, job.profile, kw["class_names"],
                          probabilities=kw["probabilities"], cog=kw["cog"], overwrite=kw["overwrite"])
     except Exception as err:  # noqa: BLE001
         return _message(src, err)
