@@ -161,11 +161,18 @@ class SegmentationTask(L.LightningModule):
         """
         loss = self._shared_step(batch, "train")
         unusable = loss is None
-        if self.hparams["nonfinite"] == "ignore" and self.trainer.world_size == 1 and not unusable:
-            return loss  # type: ignore[return-value]
-        if not self.trainer.strategy.reduce_boolean_decision(unusable, all=False):
+        trainer = self._trainer_or_none()
+        if trainer is None or (self.hparams["nonfinite"] == "ignore" and trainer.world_size == 1 and not unusable):
+            return loss  # type: ignore[return-value]  # (a bare call, as in tests: nothing to agree with)
+        if not trainer.strategy.reduce_boolean_decision(unusable, all=False):
             return loss  # type: ignore[return-value]
         return self._skip_step(batch, local_nonfinite="image" in batch and unusable)
+
+    def _trainer_or_none(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
 
     def _skip_step(self, batch: dict[str, Any], local_nonfinite: bool) -> Tensor:
         """Count and report a step some rank cannot train on (or stop, under ``nonfinite: stop``)."""
@@ -277,10 +284,7 @@ class SegmentationTask(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise DataNotFoundError(format_error(path, "checkpoint not found", "pass the .ckpt written by `geobp fit` (see its checkpoints/ folder)"))
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # torch raises many types for a bad file
-            raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err
+        ckpt = load_checkpoint_data(path)
         hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         if not hp or "state_dict" not in ckpt or "in_channels" not in hp:
             raise CheckpointError(format_error(path, "not a geobp checkpoint (no geobp hyperparameters)", "pass a .ckpt written by `geobp fit`"))
@@ -333,3 +337,29 @@ def first_nonfinite_module(model: torch.nn.Module, x: Tensor) -> str | None:
         for h in hooks:
             h.remove()
     return found[0] if found else None
+
+
+def load_checkpoint_data(path: Path) -> Any:
+    """Read a checkpoint as data: ``torch.load(weights_only=True)``, which unpickles tensors,
+    containers and plain values only, so a file from someone else cannot run code on load.
+
+    Raises:
+        CheckpointError: the file is unreadable, or it holds Python objects that loading would
+            have to construct (refused, and nothing of it runs).
+    """
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle torch can read at all
+            raise CheckpointError(format_error(path, "cannot read the checkpoint (not a PyTorch checkpoint file)",
+                                               "pass a .ckpt written by `geobp fit`")) from None
+        raise CheckpointError(format_error(
+            path, f"refused: the checkpoint holds Python objects that loading would have to run ({found.group(1)})",
+            "use a checkpoint written by `geobp fit` (plain tensors and values); never load files you do not trust "
+            "with weights_only=False")) from None
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err
