@@ -6,15 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geobp.classes import class_names_for
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import Precision, check_paths, open_job, predict_raster, predict_share
 from geobp.task import SegmentationTask
+from geobp.raster import list_rasters
 from geobp.tiling import check_tile_args
 
-RASTER_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass
@@ -57,7 +58,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[tuple[Path
     problems: list[tuple[Path, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            found = list_rasters(item)
             if not found:
                 problems.append(
                     (item, format_error(item, "folder holds no .tif or .tiff files", "pass GeoTIFFs or folders of them"))
@@ -82,7 +83,7 @@ def predict_many(
     overlap: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    precision: Precision = "32",
+    precision: Precision | str = "32-true",
     probabilities: Probabilities = "none",
     cog: bool = False,
     overwrite: bool = False,
@@ -126,7 +127,7 @@ def predict_many(
                                            "model has no preprocessing (band statistics)", "train with `geobp fit`, which stores them"))
     hp = task.hparams
     k = int(hp["num_classes"])
-    names = list(hp.get("class_names") or [f"class_{i}" for i in range(k)])
+    names = class_names_for(hp.get("class_names"), k)
     tile = int(tile_size or hp.get("tile_size") or 512)
     overlap = tile // 8 if overlap is None else overlap
     check_tile_args(tile, overlap)

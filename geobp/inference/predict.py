@@ -16,7 +16,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -32,6 +32,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, format_error
 from geobp.inference.blend import Encoder, TileBlender
@@ -49,14 +50,30 @@ from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
-Precision = Literal["32", "bf16", "16"]
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+#: Earlier spellings of :data:`Precision`, still accepted.
+PRECISION_ALIASES: dict[str, Precision] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def normalize_precision(precision: str) -> Precision:
+    """Lightning's precision name for ``precision`` (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed`` ...).
+
+    Raises:
+        ConfigError: not a precision inference runs in.
+    """
+    valid = get_args(Precision)
+    if precision in valid:
+        return precision  # type: ignore[return-value]
+    if precision in PRECISION_ALIASES:
+        return PRECISION_ALIASES[precision]
+    raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected {', '.join(valid)})", "pick one of them"))
 
 #: GDAL block cache while predicting, a fixed bound so that memory does not grow with the
 #: raster (GDAL's default is 5% of RAM and fills with the whole file). It holds the block row a
 #: tile row re-reads while one block row takes up to 32 MB (e.g. 20k px x 3 bands
 #: uint16 with 256-row blocks); wider ones decode those blocks twice.
 GDAL_CACHE_BYTES = 32 * 2**20
-_AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def _check_args(
@@ -65,8 +82,7 @@ def _check_args(
     check_tile_args(tile_size, overlap)
     if batch_size < 1:
         raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
-    if precision not in ("32", "bf16", "16"):
-        raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected 32, bf16 or 16)", "pick one of them"))
+    normalize_precision(precision)
     if probabilities not in ("none", "probs", "confidence"):
         raise ConfigError(
             format_error(None, f"unknown probabilities {probabilities!r} (expected none, probs or confidence)", "pick one of them")
@@ -214,7 +230,7 @@ def predict_raster(
     overlap: int = 64,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    precision: Precision = "32",
+    precision: Precision | str = "32-true",
     num_classes: int | None = None,
     class_names: list[str] | None = None,
     probabilities: Probabilities = "none",
@@ -247,7 +263,8 @@ def predict_raster(
             over the outer quarter of the overlap).
         batch_size: tiles per forward pass.
         device: torch device for the model.
-        precision: ``32``, or ``bf16`` / ``16`` for autocast (meant for CUDA).
+        precision: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` for autocast (meant for CUDA);
+            ``32``, ``bf16`` and ``16`` are accepted too.
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
@@ -350,7 +367,7 @@ def predict_share(
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    precision: Precision = "32",
+    precision: Precision | str = "32-true",
     num_classes: int | None = None,
     class_names: list[str] | None = None,
     probabilities: Probabilities = "none",
@@ -408,7 +425,8 @@ def _run(
     model = model.to(dev).eval()
     row_w = torch.from_numpy(grid.row_weights).to(dev)
     col_w = torch.from_numpy(grid.col_weights).to(dev)
-    autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32")
+    precision = normalize_precision(precision)
+    autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32-true")
     # the single-process batches, also for a share: every tile's logits come from the same forward pass
     batches = [b for b in grid.batches(batch_size) if any(first <= i < stop for i, _ in b)]
     bar, task_id = _progress(progress, job.src.name, sum(map(len, batches)))
@@ -431,7 +449,7 @@ def _run(
                             raise ConfigError(
                                 format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
                             )
-                        names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+                        names = class_names_for(class_names, k)
                         blender = TileBlender(grid, make_encoder(probabilities, nodata_value), output_bands(probabilities, k),
                                               first, stop)
                         writer = BlendWriter(blender, lambda names=names: open_sink(names))
