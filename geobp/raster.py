@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +51,19 @@ class RasterInfo:
     def shape(self) -> tuple[int, int]:
         """(height, width) in pixels."""
         return (self.height, self.width)
+
+
+#: File endings taken as GeoTIFFs when a folder is listed.
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+def list_rasters(folder: str | Path) -> list[Path]:
+    """The GeoTIFFs of ``folder``, sorted, not recursive; hidden files (``.name``, e.g. geobp's own
+    temporary files and macOS ``._`` files) are left out."""
+    return [
+        p for p in sorted(Path(folder).iterdir())
+        if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    ]
 
 
 def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
@@ -228,26 +240,3 @@ def derive_profile(src_profile: dict[str, Any], **updates: Any) -> dict[str, Any
     for key in ("blockxsize", "blockysize"):
         profile[key] = max(16, int(profile[key]) // 16 * 16)
     return profile
-
-
-@contextmanager
-def atomic_path(final: str | Path, suffix: str = ".tif") -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
-
-    An exception (or a kill) inside the block leaves ``final`` untouched and removes the temporary file.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".part{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp makes the file readable by its owner only; give it the permissions of a normal new file
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()

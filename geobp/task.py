@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
+from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss
@@ -83,7 +84,7 @@ class SegmentationTask(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = SegmentationLoss(loss, ignore_index, class_weights)
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.class_names = class_names_for(class_names, num_classes)
         self.nonfinite_steps = 0
         self._skipping = False
         self._scaler_state: dict[str, Any] | None = None

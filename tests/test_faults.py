@@ -146,7 +146,7 @@ def test_skipped_step_leaves_weights_and_optimizer_state_untouched(dm, tmp_path)
     snaps = Snapshots()
     with pytest.warns(UserWarning, match=r"step 1: loss is nan; step skipped .*not warned again"):
         trainer(tmp_path, callbacks=[snaps]).fit(task, datamodule=dm)
-    (w0, o0), (w1, o1) = snaps.before[0], snaps.after[0]
+    (w0, _), (w1, _) = snaps.before[0], snaps.after[0]
     assert any(not torch.equal(a, b) for a, b in zip(w0, w1))  # the good step trained
     for i in (1, 2):
         (wb, ob), (wa, oa) = snaps.before[i], snaps.after[i]

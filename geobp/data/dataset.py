@@ -30,6 +30,7 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, default_collate
 
+from geobp.classes import invalid_labels, mask_dtype
 from geobp.data.preprocessing import Preprocessing, valid_pixels
 from geobp.errors import LabelError, RasterReadError, format_error
 from geobp.raster import open_reader, read_window
@@ -170,7 +171,7 @@ class TileDataset(Dataset[Sample]):
 
     def _check_labels(self, mask: np.ndarray, spec: TileSpec) -> None:
         mask = mask.astype(np.int64, copy=False)  # checked in the file's values, before the compact cast
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
+        bad = invalid_labels(mask, self.num_classes, self.ignore_index)
         if bad.any():
             values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
             raise LabelError(
@@ -181,16 +182,6 @@ class TileDataset(Dataset[Sample]):
                     "set data.num_classes to cover every label, or recode those pixels to the ignore index",
                 )
             )
-
-
-def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
-    """The smallest dtype that holds every class id and the ignore index: uint8, int16, or int64."""
-    lo, hi = min(0, ignore_index), max(num_classes - 1, ignore_index)
-    for dtype in (np.uint8, np.int16):
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
 
 
 def finish_batch(batch: dict[str, Any], preprocessing: Preprocessing) -> dict[str, Any]:

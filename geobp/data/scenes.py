@@ -9,9 +9,8 @@ from rich.progress import track
 
 from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, format_error
-from geobp.raster import RasterInfo
+from geobp.raster import RasterInfo, list_rasters
 
-RASTER_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -23,13 +22,9 @@ class Scene:
     mask: RasterInfo | None
 
 
-def list_rasters(folder: Path) -> dict[str, Path]:
-    """Map stem to path for every GeoTIFF in ``folder`` (not recursive), sorted by name."""
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    }
+def rasters_by_stem(folder: Path) -> dict[str, Path]:
+    """Map stem to path for every GeoTIFF in ``folder`` (see :func:`geobp.raster.list_rasters`)."""
+    return {p.stem: p for p in list_rasters(folder)}
 
 
 def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
@@ -42,10 +37,10 @@ def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
     layout_fix = "put images in ROOT/images/<name>.tif and masks in ROOT/masks/<name>.tif (see data/README.md)"
     if not images_dir.is_dir():
         raise DataNotFoundError(format_error(images_dir, "folder not found", layout_fix))
-    images = list_rasters(images_dir)
+    images = rasters_by_stem(images_dir)
     if not images:
         raise DataNotFoundError(format_error(images_dir, "no .tif files found", layout_fix))
-    masks = list_rasters(masks_dir) if masks_dir.is_dir() else {}
+    masks = rasters_by_stem(masks_dir) if masks_dir.is_dir() else {}
     return {name: (path, masks.get(name)) for name, path in images.items()}
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 from rasterio.windows import Window
 
+from geobp.classes import invalid_labels
 from geobp.data.preprocessing import valid_pixels
 from geobp.errors import BandMismatchError, DataNotFoundError, GeobpError, LabelError, format_error
 from geobp.raster import RasterInfo, check_georeferenced, check_same_grid, open_raster, read_info, read_window
@@ -148,7 +149,8 @@ def scan_pixels(report: SceneReport, num_classes: int | None, ignore_index: int,
             )
         )
     if num_classes is not None and report.labels is not None:
-        bad = [v for v in report.labels if v >= num_classes and v != ignore_index]
+        values = np.asarray(report.labels, dtype=np.int64)
+        bad = values[invalid_labels(values, num_classes, ignore_index)].tolist()
         if bad:
             err = LabelError(
                 format_error(
