@@ -89,7 +89,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
 
 def cmd_synth(argv: Sequence[str]) -> int:
     """``geobp synth``: write synthetic land-cover scenes."""
-    from geobp.data.synth import write_scenes
+    from geobp.data.synth import DTYPES, write_scenes
 
     p = argparse.ArgumentParser(prog="geobp synth", description="Write synthetic multi-band land-cover scenes with masks.")
     p.add_argument("--out", required=True, help="output folder (gets images/ and masks/)")
@@ -97,7 +97,7 @@ def cmd_synth(argv: Sequence[str]) -> int:
     p.add_argument("--size", type=int, default=512, help="scene width and height in pixels")
     p.add_argument("--bands", type=int, default=6)
     p.add_argument("--classes", type=int, default=5)
-    p.add_argument("--dtype", default="uint16", choices=["uint8", "uint16", "int16", "float32"])
+    p.add_argument("--dtype", default="uint16", choices=DTYPES)
     p.add_argument("--block-size", type=int, default=256, help="internal GeoTIFF tile size")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -295,7 +295,7 @@ def _infer_processes(device: str, devices: int, num_nodes: int, threads: int | N
     if accelerator == "cpu":
         import torch
 
-        from geobp.inference.predict import usable_cores
+        from geobp.inference.threads import usable_cores
 
         torch.set_num_threads(threads or max(1, usable_cores() // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)

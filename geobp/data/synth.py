@@ -15,7 +15,7 @@ with 255 (the ignore index) under nodata, and no nodata tag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import rasterio
@@ -32,7 +32,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 IGNORE_INDEX = 255
 DType = Literal["uint8", "uint16", "int16", "float32"]
-DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
+DTYPES: tuple[str, ...] = get_args(DType)
 NODATA: dict[str, float] = {"uint8": 0, "uint16": 0, "int16": 0, "float32": -9999.0}
 _SCALE: dict[str, float] = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0, "float32": 1.0}
 
