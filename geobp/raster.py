@@ -23,6 +23,7 @@ from geobp.errors import (
     GeoreferenceError,
     RasterMismatchError,
     RasterReadError,
+    TooManyOpenFilesError,
     format_error,
 )
 
@@ -66,6 +67,17 @@ def list_rasters(folder: str | Path) -> list[Path]:
     ]
 
 
+def open_files_limit() -> tuple[int, int]:
+    """This process's (soft, hard) limit of open files; (1024, 1024) where it cannot be read."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return int(soft), int(hard)
+    except (ImportError, OSError, ValueError):  # not on a POSIX system
+        return 1024, 1024
+
+
 def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     """Open a raster for reading and return the handle (the caller closes it).
 
@@ -74,6 +86,7 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     Raises:
         DataNotFoundError: the file does not exist.
         RasterReadError: the file exists but GDAL cannot open it (not a raster, truncated, empty).
+        TooManyOpenFilesError: the process has as many files open as its limit allows.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -83,6 +96,12 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path, **options)
     except RasterioIOError as err:
+        if "Too many open files" in str(err):
+            soft, _hard = open_files_limit()
+            raise TooManyOpenFilesError(format_error(
+                path, f"too many open files (this process may keep {soft} open: its RLIMIT_NOFILE soft limit)",
+                "raise the limit before starting (`ulimit -n 65536`, or `#SBATCH --propagate=NOFILE` / LimitNOFILE), "
+                "or lower data.num_workers")) from None
         size = os.path.getsize(path)
         detail = "the file is empty" if size == 0 else f"GDAL cannot read it ({err})"
         raise RasterReadError(

@@ -33,7 +33,8 @@ from torch.utils.data import Dataset, default_collate
 from geobp.classes import invalid_labels, mask_dtype
 from geobp.data.preprocessing import Preprocessing, valid_pixels
 from geobp.errors import LabelError, RasterReadError, format_error
-from geobp.raster import open_reader, read_window
+from geobp.handles import HandleCache
+from geobp.raster import read_window
 
 Sample = dict[str, Any]
 #: augment(image HWC, mask HW, seed) -> (image, mask); seed -1 means unseeded
@@ -69,7 +70,8 @@ class TileDataset(Dataset[Sample]):
     and ``window``. :func:`finish_batch` normalises it.
 
     File handles are opened lazily in the process that reads (each DataLoader worker opens its
-    own) and kept open for the worker's life; they are never pickled.
+    own) and kept open in a bounded :class:`~geobp.handles.HandleCache` (least recently used
+    closed first, sized from the process's open-files limit); they are never pickled.
 
     Args:
         images: image paths, indexed by ``TileSpec.scene``.
@@ -107,25 +109,14 @@ class TileDataset(Dataset[Sample]):
         self.ignore_index = ignore_index
         self.augment = augment
         self.on_read_error = on_read_error
-        self._handles: dict[str, rasterio.DatasetReader] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
+        self._handles = HandleCache()  # pickled empty: each worker opens its own
 
     def _open(self, path: str) -> rasterio.DatasetReader:
-        src = self._handles.get(path)
-        if src is None:
-            src = open_reader(path)
-            self._handles[path] = src
-        return src
+        return self._handles.get(path)
 
     def close(self) -> None:
         """Close the file handles this process opened."""
-        for src in self._handles.values():
-            src.close()
-        self._handles.clear()
+        self._handles.close()
 
     def __len__(self) -> int:
         # Samples are addressed by TileSpec, not by position; samplers define the epoch length.
