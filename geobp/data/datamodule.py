@@ -166,7 +166,7 @@ class GeoTiffDataModule(L.LightningDataModule):
                 format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
             )
         self.root = Path(root)
-        self.scenes: list[Scene] = find_scenes(self.root)
+        self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
         first = self.scenes[0].image
         self.bands = resolve_bands(bands, first.count, first.path)
         self.class_names = class_names_for(class_names, num_classes)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from rich.progress import track
 
+from geobp.data.headers import read_headers
+from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, format_error
 from geobp.raster import RasterInfo, list_rasters
-
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,13 @@ def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
     return {name: (path, masks.get(name)) for name, path in images.items()}
 
 
-def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
+def find_scenes(root: str | Path, require_masks: bool = True, cache_dir: str | Path | None = None) -> list[Scene]:
     """Find the scenes of a dataset folder and run the header checks on them.
 
     Expected layout: ``root/images/<name>.tif`` (multi-band) and ``root/masks/<name>.tif``
     (single-band class ids), matched by name. Each pair must share CRS, transform and shape;
-    all images must have the same band count and dtype.
+    all images must have the same band count and dtype. Headers are read in parallel and cached
+    in ``<cache_dir or root>/.geobp_cache/headers.json`` (:func:`geobp.data.headers.read_headers`).
 
     Raises:
         DataNotFoundError: the folders are missing or empty, or an image has no mask.
@@ -59,7 +61,9 @@ def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
         GeoreferenceError: a raster lacks a CRS or is not north-up.
     """
     pairs = scene_paths(Path(root))
-    reports = [check_headers(name, img, msk, require_masks) for name, (img, msk) in pairs.items()]
+    headers = read_headers([p for pair in pairs.values() for p in pair if p is not None],
+                           Path(cache_dir or root) / CACHE_DIR)
+    reports = [check_headers(name, img, msk, require_masks, headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     for report in reports:
         for problem in report.problems:
@@ -90,7 +94,8 @@ def check_dataset(
         DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
     """
     pairs = scene_paths(Path(root))
-    reports = [check_headers(name, img, msk) for name, (img, msk) in pairs.items()]
+    headers = read_headers([p for pair in pairs.values() for p in pair if p is not None])  # fresh: no cache
+    reports = [check_headers(name, img, msk, headers=headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     if full:
         for r in track(reports, description="Reading scenes", disable=not progress, transient=True):

@@ -8,7 +8,7 @@ NaN pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,10 +59,21 @@ def _guard(report: SceneReport, fn: Callable[[], object]) -> object | None:
         return None
 
 
-def check_headers(name: str, image_path: Path, mask_path: Path | None, require_mask: bool = True) -> SceneReport:
-    """Header-level checks of one scene (no pixels read)."""
+def check_headers(
+    name: str, image_path: Path, mask_path: Path | None, require_mask: bool = True,
+    headers: Mapping[str, RasterInfo | GeobpError] | None = None,
+) -> SceneReport:
+    """Header-level checks of one scene (no pixels read); ``headers`` holds headers read before
+    (:func:`geobp.data.headers.read_headers`), files missing from it are opened here."""
+
+    def info(path: Path) -> RasterInfo:
+        found = headers.get(str(path)) if headers is not None else None
+        if isinstance(found, GeobpError):
+            raise found
+        return found if found is not None else read_info(path)
+
     report = SceneReport(name)
-    report.image = _guard(report, lambda: read_info(image_path))  # type: ignore[assignment]
+    report.image = _guard(report, lambda: info(image_path))  # type: ignore[assignment]
     if report.image is not None:
         _guard(report, lambda: check_georeferenced(report.image))  # type: ignore[arg-type]
     if mask_path is None:
@@ -76,7 +87,7 @@ def check_headers(name: str, image_path: Path, mask_path: Path | None, require_m
             )
             report.problems.append(Problem("fatal", str(err), err))
         return report
-    report.mask = _guard(report, lambda: read_info(mask_path))  # type: ignore[assignment]
+    report.mask = _guard(report, lambda: info(mask_path))  # type: ignore[assignment]
     if report.mask is not None and report.mask.count != 1:
         err = BandMismatchError(
             format_error(report.mask.path, f"mask must have 1 band (found {report.mask.count})", "write class ids in a single band")
