@@ -1,6 +1,6 @@
 """Diagnosis rules: pure functions from a recorded gradient-flow series to findings.
 
-The input is the ``gradflow.json`` document (see :mod:`geobp.callbacks.report` for its schema),
+The input is the ``gradflow.json`` document (see :mod:`geobp.callbacks.series` for its schema),
 as a dict; non-finite numbers may appear as floats or as the strings ``"nan"``/``"inf"``.
 
 A condition *persists* from recording ``i`` when it holds at ``i`` and in at least
@@ -13,13 +13,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band"]
-_ORDER = ("nonfinite", "exploding", "vanishing", "dead_branch", "dead_band")
+from geobp.errors import ConfigError, format_error
+
+FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band", "band_scale", "stalled",
+                      "unstable_updates", "loss_scale"]
+_ORDER = ("nonfinite", "loss_scale", "exploding", "unstable_updates", "vanishing", "stalled", "dead_branch",
+          "dead_band", "band_scale")
+#: A ``stalled`` stretch must cover at least this share of the usable recordings: a schedule that
+#: anneals the learning rate to zero stalls every layer over the last few recordings by design.
+STALLED_SHARE = 0.1
 
 
 class GradientFlowWarning(UserWarning):
@@ -32,8 +39,8 @@ class Thresholds:
 
     Attributes:
         vanishing_ratio: vanishing when the early layers' per-element RMS gradient is below this
-            fraction of the head's (early/head = the first/last tenth of the layers, medians).
-            Healthy ResNet U-Nets sit around 0.1 to 10; a 10-layer sigmoid MLP near 1e-9.
+            fraction of the head's (:func:`early_head_ratios`). Healthy ResNet U-Nets sit around
+            0.1 to 10; a 10-layer sigmoid MLP near 1e-9.
         exploding_norm: exploding when the total gradient norm stays above this.
         exploding_growth: exploding when the total norm stays above this multiple of its median
             over the first ``min_recordings`` recordings.
@@ -43,11 +50,24 @@ class Thresholds:
             either way round).
         dead_band_ratio: dead when an input band's gradient is below this fraction of the
             median band's.
+        band_scale_ratio: mis-scaled when an input band's gradient is above this multiple of
+            the median of the other bands'.
+        stalled_ratio: stalled when a layer that receives a gradient changes by less than this
+            fraction of its weight norm in an optimizer step (update ratio ``||dw|| / ||w||``;
+            about 1e-3 is the classic healthy value), over at least a tenth of the run.
+        unstable_update_ratio: unstable when the median layer's update ratio is above this.
         min_loss_scale: under fp16 with a loss scaler, non-finite steps are expected while the
             scale calibrates; they become a finding once the scale falls below this (or when
             the loss itself is non-finite).
+        skip_fraction: ``loss_scale`` when the scale is below ``min_loss_scale`` and more than
+            this fraction of the steps since the previous recording were skipped.
+        extreme_input: a band of a tile is named as extreme in a non-finite finding when its
+            largest absolute normalised value is above this.
         persist: fraction of recordings, from its start, in which a condition must hold.
         min_recordings: fewest recordings in which a condition must hold.
+
+    Raises:
+        ConfigError: a value is out of its range (the message names the key and the range).
     """
 
     vanishing_ratio: float = 1e-4
@@ -56,20 +76,33 @@ class Thresholds:
     clip_fraction: float = 0.5
     dead_branch_ratio: float = 1e-3
     dead_band_ratio: float = 1e-3
+    band_scale_ratio: float = 100.0
+    stalled_ratio: float = 1e-6
+    unstable_update_ratio: float = 0.1
     min_loss_scale: float = 1.0
+    skip_fraction: float = 0.5
+    extreme_input: float = 100.0
     persist: float = 0.8
     min_recordings: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("vanishing_ratio", "exploding_norm", "exploding_growth", "dead_branch_ratio",
-                     "dead_band_ratio", "min_loss_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Thresholds.{name} must be > 0 (found {getattr(self, name)})")
-        if not 0 < self.clip_fraction <= 1 or not 0 < self.persist <= 1:
-            raise ValueError(f"Thresholds.clip_fraction and persist must be in (0, 1] "
-                             f"(found {self.clip_fraction}, {self.persist})")
-        if self.min_recordings < 1:
-            raise ValueError(f"Thresholds.min_recordings must be >= 1 (found {self.min_recordings})")
+        fractions = ("clip_fraction", "persist", "skip_fraction")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "min_recordings":
+                ok, valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+            elif f.name in fractions:
+                ok, valid = _is_number(value) and 0 < value <= 1, "a number in (0, 1]"
+            else:
+                ok, valid = _is_number(value) and 0 < value < math.inf, "a finite number > 0"
+            if not ok:
+                raise ConfigError(format_error(
+                    None, f"gradflow.thresholds.{f.name} must be {valid} (found {value!r})",
+                    f"set gradflow.thresholds.{f.name} to {valid}, e.g. its default {f.default!r}"))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 @dataclass(frozen=True)
@@ -77,8 +110,9 @@ class Finding:
     """One diagnosis.
 
     Attributes:
-        kind: ``vanishing``, ``exploding``, ``nonfinite``, ``dead_branch`` or ``dead_band``.
-        where: the layer, skip (``<module> <path>``) or band (``band <i> (<conv>)``) concerned.
+        kind: ``vanishing``, ``exploding``, ``nonfinite``, ``dead_branch``, ``dead_band``,
+            ``band_scale``, ``stalled``, ``unstable_updates`` or ``loss_scale``.
+        where: the layer, skip (``<module> <path>``) or band (``<band name> (<conv>)``) concerned.
         step: first optimizer step at which it was seen.
         value: the measured quantity (a ratio, a norm, a fraction or a count; see ``message``).
         message: one line saying what was measured.
@@ -152,21 +186,35 @@ def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> l
         thresholds: rule thresholds (defaults when None).
 
     Returns:
-        The findings, sorted by kind (nonfinite, exploding, vanishing, dead_branch, dead_band)
-        then step.
+        The findings, sorted by kind (nonfinite, loss_scale, exploding, unstable_updates,
+        vanishing, stalled, dead_branch, dead_band, band_scale) then step.
     """
     t = thresholds or Thresholds()
-    findings = [*find_nonfinite(data, t), *find_exploding(data, t), *find_vanishing(data, t),
-                *find_dead_branches(data, t), *find_dead_bands(data, t)]
+    findings = [*find_nonfinite(data, t), *find_loss_scale(data, t), *find_exploding(data, t),
+                *find_unstable_updates(data, t), *find_vanishing(data, t), *find_stalled(data, t),
+                *find_dead_branches(data, t), *find_dead_bands(data, t), *find_band_scale(data, t)]
     return sorted(findings, key=lambda f: (_ORDER.index(f.kind), f.step, f.where))
 
 
-def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """Early layers' per-element RMS gradient orders of magnitude below the head's, persisting."""
-    layers = data.get("layers") or []
-    norms = as_array(data.get("layer_norm"))
+def early_head_ratios(layers: Sequence[Mapping[str, Any]], layer_norm: Sequence[Any] | None) -> np.ndarray:
+    """The vanishing indicator of each recording: early layers' RMS gradient over the head's.
+
+    The one definition used by the ``vanishing`` rule and by the logged
+    ``gradflow/early_head_ratio``: per-element RMS gradient (norm / sqrt(numel)) of each layer;
+    the median (NaN ignored) over the first tenth of the layers (at least one) over that over the
+    last tenth.
+
+    Args:
+        layers: ``{name, numel, ...}`` of each layer, in module order.
+        layer_norm: ``[R][L]`` gradient norms (JSON values: None and non-finite strings allowed).
+
+    Returns:
+        ``[R]`` float64: the ratio; 0 where the early layers get no gradient and the head does;
+        NaN where it is not defined (fewer than two layers, no finite values, a zero head).
+    """
+    norms = as_array(layer_norm)
     if len(layers) < 2 or norms.ndim != 2 or norms.shape[1] != len(layers):
-        return []
+        return np.full(len(layer_norm or []), np.nan)
     numel = np.array([max(int(layer["numel"]), 1) for layer in layers], dtype=np.float64)
     rms = norms / np.sqrt(numel)
     k = max(1, len(layers) // 10)
@@ -175,14 +223,21 @@ def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         early = np.nanmedian(rms[:, :k], axis=1)
         head = np.nanmedian(rms[:, -k:], axis=1)
         ratio = early / head
-    usable = np.isfinite(ratio) | ((early == 0) & (head > 0))
-    ratio = np.where((early == 0) & (head > 0), 0.0, ratio)
-    keep = np.flatnonzero(usable)
+    ratio = np.where(np.isfinite(ratio), ratio, np.nan)
+    return np.where((early == 0) & (head > 0), 0.0, ratio)
+
+
+def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """Early layers' per-element RMS gradient orders of magnitude below the head's, persisting."""
+    layers = data.get("layers") or []
+    ratio = early_head_ratios(layers, data.get("layer_norm"))
+    keep = np.flatnonzero(np.isfinite(ratio))
     start = persistent_start(ratio[keep] < t.vanishing_ratio, t)
     if start is None:
         return []
     i = keep[start]
     value = float(np.median(ratio[keep[start:]]))
+    k = max(1, len(layers) // 10)
     first = layers[0]["name"]
     return [Finding(
         "vanishing", first, int(data["steps"][i]), value,
@@ -270,7 +325,7 @@ def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     # recording) and the totals come only at the end: the largest of the three
     counts = [len(events), *(data.get("nonfinite_steps") or [])[-1:], (data.get("totals") or {}).get("nonfinite_steps") or 0]
     count = max(c for c in counts if c is not None)
-    tiles = describe_tiles(chosen)
+    tiles = describe_tiles(chosen, band_names(data), t.extreme_input)
     if chosen.get("all_layers"):
         where = "loss"
         what = (f"non-finite loss at step {chosen['step']}: every layer's gradient is NaN/Inf, "
@@ -288,20 +343,69 @@ def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
                     f"{what}; {count} non-finite step(s) in all{tiles}", fix)]
 
 
-def describe_tiles(event: Mapping[str, Any], limit: int = 3) -> str:
-    """``"; tiles: scene a (r, c, h, w), ..."`` for an event's batch, or ``""`` without metadata."""
+def describe_tiles(event: Mapping[str, Any], names: Sequence[str] = (), extreme: float = math.inf,
+                   limit: int = 3) -> str:
+    """``"; tiles: ..."`` for an event's batch, or ``""`` without metadata.
+
+    Each tile is named by scene and window (row, col, height, width), followed, where the event
+    has them, by its bounds in the scene's CRS (left, bottom, right, top) and by the input bands
+    whose normalised values were non-finite or above ``extreme`` in absolute value.
+
+    Args:
+        event: a ``nonfinite`` entry of the document.
+        names: the band names (``band_<i+1>`` past their end).
+        extreme: the largest absolute normalised value not called extreme.
+        limit: tiles named; the rest are counted.
+    """
     scenes = event.get("scenes")
     windows = event.get("windows")
     if not scenes and not windows:
         return ""
+    bounds, crs, inputs = event.get("bounds") or [], event.get("crs") or [], event.get("band_max_abs") or []
     n = max(len(scenes or []), len(windows or []))
     parts = []
     for j in range(min(n, limit)):
         scene = scenes[j] if scenes and j < len(scenes) else "?"
         window = tuple(windows[j]) if windows and j < len(windows) else None
-        parts.append(f"{scene} {window}" if window is not None else str(scene))
+        text = f"{scene} {window}" if window is not None else str(scene)
+        if j < len(bounds) and bounds[j] is not None:
+            text += f" at ({', '.join(f'{v:.6g}' for v in bounds[j])})"
+            text += f" in {crs[j]}" if j < len(crs) and crs[j] else ""
+        if j < len(inputs) and inputs[j] is not None:
+            text += _input_bands(as_array(inputs[j]), names, extreme)
+        parts.append(text)
     more = f" and {n - limit} more" if n > limit else ""
-    return f"; tiles (scene (row, col, height, width)): {', '.join(parts)}{more}"
+    head = "scene (row, col, height, width)" + (" at (left, bottom, right, top)" if bounds else "")
+    return f"; tiles ({head}): {', '.join(parts)}{more}"
+
+
+def _input_bands(max_abs: np.ndarray, names: Sequence[str], extreme: float) -> str:
+    """`` [non-finite input: B2; extreme input: B5 (|x| up to 3e+04)]`` for one tile, or ``""``."""
+    def name(b: int) -> str:
+        return names[b] if b < len(names) else f"band_{b + 1}"
+
+    bad = [name(b) for b in np.flatnonzero(~np.isfinite(max_abs))]
+    big = [(name(b), max_abs[b]) for b in np.flatnonzero(np.isfinite(max_abs) & (max_abs > extreme))]
+    found = []
+    if bad:
+        found.append(f"non-finite input: {', '.join(bad)}")
+    if big:
+        found.append(f"extreme input: {', '.join(f'{n} (|x| up to {v:.3g})' for n, v in big)}")
+    return f" [{'; '.join(found)}]" if found else ""
+
+
+def default_band_names(count: int) -> list[str]:
+    """``band_1`` .. ``band_<count>``: the names of bands whose files carry none."""
+    return [f"band_{b + 1}" for b in range(count)]
+
+
+def band_names(data: Mapping[str, Any]) -> list[str]:
+    """The names of the document's input bands (``bands.names``, else :func:`default_band_names`)."""
+    bands = data.get("bands") or {}
+    norms = as_array(bands.get("norm"))
+    names = [str(n) for n in bands.get("names") or []]
+    count = norms.shape[1] if norms.ndim == 2 else len(names)
+    return names if len(names) == count else default_band_names(count)
 
 
 def find_dead_branches(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
@@ -346,6 +450,8 @@ def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     if norms.ndim != 2 or norms.shape[1] < 2:
         return []
     steps = data.get("steps") or []
+    names = band_names(data)
+    layer = bands.get("layer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(norms, axis=1)
@@ -360,9 +466,151 @@ def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         i = keep[start]
         value = float(np.median(ratio[start:]))
         out.append(Finding(
-            "dead_band", f"band {b} ({bands.get('layer')})", int(steps[i]), value,
-            f"input band {b} gets {value:.1e} of the median band's gradient in {bands.get('layer')} "
+            "dead_band", f"{names[b]} ({layer})", int(steps[i]), value,
+            f"input band {names[b]} gets {value:.1e} of the median band's gradient in {layer} "
             f"(threshold {t.dead_band_ratio:.0e}): constant, empty or mis-normalised",
             "check the band's pixels (constant, all nodata?) and its normalization statistics, "
             "or drop it from the band selection"))
     return out
+
+
+def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """An input band whose first-convolution gradient is orders of magnitude above the others', persisting.
+
+    A weight's gradient scales with its input, so a band whose values are far larger than the
+    others' (raw digital numbers next to reflectances, wrong statistics) shows here first.
+    """
+    bands = data.get("bands") or {}
+    norms = as_array(bands.get("norm"))
+    if norms.ndim != 2 or norms.shape[1] < 2:
+        return []
+    steps = data.get("steps") or []
+    names = band_names(data)
+    layer = bands.get("layer")
+    out = []
+    for b in range(norms.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            others = np.nanmedian(np.delete(norms, b, axis=1), axis=1)
+        valid = np.isfinite(norms[:, b]) & np.isfinite(others) & (others > 0)
+        keep = np.flatnonzero(valid)
+        ratio = norms[keep, b] / others[keep]
+        start = persistent_start(ratio > t.band_scale_ratio, t)
+        if start is None:
+            continue
+        i = keep[start]
+        value = float(np.median(ratio[start:]))
+        out.append(Finding(
+            "band_scale", f"{names[b]} ({layer})", int(steps[i]), value,
+            f"input band {names[b]} gets {value:.3g}x the median gradient of the other bands in {layer} "
+            f"(threshold {t.band_scale_ratio:g}x): its values are on another scale than the others' "
+            "(raw digital numbers next to reflectances, or wrong normalization statistics)",
+            "check the band's units and its normalization statistics (delete the cached statistics "
+            "to recompute them), or normalise it like the other bands"))
+    return out
+
+
+def _update_rows(data: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """``(update ratios [R][L], gradient norms [R][L], layers)`` when both are recorded, else empty arrays."""
+    layers = data.get("layers") or []
+    upd = as_array(data.get("update_ratio"))
+    norms = as_array(data.get("layer_norm"))
+    if not layers or upd.ndim != 2 or upd.shape != norms.shape or upd.shape[1] != len(layers):
+        return np.zeros((0, 0)), np.zeros((0, 0)), []
+    return upd, norms, layers
+
+
+def _frozen_note(data: Mapping[str, Any]) -> str:
+    frozen = data.get("frozen") or []
+    return f"; {len(frozen)} frozen layer(s) (requires_grad=False) are not checked" if frozen else ""
+
+
+def find_stalled(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """Layers receiving gradients whose weights do not change, persisting over a tenth of the run or more.
+
+    One finding names every stalled layer; layers frozen on purpose (``requires_grad=False``)
+    are not monitored, hence never stalled.
+    """
+    upd, norms, layers = _update_rows(data)
+    steps = data.get("steps") or []
+    stalled: list[tuple[int, str, float]] = []  # (start step, layer, median ratio)
+    for j, layer in enumerate(layers):
+        valid = np.isfinite(upd[:, j]) & np.isfinite(norms[:, j]) & (norms[:, j] > 0)
+        keep = np.flatnonzero(valid)
+        start = persistent_start(upd[keep, j] < t.stalled_ratio, t)
+        if start is None or len(keep) - start < STALLED_SHARE * len(keep):
+            continue
+        stalled.append((int(steps[keep[start]]), str(layer["name"]), float(np.median(upd[keep[start:], j]))))
+    if not stalled:
+        return []
+    step = min(s for s, _, _ in stalled)
+    value = float(np.median([v for _, _, v in stalled]))
+    shown = ", ".join(name for _, name, _ in stalled[:5]) + (f" and {len(stalled) - 5} more" if len(stalled) > 5 else "")
+    return [Finding(
+        "stalled", stalled[0][1], step, value,
+        f"{len(stalled)} of {len(layers)} layer(s) get gradients but do not change: update ratio "
+        f"||dw||/||w|| {value:.1e} per step (threshold {t.stalled_ratio:.0e}; about 1e-3 is healthy) "
+        f"in {shown}{_frozen_note(data)}",
+        "check that those parameters are in the optimizer, that their parameter group's learning "
+        "rate is not 0, that the scheduler has not driven it to 0, and that weight decay does "
+        "not cancel the updates; freeze them (requires_grad=False) if that is the intent")]
+
+
+def find_unstable_updates(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """The median layer's update ratio far above the healthy ~1e-3 on most recordings."""
+    upd, _, layers = _update_rows(data)
+    if not layers:
+        return []
+    steps = data.get("steps") or []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(np.where(np.isfinite(upd), upd, np.nan), axis=1)
+    keep = np.flatnonzero(np.isfinite(median))
+    start = persistent_start(median[keep] > t.unstable_update_ratio, t)
+    if start is None:
+        return []
+    rows = keep[start:]
+    value = float(np.median(median[rows]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_layer = np.nanmedian(upd[rows], axis=0)
+    largest = str(layers[int(np.nanargmax(np.where(np.isfinite(per_layer), per_layer, -1.0)))]["name"])
+    return [Finding(
+        "unstable_updates", largest, int(steps[keep[start]]), value,
+        f"updates are too large: the median layer changes by {value:.2g} of its weight norm per "
+        f"step (threshold {t.unstable_update_ratio:g}; about 1e-3 is healthy), most in {largest}",
+        "lower the learning rate (or add warm-up); check the optimizer's settings (e.g. Adam's eps) "
+        "and that the loss is averaged, not summed, over pixels")]
+
+
+def find_loss_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """Under fp16 with a loss scaler: the scale driven below ``min_loss_scale`` with most steps skipped."""
+    if not (data.get("meta") or {}).get("loss_scaler"):
+        return []
+    scale = as_array(data.get("loss_scale"))
+    seen = as_array(data.get("steps_seen"))
+    skipped = as_array(data.get("nonfinite_steps"))
+    steps = data.get("steps") or []
+    if not (len(scale) == len(seen) == len(skipped) == len(steps)) or not len(steps):
+        return []
+    d_seen = np.diff(seen, prepend=0.0)
+    d_skipped = np.diff(skipped, prepend=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fraction = d_skipped / d_seen
+    keep = np.flatnonzero(np.isfinite(scale) & np.isfinite(fraction) & (d_seen > 0))
+    flags = (scale[keep] < t.min_loss_scale) & (fraction[keep] > t.skip_fraction)
+    start = persistent_start(flags, t)
+    if start is None:
+        return []
+    rows = keep[start:]
+    share = float(d_skipped[rows].sum() / d_seen[rows].sum())
+    value = float(scale[rows[-1]])
+    return [Finding(
+        "loss_scale", "loss scale", int(steps[keep[start]]), value,
+        f"the fp16 loss scale fell to {value:.3g} (threshold {t.min_loss_scale:g}) and {share:.0%} of "
+        f"the steps since step {int(steps[keep[start]])} were skipped for non-finite gradients: "
+        "training barely updates",
+        "use bf16-mixed where the GPU supports it (no loss scaling); otherwise find what overflows "
+        "in fp16: lower the learning rate, check the input normalization, keep exp/log/division "
+        "of the loss in fp32")]

@@ -80,7 +80,7 @@ def test_rediagnose_uses_the_stored_series(tmp_path: Path) -> None:
     data = document()
     data["diagnoses"] = []
     page = render_report(write_json(data, tmp_path / "g.json"), rediagnose=True).read_text()
-    assert "dead_band" in page and "band 1 (net.0)" in page
+    assert "dead_band" in page and "band_2 (net.0)" in page
 
 
 def test_json_is_strict_and_non_finite_values_are_strings(tmp_path: Path) -> None:
