@@ -528,14 +528,26 @@ def _frozen_note(data: Mapping[str, Any]) -> str:
 def find_stalled(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """Layers receiving gradients whose weights do not change, persisting over a tenth of the run or more.
 
-    One finding names every stalled layer; layers frozen on purpose (``requires_grad=False``)
-    are not monitored, hence never stalled.
+    One finding names every stalled layer. Layers frozen on purpose (``requires_grad=False``)
+    are not monitored, hence never stalled; recordings where a layer's RMS gradient is below
+    ``vanishing_ratio`` of the head's are left out for it (vanishing, not stalled).
     """
     upd, norms, layers = _update_rows(data)
     steps = data.get("steps") or []
     stalled: list[tuple[int, str, float]] = []  # (start step, layer, median ratio)
+    if layers:
+        # A layer whose gradient vanishes does not move either: that is the vanishing rule's
+        # finding, so a layer counts only where its RMS gradient is not vanishingly small next
+        # to the head's (the last tenth of the layers, as in early_head_ratios).
+        numel = np.array([max(int(x["numel"]), 1) for x in layers], dtype=np.float64)
+        rms = np.where(np.isfinite(norms), norms, np.nan) / np.sqrt(numel)
+        k = max(1, len(layers) // 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            head = np.nanmedian(rms[:, -k:], axis=1, keepdims=True)
+        moving_gradient = rms >= t.vanishing_ratio * head
     for j, layer in enumerate(layers):
-        valid = np.isfinite(upd[:, j]) & np.isfinite(norms[:, j]) & (norms[:, j] > 0)
+        valid = np.isfinite(upd[:, j]) & moving_gradient[:, j] & (norms[:, j] > 0)
         keep = np.flatnonzero(valid)
         start = persistent_start(upd[keep, j] < t.stalled_ratio, t)
         if start is None or len(keep) - start < STALLED_SHARE * len(keep):

@@ -292,3 +292,13 @@ def test_nonfinite_tiles_carry_bounds_and_bad_bands() -> None:
     assert ("tiles (scene (row, col, height, width) at (left, bottom, right, top)): "
             "s0 (0, 64, 32, 32) at (400640, 5.49968e+06, 400960, 5.5e+06) in EPSG:32633 [non-finite input: nir], "
             "s1 (32, 0, 32, 32) [extreme input: swir (|x| up to 4e+04)]") in f.message
+
+
+def test_a_layer_whose_gradient_vanishes_is_vanishing_not_stalled() -> None:
+    rows = [[1e-12, 1e-3, 1e-3, 1e-3]] * 10
+    data = updates(rows)
+    assert [f.kind for f in diagnose(data)] == ["stalled"]
+    for row in data["layer_norm"]:
+        row[0] = 1e-9  # 1e-9 of the others' RMS gradient
+    (f,) = diagnose(data)
+    assert (f.kind, f.where) == ("vanishing", "l0")
