@@ -6,6 +6,10 @@ as a dict; non-finite numbers may appear as floats or as the strings ``"nan"``/`
 A condition *persists* from recording ``i`` when it holds at ``i`` and in at least
 ``Thresholds.persist`` of the recordings from ``i`` on, and in at least ``min_recordings`` of them;
 a finding's ``step`` is the first such ``i``'s step. Findings are sorted by kind, then step.
+
+The thresholds, the :class:`Finding` type and the number helpers live in
+:mod:`geobp.callbacks.findings` (re-exported here); the rules on the optimizer's steps
+(``stalled``, ``unstable_updates``, ``loss_scale``) in :mod:`geobp.callbacks.update_rules`.
 """
 
 from __future__ import annotations
@@ -13,169 +17,31 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from geobp.errors import ConfigError, format_error
+from geobp.callbacks.findings import (
+    KIND_ORDER,
+    Finding,
+    FindingKind,
+    GradientFlowWarning,
+    Thresholds,
+    as_array,
+    band_names,
+    decode_float,
+    default_band_names,
+    encode_float,
+    persistent_start,
+)
+from geobp.callbacks.update_rules import find_loss_scale, find_stalled, find_unstable_updates
 
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band", "band_scale", "stalled",
-                      "unstable_updates", "loss_scale"]
-_ORDER = ("nonfinite", "loss_scale", "exploding", "unstable_updates", "vanishing", "stalled", "dead_branch",
-          "dead_band", "band_scale")
-#: A ``stalled`` stretch must cover at least this share of the usable recordings: a schedule that
-#: anneals the learning rate to zero stalls every layer over the last few recordings by design.
-STALLED_SHARE = 0.1
-
-
-class GradientFlowWarning(UserWarning):
-    """Category of the warnings issued for findings while training runs (filterable)."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Thresholds of the diagnosis rules (defaults suit ResNet/U-Net segmentation models).
-
-    Attributes:
-        vanishing_ratio: vanishing when the early layers' per-element RMS gradient is below this
-            fraction of the head's (:func:`early_head_ratios`). Healthy ResNet U-Nets sit around
-            0.1 to 10; a 10-layer sigmoid MLP near 1e-9.
-        exploding_norm: exploding when the total gradient norm stays above this.
-        exploding_growth: exploding when the total norm stays above this multiple of its median
-            over the first ``min_recordings`` recordings.
-        clip_fraction: exploding when more than this fraction of steps is clipped.
-        dead_branch_ratio: dead when a path carries less than this fraction of the gradient of
-            the other path of its skip (residual branch vs shortcut; U-Net skip vs deeper path,
-            either way round).
-        dead_band_ratio: dead when an input band's gradient is below this fraction of the
-            median band's.
-        band_scale_ratio: mis-scaled when an input band's gradient is above this multiple of
-            the median of the other bands'.
-        stalled_ratio: stalled when a layer that receives a gradient changes by less than this
-            fraction of its weight norm in an optimizer step (update ratio ``||dw|| / ||w||``;
-            about 1e-3 is the classic healthy value), over at least a tenth of the run.
-        unstable_update_ratio: unstable when the median layer's update ratio is above this.
-        min_loss_scale: under fp16 with a loss scaler, non-finite steps are expected while the
-            scale calibrates; they become a finding once the scale falls below this (or when
-            the loss itself is non-finite).
-        skip_fraction: ``loss_scale`` when the scale is below ``min_loss_scale`` and more than
-            this fraction of the steps since the previous recording were skipped.
-        extreme_input: a band of a tile is named as extreme in a non-finite finding when its
-            largest absolute normalised value is above this.
-        persist: fraction of recordings, from its start, in which a condition must hold.
-        min_recordings: fewest recordings in which a condition must hold.
-
-    Raises:
-        ConfigError: a value is out of its range (the message names the key and the range).
-    """
-
-    vanishing_ratio: float = 1e-4
-    exploding_norm: float = 1e4
-    exploding_growth: float = 1e3
-    clip_fraction: float = 0.5
-    dead_branch_ratio: float = 1e-3
-    dead_band_ratio: float = 1e-3
-    band_scale_ratio: float = 100.0
-    stalled_ratio: float = 1e-6
-    unstable_update_ratio: float = 0.1
-    min_loss_scale: float = 1.0
-    skip_fraction: float = 0.5
-    extreme_input: float = 100.0
-    persist: float = 0.8
-    min_recordings: int = 3
-
-    def __post_init__(self) -> None:
-        fractions = ("clip_fraction", "persist", "skip_fraction")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "min_recordings":
-                ok, valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
-            elif f.name in fractions:
-                ok, valid = _is_number(value) and 0 < value <= 1, "a number in (0, 1]"
-            else:
-                ok, valid = _is_number(value) and 0 < value < math.inf, "a finite number > 0"
-            if not ok:
-                raise ConfigError(format_error(
-                    None, f"gradflow.thresholds.{f.name} must be {valid} (found {value!r})",
-                    f"set gradflow.thresholds.{f.name} to {valid}, e.g. its default {f.default!r}"))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosis.
-
-    Attributes:
-        kind: ``vanishing``, ``exploding``, ``nonfinite``, ``dead_branch``, ``dead_band``,
-            ``band_scale``, ``stalled``, ``unstable_updates`` or ``loss_scale``.
-        where: the layer, skip (``<module> <path>``) or band (``<band name> (<conv>)``) concerned.
-        step: first optimizer step at which it was seen.
-        value: the measured quantity (a ratio, a norm, a fraction or a count; see ``message``).
-        message: one line saying what was measured.
-        fix: one line saying what to try.
-    """
-
-    kind: FindingKind
-    where: str
-    step: int
-    value: float
-    message: str
-    fix: str = field(default="")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The finding as a JSON-ready dict (non-finite ``value`` as a string)."""
-        out = asdict(self)
-        out["value"] = encode_float(self.value)
-        return out
-
-
-def encode_float(x: float | None) -> float | str | None:
-    """A float for JSON: non-finite values become ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def decode_float(x: Any) -> float:
-    """Inverse of :func:`encode_float`; None becomes NaN."""
-    if x is None:
-        return math.nan
-    return float(x)
-
-
-def as_array(rows: Sequence[Any] | None) -> np.ndarray:
-    """A list (or list of lists) of JSON numbers, None and non-finite strings as a float64 array.
-
-    None becomes NaN; a None standing for a whole row (e.g. no band gradient at a recording)
-    becomes a row of NaN.
-    """
-    if not rows:
-        return np.zeros((0,))
-    try:
-        return np.array(rows, dtype=np.float64)  # numpy parses "nan"/"inf" and maps None to NaN
-    except ValueError:
-        width = max((len(r) for r in rows if isinstance(r, (list, tuple))), default=0)
-        return np.array([r if isinstance(r, (list, tuple)) else [None] * width for r in rows], dtype=np.float64)
-
-
-def persistent_start(flags: np.ndarray, t: Thresholds) -> int | None:
-    """Index of the first recording from which ``flags`` persist (see module doc), or None."""
-    flags = np.asarray(flags, dtype=bool)
-    n = len(flags)
-    if n == 0:
-        return None
-    counts = np.cumsum(flags[::-1])[::-1]  # number of True from i on
-    lengths = np.arange(n, 0, -1)
-    ok = flags & (counts >= t.min_recordings) & (counts >= t.persist * lengths)
-    hits = np.flatnonzero(ok)
-    return int(hits[0]) if len(hits) else None
+__all__ = [
+    "Finding", "FindingKind", "GradientFlowWarning", "Thresholds", "as_array", "band_names", "decode_float",
+    "default_band_names", "describe_tiles", "diagnose", "early_head_ratios", "encode_float", "find_band_scale",
+    "find_dead_bands", "find_dead_branches", "find_exploding", "find_loss_scale", "find_nonfinite", "find_stalled",
+    "find_unstable_updates", "find_vanishing", "persistent_start",
+]
 
 
 def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> list[Finding]:
@@ -193,7 +59,7 @@ def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> l
     findings = [*find_nonfinite(data, t), *find_loss_scale(data, t), *find_exploding(data, t),
                 *find_unstable_updates(data, t), *find_vanishing(data, t), *find_stalled(data, t),
                 *find_dead_branches(data, t), *find_dead_bands(data, t), *find_band_scale(data, t)]
-    return sorted(findings, key=lambda f: (_ORDER.index(f.kind), f.step, f.where))
+    return sorted(findings, key=lambda f: (KIND_ORDER.index(f.kind), f.step, f.where))
 
 
 def early_head_ratios(layers: Sequence[Mapping[str, Any]], layer_norm: Sequence[Any] | None) -> np.ndarray:
@@ -394,20 +260,6 @@ def _input_bands(max_abs: np.ndarray, names: Sequence[str], extreme: float) -> s
     return f" [{'; '.join(found)}]" if found else ""
 
 
-def default_band_names(count: int) -> list[str]:
-    """``band_1`` .. ``band_<count>``: the names of bands whose files carry none."""
-    return [f"band_{b + 1}" for b in range(count)]
-
-
-def band_names(data: Mapping[str, Any]) -> list[str]:
-    """The names of the document's input bands (``bands.names``, else :func:`default_band_names`)."""
-    bands = data.get("bands") or {}
-    norms = as_array(bands.get("norm"))
-    names = [str(n) for n in bands.get("names") or []]
-    count = norms.shape[1] if norms.ndim == 2 else len(names)
-    return names if len(names) == count else default_band_names(count)
-
-
 def find_dead_branches(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """A skip path carrying almost nothing compared with its other path, persisting."""
     out = []
@@ -508,121 +360,3 @@ def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
             "check the band's units and its normalization statistics (delete the cached statistics "
             "to recompute them), or normalise it like the other bands"))
     return out
-
-
-def _update_rows(data: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
-    """``(update ratios [R][L], gradient norms [R][L], layers)`` when both are recorded, else empty arrays."""
-    layers = data.get("layers") or []
-    upd = as_array(data.get("update_ratio"))
-    norms = as_array(data.get("layer_norm"))
-    if not layers or upd.ndim != 2 or upd.shape != norms.shape or upd.shape[1] != len(layers):
-        return np.zeros((0, 0)), np.zeros((0, 0)), []
-    return upd, norms, layers
-
-
-def _frozen_note(data: Mapping[str, Any]) -> str:
-    frozen = data.get("frozen") or []
-    return f"; {len(frozen)} frozen layer(s) (requires_grad=False) are not checked" if frozen else ""
-
-
-def find_stalled(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """Layers receiving gradients whose weights do not change, persisting over a tenth of the run or more.
-
-    One finding names every stalled layer. Layers frozen on purpose (``requires_grad=False``)
-    are not monitored, hence never stalled; recordings where a layer's RMS gradient is below
-    ``vanishing_ratio`` of the head's are left out for it (vanishing, not stalled).
-    """
-    upd, norms, layers = _update_rows(data)
-    steps = data.get("steps") or []
-    stalled: list[tuple[int, str, float]] = []  # (start step, layer, median ratio)
-    if layers:
-        # A layer whose gradient vanishes does not move either: that is the vanishing rule's
-        # finding, so a layer counts only where its RMS gradient is not vanishingly small next
-        # to the head's (the last tenth of the layers, as in early_head_ratios).
-        numel = np.array([max(int(x["numel"]), 1) for x in layers], dtype=np.float64)
-        rms = np.where(np.isfinite(norms), norms, np.nan) / np.sqrt(numel)
-        k = max(1, len(layers) // 10)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            head = np.nanmedian(rms[:, -k:], axis=1, keepdims=True)
-        moving_gradient = rms >= t.vanishing_ratio * head
-    for j, layer in enumerate(layers):
-        valid = np.isfinite(upd[:, j]) & moving_gradient[:, j] & (norms[:, j] > 0)
-        keep = np.flatnonzero(valid)
-        start = persistent_start(upd[keep, j] < t.stalled_ratio, t)
-        if start is None or len(keep) - start < STALLED_SHARE * len(keep):
-            continue
-        stalled.append((int(steps[keep[start]]), str(layer["name"]), float(np.median(upd[keep[start:], j]))))
-    if not stalled:
-        return []
-    step = min(s for s, _, _ in stalled)
-    value = float(np.median([v for _, _, v in stalled]))
-    shown = ", ".join(name for _, name, _ in stalled[:5]) + (f" and {len(stalled) - 5} more" if len(stalled) > 5 else "")
-    return [Finding(
-        "stalled", stalled[0][1], step, value,
-        f"{len(stalled)} of {len(layers)} layer(s) get gradients but do not change: update ratio "
-        f"||dw||/||w|| {value:.1e} per step (threshold {t.stalled_ratio:.0e}; about 1e-3 is healthy) "
-        f"in {shown}{_frozen_note(data)}",
-        "check that those parameters are in the optimizer, that their parameter group's learning "
-        "rate is not 0, that the scheduler has not driven it to 0, and that weight decay does "
-        "not cancel the updates; freeze them (requires_grad=False) if that is the intent")]
-
-
-def find_unstable_updates(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """The median layer's update ratio far above the healthy ~1e-3 on most recordings."""
-    upd, _, layers = _update_rows(data)
-    if not layers:
-        return []
-    steps = data.get("steps") or []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        median = np.nanmedian(np.where(np.isfinite(upd), upd, np.nan), axis=1)
-    keep = np.flatnonzero(np.isfinite(median))
-    start = persistent_start(median[keep] > t.unstable_update_ratio, t)
-    if start is None:
-        return []
-    rows = keep[start:]
-    value = float(np.median(median[rows]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_layer = np.nanmedian(upd[rows], axis=0)
-    largest = str(layers[int(np.nanargmax(np.where(np.isfinite(per_layer), per_layer, -1.0)))]["name"])
-    return [Finding(
-        "unstable_updates", largest, int(steps[keep[start]]), value,
-        f"updates are too large: the median layer changes by {value:.2g} of its weight norm per "
-        f"step (threshold {t.unstable_update_ratio:g}; about 1e-3 is healthy), most in {largest}",
-        "lower the learning rate (or add warm-up); check the optimizer's settings (e.g. Adam's eps) "
-        "and that the loss is averaged, not summed, over pixels")]
-
-
-def find_loss_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """Under fp16 with a loss scaler: the scale driven below ``min_loss_scale`` with most steps skipped."""
-    if not (data.get("meta") or {}).get("loss_scaler"):
-        return []
-    scale = as_array(data.get("loss_scale"))
-    seen = as_array(data.get("steps_seen"))
-    skipped = as_array(data.get("nonfinite_steps"))
-    steps = data.get("steps") or []
-    if not (len(scale) == len(seen) == len(skipped) == len(steps)) or not len(steps):
-        return []
-    d_seen = np.diff(seen, prepend=0.0)
-    d_skipped = np.diff(skipped, prepend=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        fraction = d_skipped / d_seen
-    keep = np.flatnonzero(np.isfinite(scale) & np.isfinite(fraction) & (d_seen > 0))
-    flags = (scale[keep] < t.min_loss_scale) & (fraction[keep] > t.skip_fraction)
-    start = persistent_start(flags, t)
-    if start is None:
-        return []
-    rows = keep[start:]
-    share = float(d_skipped[rows].sum() / d_seen[rows].sum())
-    value = float(scale[rows[-1]])
-    return [Finding(
-        "loss_scale", "loss scale", int(steps[keep[start]]), value,
-        f"the fp16 loss scale fell to {value:.3g} (threshold {t.min_loss_scale:g}) and {share:.0%} of "
-        f"the steps since step {int(steps[keep[start]])} were skipped for non-finite gradients: "
-        "training barely updates",
-        "use bf16-mixed where the GPU supports it (no loss scaling); otherwise find what overflows "
-        "in fp16: lower the learning rate, check the input normalization, keep exp/log/division "
-        "of the loss in fp32")]

@@ -258,3 +258,22 @@ def test_a_bad_threshold_in_the_cli_is_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["fit", "--config", str(tiny_config(tmp_path, tmp_path / "scenes", val_fraction=0.5)), flag, value]) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_scenes_of_geobp_data_module_give_map_bounds(tmp_path: Path) -> None:
+    from geobp.callbacks.gradflow import scene_georeference
+    from geobp.callbacks.series import window_bounds
+    from geobp.data.datamodule import GeoTiffDataModule
+    from geobp.data.synth import write_scenes
+    from geobp.raster import RasterInfo
+
+    write_scenes(tmp_path / "scenes", scenes=2, size=64, bands=3, classes=3, block_size=32)
+    dm = GeoTiffDataModule(str(tmp_path / "scenes"), num_classes=3, val_fraction=0.5)
+    georef = scene_georeference(dm)
+    assert sorted(georef) == sorted(s.name for s in dm.scenes)
+    scene: RasterInfo = dm.scenes[1].image
+    crs, transform = georef[dm.scenes[1].name]
+    assert crs == scene.crs and transform == tuple(scene.transform)
+    a, _, c, _, e, f = transform
+    assert window_bounds(transform, [8, 16, 4, 2]) == [c + 16 * a, f + 12 * e, c + 18 * a, f + 8 * e]
+    assert scene_georeference(None) == {} and scene_georeference(object()) == {}
