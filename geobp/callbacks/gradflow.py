@@ -69,9 +69,10 @@ class GradientFlowMonitor(L.Callback):
     module's ``band_names`` (one name per input band; ``band_1..band_N`` without it), used in
     plots and findings, and its ``scenes`` (``name`` and ``image.crs``/``image.transform``, as
     :class:`~geobp.data.datamodule.GeoTiffDataModule` has them), with which a non-finite finding
-    gives each tile's bounds in its scene's CRS. On every step it keeps, on the device, each
-    tile's largest absolute input value per band (one reduction over ``batch["image"]``), so a
-    non-finite finding names the bands that were non-finite or extreme in its tiles.
+    gives each tile's bounds in its scene's CRS. A non-finite finding also names the bands that
+    were non-finite or extreme in its tiles: each tile's largest absolute input value per band
+    (one reduction over ``batch["image"]``) is taken when the event is found during its step
+    (``sync``), or kept on the device for every step when it may be found later (``deferred``).
 
     Between recordings, ``step_check`` decides what is done on each step (see
     :mod:`geobp.callbacks.steps`):
@@ -222,6 +223,7 @@ class GradientFlowMonitor(L.Callback):
         self._armed_step: int | None = None
         self._loss: Tensor | None = None
         self._tiles: dict[int, list[tuple[Any, Any, Tensor | None]]] = {}
+        self._images: tuple[int, Tensor] | None = None  # the current step's input images (until its end)
         self._snapshot_step: int | None = None
         self._warned: set[tuple[str, str]] = set()
         self._resumed = False
@@ -261,7 +263,14 @@ class GradientFlowMonitor(L.Callback):
         step = trainer.global_step
         if isinstance(batch, Mapping) and ("scene" in batch or "window" in batch):
             image = batch.get("image")
-            inputs = input_max_abs(image) if isinstance(image, Tensor) and image.ndim >= 3 else None
+            inputs = None
+            if isinstance(image, Tensor) and image.ndim >= 3:
+                tracker = self._recorder.tracker
+                if tracker.started and tracker.mode == "deferred" and self.step_check != "off":
+                    # an event may be found steps later: keep the summary (on the device, no sync)
+                    inputs = input_max_abs(image)
+                else:  # an event is found during this step: summarise the images only then
+                    self._images = (step, image)
             self._tiles.setdefault(step, []).append((batch.get("scene"), batch.get("window"), inputs))
             if len(self._tiles) > 2 * RING_ROWS:  # recordings pruned nothing (no gradients?)
                 del self._tiles[min(self._tiles)]
@@ -275,6 +284,7 @@ class GradientFlowMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._images = None
         # Hooks armed for a step that ended without a recording (no gradient reached the
         # optimizer hook) go once the step is over; a skipped batch keeps them for the next one.
         if self._recorder is not None and self._armed_step is not None and trainer.global_step > self._armed_step:
@@ -344,6 +354,8 @@ class GradientFlowMonitor(L.Callback):
         bad, zero = self._recorder.layer_flags(param_norms)
         tiles = self._tiles.get(step)
         inputs = tiles[-1][2] if tiles else None
+        if inputs is None and self._images is not None and self._images[0] == step:
+            inputs = input_max_abs(self._images[1])
         append_nonfinite_event(self.data, step, [layer.name for layer in self._recorder.layers], bad, zero, scale,
                                tiles[-1][:2] if tiles else None, self._georef,
                                inputs.tolist() if inputs is not None else None)

@@ -195,9 +195,10 @@ def test_loss_scale_driven_down_with_every_step_skipped(fit) -> None:
     assert all(row is None for row in monitor.data["update_ratio"])
 
 
-def test_nonfinite_tiles_are_located_on_the_ground_with_their_bad_bands(fit) -> None:
+@pytest.mark.parametrize(("step_check", "every"), [("sync", 5), ("deferred", 3)])  # deferred: found at step 6
+def test_nonfinite_tiles_are_located_on_the_ground_with_their_bad_bands(fit, step_check: str, every: int) -> None:
     torch.manual_seed(0)
-    monitor = GradientFlowMonitor(every_n_steps=5)
+    monitor = GradientFlowMonitor(every_n_steps=every, step_check=step_check)
     # sample 42 (step 5, the third tile of its batch) has a NaN pixel in its "nir" band
     data = ZooData(TileSet(bands=3, nan_pixel=(42, 1)), band_names=["red", "nir", "swir"])
     fit(ZooModule(small_resnet()), data, monitor, max_steps=7)
