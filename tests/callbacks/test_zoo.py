@@ -225,7 +225,7 @@ def test_bf16_autocast_on_cpu_raises_no_alarm(fit) -> None:
     assert all(r is not None and all(v is not None and v > 0 for v in r) for r in monitor.data["update_ratio"])
 
 
-@pytest.mark.slow  # a full ResNet-18 DeepLabV3: about 25 s on a loaded 2-core CPU
+@pytest.mark.slow  # a full ResNet-18 DeepLabV3
 def test_healthy_deeplabv3_raises_no_alarm(fit) -> None:
     from geobp.models import create_model
 
