@@ -499,6 +499,8 @@ class GradientFlowMonitor(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._recorder is not None:
             self._recorder.taps.disarm()
+            self._recorder.drop_snapshot()  # a weight copy whose step never ended (an exception)
+        self._images = None
         self.wait_for_report()
 
 
