@@ -3,8 +3,9 @@
 The page answers "what changed between the good run and the bad one": a table of the runs
 (model, precision, clipping, steps, bands, findings), each run's findings, then one row per
 figure (per-layer gradient flow, update ratios, skip ratios, band gradients, clipping and loss
-scale, metrics) with one column per run. Figures come from :mod:`geobp.callbacks.plots`; the
-page embeds them as PNGs and loads nothing from the network.
+scale, metrics) with one column per run, on the same y range (:func:`share_limits`). Figures
+come from :mod:`geobp.callbacks.plots`; the page embeds them as PNGs and loads nothing from the
+network.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from matplotlib.figure import Figure
 
 from geobp.callbacks.diagnosis import band_names
 from geobp.callbacks.jsonfile import atomic_write_text, read_json
@@ -70,6 +73,8 @@ def compare_html(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         "<h2 id='findings'>Findings</h2><div class='runs'>",
     ]
     built = [{key: (title, fig) for key, title, fig in figures(data, COMPARED)} for _, data in runs]
+    for key in COMPARED:
+        share_limits([figs[key][1] for figs in built if key in figs])
     for j, (label, data) in enumerate(runs):
         anchors = {f"{key}" for key in built[j]}
         parts.append(f"<div><h3>{esc(label)}</h3>"
@@ -89,6 +94,24 @@ def compare_html(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def share_limits(figs: Sequence[Figure]) -> None:
+    """Give the same axes of several figures of one kind the same y range, so runs compare by eye.
+
+    Axes are matched by position; figures whose axes differ in number are left as they are, and
+    so are colour bars and heatmaps whose rows are layers (each run keeps its own).
+    """
+    if len(figs) < 2 or len({len(f.axes) for f in figs}) != 1:
+        return
+    for column in zip(*(f.axes for f in figs)):
+        if any(ax.get_label() == "<colorbar>" for ax in column) or len({ax.get_yscale() for ax in column}) != 1:
+            continue
+        if any(ax.yaxis_inverted() for ax in column):
+            continue  # a heatmap whose rows are layers: each run keeps its own
+        lows, highs = zip(*(ax.get_ylim() for ax in column))
+        for ax in column:
+            ax.set_ylim(min(lows), max(highs))
 
 
 def _runs_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:

@@ -60,3 +60,26 @@ def test_compare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
 def test_compare_needs_two_runs() -> None:
     with pytest.raises(ConfigError, match=r"--compare needs at least two runs \(found 0\)\. Fix: pass two"):
         render_compare([], "x.html")
+
+
+def test_compared_figures_share_their_y_range() -> None:
+    import copy
+
+    from geobp.callbacks.compare import share_limits
+    from geobp.callbacks.plots import figures
+
+    small = document()
+    large = copy.deepcopy(small)
+    large["total_norm"] = [100.0 * v if isinstance(v, float) else v for v in large["total_norm"]]
+    large["update_ratio"] = small["update_ratio"] = [[1e-3] * 6 for _ in small["steps"]]
+    (_, _, a), = figures(small, ["clip"])
+    (_, _, b), = figures(large, ["clip"])
+    assert a.axes[0].get_ylim() != b.axes[0].get_ylim()
+    share_limits([a, b])
+    assert a.axes[0].get_ylim() == b.axes[0].get_ylim()
+    assert a.axes[0].get_ylim()[1] >= max(v for v in large["total_norm"] if isinstance(v, float))
+    (_, _, u1), = figures(small, ["updates"])
+    (_, _, u2), = figures(large, ["updates"])
+    rows = u1.axes[0].get_ylim()
+    share_limits([u1, u2])
+    assert u1.axes[0].get_ylim() == rows  # the heatmap of layers keeps its rows
