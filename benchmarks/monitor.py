@@ -4,9 +4,12 @@ One Lightning fit of the U-Net ResNet-18 with ``GradientFlowMonitor(every_n_step
 recording (even) and tracked-only (odd) steps alternate under the same machine load. Each step
 is timed with the host clock (and a device sync at each mark on CUDA):
 
-- per-step cost: the monitor's ``on_before_optimizer_step`` on tracked-only steps (the fused
-  norm of every gradient into the device ring, and on CPU or under fp16 one finiteness read);
-- per-recording cost: that hook on recording steps minus the per-step cost, plus the extra
+- per-step cost: the monitor's hooks on tracked-only steps: ``on_train_batch_start`` (each
+  tile's largest input value per band, kept on the device), ``on_before_optimizer_step`` (the
+  fused norm of every gradient into the device ring, and on CPU or under fp16 one finiteness
+  read) and ``on_train_batch_end``;
+- per-recording cost: those hooks on recording steps minus the per-step cost (the recording,
+  the weight copy before the optimizer step and the update ratios after it), plus the extra
   forward+backward time of recording steps (the skip taps' hooks);
 - expected overhead at ``every_n_steps = N``: ``(per-step + per-recording / N) / step``, with
   the step time of the same run's tracked-only steps less the per-step cost;
@@ -66,11 +69,13 @@ def _sync() -> None:
 
 
 class _Timer(L.Callback):
-    """Per step: forward+backward (batch start to the optimizer hook) and the whole step."""
+    """Per step: forward+backward (batch start to the optimizer hook), the whole step, the monitor's hooks."""
 
     def __init__(self) -> None:
         self.fwd_bwd: dict[int, float] = {}
         self.hook: dict[int, float] = {}
+        self.start: dict[int, float] = {}  # the monitor's on_train_batch_start
+        self.end: dict[int, float] = {}  # the monitor's on_train_batch_end (after the timer's step mark)
         self.step: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -91,6 +96,12 @@ class _TimedMonitor(GradientFlowMonitor):
         super().__init__(**kwargs)
         self.timer = timer
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        t0 = time.perf_counter()
+        super().on_train_batch_start(trainer, *args)
+        _sync()
+        self.timer.start[trainer.global_step] = time.perf_counter() - t0
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
         self.timer.mark_fwd_bwd(step)
@@ -98,6 +109,12 @@ class _TimedMonitor(GradientFlowMonitor):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         _sync()
         self.timer.hook[step] = time.perf_counter() - t0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        t0 = time.perf_counter()
+        super().on_train_batch_end(trainer, *args)
+        _sync()
+        self.timer.end[trainer.global_step - 1] = time.perf_counter() - t0
 
 
 def measure(batches: Sequence[dict[str, Any]], warmup: int, device: str = "cpu", precision: str = "32-true",
@@ -112,8 +129,10 @@ def measure(batches: Sequence[dict[str, Any]], warmup: int, device: str = "cpu",
         clip: ``gradient_clip_val``.
 
     Returns:
-        Milliseconds: ``step`` (a step without the monitor), ``per_step``, ``hook_recording``,
-        ``taps``, ``per_recording``; ``overhead`` (fraction of a step) per interval in
+        Milliseconds: ``step`` (a step without the monitor), ``per_step`` (the monitor's hooks on a
+        tracked step), ``hook_recording`` (its hooks on a recording step), ``update_ratio`` (of
+        those, the batch-end hook's extra time on a recording step: the update ratios), ``taps``,
+        ``per_recording``; ``overhead`` (fraction of a step) per interval in
         :data:`INTERVALS`; ``interval``, the smallest of them whose recordings take at most
         ``budget`` (:data:`BUDGET`) of a step; the sample counts.
     """
@@ -128,22 +147,28 @@ def measure(batches: Sequence[dict[str, Any]], warmup: int, device: str = "cpu",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Segmenter(bands, classes), loader)
-    timed = [s for s in range(warmup, len(batches)) if s in timer.hook and s in timer.step]
+    timed = [s for s in range(warmup, len(batches))
+             if s in timer.hook and s in timer.step and s in timer.start and s in timer.end]
     rec, trk = [s for s in timed if s % 2 == 0], [s for s in timed if s % 2 == 1]
 
     def low(values: Any) -> float:  # the lower quartile (see the module doc)
         values = list(values)
         return statistics.quantiles(values, n=4)[0] if len(values) > 1 else values[0]
 
-    per_step = low(timer.hook[s] for s in trk)
-    hook_recording = low(timer.hook[s] for s in rec)
-    taps = low(timer.fwd_bwd[s] for s in rec) - low(timer.fwd_bwd[s] for s in trk)
+    def hooks(s: int) -> float:
+        return timer.start[s] + timer.hook[s] + timer.end[s]
+
+    per_step = low(hooks(s) for s in trk)
+    hook_recording = low(hooks(s) for s in rec)
+    update_ratio = low(timer.end[s] for s in rec) - low(timer.end[s] for s in trk)
+    taps = low(timer.fwd_bwd[s] - timer.start[s] for s in rec) - low(timer.fwd_bwd[s] - timer.start[s] for s in trk)
     per_recording = hook_recording - per_step + taps
-    step = low(timer.step[s] for s in trk) - per_step
+    # the timer's step ends before the monitor's batch-end hook: take out the other two
+    step = low(timer.step[s] - timer.start[s] - timer.hook[s] for s in trk)
     overhead = {n: (per_step + per_recording / n) / step for n in INTERVALS}
     interval = next((n for n in INTERVALS if per_recording / (n * step) <= BUDGET), INTERVALS[-1])
     ms = {k: 1e3 * v for k, v in (("step", step), ("per_step", per_step), ("hook_recording", hook_recording),
-                                  ("taps", taps), ("per_recording", per_recording))}
+                                  ("update_ratio", update_ratio), ("taps", taps), ("per_recording", per_recording))}
     return {**ms, "overhead": overhead, "interval": interval, "budget": BUDGET, "recording_steps": len(rec),
             "tracked_steps": len(trk), "device": device, "precision": precision}
 
@@ -153,8 +178,8 @@ def describe(r: dict[str, Any]) -> str:
     lines = [
         f"  step without the monitor:       {r['step']:8.2f} ms",
         f"  per-step cost (tracked step):   {r['per_step']:8.2f} ms = {100 * r['per_step'] / r['step']:.2f}% of a step",
-        f"  hook on a recording step:       {r['hook_recording']:8.2f} ms; skip taps in forward+backward "
-        f"{r['taps']:+.2f} ms",
+        f"  hooks on a recording step:      {r['hook_recording']:8.2f} ms (update ratios after the optimizer "
+        f"step {r['update_ratio']:+.2f} ms); skip taps in forward+backward {r['taps']:+.2f} ms",
         f"  per-recording cost:             {r['per_recording']:8.2f} ms = {100 * r['per_recording'] / r['step']:.1f}% "
         "of a step",
     ]

@@ -318,12 +318,22 @@ def _torch_device(accelerator: str) -> str:
 
 
 def cmd_report(argv: Sequence[str]) -> int:
-    """``geobp report RUN_DIR``: re-render the gradient-flow report from its gradflow.json."""
+    """``geobp report RUN_DIR``: re-render the gradient-flow report; ``--compare``: runs side by side."""
+    from geobp.callbacks.compare import render_compare
     from geobp.callbacks.report import render_report_from_run_dir
 
-    p = argparse.ArgumentParser(prog="geobp report", description="Re-render RUN_DIR/gradflow/report.html from gradflow.json.")
-    p.add_argument("run_dir", help="a run folder, e.g. runs/demo/version_0")
+    p = argparse.ArgumentParser(prog="geobp report", description="Re-render RUN_DIR/gradflow/report.html from gradflow.json, "
+                                "or compare runs side by side on one page (--compare).")
+    p.add_argument("run_dir", nargs="?", help="a run folder, e.g. runs/demo/version_0")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="runs to put side by side (after RUN_DIR, if given)")
+    p.add_argument("--out", default="gradflow-compare.html", help="the comparison page (default: %(default)s)")
     a = p.parse_args(argv)
+    if a.compare:
+        out = render_compare([*([a.run_dir] if a.run_dir else []), *a.compare], a.out)
+        console.print(f"wrote {out}", highlight=False)
+        return 0
+    if a.run_dir is None:
+        p.error("give RUN_DIR, or --compare RUN_A RUN_B ...")
     for html in render_report_from_run_dir(a.run_dir):
         console.print(f"wrote {html}", highlight=False)
     return 0

@@ -1,5 +1,6 @@
 """Training callbacks: the gradient-flow monitor, its diagnosis rules and its report."""
 
+from geobp.callbacks.compare import render_compare
 from geobp.callbacks.diagnosis import Finding, GradientFlowWarning, Thresholds, diagnose
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.jsonfile import read_json
@@ -12,6 +13,7 @@ __all__ = [
     "Thresholds",
     "diagnose",
     "read_json",
+    "render_compare",
     "render_report",
     "render_report_from_run_dir",
 ]

@@ -1,11 +1,15 @@
 """Diagnosis rules: pure functions from a recorded gradient-flow series to findings.
 
-The input is the ``gradflow.json`` document (see :mod:`geobp.callbacks.report` for its schema),
+The input is the ``gradflow.json`` document (see :mod:`geobp.callbacks.series` for its schema),
 as a dict; non-finite numbers may appear as floats or as the strings ``"nan"``/``"inf"``.
 
 A condition *persists* from recording ``i`` when it holds at ``i`` and in at least
 ``Thresholds.persist`` of the recordings from ``i`` on, and in at least ``min_recordings`` of them;
 a finding's ``step`` is the first such ``i``'s step. Findings are sorted by kind, then step.
+
+The thresholds, the :class:`Finding` type and the number helpers live in
+:mod:`geobp.callbacks.findings` (re-exported here); the rules on the optimizer's steps
+(``stalled``, ``unstable_updates``, ``loss_scale``) in :mod:`geobp.callbacks.update_rules`.
 """
 
 from __future__ import annotations
@@ -13,135 +17,31 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band"]
-_ORDER = ("nonfinite", "exploding", "vanishing", "dead_branch", "dead_band")
+from geobp.callbacks.findings import (
+    KIND_ORDER,
+    Finding,
+    FindingKind,
+    GradientFlowWarning,
+    Thresholds,
+    as_array,
+    band_names,
+    decode_float,
+    default_band_names,
+    encode_float,
+    persistent_start,
+)
+from geobp.callbacks.update_rules import find_loss_scale, find_stalled, find_unstable_updates
 
-
-class GradientFlowWarning(UserWarning):
-    """Category of the warnings issued for findings while training runs (filterable)."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Thresholds of the diagnosis rules (defaults suit ResNet/U-Net segmentation models).
-
-    Attributes:
-        vanishing_ratio: vanishing when the early layers' per-element RMS gradient is below this
-            fraction of the head's (early/head = the first/last tenth of the layers, medians).
-            Healthy ResNet U-Nets sit around 0.1 to 10; a 10-layer sigmoid MLP near 1e-9.
-        exploding_norm: exploding when the total gradient norm stays above this.
-        exploding_growth: exploding when the total norm stays above this multiple of its median
-            over the first ``min_recordings`` recordings.
-        clip_fraction: exploding when more than this fraction of steps is clipped.
-        dead_branch_ratio: dead when a path carries less than this fraction of the gradient of
-            the other path of its skip (residual branch vs shortcut; U-Net skip vs deeper path,
-            either way round).
-        dead_band_ratio: dead when an input band's gradient is below this fraction of the
-            median band's.
-        min_loss_scale: under fp16 with a loss scaler, non-finite steps are expected while the
-            scale calibrates; they become a finding once the scale falls below this (or when
-            the loss itself is non-finite).
-        persist: fraction of recordings, from its start, in which a condition must hold.
-        min_recordings: fewest recordings in which a condition must hold.
-    """
-
-    vanishing_ratio: float = 1e-4
-    exploding_norm: float = 1e4
-    exploding_growth: float = 1e3
-    clip_fraction: float = 0.5
-    dead_branch_ratio: float = 1e-3
-    dead_band_ratio: float = 1e-3
-    min_loss_scale: float = 1.0
-    persist: float = 0.8
-    min_recordings: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("vanishing_ratio", "exploding_norm", "exploding_growth", "dead_branch_ratio",
-                     "dead_band_ratio", "min_loss_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Thresholds.{name} must be > 0 (found {getattr(self, name)})")
-        if not 0 < self.clip_fraction <= 1 or not 0 < self.persist <= 1:
-            raise ValueError(f"Thresholds.clip_fraction and persist must be in (0, 1] "
-                             f"(found {self.clip_fraction}, {self.persist})")
-        if self.min_recordings < 1:
-            raise ValueError(f"Thresholds.min_recordings must be >= 1 (found {self.min_recordings})")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosis.
-
-    Attributes:
-        kind: ``vanishing``, ``exploding``, ``nonfinite``, ``dead_branch`` or ``dead_band``.
-        where: the layer, skip (``<module> <path>``) or band (``band <i> (<conv>)``) concerned.
-        step: first optimizer step at which it was seen.
-        value: the measured quantity (a ratio, a norm, a fraction or a count; see ``message``).
-        message: one line saying what was measured.
-        fix: one line saying what to try.
-    """
-
-    kind: FindingKind
-    where: str
-    step: int
-    value: float
-    message: str
-    fix: str = field(default="")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The finding as a JSON-ready dict (non-finite ``value`` as a string)."""
-        out = asdict(self)
-        out["value"] = encode_float(self.value)
-        return out
-
-
-def encode_float(x: float | None) -> float | str | None:
-    """A float for JSON: non-finite values become ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def decode_float(x: Any) -> float:
-    """Inverse of :func:`encode_float`; None becomes NaN."""
-    if x is None:
-        return math.nan
-    return float(x)
-
-
-def as_array(rows: Sequence[Any] | None) -> np.ndarray:
-    """A list (or list of lists) of JSON numbers, None and non-finite strings as a float64 array.
-
-    None becomes NaN; a None standing for a whole row (e.g. no band gradient at a recording)
-    becomes a row of NaN.
-    """
-    if not rows:
-        return np.zeros((0,))
-    try:
-        return np.array(rows, dtype=np.float64)  # numpy parses "nan"/"inf" and maps None to NaN
-    except ValueError:
-        width = max((len(r) for r in rows if isinstance(r, (list, tuple))), default=0)
-        return np.array([r if isinstance(r, (list, tuple)) else [None] * width for r in rows], dtype=np.float64)
-
-
-def persistent_start(flags: np.ndarray, t: Thresholds) -> int | None:
-    """Index of the first recording from which ``flags`` persist (see module doc), or None."""
-    flags = np.asarray(flags, dtype=bool)
-    n = len(flags)
-    if n == 0:
-        return None
-    counts = np.cumsum(flags[::-1])[::-1]  # number of True from i on
-    lengths = np.arange(n, 0, -1)
-    ok = flags & (counts >= t.min_recordings) & (counts >= t.persist * lengths)
-    hits = np.flatnonzero(ok)
-    return int(hits[0]) if len(hits) else None
+__all__ = [
+    "Finding", "FindingKind", "GradientFlowWarning", "Thresholds", "as_array", "band_names", "decode_float",
+    "default_band_names", "describe_tiles", "diagnose", "early_head_ratios", "encode_float", "find_band_scale",
+    "find_dead_bands", "find_dead_branches", "find_exploding", "find_loss_scale", "find_nonfinite", "find_stalled",
+    "find_unstable_updates", "find_vanishing", "persistent_start",
+]
 
 
 def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> list[Finding]:
@@ -152,21 +52,35 @@ def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> l
         thresholds: rule thresholds (defaults when None).
 
     Returns:
-        The findings, sorted by kind (nonfinite, exploding, vanishing, dead_branch, dead_band)
-        then step.
+        The findings, sorted by kind (nonfinite, loss_scale, exploding, unstable_updates,
+        vanishing, stalled, dead_branch, dead_band, band_scale) then step.
     """
     t = thresholds or Thresholds()
-    findings = [*find_nonfinite(data, t), *find_exploding(data, t), *find_vanishing(data, t),
-                *find_dead_branches(data, t), *find_dead_bands(data, t)]
-    return sorted(findings, key=lambda f: (_ORDER.index(f.kind), f.step, f.where))
+    findings = [*find_nonfinite(data, t), *find_loss_scale(data, t), *find_exploding(data, t),
+                *find_unstable_updates(data, t), *find_vanishing(data, t), *find_stalled(data, t),
+                *find_dead_branches(data, t), *find_dead_bands(data, t), *find_band_scale(data, t)]
+    return sorted(findings, key=lambda f: (KIND_ORDER.index(f.kind), f.step, f.where))
 
 
-def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """Early layers' per-element RMS gradient orders of magnitude below the head's, persisting."""
-    layers = data.get("layers") or []
-    norms = as_array(data.get("layer_norm"))
+def early_head_ratios(layers: Sequence[Mapping[str, Any]], layer_norm: Sequence[Any] | None) -> np.ndarray:
+    """The vanishing indicator of each recording: early layers' RMS gradient over the head's.
+
+    The one definition used by the ``vanishing`` rule and by the logged
+    ``gradflow/early_head_ratio``: per-element RMS gradient (norm / sqrt(numel)) of each layer;
+    the median (NaN ignored) over the first tenth of the layers (at least one) over that over the
+    last tenth.
+
+    Args:
+        layers: ``{name, numel, ...}`` of each layer, in module order.
+        layer_norm: ``[R][L]`` gradient norms (JSON values: None and non-finite strings allowed).
+
+    Returns:
+        ``[R]`` float64: the ratio; 0 where the early layers get no gradient and the head does;
+        NaN where it is not defined (fewer than two layers, no finite values, a zero head).
+    """
+    norms = as_array(layer_norm)
     if len(layers) < 2 or norms.ndim != 2 or norms.shape[1] != len(layers):
-        return []
+        return np.full(len(layer_norm or []), np.nan)
     numel = np.array([max(int(layer["numel"]), 1) for layer in layers], dtype=np.float64)
     rms = norms / np.sqrt(numel)
     k = max(1, len(layers) // 10)
@@ -175,14 +89,21 @@ def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         early = np.nanmedian(rms[:, :k], axis=1)
         head = np.nanmedian(rms[:, -k:], axis=1)
         ratio = early / head
-    usable = np.isfinite(ratio) | ((early == 0) & (head > 0))
-    ratio = np.where((early == 0) & (head > 0), 0.0, ratio)
-    keep = np.flatnonzero(usable)
+    ratio = np.where(np.isfinite(ratio), ratio, np.nan)
+    return np.where((early == 0) & (head > 0), 0.0, ratio)
+
+
+def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """Early layers' per-element RMS gradient orders of magnitude below the head's, persisting."""
+    layers = data.get("layers") or []
+    ratio = early_head_ratios(layers, data.get("layer_norm"))
+    keep = np.flatnonzero(np.isfinite(ratio))
     start = persistent_start(ratio[keep] < t.vanishing_ratio, t)
     if start is None:
         return []
     i = keep[start]
     value = float(np.median(ratio[keep[start:]]))
+    k = max(1, len(layers) // 10)
     first = layers[0]["name"]
     return [Finding(
         "vanishing", first, int(data["steps"][i]), value,
@@ -270,7 +191,7 @@ def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     # recording) and the totals come only at the end: the largest of the three
     counts = [len(events), *(data.get("nonfinite_steps") or [])[-1:], (data.get("totals") or {}).get("nonfinite_steps") or 0]
     count = max(c for c in counts if c is not None)
-    tiles = describe_tiles(chosen)
+    tiles = describe_tiles(chosen, band_names(data), t.extreme_input)
     if chosen.get("all_layers"):
         where = "loss"
         what = (f"non-finite loss at step {chosen['step']}: every layer's gradient is NaN/Inf, "
@@ -288,20 +209,55 @@ def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
                     f"{what}; {count} non-finite step(s) in all{tiles}", fix)]
 
 
-def describe_tiles(event: Mapping[str, Any], limit: int = 3) -> str:
-    """``"; tiles: scene a (r, c, h, w), ..."`` for an event's batch, or ``""`` without metadata."""
+def describe_tiles(event: Mapping[str, Any], names: Sequence[str] = (), extreme: float = math.inf,
+                   limit: int = 3) -> str:
+    """``"; tiles: ..."`` for an event's batch, or ``""`` without metadata.
+
+    Each tile is named by scene and window (row, col, height, width), followed, where the event
+    has them, by its bounds in the scene's CRS (left, bottom, right, top) and by the input bands
+    whose normalised values were non-finite or above ``extreme`` in absolute value.
+
+    Args:
+        event: a ``nonfinite`` entry of the document.
+        names: the band names (``band_<i+1>`` past their end).
+        extreme: the largest absolute normalised value not called extreme.
+        limit: tiles named; the rest are counted.
+    """
     scenes = event.get("scenes")
     windows = event.get("windows")
     if not scenes and not windows:
         return ""
+    bounds, crs, inputs = event.get("bounds") or [], event.get("crs") or [], event.get("band_max_abs") or []
     n = max(len(scenes or []), len(windows or []))
     parts = []
     for j in range(min(n, limit)):
         scene = scenes[j] if scenes and j < len(scenes) else "?"
         window = tuple(windows[j]) if windows and j < len(windows) else None
-        parts.append(f"{scene} {window}" if window is not None else str(scene))
+        text = f"{scene} {window}" if window is not None else str(scene)
+        if j < len(bounds) and bounds[j] is not None:
+            text += f" at ({', '.join(f'{v:.6g}' for v in bounds[j])})"
+            text += f" in {crs[j]}" if j < len(crs) and crs[j] else ""
+        if j < len(inputs) and inputs[j] is not None:
+            text += _input_bands(as_array(inputs[j]), names, extreme)
+        parts.append(text)
     more = f" and {n - limit} more" if n > limit else ""
-    return f"; tiles (scene (row, col, height, width)): {', '.join(parts)}{more}"
+    head = "scene (row, col, height, width)" + (" at (left, bottom, right, top)" if bounds else "")
+    return f"; tiles ({head}): {', '.join(parts)}{more}"
+
+
+def _input_bands(max_abs: np.ndarray, names: Sequence[str], extreme: float) -> str:
+    """`` [non-finite input: B2; extreme input: B5 (|x| up to 3e+04)]`` for one tile, or ``""``."""
+    def name(b: int) -> str:
+        return names[b] if b < len(names) else f"band_{b + 1}"
+
+    bad = [name(b) for b in np.flatnonzero(~np.isfinite(max_abs))]
+    big = [(name(b), max_abs[b]) for b in np.flatnonzero(np.isfinite(max_abs) & (max_abs > extreme))]
+    found = []
+    if bad:
+        found.append(f"non-finite input: {', '.join(bad)}")
+    if big:
+        found.append(f"extreme input: {', '.join(f'{n} (|x| up to {v:.3g})' for n, v in big)}")
+    return f" [{'; '.join(found)}]" if found else ""
 
 
 def find_dead_branches(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
@@ -346,6 +302,8 @@ def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     if norms.ndim != 2 or norms.shape[1] < 2:
         return []
     steps = data.get("steps") or []
+    names = band_names(data)
+    layer = bands.get("layer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(norms, axis=1)
@@ -360,9 +318,45 @@ def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         i = keep[start]
         value = float(np.median(ratio[start:]))
         out.append(Finding(
-            "dead_band", f"band {b} ({bands.get('layer')})", int(steps[i]), value,
-            f"input band {b} gets {value:.1e} of the median band's gradient in {bands.get('layer')} "
+            "dead_band", f"{names[b]} ({layer})", int(steps[i]), value,
+            f"input band {names[b]} gets {value:.1e} of the median band's gradient in {layer} "
             f"(threshold {t.dead_band_ratio:.0e}): constant, empty or mis-normalised",
             "check the band's pixels (constant, all nodata?) and its normalization statistics, "
             "or drop it from the band selection"))
+    return out
+
+
+def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """An input band whose first-convolution gradient is orders of magnitude above the others', persisting.
+
+    A weight's gradient scales with its input, so a band whose values are far larger than the
+    others' (raw digital numbers next to reflectances, wrong statistics) shows here first.
+    """
+    bands = data.get("bands") or {}
+    norms = as_array(bands.get("norm"))
+    if norms.ndim != 2 or norms.shape[1] < 2:
+        return []
+    steps = data.get("steps") or []
+    names = band_names(data)
+    layer = bands.get("layer")
+    out = []
+    for b in range(norms.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            others = np.nanmedian(np.delete(norms, b, axis=1), axis=1)
+        valid = np.isfinite(norms[:, b]) & np.isfinite(others) & (others > 0)
+        keep = np.flatnonzero(valid)
+        ratio = norms[keep, b] / others[keep]
+        start = persistent_start(ratio > t.band_scale_ratio, t)
+        if start is None:
+            continue
+        i = keep[start]
+        value = float(np.median(ratio[start:]))
+        out.append(Finding(
+            "band_scale", f"{names[b]} ({layer})", int(steps[i]), value,
+            f"input band {names[b]} gets {value:.3g}x the median gradient of the other bands in {layer} "
+            f"(threshold {t.band_scale_ratio:g}x): its values are on another scale than the others' "
+            "(raw digital numbers next to reflectances, or wrong normalization statistics)",
+            "check the band's units and its normalization statistics (delete the cached statistics "
+            "to recompute them), or normalise it like the other bands"))
     return out

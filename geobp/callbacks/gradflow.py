@@ -9,6 +9,7 @@ writes the report. This module decides when each happens.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -20,8 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 import geobp
-from geobp.callbacks.diagnosis import Finding, GradientFlowWarning, Thresholds, decode_float, diagnose
+from geobp.callbacks.diagnosis import (
+    Finding,
+    GradientFlowWarning,
+    Thresholds,
+    decode_float,
+    default_band_names,
+    diagnose,
+)
 from geobp.callbacks.jsonfile import REPORT_DIR
+from geobp.callbacks.measure import input_max_abs
 from geobp.callbacks.recorder import GradientRecorder
 from geobp.callbacks.series import (
     append_metrics,
@@ -32,6 +41,7 @@ from geobp.callbacks.series import (
     latest_scalars,
     layout_mismatch,
     new_document,
+    set_update_ratio,
     thin,
 )
 from geobp.callbacks.steps import RING_ROWS
@@ -50,7 +60,19 @@ class GradientFlowMonitor(L.Callback):
     at the first step of each run of non-finite steps, a *recording* stores, with fused kernels
     and one device-to-host copy, the gradient norms per layer, input band and skip-connection
     path, the total norm, clipping, the fp16 loss scale and the loss (see
-    :mod:`geobp.callbacks.recorder` for each, and for DDP, FSDP and gradient accumulation).
+    :mod:`geobp.callbacks.recorder` for each, and for DDP, FSDP and gradient accumulation). Around
+    the optimizer step of each planned recording it also measures each layer's update ratio
+    ``||dw|| / ||w||`` (a copy of the weights is taken before that step and dropped after it).
+    Modules whose parameters all have ``requires_grad=False`` are listed as frozen, not measured.
+
+    In its first hook (``setup``) it reads, when the trainer has a data module, the data
+    module's ``band_names`` (one name per input band; ``band_1..band_N`` without it), used in
+    plots and findings, and its ``scenes`` (``name`` and ``image.crs``/``image.transform``, as
+    :class:`~geobp.data.datamodule.GeoTiffDataModule` has them), with which a non-finite finding
+    gives each tile's bounds in its scene's CRS. A non-finite finding also names the bands that
+    were non-finite or extreme in its tiles: each tile's largest absolute input value per band
+    (one reduction over ``batch["image"]``) is taken when the event is found during its step
+    (``sync``), or kept on the device for every step when it may be found later (``deferred``).
 
     Between recordings, ``step_check`` decides what is done on each step (see
     :mod:`geobp.callbacks.steps`):
@@ -120,7 +142,7 @@ class GradientFlowMonitor(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 25,
-        thresholds: Thresholds | None = None,
+        thresholds: Thresholds = Thresholds(),
         skip_pattern: str | None = None,
         band_layer: str | None = None,
         step_check: StepCheck = "auto",
@@ -152,6 +174,9 @@ class GradientFlowMonitor(L.Callback):
             raise ConfigError(format_error(None, f"report_every_s must be >= 0 (found {report_every_s!r})",
                                            "set GradientFlowMonitor report_every_s to e.g. 300"))
         self.every_n_steps = every_n_steps
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise ConfigError(format_error(None, f"thresholds must be a Thresholds (found {type(thresholds).__name__})",
+                                           "pass geobp.callbacks.Thresholds(...) or set gradflow.thresholds keys"))
         self.thresholds = thresholds or Thresholds()
         self.skip_pattern = skip_pattern
         self.band_layer = band_layer
@@ -197,13 +222,21 @@ class GradientFlowMonitor(L.Callback):
         self._events_diagnosed = 0
         self._armed_step: int | None = None
         self._loss: Tensor | None = None
-        self._tiles: dict[int, list[tuple[Any, Any]]] = {}
+        self._tiles: dict[int, list[tuple[Any, Any, Tensor | None]]] = {}
+        self._images: tuple[int, Tensor] | None = None  # the current step's input images (until its end)
+        self._snapshot_step: int | None = None
         self._warned: set[tuple[str, str]] = set()
         self._resumed = False
         self._can_resume = True  # until this fit's first step: load_state_dict may continue a series
         self.findings = []
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         self._writer = ReportWriter(Path(log_dir or trainer.default_root_dir) / REPORT_DIR)
+        datamodule = getattr(trainer, "datamodule", None)
+        self._georef = scene_georeference(datamodule)
+        channels = recorder.band[1].in_channels if recorder.band else 0
+        names = getattr(datamodule, "band_names", None)
+        if not (isinstance(names, (list, tuple)) and len(names) == channels and all(isinstance(n, str) for n in names)):
+            names = default_band_names(channels)
         meta = {
             "model": type(pl_module).__name__,
             "precision": str(trainer.precision),
@@ -218,7 +251,8 @@ class GradientFlowMonitor(L.Callback):
         self.data = new_document(
             meta, vars(self.thresholds), [{"name": x.name, "type": x.type, "numel": x.numel} for x in recorder.layers],
             recorder.band[0] if recorder.band else None,
-            [{"name": s.name, "kind": s.kind, "source": s.source, "paths": list(s.paths)} for s in recorder.taps.specs])
+            [{"name": s.name, "kind": s.kind, "source": s.source, "paths": list(s.paths)} for s in recorder.taps.specs],
+            list(names), [{"name": x.name, "type": x.type, "numel": x.numel} for x in recorder.frozen])
 
     # ----- per batch -------------------------------------------------------------------------------
 
@@ -228,7 +262,16 @@ class GradientFlowMonitor(L.Callback):
             return
         step = trainer.global_step
         if isinstance(batch, Mapping) and ("scene" in batch or "window" in batch):
-            self._tiles.setdefault(step, []).append((batch.get("scene"), batch.get("window")))
+            image = batch.get("image")
+            inputs = None
+            if isinstance(image, Tensor) and image.ndim >= 3:
+                tracker = self._recorder.tracker
+                if tracker.started and tracker.mode == "deferred" and self.step_check != "off":
+                    # an event may be found steps later: keep the summary (on the device, no sync)
+                    inputs = input_max_abs(image)
+                else:  # an event is found during this step: summarise the images only then
+                    self._images = (step, image)
+            self._tiles.setdefault(step, []).append((batch.get("scene"), batch.get("window"), inputs))
             if len(self._tiles) > 2 * RING_ROWS:  # recordings pruned nothing (no gradients?)
                 del self._tiles[min(self._tiles)]
         taps = self._recorder.taps
@@ -241,12 +284,20 @@ class GradientFlowMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._images = None
         # Hooks armed for a step that ended without a recording (no gradient reached the
         # optimizer hook) go once the step is over; a skipped batch keeps them for the next one.
         if self._recorder is not None and self._armed_step is not None and trainer.global_step > self._armed_step:
             self._recorder.taps.disarm()
             self._recorder.taps.collect()
             self._armed_step = None
+        # The optimizer has stepped after a recording: measure how far the weights moved.
+        if self._recorder is not None and self._snapshot_step is not None and trainer.global_step > self._snapshot_step:
+            ratios = self._recorder.update_ratios()
+            assert self.data is not None
+            total = decode_float(self.data["total_norm"][-1]) if self.data["total_norm"] else math.nan
+            set_update_ratio(self.data, self._snapshot_step, ratios if math.isfinite(total) else None)
+            self._snapshot_step = None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         recorder = self._recorder
@@ -275,6 +326,9 @@ class GradientFlowMonitor(L.Callback):
                               mean, max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
         self._armed_step = None
         append_recording(self.data, rec)
+        if planned:
+            recorder.snapshot_weights()  # compared with the weights after this step's update
+            self._snapshot_step = step
         thin(self.data, self.max_recordings)
         self._tiles = {s: t for s, t in self._tiles.items() if s > step}
         if trainer.is_global_zero:
@@ -299,8 +353,12 @@ class GradientFlowMonitor(L.Callback):
         assert self.data is not None and self._recorder is not None
         bad, zero = self._recorder.layer_flags(param_norms)
         tiles = self._tiles.get(step)
+        inputs = tiles[-1][2] if tiles else None
+        if inputs is None and self._images is not None and self._images[0] == step:
+            inputs = input_max_abs(self._images[1])
         append_nonfinite_event(self.data, step, [layer.name for layer in self._recorder.layers], bad, zero, scale,
-                               tiles[-1] if tiles else None)
+                               tiles[-1][:2] if tiles else None, self._georef,
+                               inputs.tolist() if inputs is not None else None)
 
     def _diagnose(self) -> None:
         assert self.data is not None
@@ -441,5 +499,29 @@ class GradientFlowMonitor(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._recorder is not None:
             self._recorder.taps.disarm()
+            self._recorder.drop_snapshot()  # a weight copy whose step never ended (an exception)
+        self._images = None
         self.wait_for_report()
 
+
+
+def scene_georeference(datamodule: Any) -> dict[str, tuple[str | None, tuple[float, ...]]]:
+    """Scene name to ``(crs, transform)`` from a data module's ``scenes``, or ``{}``.
+
+    Reads ``scenes`` entries with ``name`` and ``image.crs``/``image.transform`` (a 6-number
+    affine ``a, b, c, d, e, f``), as :class:`~geobp.data.datamodule.GeoTiffDataModule` holds them;
+    anything else gives no georeference (tiles are then named by window only).
+    """
+    out: dict[str, tuple[str | None, tuple[float, ...]]] = {}
+    for scene in getattr(datamodule, "scenes", None) or []:
+        image = getattr(scene, "image", None)
+        transform = getattr(image, "transform", None)
+        name = getattr(scene, "name", None)
+        try:
+            values = tuple(float(v) for v in transform)[:6] if transform is not None else ()
+        except (TypeError, ValueError):
+            continue
+        if isinstance(name, str) and len(values) == 6:
+            crs = getattr(image, "crs", None)
+            out[name] = (str(crs) if crs is not None else None, values)
+    return out

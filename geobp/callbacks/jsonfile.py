@@ -21,12 +21,26 @@ REPORT_DIR = "gradflow"
 JSON_NAME = "gradflow.json"
 
 
-def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a gradflow document atomically (``allow_nan=False``: encode non-finite values first)."""
-    path = Path(path)
+def stamped(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of a document whose ``meta.updated`` is now (UTC, ISO 8601, seconds)."""
     doc = dict(data)
-    doc.setdefault("meta", {})
-    doc["meta"] = {**doc["meta"], "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    doc["meta"] = {**(doc.get("meta") or {}), "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return doc
+
+
+def write_json(data: Mapping[str, Any], path: str | Path, stamp: bool = True) -> Path:
+    """Write a gradflow document atomically (``allow_nan=False``: encode non-finite values first).
+
+    Args:
+        data: the document.
+        path: the file to write.
+        stamp: set ``meta.updated`` to now (see :func:`stamped`); False writes ``data`` as it is.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    doc = stamped(data) if stamp else data
     atomic_write_text(path, json.dumps(doc, allow_nan=False, separators=(",", ":")))
     return path
 

@@ -58,6 +58,23 @@ def find_layers(root: nn.Module) -> tuple[list[Layer], list[nn.Parameter]]:
     return layers, params
 
 
+def find_frozen(root: nn.Module) -> list[Layer]:
+    """The modules of ``root`` whose own parameters all have ``requires_grad=False`` (frozen on purpose).
+
+    Args:
+        root: any module.
+
+    Returns:
+        One :class:`Layer` per such module, in module order (``params`` empty: not monitored).
+    """
+    out = []
+    for name, module in root.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(Layer(name or type(root).__name__, type(module).__name__, sum(p.numel() for p in own), ()))
+    return out
+
+
 def find_band_conv(root: nn.Module, name: str | None = None) -> tuple[str, nn.Conv2d] | None:
     """The convolution whose weight gradient tells how much each input band is used.
 
@@ -164,3 +181,47 @@ def band_norms(weight_grad: Tensor) -> Tensor:
     """
     dims = [0, *range(2, weight_grad.ndim)]
     return torch.linalg.vector_norm(weight_grad, dim=dims, dtype=torch.float32)
+
+
+def input_max_abs(images: Tensor) -> Tensor:
+    """Largest absolute value of each tile's bands, ``[B, C]`` float32 on the images' device (NaN propagates).
+
+    Args:
+        images: ``[B, C, *spatial]``.
+    """
+    flat = images.detach().flatten(2)
+    return torch.maximum(flat.amax(dim=2), flat.amin(dim=2).neg()).float()
+
+
+def weight_snapshot(params: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Copies of the parameters (one fused kernel) and their L2 norms, before an optimizer step.
+
+    Returns:
+        ``(copies, norms)``: the detached copies and ``[P]`` float32 norms, on the parameters' device.
+    """
+    with torch.no_grad():
+        copies = torch._foreach_mul([p.detach() for p in params], 1.0)
+        norms = torch.stack(torch._foreach_norm(copies)).float()
+    return copies, norms
+
+
+def update_ratios(params: Sequence[Tensor], copies: list[Tensor], norms: Tensor, layer_of_param: Tensor,
+                  num_layers: int) -> Tensor:
+    """Per layer, ``||w_after - w_before|| / ||w_before||`` after an optimizer step.
+
+    Args:
+        params: the parameters, now updated.
+        copies, norms: from :func:`weight_snapshot` before the step (``copies`` is overwritten).
+        layer_of_param: ``[P]`` int64 layer index of each parameter.
+        num_layers: number of layers ``L``.
+
+    Returns:
+        ``[L]`` float32; NaN where a layer's weights were all zero (no ratio defined).
+    """
+    with torch.no_grad():
+        torch._foreach_sub_(copies, [p.detach() for p in params])
+        diff = torch.stack(torch._foreach_norm(copies)).float()
+    device = diff.device
+    before = torch.zeros(num_layers, device=device).index_add_(0, layer_of_param, norms.square()).sqrt()
+    change = torch.zeros(num_layers, device=device).index_add_(0, layer_of_param, diff.square()).sqrt()
+    return torch.where(before > 0, change / before, torch.nan)

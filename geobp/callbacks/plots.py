@@ -2,7 +2,9 @@
 
 Each builder takes the document and its recording steps and returns a figure, or None when the
 document has nothing to show for it (no skips, no bands, no recordings). Figures are made with
-``matplotlib.figure.Figure`` directly (no pyplot state, safe in a background thread).
+``matplotlib.figure.Figure`` directly (no pyplot state, safe in a background thread). Each has
+a key (:data:`FIGURES`), the page anchor of its section, to which findings link
+(:data:`FIGURE_OF_KIND`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -18,28 +20,29 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from geobp.callbacks.diagnosis import as_array
+from geobp.callbacks.diagnosis import as_array, band_names
 
 
-def figures(data: Mapping[str, Any]) -> list[tuple[str, Figure]]:
-    """The report's figures with their titles, in page order (none without recordings)."""
-    figs: list[tuple[str, Figure]] = []
+def figures(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[tuple[str, str, Figure]]:
+    """The report's figures as ``(key, title, figure)``, in page order (none without recordings).
+
+    Args:
+        data: the gradflow document.
+        keys: the keys of :data:`FIGURES` to build (all when None); figures with nothing to
+            show are left out.
+    """
+    figs: list[tuple[str, str, Figure]] = []
     steps = np.asarray(data.get("steps") or [], dtype=np.float64)
     if not len(steps):
         return figs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for title, build in (
-            ("Gradient flow per layer", _flow_figure),
-            ("Layers by step (log10 RMS gradient)", _heatmap_figure),
-            ("Skip connections: gradient ratio over time", _skips_figure),
-            ("Input bands: first-convolution gradient", _bands_figure),
-            ("Total norm, clipping and loss scale", _clip_figure),
-            ("Loss and metrics", _metrics_figure),
-        ):
+        for key, (title, build) in FIGURES.items():
+            if keys is not None and key not in keys:
+                continue
             fig = build(data, steps)
             if fig is not None:
-                figs.append((title, fig))
+                figs.append((key, title, fig))
     return figs
 
 
@@ -156,8 +159,9 @@ def _bands_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
         return None
     fig = Figure(figsize=(12, 4), layout="tight")
     ax, bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    names = band_names(data)
     for b in range(norms.shape[1]):
-        ax.plot(steps, _positive(norms[:, b]), ".-", ms=3, label=f"band {b}")
+        ax.plot(steps, _positive(norms[:, b]), ".-", ms=3, label=names[b])
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"|grad| of {bands.get('layer')}[:, band]")
@@ -165,6 +169,9 @@ def _bands_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
     ax.legend(fontsize=7, ncol=2)
     med = np.nanmedian(norms, axis=0)
     bar.bar(np.arange(norms.shape[1]), np.where(np.isfinite(med), med, 0.0))
+    bar.set_yscale("log")
+    bar.set_xticks(np.arange(norms.shape[1]))
+    bar.set_xticklabels(names, rotation=90, fontsize=7)
     bar.set_xlabel("band")
     bar.set_title("median over recordings", fontsize=9)
     return fig
@@ -240,3 +247,76 @@ def _metrics_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     return fig
+
+
+def _updates_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None:
+    layers = data.get("layers") or []
+    ratio = as_array(data.get("update_ratio"))
+    if ratio.ndim != 2 or ratio.shape != (len(steps), len(layers)) or not np.isfinite(ratio).any():
+        return None
+    names = [str(x["name"]) for x in layers]
+    fig = Figure(figsize=(12, max(4.0, min(12.0, 0.12 * len(names) + 2.0))), layout="tight")
+    ax, line = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    values = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan).T  # layers x recordings
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (1e-6, 1.0)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d62728")
+    mids = (steps[1:] + steps[:-1]) / 2
+    x_edges = np.concatenate([[steps[0] - 0.5], mids, [steps[-1] + 0.5]])
+    image = ax.pcolormesh(x_edges, np.arange(len(names) + 1) - 0.5, np.ma.masked_invalid(values), cmap=cmap,
+                          norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)))
+    ax.set_facecolor("#eeeeee")
+    ax.invert_yaxis()
+    fig.colorbar(image, ax=ax, label="||dw|| / ||w|| per step (red: 0; grey: not measured)")
+    _layer_ticks(ax, names, "y")
+    ax.set_xlabel("step")
+    zero = np.isfinite(ratio) & (ratio == 0)
+    if zero.any():  # a layer that did not move at all: its own colour (LogNorm cannot show 0)
+        r, c = np.nonzero(zero.T)
+        ax.scatter(steps[c], r, marker="s", s=12, color="#d62728", label="no change")
+    frozen = data.get("frozen") or []
+    if frozen:
+        shown = ", ".join(str(x["name"]) for x in frozen[:6]) + (" ..." if len(frozen) > 6 else "")
+        ax.set_title(f"frozen (requires_grad=False, not shown): {shown}", fontsize=8)
+    median = np.nanmedian(np.where(np.isfinite(ratio), ratio, np.nan), axis=1)
+    line.plot(steps, _positive(median), ".-", ms=3, label="median layer")
+    line.plot(steps, _positive(np.nanmax(np.where(np.isfinite(ratio), ratio, np.nan), axis=1)), ":", label="largest")
+    line.plot(steps, _positive(np.nanmin(np.where(np.isfinite(ratio), ratio, np.nan), axis=1)), ":", label="smallest")
+    thresholds = data.get("thresholds") or {}
+    line.axhline(1e-3, color="#2a7a2a", lw=1, ls="--", label="1e-3 (healthy)")
+    for key, color in (("stalled_ratio", "#b02a2a"), ("unstable_update_ratio", "#b02a2a")):
+        if thresholds.get(key):
+            line.axhline(float(thresholds[key]), color=color, lw=1, ls=":")
+    line.set_yscale("log")
+    line.set_xlabel("step")
+    line.grid(True, alpha=0.3)
+    line.legend(fontsize=7)
+    return fig
+
+
+Builder = Callable[[Mapping[str, Any], np.ndarray], "Figure | None"]
+
+#: The figures, by key (the page anchor), with their titles, in page order.
+FIGURES: dict[str, tuple[str, Builder]] = {
+    "flow": ("Gradient flow per layer", _flow_figure),
+    "heatmap": ("Layers by step (log10 RMS gradient)", _heatmap_figure),
+    "updates": ("Update ratio ||dw|| / ||w|| per layer and step", _updates_figure),
+    "skips": ("Skip connections: gradient ratio over time", _skips_figure),
+    "bands": ("Input bands: first-convolution gradient", _bands_figure),
+    "clip": ("Total norm, clipping and loss scale", _clip_figure),
+    "metrics": ("Loss and metrics", _metrics_figure),
+}
+
+#: The figure (key of :data:`FIGURES`, or ``nonfinite`` for the table of non-finite steps) that
+#: shows what each kind of finding is about.
+FIGURE_OF_KIND: dict[str, str] = {
+    "vanishing": "flow",
+    "exploding": "clip",
+    "nonfinite": "nonfinite",
+    "loss_scale": "clip",
+    "unstable_updates": "updates",
+    "stalled": "updates",
+    "dead_branch": "skips",
+    "dead_band": "bands",
+    "band_scale": "bands",
+}

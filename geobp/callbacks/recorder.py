@@ -8,7 +8,10 @@ A *recording* stores, with fused kernels and one device-to-host copy:
   ``SkipConnection`` modules, modules matching a pattern): the gradient reaching the block input
   through each path and their ratio (see :mod:`geobp.callbacks.skips`). The hooks that measure
   this are armed only for recording steps; other steps pay nothing for them;
-- the total norm, whether the step was clipped, the loss scale under fp16 and the loss.
+- the total norm, whether the step was clipped, the loss scale under fp16 and the loss;
+- per layer, the update ratio ``||w_after - w_before|| / ||w_before||`` of the recorded step's
+  optimizer step: the weights are copied (one fused kernel) before that step only, compared
+  after it and the copy dropped, so no copy is held between recordings.
 
 Between recordings each step's per-parameter norms wait on the device
 (:mod:`geobp.callbacks.steps`). A non-finite step is named by the first layer in backward order
@@ -32,7 +35,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from geobp.callbacks.measure import Layer, band_norms, find_band_conv, find_layers, grad_max_abs, layer_reduce
+from geobp.callbacks.measure import (
+    Layer,
+    band_norms,
+    find_band_conv,
+    find_frozen,
+    find_layers,
+    grad_max_abs,
+    layer_reduce,
+    update_ratios,
+    weight_snapshot,
+)
 from geobp.callbacks.series import Recording
 from geobp.callbacks.skips import SkipTaps, find_skips
 from geobp.callbacks.steps import EventFn, StepTracker, TrackMode
@@ -52,11 +65,15 @@ class GradientRecorder:
         clip: the gradient clipping threshold, or None.
         clip_by_value: whether clipping is by value (counted at recordings only) or by norm.
         on_event: called for each new run of non-finite steps the tracker finds.
+        frozen: the modules frozen on purpose (``requires_grad=False``), listed, not measured.
     """
 
     def __init__(self, layers: list[Layer], params: list[nn.Parameter], band: tuple[str, nn.Conv2d] | None,
-                 taps: SkipTaps, rows: int, clip: float | None, clip_by_value: bool, on_event: EventFn) -> None:
+                 taps: SkipTaps, rows: int, clip: float | None, clip_by_value: bool, on_event: EventFn,
+                 frozen: list[Layer] | None = None) -> None:
         self.layers, self.params, self.band, self.taps = layers, params, band, taps
+        self.frozen = frozen or []
+        self._snapshot: tuple[list[Tensor], Tensor] | None = None
         self.clip, self.clip_by_value = clip, clip_by_value
         self._layer_list = [j for j, layer in enumerate(layers) for _ in layer.params]
         self._layer_of_param = torch.tensor(self._layer_list)
@@ -92,7 +109,8 @@ class GradientRecorder:
                 None, f"band_layer: {err.args[0]}",
                 "set GradientFlowMonitor band_layer to one of the candidates, or to null")) from err
         skips = find_skips(root, skip_pattern)
-        return cls(layers, params, band, SkipTaps(root, skips), rows, clip, clip_by_value, on_event)
+        return cls(layers, params, band, SkipTaps(root, skips), rows, clip, clip_by_value, on_event,
+                   find_frozen(root))
 
     def gradients(self) -> tuple[list[int], list[Tensor]]:
         """``(present, grads)``: indices of the parameters holding a gradient, and those gradients."""
@@ -103,6 +121,26 @@ class GradientRecorder:
         """Prepare the device buffers (at the first gradient)."""
         self.tracker.start(device, mode)
         self._layer_of_param = self._layer_of_param.to(device)
+
+    def snapshot_weights(self) -> None:
+        """Copy the weights before the optimizer step of a recording (see :meth:`update_ratios`)."""
+        self._snapshot = weight_snapshot(self.params)
+
+    def drop_snapshot(self) -> None:
+        """Forget a snapshot whose optimizer step did not happen."""
+        self._snapshot = None
+
+    def update_ratios(self) -> list[float | None] | None:
+        """Per layer, ``||dw|| / ||w||`` since :meth:`snapshot_weights` (one host read), or None without one.
+
+        The snapshot is consumed. A layer whose weights were all zero gets None.
+        """
+        if self._snapshot is None:
+            return None
+        copies, norms = self._snapshot
+        self._snapshot = None
+        ratios = update_ratios(self.params, copies, norms, self._layer_of_param, len(self.layers)).tolist()
+        return [v if math.isfinite(v) else None for v in ratios]
 
     def layer_flags(self, param_norms: list[float]) -> tuple[list[bool], list[bool]]:
         """Per layer, from per-parameter norms: ``(non-finite, zero)``."""

@@ -1,8 +1,9 @@
 """The report page: ``report.html``, one self-contained page rendered from a gradflow document.
 
-Diagnoses with their fixes come first, then the figures of :mod:`geobp.callbacks.plots` as
-embedded PNGs, then tables of the skip connections and non-finite steps. The page loads nothing
-from the network. ``geobp report RUN_DIR`` calls :func:`render_report_from_run_dir`.
+Diagnoses with their fixes come first, each linked to the figure that shows it, then the figures
+of :mod:`geobp.callbacks.plots` as embedded PNGs, then tables of the skip connections and
+non-finite steps. The page loads nothing from the network. ``geobp report RUN_DIR`` calls
+:func:`render_report_from_run_dir`; ``geobp report --compare`` is :mod:`geobp.callbacks.compare`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from geobp.callbacks.diagnosis import Thresholds, as_array, decode_float, diagnose
+from geobp.callbacks.diagnosis import Thresholds, as_array, band_names, decode_float, diagnose, describe_tiles
 from geobp.callbacks.jsonfile import JSON_NAME, REPORT_DIR, atomic_write_text, read_json
-from geobp.callbacks.plots import figures, png_base64
+from geobp.callbacks.plots import FIGURE_OF_KIND, figures, png_base64
 from geobp.errors import DataNotFoundError, format_error
 
 HTML_NAME = "report.html"
@@ -62,9 +63,24 @@ def render_report_from_run_dir(run_dir: str | Path) -> list[Path]:
     Raises:
         DataNotFoundError: ``run_dir`` does not exist or holds no ``gradflow/gradflow.json``.
     """
+    return [render_report(p) for p in find_runs(run_dir)]
+
+
+def find_runs(run_dir: str | Path) -> list[Path]:
+    """The ``gradflow.json`` files of a run: ``RUN_DIR/gradflow/gradflow.json``, else all below it.
+
+    Args:
+        run_dir: a run's log directory, a folder holding several runs, or a ``gradflow.json``.
+
+    Returns:
+        The data files, sorted by path (at least one).
+
+    Raises:
+        DataNotFoundError: ``run_dir`` does not exist or holds no ``gradflow/gradflow.json``.
+    """
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        return [render_report(run_dir)]
+        return [run_dir]
     if not run_dir.is_dir():
         raise DataNotFoundError(format_error(run_dir, "run directory not found",
                                              "pass the run's log directory (trainer.log_dir)"))
@@ -75,7 +91,7 @@ def render_report_from_run_dir(run_dir: str | Path) -> list[Path]:
             run_dir, f"no {REPORT_DIR}/{JSON_NAME} in this folder or below it",
             "pass the log directory of a run trained with the GradientFlowMonitor callback "
             "(e.g. lightning_logs/version_0), with write_report enabled"))
-    return [render_report(p) for p in found]
+    return found
 
 
 # ----- the page -------------------------------------------------------------------------------
@@ -84,21 +100,19 @@ def render_html(data: Mapping[str, Any]) -> str:
     """The self-contained report page (PNG plots embedded as base64, no external resources)."""
     meta = data.get("meta") or {}
     esc = html.escape
+    figs = figures(data)
+    anchors = {key for key, _, _ in figs} | ({"nonfinite"} if data.get("nonfinite") else set())
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Gradient flow: {esc(str(meta.get('model', 'run')))}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-        "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}"
-        ".ok{color:#2a7a2a}.kind{font-weight:bold;color:#b02a2a}img{max-width:100%}"
-        "h2{margin-top:2em;border-bottom:1px solid #ddd}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>Gradient flow: {esc(str(meta.get('model', 'run')))}</h1>",
         f"<p>{_summary(data)}</p>",
         "<h2 id='diagnoses'>Diagnoses</h2>",
-        _diagnoses_table(data.get("diagnoses") or []),
+        diagnoses_table(data.get("diagnoses") or [], anchors),
     ]
-    for title, fig in figures(data):
-        parts.append(f"<h2>{esc(title)}</h2>")
+    for key, title, fig in figs:
+        parts.append(f"<h2 id='{key}'>{esc(title)}</h2>")
         parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{png_base64(fig)}'>")
     parts.append(_skips_table(data))
     parts.append(_nonfinite_table(data))
@@ -106,10 +120,19 @@ def render_html(data: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+#: The pages' style sheet (inline: the pages load nothing).
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+         "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+         "padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+         ".ok{color:#2a7a2a}.kind{font-weight:bold;color:#b02a2a}.kind a{color:inherit}img{max-width:100%}"
+         "h2{margin-top:2em;border-bottom:1px solid #ddd}")
+
+
 def _summary(data: Mapping[str, Any]) -> str:
     meta = data.get("meta") or {}
     steps = data.get("steps") or []
     seen = (data.get("steps_seen") or [0])[-1]
+    bands = band_names(data) if data.get("bands") else []
     items = [
         f"{len(steps)} recordings (every {meta.get('every_n_steps')} steps)",
         f"{seen} steps observed",
@@ -117,17 +140,35 @@ def _summary(data: Mapping[str, Any]) -> str:
         f"{len(data.get('skips') or [])} skip connections",
         f"precision {meta.get('precision')}",
         f"clip {meta.get('gradient_clip_val')}",
-        f"updated {meta.get('updated', '?')}",
+        f"updated {meta.get('updated', 'never (not written yet)')}",
     ]
+    if bands:
+        items.insert(3, f"bands {', '.join(bands)}")
+    if data.get("frozen"):
+        items.insert(3, f"{len(data['frozen'])} frozen layers")
     return html.escape(" · ".join(str(i) for i in items))
 
 
-def _diagnoses_table(diagnoses: list[Mapping[str, Any]]) -> str:
+def diagnoses_table(diagnoses: list[Mapping[str, Any]], anchors: set[str] | frozenset[str] = frozenset(),
+                    prefix: str = "") -> str:
+    """The findings as an HTML table, each kind linked to the section that shows it.
+
+    Args:
+        diagnoses: the document's ``diagnoses``.
+        anchors: the section ids present on the page (a finding whose section is absent is not linked).
+        prefix: prepended to the ids (several runs on one page).
+    """
     if not diagnoses:
         return "<p class='ok'>No findings: gradients look healthy by every rule.</p>"
     esc = html.escape
+
+    def kind(d: Mapping[str, Any]) -> str:
+        name = esc(str(d.get("kind")))
+        target = FIGURE_OF_KIND.get(str(d.get("kind")))
+        return f"<a href='#{prefix}{target}'>{name}</a>" if target in anchors else name
+
     rows = "".join(
-        f"<tr><td class='kind'>{esc(str(d.get('kind')))}</td><td>{esc(str(d.get('where')))}</td>"
+        f"<tr><td class='kind'>{kind(d)}</td><td>{esc(str(d.get('where')))}</td>"
         f"<td>{esc(str(d.get('step')))}</td><td>{esc(_fmt(d.get('value')))}</td>"
         f"<td>{esc(str(d.get('message')))}</td><td>{esc(str(d.get('fix')))}</td></tr>"
         for d in diagnoses)
@@ -161,12 +202,15 @@ def _nonfinite_table(data: Mapping[str, Any]) -> str:
     if not events:
         return ""
     esc = html.escape
+    names = band_names(data)
+    extreme = float((data.get("thresholds") or {}).get("extreme_input") or math.inf)
     rows = "".join(
         f"<tr><td>{e.get('step')}</td><td>{esc(str(e.get('layer')))}</td>"
-        f"<td>{'yes' if e.get('all_layers') else 'no'}</td><td>{esc(str(e.get('scenes') or ''))}</td>"
-        f"<td>{esc(str(e.get('windows') or ''))}</td></tr>" for e in events)
-    return ("<h2>Non-finite steps</h2><table><tr><th>step</th><th>first layer (backward order)</th>"
-            "<th>all layers</th><th>scenes</th><th>windows (row, col, height, width)</th></tr>"
+        f"<td>{'yes' if e.get('all_layers') else 'no'}</td>"
+        f"<td>{esc(describe_tiles(e, names, extreme, limit=len(e.get('scenes') or e.get('windows') or [])).lstrip('; '))}"
+        "</td></tr>" for e in events)
+    return ("<h2 id='nonfinite'>Non-finite steps</h2><table><tr><th>step</th><th>first layer (backward order)</th>"
+            "<th>all layers</th><th>tiles: scene, window, bounds in the scene's CRS, bad input bands</th></tr>"
             + rows + "</table>")
 
 

@@ -22,6 +22,10 @@ layers             ``[L]`` of ``{name, type, numel}``: modules owning parameters
 steps              ``[R]`` optimizer step (``trainer.global_step``, 0-based) of each recording
 layer_norm         ``[R][L]`` L2 norm of each layer's gradient (unscaled, before clipping)
 layer_max_abs      ``[R][L]`` largest absolute gradient value of each layer
+update_ratio       ``[R][L]`` ``||w_after - w_before|| / ||w_before||`` of each layer over the
+                   recorded step's optimizer step (null: not measured, a skipped step, ``w = 0``)
+frozen             ``[{name, type, numel}]``: modules whose parameters all have
+                   ``requires_grad=False`` (not monitored: never stalled)
 total_norm         ``[R]`` L2 norm over all parameters, before clipping
 clipped            ``[R]`` whether that step's total exceeded the clip threshold (null: no clip)
 steps_seen         ``[R]`` optimizer steps observed so far (every step unless step_check off)
@@ -31,16 +35,21 @@ totals             ``{steps_seen, nonfinite_steps, clipped_steps}`` at the end o
                    at an exception), counting steps after the last recording; absent before
 loss_scale         ``[R]`` the fp16 loss scale (null without a scaler)
 loss               ``[R]`` the training loss of the recorded step (unscaled)
-bands              null, or ``{layer, norm: [R][C]}``: first convolution's gradient per band
+bands              null, or ``{layer, names: [C], norm: [R][C]}``: first convolution's gradient
+                   per band; ``names`` from the data module's ``band_names``, else
+                   ``band_1..band_C``
 skips              ``[{name, kind, source, paths: [a, b], norms: [R][2], ratio: [R]}]``,
                    ``ratio = a / b``; kinds ``residual`` (branch, shortcut), ``unet`` (skip,
                    deeper), ``pattern`` (through, elsewhere)
 metrics            ``{name: [[step, value], ...]}`` from ``trainer.callback_metrics``
-nonfinite          ``[{step, layer, all_layers, nonfinite_layers, loss_scale, scenes, windows}]``:
-                   the first step of each run of non-finite steps (first 100 runs), ``layer``
-                   the first non-finite one in backward order, ``all_layers`` whether every
-                   layer with a gradient was (then the loss was), the step's tiles, with
-                   ``windows`` as ``[row_off, col_off, height, width]``
+nonfinite          ``[{step, layer, all_layers, nonfinite_layers, loss_scale, scenes, windows,
+                   bounds, crs, band_max_abs}]``: the first step of each run of non-finite steps
+                   (first 100 runs), ``layer`` the first non-finite one in backward order,
+                   ``all_layers`` whether every layer with a gradient was (then the loss was),
+                   the step's tiles, with ``windows`` as ``[row_off, col_off, height, width]``,
+                   ``bounds`` as ``[left, bottom, right, top]`` in the scene's ``crs`` (null
+                   where the scene's georeference is unknown), ``band_max_abs`` ``[tiles][C]``
+                   the largest absolute input value per band (``"nan"``: a NaN in it)
 diagnoses          ``[{kind, where, step, value, message, fix}]``
 =================  ===========================================================================
 
@@ -60,19 +69,21 @@ from typing import Any
 
 from torch import Tensor
 
-from geobp.callbacks.diagnosis import encode_float
+from geobp.callbacks.diagnosis import early_head_ratios, encode_float
 
 SCHEMA = "geobp.gradflow"
 SCHEMA_VERSION = 1
 #: Non-finite steps kept in full in ``nonfinite`` (all are counted).
 MAX_EVENTS = 100
 #: Top-level keys holding one value per recording.
-PER_RECORDING = ("steps", "layer_norm", "layer_max_abs", "total_norm", "clipped", "steps_seen", "clipped_steps",
-                 "nonfinite_steps", "loss_scale", "loss")
+PER_RECORDING = ("steps", "layer_norm", "layer_max_abs", "update_ratio", "total_norm", "clipped", "steps_seen",
+                 "clipped_steps", "nonfinite_steps", "loss_scale", "loss")
 
 
 def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers: Sequence[Mapping[str, Any]],
-                 band_layer: str | None, skips: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                 band_layer: str | None, skips: Sequence[Mapping[str, Any]],
+                 band_names: Sequence[str] | None = None,
+                 frozen: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """An empty document.
 
     Args:
@@ -81,6 +92,8 @@ def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers:
         layers: ``{name, type, numel}`` of each layer, in module order.
         band_layer: module path of the convolution measured per band, or None.
         skips: ``{name, kind, source, paths}`` of each skip connection.
+        band_names: one name per input band of ``band_layer`` (None: unknown).
+        frozen: ``{name, type, numel}`` of each frozen module.
 
     Returns:
         The document, with every series empty.
@@ -91,9 +104,11 @@ def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers:
         "meta": dict(meta),
         "thresholds": dict(thresholds),
         "layers": [dict(x) for x in layers],
-        "steps": [], "layer_norm": [], "layer_max_abs": [], "total_norm": [], "clipped": [],
+        "frozen": [dict(x) for x in frozen],
+        "steps": [], "layer_norm": [], "layer_max_abs": [], "update_ratio": [], "total_norm": [], "clipped": [],
         "steps_seen": [], "clipped_steps": [], "nonfinite_steps": [], "loss_scale": [], "loss": [],
-        "bands": {"layer": band_layer, "norm": []} if band_layer is not None else None,
+        "bands": ({"layer": band_layer, "names": list(band_names) if band_names is not None else None, "norm": []}
+                  if band_layer is not None else None),
         "skips": [{**dict(s), "norms": [], "ratio": []} for s in skips],
         "metrics": {},
         "nonfinite": [],
@@ -139,6 +154,7 @@ def append_recording(data: dict[str, Any], rec: Recording) -> None:
     data["steps"].append(rec.step)
     data["layer_norm"].append([encode_float(v) for v in rec.layer_norm])
     data["layer_max_abs"].append([encode_float(v) for v in rec.layer_max_abs])
+    data["update_ratio"].append(None)  # set by set_update_ratio once the optimizer has stepped
     data["total_norm"].append(encode_float(rec.total_norm))
     data["clipped"].append(rec.clipped)
     data["steps_seen"].append(rec.steps_seen)
@@ -153,9 +169,39 @@ def append_recording(data: dict[str, Any], rec: Recording) -> None:
         entry["ratio"].append(encode_float(a / b if a is not None and b not in (None, 0.0) else None))
 
 
+def set_update_ratio(data: dict[str, Any], step: int, ratios: Sequence[float | None] | None) -> bool:
+    """Store the update ratios of the recording at ``step`` (the latest one), if it is there.
+
+    Returns:
+        Whether the latest recording is at ``step`` (and now holds ``ratios``).
+    """
+    if not data["steps"] or data["steps"][-1] != step:
+        return False
+    data["update_ratio"][-1] = [encode_float(v) for v in ratios] if ratios is not None else None
+    return True
+
+
+def window_bounds(transform: Sequence[float], window: Sequence[int]) -> list[float]:
+    """``[left, bottom, right, top]`` of a pixel window in map coordinates.
+
+    Args:
+        transform: the scene's affine transform ``(a, b, c, d, e, f)``: ``x = a col + b row + c``,
+            ``y = d col + e row + f``.
+        window: ``(row_off, col_off, height, width)``.
+    """
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    row, col, height, width = (int(v) for v in window[:4])
+    corners = [(col + dc, row + dr) for dc in (0, width) for dr in (0, height)]
+    xs = [a * x + b * y + c for x, y in corners]
+    ys = [d * x + e * y + f for x, y in corners]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
 def append_nonfinite_event(data: dict[str, Any], step: int, layers: Sequence[str], layer_bad: Sequence[bool],
                            layer_zero: Sequence[bool], loss_scale: float | None,
-                           tiles: tuple[Any, Any] | None) -> None:
+                           tiles: tuple[Any, Any] | None,
+                           georef: Mapping[str, tuple[str | None, Sequence[float]]] | None = None,
+                           band_max_abs: Sequence[Sequence[float]] | None = None) -> None:
     """Add a ``nonfinite`` entry (at most :data:`MAX_EVENTS`; nothing when no layer is non-finite).
 
     Args:
@@ -166,6 +212,8 @@ def append_nonfinite_event(data: dict[str, Any], step: int, layers: Sequence[str
         layer_zero: whether each layer's gradient is zero (or absent).
         loss_scale: the fp16 loss scale, or None.
         tiles: ``(scene, window)`` of the step's batch (geobp's batch contract), or None.
+        georef: scene name to ``(crs, transform)``, for the tiles' bounds, or None.
+        band_max_abs: ``[tiles][C]`` largest absolute input value per tile and band, or None.
     """
     bad_names = [name for name, bad in zip(layers, layer_bad) if bad]
     if len(data["nonfinite"]) >= MAX_EVENTS or not bad_names:
@@ -177,6 +225,11 @@ def append_nonfinite_event(data: dict[str, Any], step: int, layers: Sequence[str
             scenes = [str(s) for s in (scene if isinstance(scene, (list, tuple)) else [scene])]
         if window is not None:
             windows = window.tolist() if isinstance(window, Tensor) else [list(w) for w in window]
+    bounds, crs = None, None
+    if georef and scenes and windows and len(scenes) == len(windows):
+        known = [georef.get(s) for s in scenes]
+        bounds = [window_bounds(g[1], w) if g is not None else None for g, w in zip(known, windows)]
+        crs = [g[0] if g is not None else None for g in known]
     data["nonfinite"].append({
         "step": step,
         "layer": bad_names[-1],  # nearest the output: backward visits it first
@@ -185,6 +238,9 @@ def append_nonfinite_event(data: dict[str, Any], step: int, layers: Sequence[str
         "loss_scale": loss_scale,
         "scenes": scenes,
         "windows": windows,
+        "bounds": bounds,
+        "crs": crs,
+        "band_max_abs": [[encode_float(v) for v in row] for row in band_max_abs] if band_max_abs is not None else None,
     })
 
 
@@ -239,22 +295,9 @@ def latest_scalars(data: Mapping[str, Any], clipping: bool, loss_scaler: bool) -
 
 
 def early_head_ratio(data: Mapping[str, Any]) -> float | None:
-    """RMS gradient of the first tenth of the layers over that of the last tenth (medians)."""
-    layers = data["layers"]
-    row = data["layer_norm"][-1]
-    k = max(1, len(layers) // 10)
-    if len(layers) < 2:
-        return None
-
-    def rms(j: int) -> float:
-        v = row[j]
-        return math.nan if v is None else float(v) / math.sqrt(max(layers[j]["numel"], 1))
-
-    early = sorted(rms(j) for j in range(k))[k // 2]
-    head = sorted(rms(j) for j in range(len(layers) - k, len(layers)))[k // 2]
-    if not (math.isfinite(early) and math.isfinite(head)) or head == 0:
-        return None
-    return early / head
+    """The latest recording's early/head ratio (:func:`~geobp.callbacks.diagnosis.early_head_ratios`), or None."""
+    ratio = float(early_head_ratios(data["layers"], data["layer_norm"][-1:])[-1])
+    return ratio if math.isfinite(ratio) else None
 
 
 def thin(data: dict[str, Any], max_recordings: int) -> bool:
@@ -317,6 +360,10 @@ def continue_document(saved: Mapping[str, Any], current: Mapping[str, Any]) -> d
     """
     out = copy_document(saved)
     out.pop("totals", None)
+    out.setdefault("update_ratio", [None] * len(out.get("steps") or []))
+    out["frozen"] = copy_document(current.get("frozen") or [])
+    if out.get("bands") is not None and current.get("bands") is not None:
+        out["bands"]["names"] = copy_document(current["bands"].get("names"))
     meta = dict(current["meta"])
     for key in ("resumed_at", "thinned"):
         if key in (saved.get("meta") or {}):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from geobp.callbacks.jsonfile import JSON_NAME, atomic_write_text, write_json
+from geobp.callbacks.jsonfile import JSON_NAME, atomic_write_text, stamped, write_json
 from geobp.callbacks.report import HTML_NAME, render_html
 
 
@@ -51,7 +51,8 @@ class ReportWriter:
         Raises:
             Exception: the error of a previous background rendering, if any.
         """
-        json_path = write_json(data, self.json_path)
+        data = stamped(data)  # the page shows the same "updated" time as the JSON
+        json_path = write_json(data, self.json_path, stamp=False)
         self.last_write = time.monotonic()
         if not background:
             self.wait()

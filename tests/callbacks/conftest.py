@@ -20,22 +20,26 @@ FitFn = Callable[..., L.Trainer]
 def fit(tmp_path: Path) -> FitFn:
     """Train ``module`` on ``data`` with ``monitor`` for ``max_steps`` on CPU; return the trainer.
 
-    Warnings other than the monitor's are silenced; ``default_root_dir`` is
+    ``data`` is a dataset (loaded in batches of ``batch_size``) or a data module. Warnings
+    other than the monitor's are silenced; ``default_root_dir`` is
     ``tmp_path``, so without a logger the report lands in ``tmp_path/gradflow``.
     """
 
-    def _fit(module: L.LightningModule, data: Dataset, monitor: GradientFlowMonitor | None, max_steps: int = 30,
+    def _fit(module: L.LightningModule, data: Dataset | L.LightningDataModule, monitor: GradientFlowMonitor | None,
+             max_steps: int = 30,
              batch_size: int = 8, callbacks: list[L.Callback] | None = None, **trainer_kwargs: Any) -> L.Trainer:
         trainer_kwargs.setdefault("logger", False)
         trainer = L.Trainer(
             max_steps=max_steps, accelerator="cpu", devices=1, default_root_dir=tmp_path,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[c for c in [monitor, *(callbacks or [])] if c is not None], **trainer_kwargs)
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
             warnings.simplefilter("always", GradientFlowWarning)
-            trainer.fit(module, loader)
+            if isinstance(data, L.LightningDataModule):
+                trainer.fit(module, datamodule=data)
+            else:
+                trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False))
         return trainer
 
     return _fit

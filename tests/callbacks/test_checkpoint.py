@@ -139,14 +139,14 @@ def test_checkpoint_state_is_bounded_by_thinning(tmp_path: Path) -> None:
 
 def test_thin_keeps_first_and_latest() -> None:
     doc = {"steps": list(range(7)), "bands": None, "skips": [], "metrics": {"m": [[i, i] for i in range(9)]},
-           "meta": {}, **{k: list(range(7)) for k in ("layer_norm", "layer_max_abs", "total_norm", "clipped",
-                                                         "steps_seen", "clipped_steps", "nonfinite_steps",
+           "meta": {}, **{k: list(range(7)) for k in ("layer_norm", "layer_max_abs", "update_ratio", "total_norm",
+                                                         "clipped", "steps_seen", "clipped_steps", "nonfinite_steps",
                                                          "loss_scale", "loss")}}
     assert not thin(doc, 7)
     doc["steps"].append(7)
-    for k in ("layer_norm", "layer_max_abs", "total_norm", "clipped", "steps_seen", "clipped_steps",
+    for k in ("layer_norm", "layer_max_abs", "update_ratio", "total_norm", "clipped", "steps_seen", "clipped_steps",
               "nonfinite_steps", "loss_scale", "loss"):
         doc[k].append(7)
     assert thin(doc, 7)
-    assert doc["steps"] == doc["loss"] == [0, 2, 4, 6, 7]
+    assert doc["steps"] == doc["loss"] == doc["update_ratio"] == [0, 2, 4, 6, 7]
     assert doc["metrics"]["m"] == [[0, 0], [2, 2], [4, 4], [6, 6], [8, 8]] and doc["meta"]["thinned"] == 1

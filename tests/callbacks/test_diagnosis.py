@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from geobp.callbacks.diagnosis import Finding, Thresholds, diagnose, encode_float, persistent_start
+from geobp.errors import ConfigError
 
 T = Thresholds()
 
@@ -125,14 +126,18 @@ def test_dead_branch_and_dead_band() -> None:
         {"name": "s1", "kind": "unet", "paths": ["skip", "deeper"], "norms": [[1.0, 0.0]] * 5 + [[1.0, 1e-9]] * 5},
         {"name": "s2", "kind": "unet", "paths": ["skip", "deeper"], "norms": [[None, None]] * 10},
     ]
-    bands = {"layer": "conv", "norm": [[1.0, 2.0, 1e-5, 1.5]] * 10}
+    bands = {"layer": "conv", "names": ["B1", "B2", "B3", "B4"], "norm": [[1.0, 2.0, 1e-5, 1.5]] * 10}
     found = {(f.kind, f.where): f for f in diagnose(doc(skips=skips, bands=bands))}
     # A residual shortcut is never "dead"; a U-Net deeper path can be.
     assert set(found) == {("dead_branch", "b1 branch"), ("dead_branch", "s1 deeper"),
-                          ("dead_band", "band 2 (conv)")}
+                          ("dead_band", "B3 (conv)")}
     assert found[("dead_branch", "b1 branch")].value == pytest.approx(1e-6)
     assert found[("dead_branch", "s1 deeper")].step == 0
-    assert found[("dead_band", "band 2 (conv)")].value == pytest.approx(1e-5 / 1.25)
+    assert found[("dead_band", "B3 (conv)")].value == pytest.approx(1e-5 / 1.25)
+    assert "input band B3 gets" in found[("dead_band", "B3 (conv)")].message
+    # Without names (or with the wrong number of them) bands are band_1..band_C.
+    unnamed = {f.where for f in diagnose(doc(bands={**bands, "names": ["x"]}))}
+    assert unnamed == {"band_3 (conv)"}
 
 
 def test_findings_are_sorted_and_serialisable() -> None:
@@ -144,12 +149,18 @@ def test_findings_are_sorted_and_serialisable() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"vanishing_ratio": 0}, r"Thresholds.vanishing_ratio must be > 0 \(found 0\)"),
-    ({"persist": 1.5}, r"clip_fraction and persist must be in \(0, 1\]"),
-    ({"min_recordings": 0}, r"min_recordings must be >= 1"),
+    ({"vanishing_ratio": 0}, r"^gradflow\.thresholds\.vanishing_ratio must be a finite number > 0 \(found 0\)\. "
+                             r"Fix: set gradflow\.thresholds\.vanishing_ratio to a finite number > 0, e\.g\. its "
+                             r"default 0\.0001\.$"),
+    ({"persist": 1.5}, r"gradflow\.thresholds\.persist must be a number in \(0, 1\] \(found 1\.5\)"),
+    ({"skip_fraction": float("nan")}, r"gradflow\.thresholds\.skip_fraction must be a number in \(0, 1\] \(found nan\)"),
+    ({"min_recordings": 0}, r"gradflow\.thresholds\.min_recordings must be an integer >= 1 \(found 0\)"),
+    ({"min_recordings": 2.5}, r"gradflow\.thresholds\.min_recordings must be an integer >= 1 \(found 2\.5\)"),
+    ({"band_scale_ratio": "big"}, r"gradflow\.thresholds\.band_scale_ratio must be a finite number > 0 \(found 'big'\)"),
+    ({"stalled_ratio": float("inf")}, r"gradflow\.thresholds\.stalled_ratio must be a finite number > 0"),
 ])
 def test_thresholds_are_checked(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         Thresholds(**kwargs)
 
 
@@ -163,3 +174,131 @@ def test_clipping_during_warm_up_alone_is_not_exploding() -> None:
                   totals={"steps_seen": 75, "clipped_steps": 69})
     (f,) = diagnose(lasting)
     assert (f.kind, f.where) == ("exploding", "gradient clipping")
+
+
+def test_logged_early_head_ratio_is_the_vanishing_rules_ratio() -> None:
+    # 20 layers: early/head are medians of two layers each, where an upper median and a mean of
+    # the two middle values differ; None and NaN entries are left out by both.
+    from geobp.callbacks.diagnosis import early_head_ratios
+    from geobp.callbacks.series import latest_scalars
+
+    rng = np.random.default_rng(0)
+    data = doc(layers=20)
+    data["layer_norm"] = [[float(v) for v in 10.0 ** rng.uniform(-9, 0, 20)] for _ in range(10)]
+    data["layer_norm"][4][1] = None
+    data["layer_norm"][6][19] = "nan"
+    data.update(skips=[], bands=None, clipped_steps=[None] * 10)
+    ratios = early_head_ratios(data["layers"], data["layer_norm"])
+    for i in range(10):
+        upto = {**data, **{k: data[k][: i + 1] for k in ("steps", "layer_norm", "total_norm", "steps_seen",
+                                                         "nonfinite_steps")}}
+        logged = latest_scalars(upto, clipping=False, loss_scaler=False)["gradflow/early_head_ratio"]
+        assert logged == ratios[i]
+    row = np.array(data["layer_norm"][0]) / 10.0
+    assert ratios[0] == pytest.approx(np.mean(row[:2]) / np.mean(row[-2:]))
+    # The rule fires on exactly those values.
+    t = Thresholds(vanishing_ratio=float(np.sort(ratios)[3]) * 1.0001, persist=0.1, min_recordings=1)
+    (f,) = [f for f in diagnose(data, t) if f.kind == "vanishing"]
+    assert f.step == data["steps"][int(np.flatnonzero(ratios < t.vanishing_ratio)[0])]
+
+
+def test_band_scale_names_the_band_and_the_factor() -> None:
+    bands = {"layer": "net.0", "names": ["B02", "B03", "B04", "B08"],
+             "norm": [[1.0, 1.2, 0.9, 800.0]] * 2 + [[1.0, 1.1, 1.0, 1500.0]] * 8}
+    (f,) = diagnose(doc(bands=bands))
+    assert (f.kind, f.where, f.step) == ("band_scale", "B08 (net.0)", 0)
+    assert f.value == pytest.approx(1500.0 / 1.0)
+    assert "input band B08 gets 1.5e+03x the median gradient of the other bands in net.0" in f.message
+    assert "normalization statistics" in f.fix
+    # Two bands: compared with each other; a 10x spread is healthy.
+    assert diagnose(doc(bands={"layer": "c", "norm": [[1.0, 10.0]] * 10})) == []
+    (f,) = diagnose(doc(bands={"layer": "c", "norm": [[1.0, 1e3]] * 10}))
+    assert (f.kind, f.where) == ("band_scale", "band_2 (c)")
+
+
+def updates(rows: list[list[Any]], **extra: Any) -> dict[str, Any]:
+    """A healthy series of len(rows) recordings whose layers moved by ``rows`` (update ratios)."""
+    return doc(steps=len(rows), layers=len(rows[-1]), update_ratio=rows, **extra)
+
+
+def test_stalled_layers_are_named_and_frozen_ones_are_not() -> None:
+    healthy = [[1e-3, 2e-3, 5e-4, 1e-3]] * 10
+    assert diagnose(updates(healthy)) == []
+    stalled = [[1e-3, 0.0, 0.0, 1e-3]] * 2 + [[1e-3, 0.0, 1e-9, 1e-3]] * 8
+    (f,) = diagnose(updates(stalled, frozen=[{"name": "enc", "type": "Conv2d", "numel": 9}]))
+    assert (f.kind, f.where, f.step) == ("stalled", "l1", 0)
+    assert "2 of 4 layer(s) get gradients but do not change" in f.message and "in l1, l2" in f.message
+    assert "1 frozen layer(s) (requires_grad=False) are not checked" in f.message
+    assert "optimizer" in f.fix
+    # A layer without gradient is not "stalled": nothing asked it to move.
+    no_grad = updates(stalled)
+    for row in no_grad["layer_norm"]:
+        row[1] = row[2] = 0.0
+    assert diagnose(no_grad) == []
+    # Unmeasured rows (None, a skipped step) are left out.
+    gaps = updates([None, *stalled[1:]])
+    assert [g.kind for g in diagnose(gaps)] == ["stalled"]
+
+
+def test_an_annealed_learning_rate_at_the_end_is_not_stalled() -> None:
+    # lr to 0 over the last 3 of 40 recordings (a cosine schedule's end): not a tenth of the run
+    rows = [[1e-3] * 4] * 37 + [[1e-8] * 4] * 3
+    assert diagnose(updates(rows)) == []
+    rows = [[1e-3] * 4] * 30 + [[1e-8] * 4] * 10  # a schedule that stopped a quarter of the run early
+    (f,) = diagnose(updates(rows))
+    assert (f.kind, f.step) == ("stalled", 300) and "4 of 4 layer(s)" in f.message
+
+
+def test_unstable_updates_on_most_recordings() -> None:
+    rows = [[0.3, 0.5, 2.0, 0.4]] * 10
+    rows[4] = [1e-3] * 4  # one calm recording does not end it
+    (f,) = diagnose(updates(rows))
+    assert (f.kind, f.where, f.step) == ("unstable_updates", "l2", 0)
+    assert f.value == pytest.approx(0.45)
+    assert "the median layer changes by 0.45 of its weight norm per step" in f.message
+    assert "learning rate" in f.fix
+    # A passing phase (warm-up) is not a finding, nor is a single layer with large updates
+    # (a bias starting from near zero).
+    assert diagnose(updates([[0.5] * 4] * 2 + [[1e-3] * 4] * 8)) == []
+    assert diagnose(updates([[1e-3, 1e-3, 1e-3, 5.0]] * 10)) == []
+
+
+def test_loss_scale_collapse_with_most_steps_skipped() -> None:
+    meta = {"loss_scaler": True, "gradient_clip_val": None}
+    seen = [10 * i + 1 for i in range(10)]
+    # calibrating: a few skipped steps at a large scale
+    calibrating = doc(meta=meta, loss_scale=[2.0**16, 2.0**15] + [2.0**14] * 8,
+                      nonfinite_steps=[1, 2] + [2] * 8, steps_seen=seen)
+    assert diagnose(calibrating) == []
+    # driven down: from step 30 on, 9 of every 10 steps skipped and the scale halves each time
+    skipped = [0, 0, 0] + [9 * k for k in range(1, 8)]
+    scales = [2.0**14] * 3 + [2.0 ** (14 - 9 * k) for k in range(1, 8)]
+    (f, *rest) = diagnose(doc(meta=meta, loss_scale=scales, nonfinite_steps=skipped, steps_seen=seen))
+    assert (f.kind, f.where, f.step) == ("loss_scale", "loss scale", 40)
+    assert f.value == pytest.approx(2.0**-49)
+    assert "90% of the steps since step 40 were skipped" in f.message and "bf16-mixed" in f.fix
+    # without a scaler the rule does not apply
+    assert not [g for g in diagnose(doc(loss_scale=scales, nonfinite_steps=skipped, steps_seen=seen))
+                if g.kind == "loss_scale"]
+
+
+def test_nonfinite_tiles_carry_bounds_and_bad_bands() -> None:
+    event = {"step": 5, "layer": "l9", "all_layers": True, "scenes": ["s0", "s1"],
+             "windows": [[0, 64, 32, 32], [32, 0, 32, 32]],
+             "bounds": [[400640.0, 5499680.0, 400960.0, 5500000.0], None], "crs": ["EPSG:32633", None],
+             "band_max_abs": [[1.5, "nan", 2.0], [1.0, 2.0, 4.0e4]]}
+    data = doc(nonfinite=[event], bands={"layer": "c", "names": ["red", "nir", "swir"], "norm": [[1.0] * 3] * 10})
+    (f,) = diagnose(data)
+    assert ("tiles (scene (row, col, height, width) at (left, bottom, right, top)): "
+            "s0 (0, 64, 32, 32) at (400640, 5.49968e+06, 400960, 5.5e+06) in EPSG:32633 [non-finite input: nir], "
+            "s1 (32, 0, 32, 32) [extreme input: swir (|x| up to 4e+04)]") in f.message
+
+
+def test_a_layer_whose_gradient_vanishes_is_vanishing_not_stalled() -> None:
+    rows = [[1e-12, 1e-3, 1e-3, 1e-3]] * 10
+    data = updates(rows)
+    assert [f.kind for f in diagnose(data)] == ["stalled"]
+    for row in data["layer_norm"]:
+        row[0] = 1e-9  # 1e-9 of the others' RMS gradient
+    (f,) = diagnose(data)
+    assert (f.kind, f.where) == ("vanishing", "l0")

@@ -196,8 +196,12 @@ def test_geobp_unet_resnet18_end_to_end(tmp_path: Path, steps: int, size: int, e
     assert validate == ({"val/loss", "val/mIoU"} <= set(data["metrics"]))
     # A healthy ResNet U-Net: no vanishing, exploding or non-finite gradients.
     assert not {d["kind"] for d in data["diagnoses"]} & {"vanishing", "exploding", "nonfinite"}
+    # Every recorded step's update ratio is measured: the U-Net's layers all move.
+    assert len(data["update_ratio"]) == len(data["steps"])
+    assert all(v is not None and v > 0 for row in data["update_ratio"] for v in row)
+    assert data["frozen"] == [] and data["bands"]["names"] == [f"band_{b}" for b in range(1, 7)]
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6
+    assert page.count("data:image/png;base64,") == 7
 
 
 def test_steps_are_counted_when_a_planned_recording_is_missed(fit) -> None:
@@ -234,3 +238,42 @@ def test_yaml_config_builds_the_monitor() -> None:
     assert (monitor.every_n_steps, monitor.step_check) == (10, "deferred")
     assert (monitor.thresholds.vanishing_ratio, monitor.thresholds.persist, monitor.thresholds.min_recordings) == (
         1e-5, 0.5, 3)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--gradflow.thresholds.vanishing_ratio", "0", "error: gradflow.thresholds.vanishing_ratio must be a finite number "
+                                                   "> 0 (found 0.0). Fix: set gradflow.thresholds.vanishing_ratio to a "
+                                                   "finite number > 0, e.g. its default 0.0001."),
+    ("--gradflow.thresholds", "{persist: 2}", "error: gradflow.thresholds.persist must be a number in (0, 1] (found "
+                                              "2.0). Fix: set gradflow.thresholds.persist to a number in (0, 1], e.g. "
+                                              "its default 0.8."),
+])
+def test_a_bad_threshold_in_the_cli_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str,
+                                                value: str, message: str) -> None:
+    from geobp.cli import main
+    from geobp.data.synth import write_scenes
+    from tests.test_cli import tiny_config
+
+    write_scenes(tmp_path / "scenes", scenes=2, size=64, bands=3, classes=3, block_size=32)
+    assert main(["fit", "--config", str(tiny_config(tmp_path, tmp_path / "scenes", val_fraction=0.5)), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_scenes_of_geobp_data_module_give_map_bounds(tmp_path: Path) -> None:
+    from geobp.callbacks.gradflow import scene_georeference
+    from geobp.callbacks.series import window_bounds
+    from geobp.data.datamodule import GeoTiffDataModule
+    from geobp.data.synth import write_scenes
+    from geobp.raster import RasterInfo
+
+    write_scenes(tmp_path / "scenes", scenes=2, size=64, bands=3, classes=3, block_size=32)
+    dm = GeoTiffDataModule(str(tmp_path / "scenes"), num_classes=3, val_fraction=0.5)
+    georef = scene_georeference(dm)
+    assert sorted(georef) == sorted(s.name for s in dm.scenes)
+    scene: RasterInfo = dm.scenes[1].image
+    crs, transform = georef[dm.scenes[1].name]
+    assert crs == scene.crs and transform == tuple(scene.transform)
+    a, _, c, _, e, f = transform
+    assert window_bounds(transform, [8, 16, 4, 2]) == [c + 16 * a, f + 12 * e, c + 18 * a, f + 8 * e]
+    assert scene_georeference(None) == {} and scene_georeference(object()) == {}

@@ -63,7 +63,7 @@ def test_report_renders_from_a_saved_json(tmp_path: Path) -> None:
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(images) == 6  # flow, heatmap, skips, bands, clipping + loss scale, metrics
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page) and "<script" not in page
-    assert "tile_a" in page and "[[0, 64, 64, 64]]" in page
+    assert "tile_a (0, 64, 64, 64)" in page
     assert sorted(p.name for p in html_path.parent.iterdir()) == ["gradflow.json", "report.html"]  # no temp files
 
 
@@ -80,7 +80,7 @@ def test_rediagnose_uses_the_stored_series(tmp_path: Path) -> None:
     data = document()
     data["diagnoses"] = []
     page = render_report(write_json(data, tmp_path / "g.json"), rediagnose=True).read_text()
-    assert "dead_band" in page and "band 1 (net.0)" in page
+    assert "dead_band" in page and "band_2 (net.0)" in page
 
 
 def test_json_is_strict_and_non_finite_values_are_strings(tmp_path: Path) -> None:
@@ -124,3 +124,38 @@ def test_unreadable_json_is_a_geobp_error(tmp_path: Path, content: str, match: s
     path.write_text(content)
     with pytest.raises(GeobpError, match=match):
         read_json(path)
+
+
+def test_findings_link_to_their_figure_and_bands_are_named(tmp_path: Path) -> None:
+    data = document()
+    data["bands"]["names"] = ["B02", "B8A", "B11"]
+    data["update_ratio"] = [[1e-3] * 5 + [0.0] for _ in data["steps"]]
+    data["frozen"] = [{"name": "encoder.stem", "type": "Conv2d", "numel": 10}]
+    data["diagnoses"] = [
+        Finding("stalled", "net.5", 0, 0.0, "1 of 6 layer(s) get gradients but do not change").to_dict(),
+        Finding("band_scale", "B8A (net.0)", 0, 900.0, "input band B8A gets 900x").to_dict(),
+        Finding("nonfinite", "net.5", 110, 1.0, "non-finite gradient").to_dict(),
+        Finding("dead_branch", "net.3 branch", 0, 0.0, "dead").to_dict(),
+    ]
+    page = render_report(write_json(data, tmp_path / "g.json")).read_text()
+    for kind, anchor in (("stalled", "updates"), ("band_scale", "bands"), ("nonfinite", "nonfinite"),
+                         ("dead_branch", "skips")):
+        assert f"<a href='#{anchor}'>{kind}</a>" in page
+        assert f"<h2 id='{anchor}'>" in page
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 7  # the update ratios added
+    assert "bands B02, B8A, B11" in page and "1 frozen layers" in page
+    # a finding whose figure is absent is not linked
+    del data["update_ratio"]
+    page = render_report(write_json(data, tmp_path / "g.json")).read_text()
+    assert "<td class='kind'>stalled</td>" in page and "href='#updates'" not in page
+
+
+def test_the_page_written_during_training_shows_when(tmp_path: Path) -> None:
+    from geobp.callbacks.writer import ReportWriter
+
+    data = document()
+    data["meta"].pop("updated", None)
+    json_path, html_path = ReportWriter(tmp_path / "gradflow").write(data)
+    updated = json.loads(json_path.read_text())["meta"]["updated"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", updated)
+    assert f"updated {updated}" in html_path.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.models.resnet import BasicBlock
 
 
@@ -20,11 +21,14 @@ class TileSet(Dataset):
 
     ``image`` is ``[bands, size, size]`` (or ``[features]`` when ``size`` is 0) with a class
     signal in its mean; ``target`` the class; ``scene`` and ``window`` name the tile.
-    ``dead_band`` sets one band to zero everywhere.
+    ``dead_band`` sets one band to zero everywhere; ``scaled_band`` ``(band, factor)`` multiplies
+    one band (a band left in raw digital numbers); ``nan_pixel`` ``(sample, band)`` puts a NaN in
+    one pixel of one band of one sample.
     """
 
     def __init__(self, n: int = 64, bands: int = 3, size: int = 8, classes: int = 4, seed: int = 0,
-                 dead_band: int | None = None) -> None:
+                 dead_band: int | None = None, scaled_band: tuple[int, float] | None = None,
+                 nan_pixel: tuple[int, int] | None = None) -> None:
         g = torch.Generator().manual_seed(seed)
         shape = (n, bands, size, size) if size else (n, bands)
         self.target = torch.randint(0, classes, (n,), generator=g)
@@ -32,6 +36,10 @@ class TileSet(Dataset):
         self.image = torch.randn(shape, generator=g) + 0.5 * signal
         if dead_band is not None:
             self.image[:, dead_band] = 0.0
+        if scaled_band is not None:
+            self.image[:, scaled_band[0]] *= scaled_band[1]
+        if nan_pixel is not None:
+            self.image[nan_pixel[0], nan_pixel[1], 0, 0] = float("nan")
         self.n = n
 
     def __len__(self) -> int:
@@ -42,14 +50,49 @@ class TileSet(Dataset):
                 "window": torch.tensor([16 * i, 8 * (i % 3), 16, 16])}
 
 
+@dataclass(frozen=True)
+class ZooRaster:
+    """What the monitor reads of a scene's image: CRS and affine transform (as ``geobp.raster.RasterInfo``)."""
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ZooScene:
+    name: str
+    image: ZooRaster
+
+
+class ZooData(L.LightningDataModule):
+    """A data module over a :class:`TileSet` with what the monitor reads: ``band_names`` and ``scenes``.
+
+    Scene ``scene_<k>`` is a 10 m UTM 33N grid whose origin moves 10 km east per scene.
+    """
+
+    def __init__(self, data: Dataset, band_names: list[str] | None, batch_size: int = 8) -> None:
+        super().__init__()
+        self.data, self.batch_size = data, batch_size
+        if band_names is not None:
+            self.band_names = band_names
+        self.scenes = [ZooScene(f"scene_{k}", ZooRaster("EPSG:32633", (10.0, 0.0, 400000.0 + 10000.0 * k,
+                                                                         0.0, -10.0, 5500000.0)))
+                       for k in range(4)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=False)
+
+
 class ZooModule(L.LightningModule):
     """Classifier around any ``net``; cross-entropy on ``batch["image"]`` -> ``batch["target"]``."""
 
-    def __init__(self, net: nn.Module, lr: float = 0.05, optimizer: str = "sgd") -> None:
+    def __init__(self, net: nn.Module, lr: float = 0.05, optimizer: str = "sgd",
+                 exclude: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.net = net
         self.lr = lr
         self.optimizer = optimizer
+        self.exclude = exclude  # parameter name prefixes left out of the optimizer (a classic slip)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -63,9 +106,10 @@ class ZooModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for n, p in self.named_parameters() if not n.startswith(self.exclude)]
         if self.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+            return torch.optim.Adam(params, lr=self.lr)
+        return torch.optim.SGD(params, lr=self.lr)
 
 
 class _NaNGrad(torch.autograd.Function):
@@ -88,6 +132,23 @@ class NaNGradAt(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _NaNGrad.apply(x) if self.step == self.at else x
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad * float("inf")
+
+
+class OverflowingBackward(nn.Module):
+    """Identity whose backward overflows (Inf) on every step, as an fp16 overflow would at any scale."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _InfGrad.apply(x)
 
 
 class NaNForwardAt(nn.Module):
