@@ -36,7 +36,9 @@ class SegmentationTask(L.LightningModule):
     Args:
         model: architecture name from the registry (``unet`` or ``deeplabv3``).
         encoder: ResNet encoder (``resnet18``, ``resnet34``, ``resnet50``).
-        weights: path of a local torchvision ResNet state dict to start the encoder from, or None.
+        weights: encoder start weights: a torchgeo weights name (``ResNet18_Weights.SENTINEL2_ALL_MOCO``,
+            read from torch's hub cache, bands matched by name), the path of a local torchvision
+            ResNet state dict, or None (random). Not needed to rebuild from a checkpoint.
         in_channels: input bands (linked from the data module by the CLI).
         num_classes: classes (linked from the data module by the CLI).
         ignore_index: label excluded from loss and metrics.
@@ -48,6 +50,8 @@ class SegmentationTask(L.LightningModule):
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
         class_names: one name per class (linked from the data module by the CLI).
         preprocessing: the data's preprocessing as a dict (linked by the CLI; stored for inference).
+        band_names: one name per input band (linked from the data module by the CLI), matched
+            against torchgeo weights' bands; None means the weights' own bands in order.
         tile_size: training tile size (linked; the default tile size for inference).
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
@@ -75,11 +79,13 @@ class SegmentationTask(L.LightningModule):
         tile_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["skip", "stop", "ignore"] = "skip",
+        band_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(
-            model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights, **(model_kwargs or {})
+            model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights,
+            band_names=band_names, **(model_kwargs or {})
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
