@@ -57,7 +57,7 @@ class GeobpCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names")
         parser.link_arguments("data.num_bands", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.band_names", "model.band_names", apply_on="instantiate")
+        parser.link_arguments("data.band_names", "model.in_band_names", apply_on="instantiate")
         # the other way round: torchgeo weights decide the data's default normalisation
         parser.link_arguments("model.weights", "data.pretrained_weights")
         parser.link_arguments(

@@ -50,8 +50,10 @@ class SegmentationTask(L.LightningModule):
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
         class_names: one name per class (linked from the data module by the CLI).
         preprocessing: the data's preprocessing as a dict (linked by the CLI; stored for inference).
-        band_names: one name per input band (linked from the data module by the CLI), matched
-            against torchgeo weights' bands; None means the weights' own bands in order.
+        in_band_names: one name per input band (linked from the data module's ``band_names`` by
+            the CLI), matched against torchgeo weights' bands; None means the weights' own bands
+            in order. (Not ``band_names``: Lightning refuses a key the data module's
+            hyperparameters also hold, there the names of the files' bands.)
         tile_size: training tile size (linked; the default tile size for inference).
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
@@ -79,13 +81,13 @@ class SegmentationTask(L.LightningModule):
         tile_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["skip", "stop", "ignore"] = "skip",
-        band_names: list[str] | None = None,
+        in_band_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(
             model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights,
-            band_names=band_names, **(model_kwargs or {})
+            band_names=in_band_names, **(model_kwargs or {})
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
