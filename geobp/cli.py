@@ -292,6 +292,44 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
+# ----- weights ------------------------------------------------------------------------------
+
+
+def cmd_weights(argv: Sequence[str]) -> int:
+    """``geobp weights``: list the torchgeo ResNet weights ``model.weights`` accepts, and which are cached."""
+    from geobp.pretrained import list_pretrained
+
+    p = argparse.ArgumentParser(
+        prog="geobp weights",
+        description="List torchgeo's pretrained ResNet weights that model.weights accepts: sensor, bands, "
+        "normalisation, and whether the file is in torch's hub cache ($TORCH_HOME/hub/checkpoints).",
+    )
+    p.add_argument("--urls", action="store_true", help="also print each file's URL and cache path")
+    a = p.parse_args(argv)
+    table = Table(title="model.weights (torchgeo)", show_lines=a.urls)
+    table.add_column("name", no_wrap=True)
+    for col in ("encoder", "sensor", "bands", "normalisation", "cached"):
+        table.add_column(col, overflow="fold")
+    entries = list_pretrained()
+    for w in entries:
+        norm = _describe_normalisation(w.mean, w.std)
+        name = f"{w.name}\n{w.url}\n-> {w.cache_path}" if a.urls else w.name
+        table.add_row(name, w.encoder, w.sensor, " ".join(w.bands), norm,
+                      "[green]yes[/green]" if w.cache_path.is_file() else "no")
+    Console(width=max(Console().width, 160)).print(table)
+    cached = sum(w.cache_path.is_file() for w in entries)
+    console.print(f"{len(entries)} weights, {cached} in the cache; fetch a missing file from its URL (--urls) "
+                  "into the cache path on a machine with internet", highlight=False)
+    return 0
+
+
+def _describe_normalisation(mean: Sequence[float], std: Sequence[float]) -> str:
+    """``(x - m) / s`` when every band shares it, else the per-band ranges."""
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        return f"x / {std[0]:g}" if mean[0] == 0 else f"(x - {mean[0]:g}) / {std[0]:g}"
+    return f"per band: mean {min(mean):g}..{max(mean):g}, std {min(std):g}..{max(std):g}"
+
+
 # ----- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -300,6 +338,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check": cmd_check,
     "infer": cmd_infer,
     "report": cmd_report,
+    "weights": cmd_weights,
 }
 
 

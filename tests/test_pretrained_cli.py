@@ -85,3 +85,21 @@ def test_fit_with_missing_weights_file_is_one_line(tmp_path, s2_scenes, monkeypa
     err = capsys.readouterr().err
     assert "resnet18_sentinel2_all_moco-59bfdff9.pth: pretrained weights" in err
     assert "Fix: fetch https://hf.co/torchgeo/resnet18_sentinel2_all_moco/" in err and "Traceback" not in err
+
+
+def test_weights_command_lists_names_bands_normalisation_and_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    from geobp.pretrained import list_pretrained, resolve_pretrained
+
+    cached = resolve_pretrained("ResNet50_Weights.SENTINEL2_ALL_DINO").cache_path
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert main(["weights"]) == 0
+    out = capsys.readouterr()
+    rows = {line.split("│")[1].strip(): line for line in out.out.splitlines() if line.count("│") > 5}
+    assert len(rows) == len(list_pretrained())
+    assert "yes" in rows["ResNet50_Weights.SENTINEL2_ALL_DINO"] and "yes" not in rows[S2]
+    assert "x / 10000" in rows[S2] and "B8a" in rows[S2]
+    assert "per band: mean 0..0, std 255..8160" in rows["ResNet50_Weights.SENTINEL2_MI_MS_SATLAS"]
+    assert f"{len(rows)} weights, 1 in the cache" in " ".join(out.err.split())
