@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from geobp.data.preprocessing import Preprocessing
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
@@ -54,6 +55,12 @@ class SegmentationTask(L.LightningModule):
             the CLI), matched against torchgeo weights' bands; None means the weights' own bands
             in order. (Not ``band_names``: Lightning refuses a key the data module's
             hyperparameters also hold, there the names of the files' bands.)
+        freeze_encoder_epochs: train the decoder (and head) alone for this many epochs: the
+            encoder's parameters get no gradient and its BatchNorm statistics stay as loaded
+            (Lightning's ``BaseFinetuning.freeze``); from then on it trains.
+        encoder_lr_mult: the encoder's learning rate is ``lr * encoder_lr_mult`` (its own
+            optimizer parameter group, scheduled like the rest), e.g. 0.1 to fine-tune
+            pretrained weights gently.
         tile_size: training tile size (linked; the default tile size for inference).
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
@@ -82,9 +89,15 @@ class SegmentationTask(L.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["skip", "stop", "ignore"] = "skip",
         in_band_names: list[str] | None = None,
+        freeze_encoder_epochs: int = 0,
+        encoder_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if freeze_encoder_epochs < 0 or encoder_lr_mult < 0:
+            raise ConfigError(format_error(
+                None, f"freeze_encoder_epochs and encoder_lr_mult must be >= 0 (found {freeze_encoder_epochs}, {encoder_lr_mult})",
+                "set model.freeze_encoder_epochs to a number of epochs and model.encoder_lr_mult to a factor such as 0.1"))
         self.model = create_model(
             model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights,
             band_names=in_band_names, **(model_kwargs or {})
@@ -183,6 +196,24 @@ class SegmentationTask(L.LightningModule):
         self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
         self.metrics[f"{stage}_metrics"].reset()
 
+    def on_train_epoch_start(self) -> None:
+        """Freeze the encoder during the first ``freeze_encoder_epochs`` epochs, then unfreeze it.
+
+        Decided from the epoch number at every epoch start, so a resumed run freezes alike.
+        """
+        if self.hparams["freeze_encoder_epochs"] <= 0:
+            return
+        encoder = self.model.encoder
+        if self.current_epoch < self.hparams["freeze_encoder_epochs"]:
+            BaseFinetuning.freeze(encoder, train_bn=False)
+        else:
+            BaseFinetuning.make_trainable(encoder)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True while the encoder is frozen (no encoder parameter requires a gradient)."""
+        return not any(p.requires_grad for p in self.model.encoder.parameters())
+
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
@@ -194,12 +225,19 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        # the encoder in its own group (lr * encoder_lr_mult); frozen parameters get no gradient,
+        # and AdamW leaves parameters without a gradient unchanged (no weight decay either)
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
+            {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         if hp["scheduler"] == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         if hp["scheduler"] == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
