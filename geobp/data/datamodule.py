@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,7 +214,7 @@ class GeoTiffDataModule(L.LightningDataModule):
 
     @property
     def band_names(self) -> list[str]:
-        """One name per selected band, in the model's input order (the model's ``band_names``).
+        """One name per selected band, in the model's input order (linked to ``model.in_band_names``).
 
         From ``data.band_names`` when given, else the files' band descriptions, else
         ``band_<i>`` (``i`` the 1-based band index in the files).
