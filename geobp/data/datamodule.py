@@ -14,6 +14,7 @@ from rasterio.windows import Window
 from rich.progress import track
 from torch.utils.data import DataLoader
 
+from geobp.classes import check_num_classes, class_names_for
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.preprocessing import (
     NormMethod,
@@ -171,8 +172,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_tile_args(tile_size, overlap)
-        if num_classes < 2:
-            raise ConfigError(format_error(None, f"num_classes must be at least 2 (found {num_classes})", "set data.num_classes"))
+        check_num_classes(num_classes)
         if not 0 <= ignore_index < 256 or ignore_index < num_classes:
             raise ConfigError(
                 format_error(
@@ -186,14 +186,10 @@ class GeoTiffDataModule(L.LightningDataModule):
                 format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
             )
         self.root = Path(root)
-        self.scenes: list[Scene] = find_scenes(self.root)
+        self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
         first = self.scenes[0].image
         self.bands = resolve_bands(bands, first.count, first.path)
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
-        if len(self.class_names) != num_classes:
-            raise ConfigError(
-                format_error(None, f"class_names has {len(self.class_names)} entries for {num_classes} classes", "give one name per class")
-            )
+        self.class_names = class_names_for(class_names, num_classes)
         self.nodata = nodata if nodata is not None else next((s.image.nodata for s in self.scenes if s.image.nodata is not None), None)
         self.regions = self._split_regions()
         self.pretrained: PretrainedWeights | None = (

@@ -21,8 +21,9 @@ import torch
 from rasterio.windows import Window
 
 from geobp.errors import CheckpointError, format_error
+from geobp.atomic import atomic_path
 from geobp.pretrained import PretrainedWeights, match_bands
-from geobp.raster import atomic_path, open_raster, read_window
+from geobp.raster import open_raster, read_window
 
 NormMethod = Literal["meanstd", "percentile"]
 
