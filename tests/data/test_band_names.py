@@ -92,4 +92,13 @@ def test_per_band_weights_normalisation_and_unknown_bands(make_scene, tmp_path):
 def test_too_few_bands_in_common_stops_before_statistics(described):
     with pytest.raises(ConfigError, match=r"only 1 of the data's 4 bands are in ResNet50_Weights.SENTINEL1_ALL_MOCO"):
         make_dm(described, pretrained_weights="ResNet50_Weights.SENTINEL1_ALL_MOCO", band_names=["VV", "x", "y", "z"])
-    assert not (described / ".geobp_cache").exists()
+    assert not list((described / ".geobp_cache").glob("*.npz"))  # no band statistics computed
+    assert make_dm(described).preprocessing and list((described / ".geobp_cache").glob("*.npz"))  # (where they go)
+
+
+def test_descriptions_survive_the_header_cache(described):
+    make_dm(described)
+    dm = make_dm(described)  # reads the headers from <root>/.geobp_cache/headers.json
+    assert (described / ".geobp_cache" / "headers.json").is_file()
+    assert dm.scenes[0].image.descriptions == ("B8", "b4", "B03", "NDVI")  # a tuple, as read_info gives it
+    assert dm.band_names == ["B8", "b4", "B03", "NDVI"]
