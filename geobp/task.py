@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
@@ -57,7 +58,8 @@ class SegmentationTask(L.LightningModule):
             hyperparameters also hold, there the names of the files' bands.)
         freeze_encoder_epochs: train the decoder (and head) alone for this many epochs: the
             encoder's parameters get no gradient and its BatchNorm statistics stay as loaded
-            (Lightning's ``BaseFinetuning.freeze``); from then on it trains.
+            (Lightning's ``BaseFinetuning.freeze``); from then on it trains. Under DDP it needs
+            ``trainer.strategy: ddp_find_unused_parameters_true`` (checked at the start of fit).
         encoder_lr_mult: the encoder's learning rate is ``lr * encoder_lr_mult`` (its own
             optimizer parameter group, scheduled like the rest), e.g. 0.1 to fine-tune
             pretrained weights gently.
@@ -265,6 +267,20 @@ class SegmentationTask(L.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
         self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
         self.metrics[f"{stage}_metrics"].reset()
+
+    def on_fit_start(self) -> None:
+        """Under DDP, a frozen encoder needs DDP's detection of unused parameters (checked here).
+
+        Raises:
+            ConfigError: ``freeze_encoder_epochs > 0`` under DDP without ``find_unused_parameters``.
+        """
+        wrapped = self.trainer.strategy.model
+        if (self.hparams["freeze_encoder_epochs"] > 0 and isinstance(wrapped, DistributedDataParallel)
+                and not wrapped.find_unused_parameters):
+            raise ConfigError(format_error(
+                None, "model.freeze_encoder_epochs under DDP: the frozen encoder gets no gradient, which DDP "
+                "refuses unless it looks for unused parameters",
+                "set trainer.strategy: ddp_find_unused_parameters_true"))
 
     def on_train_epoch_start(self) -> None:
         """Freeze the encoder during the first ``freeze_encoder_epochs`` epochs, then unfreeze it.

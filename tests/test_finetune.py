@@ -1,6 +1,10 @@
 """Fine-tuning: the encoder frozen for the first epochs, then trained with its own learning rate."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -86,3 +90,24 @@ def test_gradient_flow_monitor_does_not_alarm_on_a_frozen_encoder(tmp_path):
     trained = [row[conv1] for row in report["layer_norm"][2:]]
     assert frozen == [None] * 2 and len(trained) == 2 and all(isinstance(v, float) and v > 0 for v in trained)  # null: not measured
     assert all(row[head] > 0 for row in report["layer_norm"])
+
+
+@pytest.mark.slow
+def test_frozen_encoder_under_ddp_needs_unused_parameter_detection(tmp_path):
+    """Two CPU processes (gloo): plain DDP is refused in one line; the named strategy trains."""
+    root = tmp_path / "scenes"
+    write_scenes(root, scenes=3, size=64, bands=3, classes=3, block_size=32)
+    cfg = tiny_config(tmp_path, root, tiles_per_epoch=16)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "geobp", "fit", "--config", str(cfg), "--model.freeze_encoder_epochs", "1",
+            "--trainer.max_epochs", "2", "--trainer.devices", "2", "--trainer.limit_val_batches", "1"]
+    plain = subprocess.run([*base, "--trainer.strategy", "ddp"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert plain.returncode == 2, plain.stderr[-2000:]
+    assert "model.freeze_encoder_epochs under DDP" in plain.stderr
+    assert "Fix: set trainer.strategy: ddp_find_unused_parameters_true." in " ".join(plain.stderr.split())
+    assert "Traceback" not in plain.stderr
+    fixed = subprocess.run([*base, "--trainer.strategy", "ddp_find_unused_parameters_true"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
