@@ -66,6 +66,9 @@ class GeobpCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names")
         parser.link_arguments("data.num_bands", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.band_names", "model.in_band_names", apply_on="instantiate")
+        # the other way round: torchgeo weights decide the data's default normalisation
+        parser.link_arguments("model.weights", "data.pretrained_weights")
         parser.link_arguments(
             "data.preprocessing", "model.preprocessing", compute_fn=lambda pre: pre.to_dict(), apply_on="instantiate"
         )
@@ -339,6 +342,44 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
+# ----- weights ------------------------------------------------------------------------------
+
+
+def cmd_weights(argv: Sequence[str]) -> int:
+    """``geobp weights``: list the torchgeo ResNet weights ``model.weights`` accepts, and which are cached."""
+    from geobp.pretrained import list_pretrained
+
+    p = argparse.ArgumentParser(
+        prog="geobp weights",
+        description="List torchgeo's pretrained ResNet weights that model.weights accepts: sensor, bands, "
+        "normalisation, and whether the file is in torch's hub cache ($TORCH_HOME/hub/checkpoints).",
+    )
+    p.add_argument("--urls", action="store_true", help="also print each file's URL and cache path")
+    a = p.parse_args(argv)
+    table = Table(title="model.weights (torchgeo)", show_lines=a.urls)
+    table.add_column("name", no_wrap=True)
+    for col in ("encoder", "sensor", "bands", "normalisation", "cached"):
+        table.add_column(col, overflow="fold")
+    entries = list_pretrained()
+    for w in entries:
+        norm = _describe_normalisation(w.mean, w.std)
+        name = f"{w.name}\n{w.url}\n-> {w.cache_path}" if a.urls else w.name
+        table.add_row(name, w.encoder, w.sensor, " ".join(w.bands), norm,
+                      "[green]yes[/green]" if w.cache_path.is_file() else "no")
+    Console(width=max(Console().width, 160)).print(table)
+    cached = sum(w.cache_path.is_file() for w in entries)
+    console.print(f"{len(entries)} weights, {cached} in the cache; fetch a missing file from its URL (--urls) "
+                  "into the cache path on a machine with internet", highlight=False)
+    return 0
+
+
+def _describe_normalisation(mean: Sequence[float], std: Sequence[float]) -> str:
+    """``(x - m) / s`` when every band shares it, else the per-band ranges."""
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        return f"x / {std[0]:g}" if mean[0] == 0 else f"(x - {mean[0]:g}) / {std[0]:g}"
+    return f"per band: mean {min(mean):g}..{max(mean):g}, std {min(std):g}..{max(std):g}"
+
+
 # ----- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -347,6 +388,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check": cmd_check,
     "infer": cmd_infer,
     "report": cmd_report,
+    "weights": cmd_weights,
 }
 
 
@@ -399,6 +441,7 @@ VERBS: dict[str, str] = {
     "report": "re-render a run's gradient-flow report from its gradflow.json",
     "synth": "write synthetic multi-band land-cover scenes with masks",
     "demo": "generate demo scenes and train a small U-Net on the CPU, then print validation IoU",
+    "weights": "list torchgeo's pretrained ResNet weights model.weights accepts, and which are cached",
 }
 LIGHTNING_VERBS = ("fit", "validate", "test")
 assert set(COMMANDS) | set(LIGHTNING_VERBS) == set(VERBS)

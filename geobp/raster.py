@@ -47,6 +47,8 @@ class RasterInfo:
     nodata: float | None
     block_height: int
     block_width: int
+    #: One band description per band (None where the file has none), e.g. ``("B2", "B3", None)``.
+    descriptions: tuple[str | None, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -133,6 +135,7 @@ def describe(src: rasterio.DatasetReader) -> RasterInfo:
         nodata=src.nodata,
         block_height=bh,
         block_width=bw,
+        descriptions=tuple(d.strip() or None if d else None for d in src.descriptions),
     )
 
 

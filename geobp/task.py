@@ -9,7 +9,9 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
@@ -36,7 +38,9 @@ class SegmentationTask(L.LightningModule):
     Args:
         model: architecture name from the registry (``unet`` or ``deeplabv3``).
         encoder: ResNet encoder (``resnet18``, ``resnet34``, ``resnet50``).
-        weights: path of a local torchvision ResNet state dict to start the encoder from, or None.
+        weights: encoder start weights: a torchgeo weights name (``ResNet18_Weights.SENTINEL2_ALL_MOCO``,
+            read from torch's hub cache, bands matched by name), the path of a local torchvision
+            ResNet state dict, or None (random). Not needed to rebuild from a checkpoint.
         in_channels: input bands (linked from the data module by the CLI).
         num_classes: classes (linked from the data module by the CLI).
         ignore_index: label excluded from loss and metrics.
@@ -48,6 +52,17 @@ class SegmentationTask(L.LightningModule):
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
         class_names: one name per class (linked from the data module by the CLI).
         preprocessing: the data's preprocessing as a dict (linked by the CLI; stored for inference).
+        in_band_names: one name per input band (linked from the data module's ``band_names`` by
+            the CLI), matched against torchgeo weights' bands; None means the weights' own bands
+            in order. (Not ``band_names``: Lightning refuses a key the data module's
+            hyperparameters also hold, there the names of the files' bands.)
+        freeze_encoder_epochs: train the decoder (and head) alone for this many epochs: the
+            encoder's parameters get no gradient and its BatchNorm statistics stay as loaded
+            (Lightning's ``BaseFinetuning.freeze``); from then on it trains. Under DDP it needs
+            ``trainer.strategy: ddp_find_unused_parameters_true`` (checked at the start of fit).
+        encoder_lr_mult: the encoder's learning rate is ``lr * encoder_lr_mult`` (its own
+            optimizer parameter group, scheduled like the rest), e.g. 0.1 to fine-tune
+            pretrained weights gently.
         tile_size: training tile size (linked; the default tile size for inference).
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
@@ -75,11 +90,19 @@ class SegmentationTask(L.LightningModule):
         tile_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         nonfinite: Literal["skip", "stop", "ignore"] = "skip",
+        in_band_names: list[str] | None = None,
+        freeze_encoder_epochs: int = 0,
+        encoder_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if freeze_encoder_epochs < 0 or encoder_lr_mult < 0:
+            raise ConfigError(format_error(
+                None, f"freeze_encoder_epochs and encoder_lr_mult must be >= 0 (found {freeze_encoder_epochs}, {encoder_lr_mult})",
+                "set model.freeze_encoder_epochs to a number of epochs and model.encoder_lr_mult to a factor such as 0.1"))
         self.model = create_model(
-            model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights, **(model_kwargs or {})
+            model, encoder=encoder, in_channels=in_channels, num_classes=num_classes, weights=weights,
+            band_names=in_band_names, **(model_kwargs or {})
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -256,6 +279,38 @@ class SegmentationTask(L.LightningModule):
         self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)}, sync_dist=True)
         self.metrics[f"{stage}_metrics"].reset()
 
+    def on_fit_start(self) -> None:
+        """Under DDP, a frozen encoder needs DDP's detection of unused parameters (checked here).
+
+        Raises:
+            ConfigError: ``freeze_encoder_epochs > 0`` under DDP without ``find_unused_parameters``.
+        """
+        wrapped = self.trainer.strategy.model
+        if (self.hparams["freeze_encoder_epochs"] > 0 and isinstance(wrapped, DistributedDataParallel)
+                and not wrapped.find_unused_parameters):
+            raise ConfigError(format_error(
+                None, "model.freeze_encoder_epochs under DDP: the frozen encoder gets no gradient, which DDP "
+                "refuses unless it looks for unused parameters",
+                "set trainer.strategy: ddp_find_unused_parameters_true"))
+
+    def on_train_epoch_start(self) -> None:
+        """Freeze the encoder during the first ``freeze_encoder_epochs`` epochs, then unfreeze it.
+
+        Decided from the epoch number at every epoch start, so a resumed run freezes alike.
+        """
+        if self.hparams["freeze_encoder_epochs"] <= 0:
+            return
+        encoder = self.model.encoder
+        if self.current_epoch < self.hparams["freeze_encoder_epochs"]:
+            BaseFinetuning.freeze(encoder, train_bn=False)
+        else:
+            BaseFinetuning.make_trainable(encoder)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True while the encoder is frozen (no encoder parameter requires a gradient)."""
+        return not any(p.requires_grad for p in self.model.encoder.parameters())
+
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
@@ -267,12 +322,19 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        # the encoder in its own group (lr * encoder_lr_mult); frozen parameters get no gradient,
+        # and AdamW leaves parameters without a gradient unchanged (no weight decay either)
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
+            {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         if hp["scheduler"] == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         if hp["scheduler"] == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

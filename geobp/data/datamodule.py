@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -15,12 +16,13 @@ from torch.utils.data import DataLoader
 from geobp.classes import check_num_classes, class_names_for
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
-from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, window_valid_fraction
+from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
 from geobp.data.validity import validity_maps
-from geobp.errors import ConfigError, format_error
+from geobp.errors import BandMismatchError, ConfigError, format_error
+from geobp.pretrained import PretrainedWeights, canonical_band, is_pretrained_name, match_bands, resolve_pretrained
 from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cells, split_blocks
 
 Split = Literal["train", "val", "test"]
@@ -116,7 +118,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         test_fraction: share of scenes (or blocks) for testing.
         split_block_size: block size for ``split: blocks``, in pixels (at least ``tile_size``).
         seed: seed of the split and of the random tiles.
-        normalization: ``meanstd`` or ``percentile`` (2nd to 98th percentile scaled to [0, 1]).
+        normalization: ``meanstd`` or ``percentile`` (2nd to 98th percentile scaled to [0, 1]);
+            None (the default): the pretrained weights' own normalisation when
+            ``pretrained_weights`` names torchgeo weights, ``meanstd`` otherwise.
         nodata: image nodata value; the files' nodata tag when None.
         max_nodata_fraction: training tiles with more nodata than this are skipped.
         augment: random flips and 90-degree rotations of training tiles.
@@ -127,6 +131,12 @@ class GeoTiffDataModule(L.LightningDataModule):
         stats_budget: pixels read for the band statistics, as whole file blocks drawn across the
             training scenes (:mod:`geobp.data.bandstats`); training data with fewer pixels is
             read whole (exact statistics); 0 reads everything.
+        band_names: one name per band of the files (before ``bands`` selects some), for files
+            without band descriptions; overrides the descriptions when given.
+        pretrained_weights: the encoder's torchgeo weights name (the CLI links it from
+            ``model.weights``; a local file path is ignored): its bands are matched with
+            :attr:`band_names` and its normalisation is the default. The data module reads the
+            weights' metadata only (:mod:`geobp.pretrained`), never the model.
     """
 
     def __init__(
@@ -146,13 +156,15 @@ class GeoTiffDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         split_block_size: int = 1024,
         seed: int = 0,
-        normalization: NormMethod = "meanstd",
+        normalization: NormMethod | None = None,
         nodata: float | None = None,
         max_nodata_fraction: float = 0.5,
         augment: bool = True,
         cache_dir: str | None = None,
         on_read_error: Literal["stop", "skip"] = "stop",
         stats_budget: int = STATS_BUDGET,
+        band_names: list[str] | None = None,
+        pretrained_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -177,6 +189,12 @@ class GeoTiffDataModule(L.LightningDataModule):
         self.class_names = class_names_for(class_names, num_classes)
         self.nodata = nodata if nodata is not None else next((s.image.nodata for s in self.scenes if s.image.nodata is not None), None)
         self.regions = self._split_regions()
+        self.pretrained: PretrainedWeights | None = (
+            resolve_pretrained(pretrained_weights) if is_pretrained_name(pretrained_weights) else None
+        )
+        self._band_names = self._resolve_band_names(band_names)
+        if self.pretrained is not None:
+            match_bands(self._band_names, self.pretrained)  # too few bands in common: stop now, before statistics
         self._band_stats: BandStats | None = None
         self._validity: list[np.ndarray] | None = None
         self.validity_sources: list[str] = []
@@ -190,18 +208,67 @@ class GeoTiffDataModule(L.LightningDataModule):
         return len(self.bands)
 
     @property
+    def band_names(self) -> list[str]:
+        """One name per selected band, in the model's input order (linked to ``model.in_band_names``).
+
+        From ``data.band_names`` when given, else the files' band descriptions, else
+        ``band_<i>`` (``i`` the 1-based band index in the files).
+        """
+        return list(self._band_names)
+
+    def _resolve_band_names(self, names: list[str] | None) -> list[str]:
+        """Names of the selected bands (see :attr:`band_names`); checks that the scenes agree.
+
+        Raises:
+            ConfigError: ``names`` has not one name per band of the files.
+            BandMismatchError: scenes describe their bands differently (another order, say)
+                while pretrained weights match bands by name.
+        """
+        first = self.scenes[0].image
+        if names is not None:
+            if len(names) != first.count:
+                raise ConfigError(format_error(
+                    None, f"data.band_names has {len(names)} names for the {first.count} bands of the files",
+                    "give one name per band of the files, in file order (data.bands then selects from them)"))
+            full = [str(n) for n in names]
+        else:
+            described = first.descriptions or (None,) * first.count
+            full = [d or f"band_{i}" for i, d in enumerate(described, start=1)]
+            for scene in self.scenes[1:]:
+                other = scene.image.descriptions
+                if [canonical_band(d or "") for d in other] == [canonical_band(d or "") for d in first.descriptions]:
+                    continue
+                problem = f"band descriptions {list(other)} differ from {list(first.descriptions)} of {first.path}"
+                fix = "write the same band order and descriptions into every image, or set data.band_names"
+                if self.pretrained is not None:
+                    raise BandMismatchError(format_error(scene.image.path, problem, fix))
+                warnings.warn(format_error(scene.image.path, problem, fix), UserWarning, stacklevel=2)
+                break
+        return [full[b - 1] for b in self.bands]
+
+    @property
     def num_classes(self) -> int:
         """Number of classes (the model's output channels)."""
         return int(self.hparams["num_classes"])
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """Band selection, nodata and normalization statistics of the training scenes (computed once, cached)."""
+        """Band selection and names, nodata and normalization of the training scenes (computed once, cached).
+
+        The normalisation is ``data.normalization``'s over the training scenes, or, when it is
+        None and the encoder starts from torchgeo weights, the weights' own
+        (:func:`~geobp.data.preprocessing.pretrained_normalization`).
+        """
         if self._preprocessing is None:
             stats = self.band_stats
-            self._preprocessing = combine_stats([stats], self.bands, self.nodata, self.hparams["normalization"])
-            self._preprocessing.dtype = self.scenes[0].image.dtype
-            self._preprocessing.statistics = stats.describe()
+            method = self.hparams["normalization"]
+            pre = combine_stats([stats], self.bands, self.nodata, method or "meanstd")
+            pre.dtype = self.scenes[0].image.dtype
+            pre.band_names = self.band_names
+            pre.statistics = stats.describe()
+            if method is None and self.pretrained is not None:
+                pre = pretrained_normalization(pre, self.band_names, self.pretrained)
+            self._preprocessing = pre
         return self._preprocessing
 
     @property

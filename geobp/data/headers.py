@@ -21,7 +21,8 @@ from geobp.errors import GeobpError
 from geobp.raster import RasterInfo, read_info
 
 HEADERS_FILE = "headers.json"
-HEADERS_VERSION = 1
+#: 2: RasterInfo gained ``descriptions`` (band names); older caches are read again.
+HEADERS_VERSION = 2
 
 
 def _stamp(path: Path) -> list[int] | None:
@@ -65,6 +66,7 @@ def read_headers(
             info = dict(entry["info"])
             info["path"] = k
             info["transform"] = tuple(info["transform"])
+            info["descriptions"] = tuple(info["descriptions"])
             out[k] = RasterInfo(**info)
         else:
             todo.append(k)

@@ -7,6 +7,7 @@ training preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ from rasterio.windows import Window
 
 from geobp.errors import CheckpointError, format_error
 from geobp.atomic import atomic_path
+from geobp.pretrained import PretrainedWeights, match_bands
 from geobp.raster import open_raster, read_window
 
 NormMethod = Literal["meanstd", "percentile"]
@@ -145,6 +147,8 @@ class Preprocessing:
         dtype: data type of the training images (inference refuses another), when known.
         statistics: how the statistics were gathered (blocks and pixels read, budget, seed,
             whether exact; see :mod:`geobp.data.bandstats`); empty in older checkpoints.
+        band_names: one name per selected band (the files' band descriptions or
+            ``data.band_names``; ``band_<i>`` when neither names it); empty in older checkpoints.
     """
 
     bands: list[int]
@@ -156,6 +160,7 @@ class Preprocessing:
     high: list[float] = field(default_factory=list)
     dtype: str | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    band_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and YAML-safe dict, as stored in checkpoints."""
@@ -333,3 +338,36 @@ def window_valid_fraction(validity: np.ndarray, window: Window) -> float:
     cells = validity[max(r0, 0) : r1, max(c0, 0) : c1]
     return float(cells.mean()) if cells.size else 0.0
 
+
+
+def pretrained_normalization(data_stats: Preprocessing, band_names: Sequence[str], weights: PretrainedWeights) -> Preprocessing:
+    """The data's preprocessing with pretrained weights' own normalisation (``meanstd``).
+
+    Each selected band that the weights know (matched by name, :func:`geobp.pretrained.match_bands`)
+    gets the weights' mean and std of that band, e.g. ``(x - 0) / 10000`` for SSL4EO Sentinel-2.
+    A band the weights lack gets the weights' normalisation when it is the same for every band
+    (a sensor-wide scale), and otherwise the data's own mean and std.
+
+    Args:
+        data_stats: the ``meanstd`` preprocessing computed from the training scenes.
+        band_names: one name per selected band.
+        weights: the pretrained weights.
+
+    Returns:
+        A copy of ``data_stats`` with the weights' means and stds.
+
+    Raises:
+        ConfigError: fewer than half of the bands are in the weights.
+    """
+    matched = match_bands(band_names, weights)
+    uniform = len(set(zip(weights.mean, weights.std))) == 1
+    mean, std = [], []
+    for j, i in enumerate(matched):
+        if i is None and not uniform:
+            mean.append(data_stats.mean[j])
+            std.append(data_stats.std[j])
+        else:
+            mean.append(weights.mean[0 if i is None else i])
+            std.append(weights.std[0 if i is None else i])
+    return dataclasses.replace(data_stats, method="meanstd", mean=mean, std=std, low=[], high=[],
+                               band_names=list(band_names))

@@ -1,7 +1,7 @@
 """Segmentation models: N-band ResNet encoder, U-Net with named skips, DeepLabV3, registry."""
 
 from geobp.models.deeplab import DeepLabV3
-from geobp.models.encoder import ENCODERS, EncoderName, ResNetEncoder, adapt_first_conv
+from geobp.models.encoder import ENCODERS, EncoderName, ResNetEncoder, adapt_first_conv, select_first_conv
 from geobp.models.registry import MODELS, ModelName, create_model
 from geobp.models.unet import SkipConnection, UNet
 
@@ -16,4 +16,5 @@ __all__ = [
     "UNet",
     "adapt_first_conv",
     "create_model",
+    "select_first_conv",
 ]

@@ -1,14 +1,15 @@
-"""ResNet encoder for N-band imagery, with optional local pretrained weights.
+"""ResNet encoder for N-band imagery, with optional pretrained weights (a local file or torchgeo's).
 
 The encoder is a torchvision ResNet without its classifier (``avgpool``/``fc``). It keeps
 torchvision's submodule names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, each block a
 ``BasicBlock`` or ``Bottleneck``), so torchvision state dicts load as they are and monitors
-can find the residual blocks by type. Nothing is ever downloaded.
+can find the residual blocks by type. torchgeo's ResNet weights are timm state dicts, whose
+keys are torchvision's, so they load the same way. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -18,6 +19,7 @@ from torchvision import models
 
 from geobp.classes import check_in_channels
 from geobp.errors import ConfigError, format_error
+from geobp.pretrained import PretrainedWeights, is_pretrained_name, match_bands, resolve_pretrained, warn_unmatched
 
 EncoderName = Literal["resnet18", "resnet34", "resnet50"]
 
@@ -66,6 +68,25 @@ def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
     return out.to(weight.dtype)
 
 
+def select_first_conv(weight: Tensor, matched: Sequence[int | None]) -> Tensor:
+    """First-convolution filters for the data's bands from pretrained multispectral filters.
+
+    Data band ``j`` takes the pretrained filters of weights band ``matched[j]``, whatever the
+    order; a band the weights lack (``None``) takes channel ``j`` of
+    :func:`adapt_first_conv` ``(weight, len(matched))``, as a stem adapted to that many bands would.
+
+    Args:
+        weight: pretrained conv weight ``[out, I, kh, kw]``, one input channel per weights band.
+        matched: per data band, the index of its weights band, or None.
+
+    Returns:
+        ``[out, len(matched), kh, kw]``.
+    """
+    adapted = adapt_first_conv(weight, len(matched))
+    columns = [weight[:, i] if i is not None else adapted[:, j] for j, i in enumerate(matched)]
+    return torch.stack(columns, dim=1)
+
+
 class ResNetEncoder(nn.Module):
     """ResNet feature extractor for ``in_channels``-band images.
 
@@ -88,21 +109,26 @@ class ResNetEncoder(nn.Module):
     Args:
         name: which ResNet to build.
         in_channels: number of input bands (>= 1).
-        weights: None for random (kaiming) initialisation, or the path of a local file holding
-            a torchvision ResNet state dict of the same architecture (as written by
-            ``torch.save(torchvision.models.resnet18().state_dict(), path)``). Its ``conv1``
-            filters are adapted to ``in_channels`` with :func:`adapt_first_conv`; ``fc.*`` is
-            dropped; every other tensor must match exactly.
+        weights: None for random (kaiming) initialisation; a torchgeo weights name
+            (``ResNet18_Weights.SENTINEL2_ALL_MOCO``: see :meth:`load_pretrained_weights`); or
+            the path of a local file holding a torchvision ResNet state dict of the same
+            architecture (as written by ``torch.save(torchvision.models.resnet18().state_dict(),
+            path)``), whose ``conv1`` filters are adapted to ``in_channels`` with
+            :func:`adapt_first_conv`; ``fc.*`` is dropped; every other tensor must match exactly.
+        band_names: one name per input band, matched against a torchgeo weights' band list;
+            None means the input has the weights' own bands in their order.
 
     Raises:
-        ConfigError: unknown ``name``, ``in_channels < 1``, missing or unreadable weights file,
-            or a weights file of another architecture.
+        ConfigError: unknown ``name``, ``in_channels < 1``, unreadable weights, weights of
+            another architecture, or too few bands in common with torchgeo weights.
+        DataNotFoundError: torchgeo weights whose file is not in torch's hub cache.
     """
 
     #: Names of the submodules whose outputs are the five features, in ``forward`` order.
     feature_sources: tuple[str, ...] = ("relu", "layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, name: EncoderName, in_channels: int, weights: str | None = None) -> None:
+    def __init__(self, name: EncoderName, in_channels: int, weights: str | None = None,
+                 band_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if name not in ENCODERS:
             raise ConfigError(format_error(
@@ -123,7 +149,9 @@ class ResNetEncoder(nn.Module):
         self.layer3, self.layer4 = net.layer3, net.layer4
         self.out_channels: list[int] = [64] + [_stage_channels(getattr(self, f"layer{i}"))
                                                for i in range(1, 5)]
-        if weights is not None:
+        if is_pretrained_name(weights):
+            self.load_pretrained_weights(weights, band_names)  # type: ignore[arg-type]
+        elif weights is not None:
             self.load_torchvision_weights(weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -171,6 +199,58 @@ class ResNetEncoder(nn.Module):
                 f"pass weights saved from torchvision.models.{self.name}(), "
                 "or set encoder to the architecture the file was saved from"))
         self.load_state_dict(state, strict=True)
+
+
+    def load_pretrained_weights(self, name: str, band_names: Sequence[str] | None = None) -> PretrainedWeights:
+        """Load torchgeo's weights ``name`` from torch's hub cache, matching bands by name.
+
+        The first convolution takes, for each input band in the input's order, the pretrained
+        filters of the weights band of the same name (:func:`geobp.pretrained.match_bands`:
+        case-insensitive, ``B08`` is ``B8``); bands the weights lack get filters from
+        :func:`select_first_conv` and a warning naming them. ``fc.*`` is dropped; every other
+        tensor must match exactly.
+
+        Args:
+            name: a torchgeo weights name, e.g. ``ResNet50_Weights.SENTINEL2_ALL_DINO``.
+            band_names: one name per input band; None means the weights' own bands, in order.
+
+        Returns:
+            The weights' description (bands, normalisation, file).
+
+        Raises:
+            DataNotFoundError: the file is not in the hub cache (the message names path and URL).
+            ConfigError: unknown name, weights for another encoder, a band count that differs
+                from ``in_channels``, fewer than half the bands matched, or a file that does
+                not fit the weights.
+        """
+        weights = resolve_pretrained(name)
+        if weights.encoder != self.name:
+            raise ConfigError(format_error(
+                None, f"{weights.name} are {weights.encoder} weights (encoder is {self.name})",
+                f"set model.encoder: {weights.encoder}"))
+        bands = list(band_names) if band_names is not None else list(weights.bands)
+        if len(bands) != self.in_channels:
+            raise ConfigError(format_error(
+                None, f"{len(bands)} band names {bands} for {self.in_channels} input bands",
+                "give one name per input band (data.band_names, or the files' band descriptions)"))
+        matched = match_bands(bands, weights)
+        warn_unmatched(bands, matched, weights)
+        state = {k: v for k, v in weights.state_dict().items() if not k.startswith("fc.")}
+        conv = state.get("conv1.weight")
+        if conv is None or conv.ndim != 4 or conv.shape[1] != len(weights.bands):
+            found = "none" if conv is None else str(tuple(conv.shape))
+            raise ConfigError(format_error(
+                weights.cache_path, f"conv1.weight does not fit {weights.name} "
+                f"(expected {len(weights.bands)} input channels, found {found})",
+                f"delete the file and fetch it again from {weights.url}"))
+        state["conv1.weight"] = select_first_conv(conv, matched)
+        problem = _mismatch(self.state_dict(), state)
+        if problem:
+            raise ConfigError(format_error(
+                weights.cache_path, f"weights do not fit a {self.name} encoder ({problem})",
+                f"delete the file and fetch it again from {weights.url}"))
+        self.load_state_dict(state, strict=True)
+        return weights
 
 
 def _stage_channels(stage: nn.Sequential) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
@@ -24,7 +24,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_classes: int,
-                 weights: str | None = None, **kwargs: Any) -> nn.Module:
+                 weights: str | None = None, band_names: Sequence[str] | None = None,
+                 **kwargs: Any) -> nn.Module:
     """Build a segmentation model ``[B, in_channels, H, W] -> [B, num_classes, H, W]``.
 
     Args:
@@ -32,8 +33,10 @@ def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_
         encoder: a ResNet name ("resnet18", "resnet34" or "resnet50").
         in_channels: number of input bands (>= 1).
         num_classes: number of classes (>= 2).
-        weights: None for random initialisation, or the path of a local torchvision ResNet
+        weights: None for random initialisation, a torchgeo weights name
+            (``ResNet18_Weights.SENTINEL2_ALL_MOCO``), or the path of a local torchvision ResNet
             state dict for the encoder (see :class:`ResNetEncoder`).
+        band_names: one name per input band, matched by name against torchgeo weights' bands.
         **kwargs: options of the model class, e.g. ``decoder_channels`` for "unet" or
             ``atrous_rates`` for "deeplabv3".
 
@@ -42,7 +45,8 @@ def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_
 
     Raises:
         ConfigError: unknown model, encoder or option; ``in_channels < 1``;
-            ``num_classes < 2``; unusable weights file.
+            ``num_classes < 2``; unusable weights or too few bands in common with them.
+        DataNotFoundError: torchgeo weights whose file is not in torch's hub cache.
     """
     if name not in MODELS:
         raise ConfigError(format_error(
@@ -63,5 +67,5 @@ def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_
             None,
             f"unknown option for model {name!r} (expected some of {options}, found {unknown})",
             f"remove {', '.join(unknown)} or use one of {', '.join(options) or 'no options'}"))
-    backbone = ResNetEncoder(encoder, in_channels, weights)  # type: ignore[arg-type]
+    backbone = ResNetEncoder(encoder, in_channels, weights, band_names)  # type: ignore[arg-type]
     return builder(backbone, num_classes, **kwargs)
