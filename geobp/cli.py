@@ -220,6 +220,7 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--devices", type=int, default=1,
                    help="processes per node, one per GPU (or CPU processes with --device cpu); >1 splits the work")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")
+    add_label_arguments(p.add_argument_group("scoring against ground truth (writes OUT/metrics.json)"), "--labels")
     a = p.parse_args(argv)
     ranks, device = _infer_processes(a.device, a.devices, a.num_nodes)
     summary = predict_many(
@@ -233,7 +234,44 @@ def cmd_infer(argv: Sequence[str]) -> int:
         console.print(f"{src} -> {dst}", highlight=False)
     for line in summary.lines():
         console.print(line, highlight=False, soft_wrap=True)
+    if a.labels:
+        return max(summary.exit_code, score_outputs(a, summary.succeeded))
     return summary.exit_code
+
+
+def add_label_arguments(group: Any, labels_flag: str) -> None:
+    """The label options (``--labels`` and ``--label-*``), as the ``data.label*`` options of ``fit``."""
+    group.add_argument(labels_flag, nargs="+", default=None, dest="labels", metavar="LABELS",
+                       help="label rasters (any grid/CRS: folder, glob or files), one land-cover map, or a vector file")
+    group.add_argument("--label-field", default=None, help="vector labels: the attribute holding the class id or name")
+    group.add_argument("--label-map", type=_yaml_mapping, default=None,
+                       help="raw label value -> class id or ignore, e.g. '{-1: 255}' or '{11: 0, 21: 1}'")
+    group.add_argument("--label-background", type=int, default=None, help="vector labels: class outside every feature (default: ignored)")
+    group.add_argument("--all-touched", action="store_true", help="vector labels: label every pixel a feature touches")
+
+
+def _yaml_mapping(text: str) -> dict[Any, int]:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{-1: 255}}', found {text!r}")
+    return value
+
+
+def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
+    """Score the class maps against ``a.labels``: tables, and ``OUT/metrics.json``; 1 when any raster failed."""
+    from geobp.inference.scoring import score_predictions
+
+    summary = score_predictions(pairs, a.labels, out_dir=a.out, label_map=a.label_map, label_field=a.label_field,
+                                label_background=a.label_background, all_touched=a.all_touched)
+    out = Console(width=max(Console().width, 100))
+    for table in summary.tables():
+        out.print(table)
+    for _, message in summary.failed:
+        console.print(f"NOT SCORED {message}", highlight=False, soft_wrap=True)
+    console.print(f"metrics: {Path(a.out) / 'metrics.json'}", highlight=False)
+    return 1 if summary.failed else 0
 
 
 def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, str]:
