@@ -44,8 +44,8 @@ from rasterio.windows import Window, from_bounds
 
 from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.scenes import RASTER_SUFFIXES, Scene
-from geobp.data.validation import check_consistency, check_headers
-from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
+from geobp.data.validation import Problem, SceneReport, check_consistency, check_headers, scan_pixels
+from geobp.errors import ConfigError, DataNotFoundError, GeobpError, GeoreferenceError, LabelError, format_error
 from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, atomic_path, derive_profile, open_raster, read_info
 
 #: Suffixes read as label rasters; any other single file is read as a vector file with OGR.
@@ -649,3 +649,57 @@ def find_labelled_scenes(
             format_error(", ".join(sources.paths[:3]), "no label covers any image", "check that data.labels and data.images cover the same area")
         )
     return scenes, reports
+
+
+def check_labelled_dataset(
+    images: str | Path | Sequence[str | Path],
+    labels: str | Path | Sequence[str | Path],
+    options: LabelOptions,
+    cache_root: str | Path | None = None,
+    nodata: float | None = None,
+    full: bool = True,
+    progress: bool = False,
+) -> list[SceneReport]:
+    """``geobp check`` for ``data.images`` + ``data.labels``: every problem of every scene, and its label report.
+
+    Each scene's labels are aligned (through the cache) without stopping at unmapped values:
+    they become a fatal problem of the scene, and ``label_report`` lists them with the label
+    sources, their CRS and resolution, the coverage and the class histogram.
+
+    Args:
+        images, labels, options, cache_root: as in :func:`find_labelled_scenes`.
+        nodata: image nodata value; the files' tags when None.
+        full: also read every block of every image.
+        progress: show a progress bar.
+
+    Raises:
+        DataNotFoundError: no image, or the label sources cannot be found.
+    """
+    from rich.progress import track
+
+    paths = expand_paths(images, RASTER_SUFFIXES, "images")
+    reports = [check_headers(p.stem, p, None, require_mask=False) for p in paths]
+    check_consistency(reports)
+    sources = find_label_sources(labels, options.label_field)
+    root = Path(cache_root) if cache_root is not None else paths[0].parent
+    for r in track(reports, description="Aligning labels", disable=not progress, transient=True):
+        if r.fatal or r.image is None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the coverage check below says it once, in the report
+                r.mask, r.label_report = aligned_labels(r.image, sources, options, root, strict=False)
+        except GeobpError as err:
+            r.problems.append(Problem("fatal", str(err), err))
+            continue
+        rep = r.label_report
+        if rep.unmapped:
+            err = unmapped_error(", ".join(rep.sources) or r.image.path, rep.unmapped, options)
+            r.problems.append(Problem("fatal", str(err), err))
+        elif rep.coverage == 0:
+            r.problems.append(
+                Problem("warning", format_error(r.image.path, "no label covers this image (left out of training)", "check data.labels"))
+            )
+        if full:
+            scan_pixels(r, options.num_classes, options.ignore_index, nodata)
+    return reports
