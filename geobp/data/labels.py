@@ -29,8 +29,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -414,94 +414,124 @@ def _align_raster(image: RasterInfo, label: RasterInfo, options: LabelOptions) -
     return out, unmapped, method
 
 
-def _align_vector(image: RasterInfo, vector: VectorInfo, options: LabelOptions) -> tuple[np.ndarray, list[str], int]:
-    """Features over the image, reprojected to its CRS and rasterized on its grid; the unmapped values and feature count."""
+def _read_features(image: RasterInfo, vector: VectorInfo, options: LabelOptions) -> tuple[list[Any], list[int], list[str]]:
+    """Features over the image, reprojected to its CRS: (geometries, class values, unmapped raw values)."""
     import pyogrio
 
     bbox = transform_bounds(CRS.from_user_input(image.crs), CRS.from_user_input(vector.crs), *raster_bounds(image), densify_pts=21)
     columns = [options.label_field] if options.label_field else []
     frame = pyogrio.read_dataframe(vector.path, bbox=bbox, columns=columns)
     frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
-    out = np.full(image.shape, options.background, np.uint8)
     if frame.empty:
-        return np.full(image.shape, options.ignore_index, np.uint8), [], 0
+        return [], [], []
     frame = frame.to_crs(image.crs)
     unmapped: set[str] = set()
-    if options.label_field is None:
-        values = [1] * len(frame)
-    else:
-        values = []
-        for raw in frame[options.label_field].tolist():
+    values = [1] * len(frame)
+    if options.label_field is not None:
+        for i, raw in enumerate(frame[options.label_field].tolist()):
             v = None if raw is None or (isinstance(raw, float) and math.isnan(raw)) else options.lookup(raw)
             if v is None:
                 unmapped.add(str(raw))
-            values.append(options.ignore_index if v is None else v)
-    shapes = ((geom, value) for geom, value in zip(frame.geometry, values))
-    rasterize(
-        shapes,
-        out=out,
-        transform=rasterio.Affine(*image.transform),
-        all_touched=options.all_touched,
-        dtype=np.uint8,
-    )
-    return out, sorted(unmapped), len(frame)
+            values[i] = options.ignore_index if v is None else v
+    return list(frame.geometry), values, sorted(unmapped)
 
 
-def align_labels(image: RasterInfo, sources: LabelSources, options: LabelOptions) -> tuple[np.ndarray, LabelReport]:
-    """Bring every label source covering ``image`` onto its grid.
+#: Image rows aligned at a time (bounds the memory of one image's alignment, whatever its size).
+ALIGN_STRIP_ROWS = 1024
+
+
+class Alignment:
+    """The labels of one image on its grid, produced strip by strip, and what they hold (the report).
 
     Label rasters are reprojected with nearest neighbour (the mode when a label pixel is under
-    half an image pixel); one on the image's own pixel lattice is copied, without a warp.
-    Several rasters form a mosaic: where they overlap, the first (in sorted order) wins.
-    Pixels no label covers get the ignore index.
+    half an image pixel); one on the image's own pixel lattice is copied, without a warp. Several
+    rasters form a mosaic: where they overlap, the first (in sorted order) wins. A vector file's
+    features are reprojected to the image's CRS and rasterized (later features on top). Pixels no
+    label covers get the ignore index.
 
     Args:
         image: the image's header.
         sources: all label sources of the dataset; those not overlapping the image are skipped.
         options: value mapping and rasterization options.
+    """
+
+    def __init__(self, image: RasterInfo, sources: LabelSources, options: LabelOptions) -> None:
+        self.image, self.options = image, options
+        self.covering = covering_sources(image, sources)
+        self._hist = np.zeros(256, np.int64)
+        self._unmapped: set[str] = set()
+        self._used: dict[str, str] = {}  # label path -> method, in the order they first contributed
+        self._features: tuple[list[Any], list[int]] | None = None
+        if sources.vector is not None:
+            geoms: list[Any] = []
+            if self.covering.vector is not None:
+                geoms, values, bad = _read_features(image, self.covering.vector, options)
+                self._unmapped.update(bad)
+                self._features = (geoms, values)
+            if not geoms:
+                warnings.warn(
+                    format_error(
+                        sources.vector.path,
+                        f"no feature over image {image.path}: all its pixels are ignored",
+                        "check that the vector file and the image cover the same area (CRS, extent)",
+                    ),
+                    stacklevel=3,
+                )
+                self._features = None
+
+    def strips(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, uint8 labels [rows, W]) from top to bottom; the report gathers as they go."""
+        image, options, ignore = self.image, self.options, self.options.ignore_index
+        step = rows or ALIGN_STRIP_ROWS
+        a, b, c, d, e, f = image.transform
+        for row in range(0, image.height, step):
+            part = replace(image, height=min(step, image.height - row), transform=(a, b, c, d, e, f + e * row))
+            out = np.full(part.shape, ignore, np.uint8)
+            if self._features is not None:
+                out[:] = options.background
+                geoms, values = self._features
+                rasterize(zip(geoms, values), out=out, transform=rasterio.Affine(*part.transform),
+                          all_touched=options.all_touched, dtype=np.uint8)
+                self._used.setdefault(self.covering.paths[0], "rasterize")
+            for label in covering_sources(part, self.covering).rasters:
+                aligned, bad, method = _align_raster(part, label, options)
+                self._unmapped.update(bad)
+                fill = (out == ignore) & (aligned != ignore)
+                if fill.any() or bad:
+                    out[fill] = aligned[fill]
+                    self._used.setdefault(label.path, method)
+            self._hist += np.bincount(out.ravel(), minlength=256)
+            yield row, out
+
+    def report(self) -> LabelReport:
+        """What the strips held (call after iterating :meth:`strips` to the end)."""
+        image, options = self.image, self.options
+        by_path = {r.path: r for r in self.covering.rasters}
+        vector = self.covering.vector
+        hist = self._hist[: options.num_classes].astype(int).tolist()
+        return LabelReport(
+            sources=list(self._used),
+            source_crs=[str(by_path[p].crs) if p in by_path else str(vector.crs if vector else "") for p in self._used],
+            source_res=[(by_path[p].transform[0], -by_path[p].transform[4]) if p in by_path else None for p in self._used],
+            image_crs=str(image.crs),
+            image_res=(image.transform[0], -image.transform[4]),
+            coverage=float(sum(hist)) / max(image.width * image.height, 1),
+            histogram=hist,
+            unmapped=sorted(self._unmapped, key=_numeric_first),
+            method=list(self._used.values()),
+        )
+
+
+def align_labels(image: RasterInfo, sources: LabelSources, options: LabelOptions) -> tuple[np.ndarray, LabelReport]:
+    """Every label source covering ``image`` on its grid, in memory (see :class:`Alignment`).
 
     Returns:
         (uint8 label array [H, W], the :class:`LabelReport`). Unmapped values are reported, not
         raised (see :func:`aligned_labels`).
     """
-    ignore = options.ignore_index
-    report = LabelReport(image_crs=str(image.crs), image_res=(image.transform[0], -image.transform[4]))
-    covering = covering_sources(image, sources)
-    unmapped: set[str] = set()
-    if sources.vector is not None:
-        out, features = np.full(image.shape, ignore, np.uint8), 0
-        if covering.vector is not None:
-            out, bad, features = _align_vector(image, covering.vector, options)
-            unmapped.update(bad)
-        if features == 0:
-            warnings.warn(
-                format_error(
-                    sources.vector.path,
-                    f"no feature over image {image.path}: all its pixels are ignored",
-                    "check that the vector file and the image cover the same area (CRS, extent)",
-                ),
-                stacklevel=2,
-            )
-        else:
-            report.sources, report.source_crs, report.source_res = [sources.vector.path], [sources.vector.crs], [None]
-            report.method = ["rasterize"]
-    else:
-        out = np.full(image.shape, ignore, np.uint8)
-        for label in covering.rasters:
-            aligned, bad, method = _align_raster(image, label, options)
-            unmapped.update(bad)
-            fill = (out == ignore) & (aligned != ignore)
-            if fill.any() or bad:
-                out[fill] = aligned[fill]
-                report.sources.append(label.path)
-                report.source_crs.append(str(label.crs))
-                report.source_res.append((label.transform[0], -label.transform[4]))
-                report.method.append(method)
-    hist = np.bincount(out.ravel(), minlength=256)
-    report.histogram = hist[: options.num_classes].astype(int).tolist()
-    report.coverage = float(sum(report.histogram)) / max(out.size, 1)
-    report.unmapped = sorted(unmapped, key=_numeric_first)
-    return out, report
+    alignment = Alignment(image, sources, options)
+    labels = np.concatenate([strip for _, strip in alignment.strips()])
+    return labels, alignment.report()
 
 
 def _numeric_first(text: str) -> tuple[int, float, str]:
@@ -525,16 +555,31 @@ def cache_key(image: RasterInfo, covering: LabelSources, options: LabelOptions) 
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def _write_aligned(path: Path, image: RasterInfo, labels: np.ndarray) -> None:
-    """Write the aligned labels atomically: tiled like the image (or 256 px), deflate-compressed."""
+class _Unmapped(Exception):
+    """Internal: stops writing an aligned raster that holds unmapped values."""
+
+
+def _write_aligned(path: Path, alignment: Alignment) -> LabelReport:
+    """Write the aligned labels strip by strip, atomically: tiled like the image (or 256 px), deflate-compressed.
+
+    Nothing is written when the labels hold unmapped values (raises :class:`_Unmapped`).
+    """
+    image = alignment.image
     with open_raster(image.path) as src:
         profile = src.profile
     # the image's blocks when GeoTIFF tiles can have them, so tiles placed in image blocks decode one mask block
     bh, bw = image.block_height, image.block_width
     blocks = (bh, bw) if bh % 16 == 0 and bw % 16 == 0 else (256, 256)
     profile = derive_profile(profile, count=1, dtype="uint8", nodata=None, blockysize=blocks[0], blockxsize=blocks[1])
-    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(labels, 1)
+    rows = max(ALIGN_STRIP_ROWS // blocks[0], 1) * blocks[0]  # whole blocks per strip
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for row, strip in alignment.strips(rows):
+                dst.write(strip, 1, window=Window(0, row, image.width, strip.shape[0]))
+        report = alignment.report()
+        if report.unmapped:
+            raise _Unmapped()
+    return report
 
 
 def aligned_labels(
@@ -575,12 +620,14 @@ def aligned_labels(
         except (OSError, ValueError, TypeError):
             report = None  # a broken entry is rebuilt below
     if report is None:
-        labels, report = align_labels(image, sources, options)
-        if report.unmapped:  # only valid label rasters are cached
+        alignment = Alignment(image, sources, options)
+        try:
+            report = _write_aligned(tif, alignment)
+        except _Unmapped:  # only valid label rasters are cached
+            report = alignment.report()
             if strict:
-                raise unmapped_error(", ".join(report.sources) or image.path, report.unmapped, options)
+                raise unmapped_error(", ".join(report.sources) or image.path, report.unmapped, options) from None
             return None, report
-        _write_aligned(tif, image, labels)
         with atomic_path(meta, suffix=".json") as tmp:
             tmp.write_text(json.dumps(asdict(report)))
     return read_info(tif), report

@@ -22,6 +22,7 @@ from geobp.data.labels import (
     find_labelled_scenes,
     map_values,
 )
+from geobp.data import labels as labels_module
 from geobp.errors import ConfigError, LabelError
 from geobp.raster import read_info
 from tests.conftest import write_tif
@@ -59,8 +60,9 @@ def nearest(labels: np.ndarray, src_transform, src_crs: str, image: Path, nodata
     return out
 
 
-@pytest.mark.parametrize("crs,res", [("EPSG:4326", 0.0003), ("EPSG:3035", 30.0)])
-def test_labels_in_another_crs_equal_nearest_reproject(tmp_path, crs, res):
+@pytest.mark.parametrize("crs,res,strip", [("EPSG:4326", 0.0003, 1024), ("EPSG:3035", 30.0, 1024), ("EPSG:3035", 30.0, 16)])
+def test_labels_in_another_crs_equal_nearest_reproject(tmp_path, monkeypatch, crs, res, strip):
+    monkeypatch.setattr(labels_module, "ALIGN_STRIP_ROWS", strip)  # 16: aligned and written in 4 strips
     image = write_image(tmp_path / "img" / "a.tif")
     labels, transform = labels_around(image, crs, res)
     lab = write_tif(tmp_path / "lab" / "map.tif", labels, crs=crs, transform=transform, block=None)
