@@ -238,7 +238,8 @@ def data_options(config: str | None, args: Sequence[str]) -> dict[str, Any]:
 
 def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     """``geobp check`` on ``data.images`` + ``data.labels``: per scene, the label sources and what they give."""
-    from geobp.data.labels import LabelOptions, check_labelled_dataset
+    from geobp.data.alignment import check_labelled_dataset
+    from geobp.data.labels import LabelOptions
 
     num_classes = a.num_classes or data.get("num_classes")
     if num_classes is None:

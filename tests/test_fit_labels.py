@@ -9,7 +9,6 @@ import pytest
 import rasterio
 import torch
 import yaml
-from rasterio.transform import from_origin
 
 from geobp.cli import main
 from geobp.data.datamodule import GeoTiffDataModule

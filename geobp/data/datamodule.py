@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.preprocessing import NormMethod, Preprocessing, SceneStats, combine_stats, load_scene_stats, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
-from geobp.data.labels import LabelOptions, LabelReport, find_labelled_scenes
+from geobp.data.alignment import find_labelled_scenes
+from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
 from geobp.errors import ConfigError, format_error

@@ -20,7 +20,8 @@ import numpy as np
 from rasterio.windows import Window
 from rich.table import Table
 
-from geobp.data.labels import LabelOptions, LabelReport, aligned_labels, find_label_sources
+from geobp.data.alignment import aligned_labels
+from geobp.data.labels import LabelOptions, LabelReport, find_label_sources
 from geobp.errors import ConfigError, format_error
 from geobp.raster import atomic_path, check_same_grid, open_raster, read_info, read_window
 

@@ -14,15 +14,9 @@ from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 from rasterio.warp import reproject, transform_bounds
 
-from geobp.data.labels import (
-    LabelOptions,
-    aligned_labels,
-    align_labels,
-    find_label_sources,
-    find_labelled_scenes,
-    map_values,
-)
-from geobp.data import labels as labels_module
+from geobp.data import alignment as alignment_module
+from geobp.data.alignment import align_labels, aligned_labels, find_labelled_scenes
+from geobp.data.labels import LabelOptions, find_label_sources, map_values
 from geobp.errors import ConfigError, LabelError
 from geobp.raster import read_info
 from tests.conftest import write_tif
@@ -62,7 +56,7 @@ def nearest(labels: np.ndarray, src_transform, src_crs: str, image: Path, nodata
 
 @pytest.mark.parametrize("crs,res,strip", [("EPSG:4326", 0.0003, 1024), ("EPSG:3035", 30.0, 1024), ("EPSG:3035", 30.0, 16)])
 def test_labels_in_another_crs_equal_nearest_reproject(tmp_path, monkeypatch, crs, res, strip):
-    monkeypatch.setattr(labels_module, "ALIGN_STRIP_ROWS", strip)  # 16: aligned and written in 4 strips
+    monkeypatch.setattr(alignment_module, "ALIGN_STRIP_ROWS", strip)  # 16: aligned and written in 4 strips
     image = write_image(tmp_path / "img" / "a.tif")
     labels, transform = labels_around(image, crs, res)
     lab = write_tif(tmp_path / "lab" / "map.tif", labels, crs=crs, transform=transform, block=None)
