@@ -224,6 +224,9 @@ def test_label_map_validation_and_value_mapping():
     out, bad = map_values(raw, nodata=-9999, options=LabelOptions(num_classes=3, label_map={-1: 255, 7: 2}))
     np.testing.assert_array_equal(out, [[255, 0, 1], [2, 2, 255]])
     assert bad == []
+    # names as keys (vector attributes), and numbers written as strings in a YAML/JSON map
+    named = LabelOptions(num_classes=3, class_names=("bg", "house", "road"), label_map={"building": 1, "7": 2})
+    assert (named.lookup("building"), named.lookup("road"), named.lookup(7), named.lookup("7"), named.lookup("tree")) == (1, 2, 2, 2, None)
     floats = np.array([[0.0, 1.0], [np.nan, 2.5]], np.float32)
     out, bad = map_values(floats, None, LabelOptions(num_classes=3))
     np.testing.assert_array_equal(out, [[0, 1], [255, 255]])
