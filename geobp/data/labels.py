@@ -15,6 +15,7 @@ onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -259,15 +260,31 @@ def raster_bounds(info: RasterInfo) -> tuple[float, float, float, float]:
     return (c, f + e * info.height, c + a * info.width, f)
 
 
-def _overlaps(image: RasterInfo, crs: str, bounds: tuple[float, float, float, float]) -> bool:
-    """True when ``bounds`` (in ``crs``) overlap the image by more than half a pixel each way."""
+@functools.lru_cache(maxsize=4096)
+def bounds_in(src_crs: str, dst_crs: str, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """``bounds`` (in ``src_crs``) as a bounding box in ``dst_crs`` (None when they cannot be projected there); memoized."""
+    if src_crs == dst_crs:
+        return bounds
     try:
-        l, b, r, t = transform_bounds(CRS.from_user_input(crs), CRS.from_user_input(image.crs), *bounds, densify_pts=21)
-    except Exception:  # noqa: BLE001 - a footprint that cannot be projected there does not overlap
+        out = transform_bounds(CRS.from_user_input(src_crs), CRS.from_user_input(dst_crs), *bounds, densify_pts=21)
+    except Exception:  # noqa: BLE001 - PROJ raises several types for points outside a projection's domain
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _overlaps(image: RasterInfo, crs: str, bounds: tuple[float, float, float, float]) -> bool:
+    """True when ``bounds`` (in ``crs``) overlap the image by more than half an image pixel each way.
+
+    The comparison is made in the label's CRS: an image's small footprint projects there well,
+    where a continental label map's footprint may not project into the image's CRS.
+    """
+    box = bounds_in(str(image.crs), crs, raster_bounds(image))
+    if box is None:
         return False
-    il, ib, ir, it = raster_bounds(image)
-    a, e = image.transform[0], -image.transform[4]
-    return min(r, ir) - max(l, il) > a / 2 and min(t, it) - max(b, ib) > e / 2
+    il, ib, ir, it = box
+    half_x, half_y = (ir - il) / image.width / 2, (it - ib) / image.height / 2
+    l, b, r, t = bounds
+    return min(r, ir) - max(l, il) > half_x and min(t, it) - max(b, ib) > half_y
 
 
 def covering_sources(image: RasterInfo, sources: LabelSources) -> LabelSources:

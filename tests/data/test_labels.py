@@ -266,3 +266,26 @@ def test_scene_without_any_label_is_left_out_with_a_warning(tmp_path):
         scenes, _ = find_labelled_scenes(tmp_path / "img", tmp_path / "lab.tif", OPTIONS)
     assert [s.name for s in scenes] == ["a"]
     assert any("far.tif: no label covers this image: the scene is left out" in str(w.message) for w in caught)
+
+
+def test_continental_map_is_paired_and_only_a_window_of_it_is_read(tmp_path, monkeypatch):
+    """A coarse EPSG:4326 map over much of Europe: footprints are compared in the map's CRS, and only the
+    few map pixels over the image are read."""
+    image = write_image(tmp_path / "img" / "a.tif")  # near 15 E, 45 N
+    res = 0.05
+    codes = np.random.default_rng(5).integers(0, 3, (int(30 / res), int(60 / res))).astype(np.uint8)  # 30..60 N, -20..40 E
+    transform = from_origin(-20.0, 60.0, res, res)
+    lab = write_tif(tmp_path / "europe.tif", codes, crs="EPSG:4326", transform=transform, block=256)
+    reads = []
+    original = rasterio.io.DatasetReader.read
+
+    def counting(self, *args, **kwargs):
+        reads.append(kwargs.get("window"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", counting)
+    out, report = align_labels(read_info(image), find_label_sources(lab), OPTIONS)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out, nearest(codes, transform, "EPSG:4326", image))
+    assert report.coverage == 1.0 and report.sources == [str(lab)]
+    assert reads and all(w is not None and w.width * w.height <= 36 for w in reads)  # 6 x 6 (with the margin), not 600 x 1200
