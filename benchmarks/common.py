@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS: tuple[str, ...] = ("loading", "training", "inference")
+SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "labels")
 
 
 @dataclass

@@ -15,7 +15,8 @@ _TITLES = {
     "loading": "1. Training tile loading",
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
-    "gpu": "4. GPU",
+    "gpu": "5. GPU",
+    "labels": "4. Labels on another grid",
 }
 
 
