@@ -13,11 +13,11 @@ from rasterio.windows import Window
 from rich.progress import track
 from torch.utils.data import DataLoader
 
+from geobp.data.alignment import find_labelled_scenes
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
+from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.preprocessing import NormMethod, Preprocessing, SceneStats, combine_stats, load_scene_stats, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
-from geobp.data.alignment import find_labelled_scenes
-from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
 from geobp.errors import ConfigError, format_error
