@@ -162,6 +162,9 @@ def cmd_check(argv: Sequence[str]) -> int:
         prog="geobp check",
         description="Check every scene of a dataset folder: readable end to end, georeferenced and north-up, "
         "image and mask on one grid, consistent bands, labels within the classes, nodata declared.",
+        epilog="Labels in other forms: `geobp check --config CFG` (its data: section) or the `geobp fit` data options "
+        "(--data.images, --data.labels, --data.num_classes, --data.label_map '{-1: 255}', --data.label_field ...); "
+        "per scene it reports the label sources covering it, their CRS and resolution, coverage, classes and unmapped values.",
     )
     p.add_argument("root", nargs="?", default=None, help="dataset folder with images/ and masks/ (or --config / --data.* options)")
     p.add_argument("--config", default=None, help="a `geobp fit` config: its data section is checked (data.images, data.labels ...)")
