@@ -152,7 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
         section="labels",
         title="Labels on another grid",
         setup=[
-            f"The loading section's {len(images)} scenes ({cfg.scene_size} x {cfg.scene_size} px, {cfg.bands} bands uint16, "
+            f"{len(images)} synthetic scenes made as in the loading section ({cfg.scene_size} x {cfg.scene_size} px, {cfg.bands} bands uint16, "
             f"EPSG:32633 at 10 m, {cfg.block_size} px internal tiles) with their masks warped once to {LABEL_CRS} at "
             f"{LABEL_RES:g} m (mode), one label raster per scene, tiled 512 px, DEFLATE.",
             f"Random {cfg.tile_size} px tiles, batches of {bs}, {cfg.workers} DataLoader workers; {warm * bs} warm-up "
@@ -167,7 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tables=[
             table("Random training tiles, labels in another CRS and resolution",
                   headers, [row("geobp, labels aligned into the cache", "geobp_aligned"),
-                            row("geobp, same-grid masks (loading section's setup)", "geobp_same_grid"),
+                            row("geobp, same-grid masks (the scenes' own masks)", "geobp_same_grid"),
                             row(f"torchgeo `RasterDataset` & `RasterDataset` ({LABEL_CRS} labels)", "torchgeo")]),
             table("One-off costs per scene (empty cache)", ["step", "seconds per scene (median)", "min-max", "n"],
                   [["label alignment", align_med, spread(align_s), cfg.repeats],
