@@ -95,3 +95,29 @@ def test_infer_labels_reports_unmapped_values_and_exits_1(tmp_path, make_scene, 
     err = capsys.readouterr().err
     assert "NOT SCORED" in err and "lc.tif: label values [11] are neither in data.label_map" in " ".join(err.split())
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["failed"]
+
+
+def test_infer_labels_from_polygons_in_another_crs(tmp_path, make_scene, ckpt):
+    """Scoring against a GeoPackage in EPSG:3857 with class names: the same counts as the labels drawn by hand."""
+    geopandas = pytest.importorskip("geopandas")
+    from shapely.geometry import box
+
+    img, _ = make_scene("a", size=(32, 32))  # 500000..500320 E, 4999680..5000000 N, 10 m
+    polys = [box(500000, 4999680, 500160, 5000000), box(500160, 4999840, 500320, 5000000)]  # left half, top right quarter
+    frame = geopandas.GeoDataFrame({"cover": ["water", "urban"]}, geometry=polys, crs="EPSG:32633").to_crs("EPSG:3857")
+    frame.to_file(tmp_path / "truth.gpkg", driver="GPKG")
+    out = tmp_path / "out"
+    assert main(["infer", str(img), "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu",
+                 "--labels", str(tmp_path / "truth.gpkg"), "--label-field", "cover"]) == 0
+    truth = np.full((32, 32), 255)
+    truth[:, :16] = 0  # water
+    truth[:16, 16:] = 2  # urban; the bottom right quarter is outside every polygon: ignored
+    with rasterio.open(out / "a_classes.tif") as src:
+        pred = src.read(1)
+    hand = [[0] * 3 for _ in range(3)]
+    for t, p in zip(truth.ravel().tolist(), pred.ravel().tolist()):
+        if t != 255:
+            hand[t][p] += 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["total"]["confusion"] == hand and metrics["total"]["pixels"] == 32 * 24
+    assert metrics["rasters"][str(img)]["label_coverage"] == pytest.approx(0.75)
