@@ -13,12 +13,13 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write results through it)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "labels")
@@ -238,20 +239,6 @@ def machine_info() -> dict[str, Any]:
         "commit": f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else "unknown",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rss_peak_mib() -> float:

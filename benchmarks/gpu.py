@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout: make geobp importable
     sys.path.insert(0, str(REPO))
 
+from geobp.atomic import atomic_write_text  # noqa: E402  (standard library only)
 from geobp.models import create_model  # noqa: E402  (torch and torchvision only)
 
 IN_CHANNELS = 6
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_step_s": train_s, "infer_step_s": infer_s,
         },
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(f".{a.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, a.out)
+    atomic_write_text(a.out, json.dumps(result, indent=1) + "\n")
     r = result["results"]
     print(f"{info['name']}: matmul {r['matmul_tflops']:.1f} TFLOP/s; training {train_ips:.1f} img/s "
           f"({train_tflops:.1f} TFLOP/s, {100 * r['train_share']:.0f}%); inference {infer_ips:.1f} img/s "

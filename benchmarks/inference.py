@@ -64,7 +64,7 @@ def tiles_in_memory(src: Path, tile: int, overlap: int) -> torch.Tensor:
     import rasterio
     from rasterio.windows import Window
 
-    from geobp.inference.reader import TileGrid
+    from geobp.tiling import TileGrid
 
     pre = preprocessing(BANDS)
     with rasterio.open(src) as ds:
@@ -82,7 +82,8 @@ def reading_tiles_per_s(src: Path, tile: int, overlap: int, batch: int, readers:
     import rasterio
 
     from geobp.inference.predict import GDAL_CACHE_BYTES
-    from geobp.inference.reader import PrefetchReader, TileGrid
+    from geobp.inference.reader import PrefetchReader
+    from geobp.tiling import TileGrid
 
     with rasterio.open(src) as ds:
         grid = TileGrid.build(ds.height, ds.width, tile, overlap)
@@ -204,7 +205,7 @@ def run(cfg: Config) -> dict[str, Any]:
                             ["raster", "peak RSS (MiB)", "RSS before predicting (MiB)", "growth while predicting (MiB)",
                              "Mpixel/s", "peak vs small"], mrows))
     res.targets.append(target(f"inference: peak RSS {large}^2 / {small}^2 raster", mratio, "<=", 1.3, f"{fmt(mratio)}x"))
-    from geobp.inference.predict import default_workers
+    from geobp.inference.threads import default_workers
 
     res.setup = [
         f"Throughput: a {cfg.infer_size} x {cfg.infer_size} px, {BANDS}-band uint16 raster (DEFLATE, predictor 2, "

@@ -384,7 +384,8 @@ def profile_geobp(cfg: Config, tiles: int = 400, top: int = 20) -> str:
 
     from rasterio.windows import Window
 
-    from geobp.data.dataset import collate_tiles, mask_dtype
+    from geobp.classes import mask_dtype
+    from geobp.data.dataset import collate_tiles
     from geobp.data.preprocessing import valid_pixels
     from geobp.raster import read_window
 

@@ -7,6 +7,7 @@ layer: nothing in geobp imports it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -26,10 +27,13 @@ from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import ConfigError, GeobpError, format_error
+from geobp.inference.outputs import Probabilities
+from geobp.inference.predict import PRECISION_ALIASES, Precision
 from geobp.task import SegmentationTask
 
 console = Console(stderr=True)
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The demo run's config, shipped inside the package (``configs/demo.yaml`` in the repository links to it).
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 class GeobpCLI(LightningCLI):
@@ -39,6 +43,11 @@ class GeobpCLI(LightningCLI):
     (:class:`GradientFlowMonitor`: the gradient-flow report of every run), each configurable under
     its key, and :class:`CheckpointOnInterrupt` (Ctrl-C or SIGTERM saves ``last.ckpt``).
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; Lightning's ``predict`` is left out: `geobp infer` predicts whole rasters."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -80,7 +89,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
 
 def cmd_synth(argv: Sequence[str]) -> int:
     """``geobp synth``: write synthetic land-cover scenes."""
-    from geobp.data.synth import write_scenes
+    from geobp.data.synth import DTYPES, write_scenes
 
     p = argparse.ArgumentParser(prog="geobp synth", description="Write synthetic multi-band land-cover scenes with masks.")
     p.add_argument("--out", required=True, help="output folder (gets images/ and masks/)")
@@ -88,7 +97,7 @@ def cmd_synth(argv: Sequence[str]) -> int:
     p.add_argument("--size", type=int, default=512, help="scene width and height in pixels")
     p.add_argument("--bands", type=int, default=6)
     p.add_argument("--classes", type=int, default=5)
-    p.add_argument("--dtype", default="uint16", choices=["uint8", "uint16", "int16", "float32"])
+    p.add_argument("--dtype", default="uint16", choices=DTYPES)
     p.add_argument("--block-size", type=int, default=256, help="internal GeoTIFF tile size")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -107,10 +116,15 @@ DEMO_SCENES = dict(scenes=8, size=384, bands=6, classes=5, block_size=128, seed=
 
 def cmd_demo(argv: Sequence[str]) -> int:
     """``geobp demo``: make the demo data if missing, train on the CPU, report validation IoU."""
-    p = argparse.ArgumentParser(prog="geobp demo", description="Train a small model on synthetic scenes and report validation IoU.")
+    p = argparse.ArgumentParser(
+        prog="geobp demo", allow_abbrev=False,
+        description="Train a small model on synthetic scenes and report validation IoU. Other options are "
+        "LightningCLI overrides of the demo config, e.g. --trainer.max_epochs 2.")
     p.add_argument("--data", default="data/demo", help="demo data folder (generated when missing)")
-    p.add_argument("--config", default=str(REPO_CONFIGS / "demo.yaml"), help="LightningCLI config of the demo run")
-    p.add_argument("extra", nargs="*", help="further LightningCLI overrides, e.g. --trainer.max_epochs=2")
+    p.add_argument("--scenes", type=int, default=DEMO_SCENES["scenes"], help="scenes to generate when the folder is missing")
+    p.add_argument("--size", type=int, default=DEMO_SCENES["size"], help="their width and height in pixels")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="LightningCLI config of the demo run")
+    # every other argument is a LightningCLI override, e.g. --trainer.max_epochs 2, kept in order
     a, extra = p.parse_known_args(argv)
     start = time.perf_counter()
     data = Path(a.data)
@@ -118,8 +132,8 @@ def cmd_demo(argv: Sequence[str]) -> int:
         from geobp.data.synth import write_scenes
 
         console.print(f"[bold]Generating demo scenes in {data}[/bold]")
-        write_scenes(data, progress=True, **DEMO_SCENES)  # type: ignore[arg-type]
-    cli = build_cli(["--config", a.config, "--data.root", str(data), *a.extra, *extra], run=False)
+        write_scenes(data, progress=True, **{**DEMO_SCENES, "scenes": a.scenes, "size": a.size})  # type: ignore[arg-type]
+    cli = build_cli(["--config", a.config, "--data.root", str(data), *extra], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ckpt = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt or None, verbose=False)
@@ -294,29 +308,39 @@ def cmd_infer(argv: Sequence[str]) -> int:
         "Writes OUT/<name>_classes.tif (uint8 class ids, colour table, class names, input's CRS and grid).",
     )
     p.add_argument("inputs", nargs="+", help="GeoTIFFs and/or folders of them")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", "--ckpt_path", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tile-size", type=int, default=None, help="default: the training tile size")
-    p.add_argument("--overlap", type=int, default=None, help="default: tile size / 8")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="autocast precision on GPU")
-    p.add_argument("--probabilities", default="none", choices=["none", "probs", "confidence"],
+    # Spellings follow Lightning and geobp's config (tile_size, batch_size, accelerator, devices,
+    # num_nodes, precision); the earlier hyphenated ones stay as aliases.
+    p.add_argument("--tile_size", "--tile-size", type=int, default=None, help="default: the training tile size")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="pixels neighbouring tiles share, as data.overlap; here the overlaps are blended, "
+                        "so the default is not 0 but tile size / 8")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--accelerator", "--device", default="auto",
+                   help="auto (a GPU when there is one), gpu, cuda, cuda:N or cpu")
+    p.add_argument("--precision", default="32-true", choices=[*get_args(Precision), *PRECISION_ALIASES],
+                   help="as trainer.precision: 32-true, or bf16-mixed / 16-mixed autocast on a GPU (32, bf16, 16 also accepted)")
+    p.add_argument("--probabilities", default="none", choices=list(get_args(Probabilities)),
                    help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--workers", type=int, default=None,
-                   help="reader threads (default: a quarter of the usable cores; on a GPU each decodes with several GDAL threads)")
+    p.add_argument("--reader_threads", "--workers", type=int, default=None,
+                   help="threads reading the input (not processes, unlike data.num_workers); default: a quarter "
+                        "of the usable cores, on a GPU a few, each decoding with several GDAL threads")
     p.add_argument("--devices", type=int, default=1,
-                   help="processes per node, one per GPU (or CPU processes with --device cpu); >1 splits the work")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")
+                   help="processes per node, one per GPU (or CPU processes with --accelerator cpu); >1 splits the work")
+    p.add_argument("--num_nodes", "--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads per process on the CPU (default: the process's share of the usable cores). "
+                        "Outputs are byte for byte the same for any --devices when every run uses the same --threads")
     add_label_arguments(p.add_argument_group("scoring against ground truth (writes OUT/metrics.json)"), "--labels")
     a = p.parse_args(argv)
-    ranks, device = _infer_processes(a.device, a.devices, a.num_nodes)
+    ranks, device = _infer_processes(_torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.workers, ranks=ranks,
+        num_workers=a.reader_threads, ranks=ranks,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code
@@ -333,11 +357,12 @@ def add_label_arguments(group: Any, labels_flag: str) -> None:
     """The label options (``--labels`` and ``--label-*``), as the ``data.label*`` options of ``fit``."""
     group.add_argument(labels_flag, nargs="+", default=None, dest="labels", metavar="LABELS",
                        help="label rasters (any grid/CRS: folder, glob or files), one land-cover map, or a vector file")
-    group.add_argument("--label-field", default=None, help="vector labels: the attribute holding the class id or name")
-    group.add_argument("--label-map", type=_yaml_mapping, default=None,
+    group.add_argument("--label_field", "--label-field", default=None, help="vector labels: the attribute holding the class id or name")
+    group.add_argument("--label_map", "--label-map", type=_yaml_mapping, default=None,
                        help="raw label value -> class id or ignore, e.g. '{-1: 255}' or '{11: 0, 21: 1}'")
-    group.add_argument("--label-background", type=int, default=None, help="vector labels: class outside every feature (default: ignored)")
-    group.add_argument("--all-touched", action="store_true", help="vector labels: label every pixel a feature touches")
+    group.add_argument("--label_background", "--label-background", type=int, default=None,
+                       help="vector labels: class outside every feature (default: ignored)")
+    group.add_argument("--all_touched", "--all-touched", action="store_true", help="vector labels: label every pixel a feature touches")
 
 
 def _yaml_mapping(text: str) -> dict[Any, int]:
@@ -364,7 +389,7 @@ def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
     return 1 if summary.failed else 0
 
 
-def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, str]:
+def _infer_processes(device: str, devices: int, num_nodes: int, threads: int | None = None) -> tuple[Any, str]:
     """Start (or join) the inference processes with Lightning Fabric; this one's ranks and device.
 
     One process unless ``devices * num_nodes > 1``; then Fabric's DDP set-up applies: under
@@ -374,32 +399,48 @@ def _infer_processes(device: str, devices: int, num_nodes: int) -> tuple[Any, st
     from geobp.inference.distributed import Ranks
 
     if devices < 1 or num_nodes < 1:
-        raise ConfigError(format_error(None, f"--devices and --num-nodes must be >= 1 (found {devices}, {num_nodes})", "pass positive numbers"))
+        raise ConfigError(format_error(None, f"--devices and --num_nodes must be >= 1 (found {devices}, {num_nodes})", "pass positive numbers"))
+    if threads is not None and threads < 1:
+        raise ConfigError(format_error(None, f"--threads must be >= 1 (found {threads})", "pass a positive number, or leave it out"))
     launched = os.environ.get("WORLD_SIZE")
     if launched is not None and int(launched) != devices * num_nodes:
         raise ConfigError(format_error(
             None, f"started as {launched} processes (WORLD_SIZE) but --devices {devices} x --num-nodes {num_nodes} = {devices * num_nodes}",
             "pass --devices (processes per node) and --num-nodes matching the launcher"))
     if devices * num_nodes == 1:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         return Ranks(), device
     from lightning.fabric import Fabric
 
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     fabric.launch()
-    if accelerator == "cpu":  # the processes of a node share its cores instead of each taking all of them
+    # On the CPU the processes of a node share its cores instead of each taking all of them. The
+    # intra-op thread count changes the order of floating-point sums (logits differ in the last
+    # bits), so byte-identical outputs across process counts need the same --threads.
+    if accelerator == "cpu":
         import torch
 
-        from geobp.inference.predict import usable_cores
+        from geobp.inference.threads import usable_cores
 
-        torch.set_num_threads(max(1, usable_cores() // devices))
+        torch.set_num_threads(threads or max(1, usable_cores() // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
 
 
-def _cuda() -> bool:
+def _torch_device(accelerator: str) -> str:
+    """The torch device of an ``--accelerator`` value (Lightning's names, plus ``cuda:N``)."""
     import torch
 
-    return torch.cuda.is_available()
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu":
+        return "cuda"
+    if accelerator == "cpu" or accelerator.startswith("cuda"):
+        return accelerator
+    raise ConfigError(format_error(None, f"unknown accelerator {accelerator!r}", "use auto, gpu, cuda, cuda:N or cpu"))
 
 
 # ----- report -------------------------------------------------------------------------------
@@ -442,13 +483,61 @@ def error_line(err: BaseException) -> str:
 LIBRARY_WARNINGS: tuple[tuple[str, str], ...] = (
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated",
      "Lightning 2.6's pytree helper on torch >= 2.10, at every checkpoint restore"),
+    (r"LightningCLI's args parameter is intended to run from within Python",
+     "geobp's one main(argv) always hands LightningCLI its arguments, also from the console script"),
 )
+
+#: Lightning's info-level advertisements (the start of the message), dropped from its loggers.
+LIBRARY_TIPS: tuple[str, ...] = ("💡 Tip:",)
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "lightning_utilities.core.rank_zero")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIBRARY_TIPS)
 
 
 def quiet_library_warnings() -> None:
-    """Silence :data:`LIBRARY_WARNINGS` (only those: every other warning still shows)."""
+    """Silence :data:`LIBRARY_WARNINGS` and :data:`LIBRARY_TIPS` (only those: every other warning still shows)."""
     for message, _why in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    for name in _RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+
+
+#: Every verb with its line on the help page (``geobp --help``); LightningCLI's come first.
+VERBS: dict[str, str] = {
+    "fit": "train a model on GeoTIFF scenes (LightningCLI: --config, --data.*, --model.*, --trainer.*)",
+    "validate": "score a checkpoint on the validation split (--config, --ckpt_path)",
+    "test": "score a checkpoint on the test split (needs data.test_fraction > 0)",
+    "infer": "predict whole GeoTIFFs of any size with a checkpoint; writes georeferenced class maps",
+    "check": "check a dataset before training: readable, georeferenced, labels within the classes",
+    "report": "re-render a run's gradient-flow report from its gradflow.json",
+    "synth": "write synthetic multi-band land-cover scenes with masks",
+    "demo": "generate demo scenes and train a small U-Net on the CPU, then print validation IoU",
+}
+LIGHTNING_VERBS = ("fit", "validate", "test")
+assert set(COMMANDS) | set(LIGHTNING_VERBS) == set(VERBS)
+
+
+def help_text() -> str:
+    """The top-level help page: every verb with one line."""
+    width = max(map(len, VERBS)) + 2
+    lines = [
+        "usage: geobp VERB [options]     (geobp VERB --help: the verb's options)",
+        "",
+        "Land-cover segmentation of multi-band GeoTIFFs: train, check data, predict, diagnose.",
+        "",
+        "verbs:",
+        *(f"  {verb:<{width}}{text}" for verb, text in VERBS.items()),
+        "",
+        "Training verbs read a YAML config (--config) and dotted overrides; `geobp fit --print_config`",
+        "prints every option with its value.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -456,8 +545,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_warnings()
     try:
-        if argv and argv[0] in COMMANDS:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(help_text())
+            return 0 if argv else 2
+        if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
+        if argv[0] == "predict":
+            raise ConfigError(format_error(
+                None, "`geobp predict` is not a geobp verb (it was Lightning's, and needs a predict dataloader)",
+                "use `geobp infer RASTERS --ckpt CKPT --out DIR`, which predicts whole rasters of any size"))
+        if not argv[0].startswith("-") and argv[0] not in VERBS:
+            raise ConfigError(format_error(None, f"unknown verb {argv[0]!r}", f"use one of: {', '.join(VERBS)} (geobp --help)"))
         build_cli(argv)
         return 0
     except GeobpError as err:

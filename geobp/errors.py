@@ -38,6 +38,10 @@ class RasterReadError(GeobpError, OSError):
     """A raster could not be opened or decoded (not a TIFF, truncated, corrupt block)."""
 
 
+class TooManyOpenFilesError(GeobpError, OSError):
+    """The process reached its limit of open files (``RLIMIT_NOFILE``)."""
+
+
 class RasterMismatchError(GeobpError, ValueError):
     """Two rasters that must share a grid (image and mask) do not: CRS, transform or shape differ."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from geobp.errors import (
     GeoreferenceError,
     RasterMismatchError,
     RasterReadError,
+    TooManyOpenFilesError,
     format_error,
 )
 
@@ -54,6 +54,30 @@ class RasterInfo:
         return (self.height, self.width)
 
 
+#: File endings taken as GeoTIFFs when a folder is listed.
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+def list_rasters(folder: str | Path) -> list[Path]:
+    """The GeoTIFFs of ``folder``, sorted, not recursive; hidden files (``.name``, e.g. geobp's own
+    temporary files and macOS ``._`` files) are left out."""
+    return [
+        p for p in sorted(Path(folder).iterdir())
+        if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    ]
+
+
+def open_files_limit() -> tuple[int, int]:
+    """This process's (soft, hard) limit of open files; (1024, 1024) where it cannot be read."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return int(soft), int(hard)
+    except (ImportError, OSError, ValueError):  # not on a POSIX system
+        return 1024, 1024
+
+
 def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     """Open a raster for reading and return the handle (the caller closes it).
 
@@ -62,6 +86,7 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     Raises:
         DataNotFoundError: the file does not exist.
         RasterReadError: the file exists but GDAL cannot open it (not a raster, truncated, empty).
+        TooManyOpenFilesError: the process has as many files open as its limit allows.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -71,6 +96,12 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path, **options)
     except RasterioIOError as err:
+        if "Too many open files" in str(err):
+            soft, _hard = open_files_limit()
+            raise TooManyOpenFilesError(format_error(
+                path, f"too many open files (this process may keep {soft} open: its RLIMIT_NOFILE soft limit)",
+                "raise the limit before starting (`ulimit -n 65536`, or `#SBATCH --propagate=NOFILE` / LimitNOFILE), "
+                "or lower data.num_workers")) from None
         size = os.path.getsize(path)
         detail = "the file is empty" if size == 0 else f"GDAL cannot read it ({err})"
         raise RasterReadError(
@@ -228,26 +259,3 @@ def derive_profile(src_profile: dict[str, Any], **updates: Any) -> dict[str, Any
     for key in ("blockxsize", "blockysize"):
         profile[key] = max(16, int(profile[key]) // 16 * 16)
     return profile
-
-
-@contextmanager
-def atomic_path(final: str | Path, suffix: str = ".tif") -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
-
-    An exception (or a kill) inside the block leaves ``final`` untouched and removes the temporary file.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".part{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp makes the file readable by its owner only; give it the permissions of a normal new file
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
+from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss
 from geobp.models import EncoderName, ModelName, create_model
@@ -84,8 +84,12 @@ class SegmentationTask(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = SegmentationLoss(loss, ignore_index, class_weights)
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.class_names = class_names_for(class_names, num_classes)
         self.nonfinite_steps = 0
+        self._skipping = False
+        self._scaler_state: dict[str, Any] | None = None
+        self._bad_loss = float("nan")
+        self.loss_means = torch.nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": self._metrics(num_classes, ignore_index, validate=stage != "train") for stage in ("train", "val", "test")}
@@ -116,8 +120,12 @@ class SegmentationTask(L.LightningModule):
         return self.model(x)
 
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor | None:
+        """Loss of a batch (logged, metrics updated); None when the batch has no tile or, in
+        training, when the loss is not finite (then nothing is logged or updated)."""
         if "skipped" in batch:
-            self.log(f"{stage}/skipped_tiles", batch["skipped"].float(), on_step=False, on_epoch=True, reduce_fx="sum")
+            # summed over ranks: every rank logs it (a batch always carries `skipped`)
+            self.log(f"{stage}/skipped_tiles", batch["skipped"].float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                     sync_dist=True)
         if "raw" in batch:
             raise ConfigError(
                 format_error(
@@ -133,34 +141,105 @@ class SegmentationTask(L.LightningModule):
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
         if stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
-            return self._nonfinite(batch, loss)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
-                 batch_size=batch["image"].shape[0], sync_dist=stage != "train")
+            self._bad_loss = float(loss.detach())
+            return None
+        size = batch["image"].shape[0]
+        # Epoch means through a torchmetrics MeanMetric, which all-reduces its state once per epoch
+        # under DDP (Lightning's sync_dist on a tensor would all-reduce every training step).
+        self.loss_means[f"{stage}_loss"].update(loss.detach(), weight=size)
+        if stage == "train":
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+            self.log("train/loss_epoch", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, batch_size=size)
+        else:
+            self.log(f"{stage}/loss", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, prog_bar=stage != "test",
+                     batch_size=size)
         # max(dim).indices is argmax (the first maximum), several times faster than argmax over
         # the class dimension on CPUs
         self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, batch["mask"])
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The batch's loss, or, when any rank cannot train on its batch, a step every rank skips.
 
-    def _nonfinite(self, batch: dict[str, Any], loss: Tensor) -> None:
-        """Skip the step (returning None makes Lightning skip backward and the optimizer) or stop."""
-        self.nonfinite_steps += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        if self.hparams["nonfinite"] == "skip":
-            rank_zero_warn(f"step {self.global_step}: loss is {loss.item()}; step skipped ({describe_tiles(batch)})")
+        A batch is unusable when its loss is NaN/Inf (``nonfinite``) or all its tiles failed to
+        read (``data.on_read_error: skip``). The ranks agree on one flag (one all-reduce under DDP;
+        the check is one device-to-host sync per step, none with ``nonfinite: ignore``), and on a
+        skip every rank returns :meth:`_zero_loss`, so DDP's gradient all-reduce still pairs up;
+        :meth:`on_after_backward` then drops the gradients, the optimizer updates nothing and the
+        loss scaler of ``16-mixed`` is left as it was (:meth:`optimizer_step`). Lightning's own
+        skip (returning None) is refused under DDP.
+        """
+        loss = self._shared_step(batch, "train")
+        unusable = loss is None
+        trainer = self._trainer_or_none()
+        if trainer is None or (self.hparams["nonfinite"] == "ignore" and trainer.world_size == 1 and not unusable):
+            return loss  # type: ignore[return-value]  # (a bare call, as in tests: nothing to agree with)
+        if not trainer.strategy.reduce_boolean_decision(unusable, all=False):
+            return loss  # type: ignore[return-value]
+        return self._skip_step(batch, local_nonfinite="image" in batch and unusable)
+
+    def _trainer_or_none(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
             return None
-        where = first_nonfinite_module(self.model, batch["image"])
-        raise NonFiniteError(
-            format_error(
-                None,
-                f"step {self.global_step}: training loss is {loss.item()} on tiles {describe_tiles(batch)}; "
-                f"first non-finite output: {where or 'none in forward (inputs or loss)'}",
-                "check those tiles with `geobp check`, lower model.lr, set trainer.gradient_clip_val, "
-                "or set model.nonfinite: skip; see the gradient-flow report of the run",
+
+    def _skip_step(self, batch: dict[str, Any], local_nonfinite: bool) -> Tensor:
+        """Count and report a step some rank cannot train on (or stop, under ``nonfinite: stop``)."""
+        flags = self.all_gather(torch.tensor(local_nonfinite, device=self.device)).reshape(-1).tolist()
+        nonfinite_anywhere = any(flags)
+        if nonfinite_anywhere:
+            self.nonfinite_steps += 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if nonfinite_anywhere and self.hparams["nonfinite"] == "stop":
+            if not local_nonfinite:
+                raise NonFiniteError(format_error(
+                    None, f"step {self.global_step}: training loss is not finite on another process (rank)",
+                    "see that rank's error; lower model.lr, set trainer.gradient_clip_val, or set model.nonfinite: skip"))
+            where = first_nonfinite_module(self.model, batch["image"])
+            raise NonFiniteError(
+                format_error(
+                    None,
+                    f"step {self.global_step}: training loss is {self._bad_loss} on tiles {describe_tiles(batch)}; "
+                    f"first non-finite output: {where or 'none in forward (inputs or loss)'}",
+                    "check those tiles with `geobp check`, lower model.lr, set trainer.gradient_clip_val, "
+                    "or set model.nonfinite: skip; see the gradient-flow report of the run",
+                )
             )
-        )
+        # one warning a run, from the lowest rank affected
+        if nonfinite_anywhere and self.nonfinite_steps == 1 and flags.index(True) == self.global_rank:
+            rank = f"rank {self.global_rank}: " if self.trainer.world_size > 1 else ""
+            warnings.warn(
+                f"{rank}step {self.global_step}: loss is {self._bad_loss}; step skipped ({describe_tiles(batch)}). "
+                "Later skips are counted in train/nonfinite_steps, not warned again",
+                UserWarning, stacklevel=2,
+            )
+        self._skipping = True
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._scaler_state = scaler.state_dict() if scaler is not None else None
+        return self._zero_loss()
+
+    def _zero_loss(self) -> Tensor:
+        """A loss of 0 whose gradient is exactly 0 for every trainable parameter, NaN-free whatever
+        the batch held (it reads one element of each parameter, not the model's output)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+
+    def on_after_backward(self) -> None:
+        # On a skipped step (gradients all-reduced by now under DDP) the optimizer gets no
+        # gradient: AdamW then leaves every parameter and its moments as they are.
+        if self._skipping:
+            for p in self.parameters():
+                p.grad = None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._skipping:
+            self._skipping = False
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None and self._scaler_state is not None:
+                scaler.load_state_dict(self._scaler_state)  # a skipped step does not grow or shrink the loss scale
+            self._scaler_state = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -169,10 +248,12 @@ class SegmentationTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def _log_metrics(self, stage: Stage) -> None:
+        # compute() has synchronised the metric states over the ranks already: every rank holds the
+        # same values, and sync_dist's mean of them is that value (it only tells Lightning so)
         values = self.metrics[f"{stage}_metrics"].compute()
         per_class = values.pop("IoU")
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
+        self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)}, sync_dist=True)
         self.metrics[f"{stage}_metrics"].reset()
 
     def on_train_epoch_end(self) -> None:
@@ -215,10 +296,7 @@ class SegmentationTask(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise DataNotFoundError(format_error(path, "checkpoint not found", "pass the .ckpt written by `geobp fit` (see its checkpoints/ folder)"))
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # torch raises many types for a bad file
-            raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err
+        ckpt = load_checkpoint_data(path)
         hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         if not hp or "state_dict" not in ckpt or "in_channels" not in hp:
             raise CheckpointError(format_error(path, "not a geobp checkpoint (no geobp hyperparameters)", "pass a .ckpt written by `geobp fit`"))
@@ -271,3 +349,29 @@ def first_nonfinite_module(model: torch.nn.Module, x: Tensor) -> str | None:
         for h in hooks:
             h.remove()
     return found[0] if found else None
+
+
+def load_checkpoint_data(path: Path) -> Any:
+    """Read a checkpoint as data: ``torch.load(weights_only=True)``, which unpickles tensors,
+    containers and plain values only, so a file from someone else cannot run code on load.
+
+    Raises:
+        CheckpointError: the file is unreadable, or it holds Python objects that loading would
+            have to construct (refused, and nothing of it runs).
+    """
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle torch can read at all
+            raise CheckpointError(format_error(path, "cannot read the checkpoint (not a PyTorch checkpoint file)",
+                                               "pass a .ckpt written by `geobp fit`")) from None
+        raise CheckpointError(format_error(
+            path, f"refused: the checkpoint holds Python objects that loading would have to run ({found.group(1)})",
+            "use a checkpoint written by `geobp fit` (plain tensors and values); never load files you do not trust "
+            "with weights_only=False")) from None
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err

@@ -279,3 +279,58 @@ def axis_blend_weights(length: int, tile: int, overlap: int) -> tuple[list[int],
     for k, off in enumerate(offsets):
         weights[k] /= total[off : off + span]
     return offsets, weights.astype(np.float32)
+
+
+Tile = tuple[int, int]  # (tile row index, tile column index) in a TileGrid
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Sliding-window tiles over a raster, with normalised separable blend weights.
+
+    Attributes:
+        height, width: raster size.
+        tile: model input size (tiles of rasters smaller than this are padded to it).
+        row_offsets, col_offsets: tile origins along each axis (``spread_offsets``).
+        row_weights: float32 [len(row_offsets), tile_h]; tile (i, j) has weights
+            ``outer(row_weights[i], col_weights[j])``, which sum to 1 at every pixel.
+        col_weights: float32 [len(col_offsets), tile_w].
+    """
+
+    height: int
+    width: int
+    tile: int
+    row_offsets: list[int]
+    col_offsets: list[int]
+    row_weights: np.ndarray
+    col_weights: np.ndarray
+
+    @classmethod
+    def build(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
+        """Grid of ``tile``-sized windows overlapping by at least ``overlap`` pixels.
+
+        Raises:
+            ConfigError: invalid tile size or overlap.
+        """
+        rows, row_w = axis_blend_weights(height, tile, overlap)
+        cols, col_w = axis_blend_weights(width, tile, overlap)
+        return cls(height, width, tile, rows, cols, row_w, col_w)
+
+    @property
+    def tile_h(self) -> int:
+        """Rows of the raster inside one tile (less than ``tile`` for a short raster)."""
+        return min(self.tile, self.height)
+
+    @property
+    def tile_w(self) -> int:
+        """Columns of the raster inside one tile."""
+        return min(self.tile, self.width)
+
+    def tiles(self) -> list[Tile]:
+        """All tiles in row-major order."""
+        return [(i, j) for i in range(len(self.row_offsets)) for j in range(len(self.col_offsets))]
+
+    def batches(self, batch_size: int) -> list[list[Tile]]:
+        """Tiles in row-major order, cut into batches (a batch may span two tile rows)."""
+        tiles = self.tiles()
+        return [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]

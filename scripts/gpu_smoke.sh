@@ -21,5 +21,5 @@ for prec in bf16-mixed 16-mixed; do
     --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "$prec"
 done
 CKPT=$(ls -t "$OUT"/runs/bf16-mixed/version_*/checkpoints/last.ckpt | head -1)
-$PY -m geobp infer --ckpt "$CKPT" --out "$OUT/pred" --device cuda --precision bf16 --overwrite "$DATA/images"
+$PY -m geobp infer --ckpt "$CKPT" --out "$OUT/pred" --accelerator gpu --precision bf16-mixed --overwrite "$DATA/images"
 $PY -m pytest -q -m gpu -p no:cacheprovider tests

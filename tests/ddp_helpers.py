@@ -101,3 +101,40 @@ class RecordingCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
         _append(self.out / "saves.jsonl", {"rank": _rank(), "pid": os.getpid(), "path": str(path)})
+
+
+class InjectFaults(L.Callback):
+    """Spoil chosen batches on chosen ranks, after they reach the device.
+
+    ``nan``: {step: [ranks]} whose images become NaN (a non-finite loss); ``unreadable``:
+    {step: [ranks]} whose batches lose every tile (as when all tiles fail to read with
+    ``data.on_read_error: skip``). Steps are optimizer steps (``global_step``); keys are strings
+    (YAML/JSON).
+    """
+
+    def __init__(self, nan: dict[str, list[int]] | None = None, unreadable: dict[str, list[int]] | None = None) -> None:
+        self.nan = {int(k): v for k, v in (nan or {}).items()}
+        self.unreadable = {int(k): v for k, v in (unreadable or {}).items()}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step, rank = trainer.global_step, trainer.global_rank
+        if rank in self.nan.get(step, []):
+            batch["image"].fill_(float("nan"))
+        if rank in self.unreadable.get(step, []):
+            n = batch["image"].shape[0]
+            for key in [k for k in batch if k != "skipped"]:
+                del batch[key]
+            batch["skipped"] = batch.get("skipped", 0) + n
+
+
+class RecordParams(L.Callback):
+    """Append, after every training batch, a checksum of the weights and the nonfinite count to
+    ``out/params_rank<r>.jsonl``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
+        _append(self.out / f"params_rank{trainer.global_rank}.jsonl",
+                {"step": trainer.global_step, "sum": total, "nonfinite": getattr(pl_module, "nonfinite_steps", None)})

@@ -133,3 +133,62 @@ def test_validation_metrics_are_synchronized_across_ranks(ddp_run, capsys):
     out = capsys.readouterr().out
     one_process = float(out.split("val/mIoU")[1].split()[1].strip("│"))
     assert one_process == pytest.approx(ddp_value, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ddp_faults_run(tmp_path_factory):
+    """Two processes where some steps cannot train: NaN loss on rank 1 at step 1, on both ranks at
+    step 3, every tile of rank 0's batch unreadable at step 5."""
+    tmp = tmp_path_factory.mktemp("ddp_faults")
+    scenes = tmp / "scenes"
+    write_scenes(scenes, scenes=3, size=64, bands=3, classes=3, block_size=32)
+    record = tmp / "record"
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 8, "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp / "runs"), "name": "faults"}},
+            "callbacks": [
+                {"class_path": "tests.ddp_helpers.InjectFaults",
+                 "init_args": {"nan": {"1": [1], "3": [0, 1]}, "unreadable": {"5": [0]}}},
+                {"class_path": "tests.ddp_helpers.RecordParams", "init_args": {"out": str(record)}},
+            ],
+        },
+        "model": {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}, "lr": 0.01},
+        "data": {"root": str(scenes), **DATA, "augment": False},
+        "gradflow": {"every_n_steps": 1},
+    }
+    config = tmp / "faults.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "geobp", "fit", "--config", str(config),
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    yield {"proc": proc, "record": record, "run": tmp / "runs" / "faults" / "version_0"}
+    for ckpt in tmp.rglob("*.ckpt"):
+        ckpt.unlink()
+
+
+@pytest.mark.slow
+def test_ddp_skips_unusable_steps_on_every_rank_and_finishes(ddp_faults_run):
+    proc = ddp_faults_run["proc"]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "not supported" not in log
+    assert "sync_dist" not in log  # val/ and train/skipped_tiles are summed over the ranks
+    # warned once, by the rank whose loss went bad first
+    assert log.count("step skipped") == 1 and "rank 1: step 1: loss is nan; step skipped" in log
+    recs = [read_jsonl(ddp_faults_run["record"] / f"params_rank{r}.jsonl") for r in range(2)]
+    assert [r["step"] for r in recs[0]] == list(range(1, 9))
+    assert [r["sum"] for r in recs[0]] == [r["sum"] for r in recs[1]]  # the ranks stay in step
+    sums = {r["step"]: r["sum"] for r in recs[0]}
+    for skipped in (1, 3, 5):  # the batch started at step s ends with step s + 1: weights untouched
+        assert sums[skipped + 1] == sums[skipped]
+    for trained in (2, 4, 6, 7):
+        assert sums[trained + 1] != sums[trained]
+    assert recs[0][-1]["nonfinite"] == recs[1][-1]["nonfinite"] == 2  # the unreadable batch is not a NaN
+    run = ddp_faults_run["run"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "gradflow" / "gradflow.json").is_file()

@@ -119,3 +119,38 @@ def test_sigterm_leaves_usable_last_checkpoint(dm, tmp_path):
     t2 = trainer(tmp_path, max_steps=4)
     t2.fit(SegmentationTask(**SMALL, in_channels=3, num_classes=3), datamodule=dm, ckpt_path=ckpt_dir / "last.ckpt")
     assert t2.global_step == 4
+
+
+class Snapshots(L.Callback):
+    """Weights and AdamW state before and after every training batch."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    @staticmethod
+    def _state(trainer, module):
+        opt = trainer.optimizers[0].state_dict()["state"]
+        return ([p.detach().clone() for p in module.parameters()],
+                {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in opt.items()})
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before.append(self._state(trainer, module))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after.append(self._state(trainer, module))
+
+
+def test_skipped_step_leaves_weights_and_optimizer_state_untouched(dm, tmp_path):
+    task = SegmentationTask(**SMALL, in_channels=3, num_classes=3, nonfinite="skip", scheduler="none", weight_decay=0.1)
+    task.model.head = NaNAfter(task.model.head, after=1)  # step 0 trains, steps 1 and 2 are NaN
+    snaps = Snapshots()
+    with pytest.warns(UserWarning, match=r"step 1: loss is nan; step skipped .*not warned again"):
+        trainer(tmp_path, callbacks=[snaps]).fit(task, datamodule=dm)
+    (w0, _), (w1, _) = snaps.before[0], snaps.after[0]
+    assert any(not torch.equal(a, b) for a, b in zip(w0, w1))  # the good step trained
+    for i in (1, 2):
+        (wb, ob), (wa, oa) = snaps.before[i], snaps.after[i]
+        assert all(torch.equal(a, b) for a, b in zip(wb, wa))  # weight decay did not run either
+        assert ob.keys() == oa.keys() and all(
+            torch.equal(ob[k][n], oa[k][n]) for k in ob for n in ob[k])  # nor did the moments or step counts
+    assert task.nonfinite_steps == 2

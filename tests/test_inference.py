@@ -352,7 +352,7 @@ def test_outputs_get_normal_file_permissions(tmp_path):
 
 
 def test_default_reader_threads_use_the_cores_this_process_may_run_on(monkeypatch):
-    from geobp.inference.predict import decode_threads, default_workers
+    from geobp.inference.threads import decode_threads, default_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert default_workers("cpu") == 4 and decode_threads("cpu", 4) == 1

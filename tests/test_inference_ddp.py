@@ -8,6 +8,7 @@ tile rows and rank 0 writes the outputs. Several rasters: whole rasters per proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,9 +46,19 @@ def setup(tmp_path_factory):
 
 def infer_two_processes(ckpt: Path, out: Path, inputs: list[Path], *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "geobp", "infer", "--ckpt", str(ckpt), "--out", str(out), *map(str, inputs),
-           "--device", "cpu", "--devices", "2", "--batch-size", "4", *extra]
+           "--accelerator", "cpu", "--devices", "2", "--batch_size", "4", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_same_files(one: Path, two: Path) -> None:
@@ -57,15 +68,32 @@ def assert_same_files(one: Path, two: Path) -> None:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A model and raster large enough that 1 and 2 compute threads give other logits in the last bits:
+    the full-width ResNet-18 U-Net decoder and a 384 x 320 raster of 64 px tiles."""
+    tmp = tmp_path_factory.mktemp("dinfer_big")
+    torch.manual_seed(1)
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=["water", "forest", "urban"],
+                            preprocessing=PRE, tile_size=64)
+    ckpt = tmp / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    img = np.random.default_rng(1).integers(1, 600, (3, 384, 320)).astype("uint16")
+    img[:, :5, :9] = 0
+    return {"tmp": tmp, "ckpt": ckpt, "raster": write_tif(tmp / "in" / "big.tif", img, nodata=0)}
+
+
 @pytest.mark.slow
-def test_one_raster_split_across_two_processes_equals_one_process(setup):
-    tmp, raster = setup["tmp"], setup["rasters"][0]
-    proc = infer_two_processes(setup["ckpt"], tmp / "two_split", [raster], "--probabilities", "probs")
+def test_one_raster_split_across_two_processes_equals_one_process(big):
+    """Byte for byte, probabilities included, when every process computes with the same thread count."""
+    tmp, raster = big["tmp"], big["raster"]
+    proc = infer_two_processes(big["ckpt"], tmp / "two_split", [raster], "--probabilities", "probs", "--threads", "1")
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "MEMBER: 2/2" in proc.stdout
     # the summary is printed once (by rank 0)
     assert proc.stdout.count("1 raster(s) predicted, 0 failed") == 1
-    assert predict_many(setup["ckpt"], [raster], tmp / "one_split", batch_size=4, probabilities="probs", progress=False).ok
+    with one_thread():  # as `geobp infer --threads 1` in one process
+        assert predict_many(big["ckpt"], [raster], tmp / "one_split", batch_size=4, probabilities="probs", progress=False).ok
     assert_same_files(tmp / "one_split", tmp / "two_split")
 
 
@@ -73,11 +101,12 @@ def test_one_raster_split_across_two_processes_equals_one_process(setup):
 def test_several_rasters_go_whole_to_the_processes_and_failures_are_reported(setup):
     tmp, rasters = setup["tmp"], setup["rasters"]
     missing = tmp / "in" / "missing.tif"
-    proc = infer_two_processes(setup["ckpt"], tmp / "two_whole", [*rasters, missing])
+    proc = infer_two_processes(setup["ckpt"], tmp / "two_whole", [*rasters, missing], "--threads", "1")
     assert proc.returncode == 1, proc.stdout[-5000:]
     assert proc.stdout.count("3 raster(s) predicted, 1 failed") == 1
     assert "missing.tif: file not found" in proc.stdout
-    summary = predict_many(setup["ckpt"], [*rasters, missing], tmp / "one_whole", batch_size=4, progress=False)
+    with one_thread():
+        summary = predict_many(setup["ckpt"], [*rasters, missing], tmp / "one_whole", batch_size=4, progress=False)
     assert len(summary.succeeded) == 3
     assert_same_files(tmp / "one_whole", tmp / "two_whole")
 

@@ -93,3 +93,14 @@ def test_bad_overlap_for_checkpoint_tile_size(tmp_path, make_scene, ckpt):
     a, _ = make_scene("a", size=(32, 32), root=tmp_path)
     with pytest.raises(ConfigError, match=r"overlap must be in \[0, tile size\) \(tile 32, found overlap 40\)"):
         predict_many(ckpt, [a], tmp_path / "out", overlap=40, progress=False)
+
+
+def test_folder_inputs_skip_hidden_files_as_the_data_module_does(tmp_path):
+    from geobp.inference import expand_inputs
+
+    (tmp_path / "a.tif").write_bytes(b"x")
+    (tmp_path / "B.TIFF").write_bytes(b"x")
+    (tmp_path / ".a.part.tif").write_bytes(b"x")  # a temporary file of an unfinished write
+    (tmp_path / "notes.txt").write_text("x")
+    found, missing = expand_inputs([tmp_path])
+    assert [p.name for p in found] == ["B.TIFF", "a.tif"] and missing == []

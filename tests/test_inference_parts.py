@@ -10,8 +10,8 @@ import torch
 
 from geobp.inference import output_paths, predict_raster
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
-from geobp.inference.predict import open_job, predict_share
-from geobp.inference.reader import TileGrid
+from geobp.inference.predict import PredictOptions, open_job, predict_share
+from geobp.tiling import TileGrid
 from tests.test_inference import PRE, conv_model, make_image
 
 
@@ -23,11 +23,12 @@ def small_cnn() -> torch.nn.Module:
 
 def predict_in_shares(model, src: Path, dst: Path, world: int, **kw) -> list:
     """What `geobp infer` does on `world` processes, run one share after the other."""
-    job = open_job(src, PRE, kw["tile_size"], kw["overlap"])
+    opts = PredictOptions(tile_size=kw["tile_size"], overlap=kw["overlap"], batch_size=kw["batch_size"], progress=False,
+                          probabilities=kw.get("probabilities", "none"))
+    job = open_job(src, PRE, opts)
     shares = share_rows(job.grid, world)
     for share in shares:
-        predict_share(model, job, share, part_path(dst, share.rank), batch_size=kw["batch_size"], progress=False,
-                      probabilities=kw.get("probabilities", "none"))
+        predict_share(model, job, share, part_path(dst, share.rank), opts)
     write_from_parts(dst, job.grid, shares, job.profile, [f"class_{i}" for i in range(4)],
                      probabilities=kw.get("probabilities", "none"))
     remove_parts(dst, world)
@@ -75,7 +76,8 @@ def test_share_rows_cover_every_tile_row_once_with_warmup_for_the_overlap():
 
 def test_failed_share_leaves_no_part(tmp_path):
     src = make_image(tmp_path / "in.tif", size=(64, 40))
-    job = open_job(src, PRE, 16, 4)
+    opts = PredictOptions(tile_size=16, overlap=4, progress=False)
+    job = open_job(src, PRE, opts)
     share = share_rows(job.grid, 2)[1]
 
     class Boom(torch.nn.Module):
@@ -85,17 +87,18 @@ def test_failed_share_leaves_no_part(tmp_path):
     part = part_path(tmp_path / "out" / "in_classes.tif", 1)
     part.parent.mkdir()
     with pytest.raises(RuntimeError, match="boom"):
-        predict_share(Boom(), job, share, part, progress=False)
+        predict_share(Boom(), job, share, part, opts)
     assert not part.exists()
 
 
 def test_missing_part_is_an_error_and_writes_nothing(tmp_path):
     src = make_image(tmp_path / "in.tif", size=(64, 40))
-    job = open_job(src, PRE, 16, 4)
+    opts = PredictOptions(tile_size=16, overlap=4, progress=False)
+    job = open_job(src, PRE, opts)
     shares = share_rows(job.grid, 2)
     dst = tmp_path / "out" / "in_classes.tif"
     dst.parent.mkdir()
-    predict_share(conv_model(), job, shares[0], part_path(dst, 0), progress=False)
+    predict_share(conv_model(), job, shares[0], part_path(dst, 0), opts)
     with pytest.raises(FileNotFoundError):
         write_from_parts(dst, job.grid, shares, job.profile, ["a", "b", "c", "d"])
     assert [p.name for p in dst.parent.iterdir()] == [part_path(dst, 0).name]

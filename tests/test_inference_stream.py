@@ -11,7 +11,8 @@ from geobp.inference import predict as predict_mod
 from geobp.inference.blend import TileBlender
 from geobp.inference.outputs import StripWriter
 from geobp.inference.predict import make_encoder, predict_raster
-from geobp.inference.reader import PrefetchReader, TileGrid
+from geobp.inference.reader import PrefetchReader
+from geobp.tiling import TileGrid
 from tests.conftest import write_tif
 
 K = 3

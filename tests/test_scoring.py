@@ -108,7 +108,7 @@ def test_infer_labels_from_polygons_in_another_crs(tmp_path, make_scene, ckpt):
     frame.to_file(tmp_path / "truth.gpkg", driver="GPKG")
     out = tmp_path / "out"
     assert main(["infer", str(img), "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu",
-                 "--labels", str(tmp_path / "truth.gpkg"), "--label-field", "cover"]) == 0
+                 "--labels", str(tmp_path / "truth.gpkg"), "--label_field", "cover"]) == 0
     truth = np.full((32, 32), 255)
     truth[:, :16] = 0  # water
     truth[:16, 16:] = 2  # urban; the bottom right quarter is outside every polygon: ignored

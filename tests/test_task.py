@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,26 @@ def test_channels_last_forward_matches():
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 4, 64, 64)
     torch.testing.assert_close(a(x), b(x), atol=1e-4, rtol=1e-4)
+
+
+class _RunsCode:
+    """Unpickling this object calls ``Path.touch`` on ``marker``: code execution on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path):
+    from geobp.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=2, preprocessing=None)
+    bad = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": {"in_channels": 3, "payload": _RunsCode(marker)}}, bad)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"shared.ckpt: refused: the checkpoint holds Python objects that loading would have to run \(\w+\).*Fix: use a checkpoint written by `geobp fit`"):
+        SegmentationTask.from_checkpoint(bad)
+    assert not marker.exists()

@@ -7,32 +7,18 @@ The document itself (keys, shapes, encoding of non-finite numbers) is described 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from geobp.atomic import atomic_write_text
 from geobp.callbacks.series import SCHEMA, SCHEMA_VERSION
 from geobp.errors import DataNotFoundError, format_error
 
 #: Folder of the report under the run's log directory, and the data file's name in it.
 REPORT_DIR = "gradflow"
 JSON_NAME = "gradflow.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # mode from the umask, unlike mkstemp's 0600
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:

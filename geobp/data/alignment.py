@@ -29,6 +29,7 @@ from rasterio.features import rasterize
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
+from geobp.atomic import atomic_path
 from geobp.data.labels import (
     LabelOptions,
     LabelReport,
@@ -44,10 +45,10 @@ from geobp.data.labels import (
     unmapped_error,
 )
 from geobp.data.preprocessing import CACHE_DIR
-from geobp.data.scenes import RASTER_SUFFIXES, Scene
+from geobp.data.scenes import Scene
 from geobp.data.validation import Problem, SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, GeobpError, format_error
-from geobp.raster import RasterInfo, atomic_path, derive_profile, open_raster, read_info
+from geobp.raster import RASTER_SUFFIXES, RasterInfo, derive_profile, open_raster, read_info
 
 #: Bumped when the aligned rasters' content or the report changes meaning.
 LABEL_CACHE_VERSION = 1

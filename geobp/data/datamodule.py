@@ -13,6 +13,7 @@ from rasterio.windows import Window
 from rich.progress import track
 from torch.utils.data import DataLoader
 
+from geobp.classes import check_num_classes, class_names_for
 from geobp.data.alignment import find_labelled_scenes
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.labels import LabelOptions, LabelReport
@@ -175,8 +176,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         check_tile_args(tile_size, overlap)
         if num_classes is None:
             raise ConfigError(format_error(None, "num_classes is not set", "set data.num_classes"))
-        if num_classes < 2:
-            raise ConfigError(format_error(None, f"num_classes must be at least 2 (found {num_classes})", "set data.num_classes"))
+        check_num_classes(num_classes)
         if not 0 <= ignore_index < 256 or ignore_index < num_classes:
             raise ConfigError(
                 format_error(
@@ -189,18 +189,14 @@ class GeoTiffDataModule(L.LightningDataModule):
             raise ConfigError(
                 format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
             )
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
-        if len(self.class_names) != num_classes:
-            raise ConfigError(
-                format_error(None, f"class_names has {len(self.class_names)} entries for {num_classes} classes", "give one name per class")
-            )
+        self.class_names = class_names_for(class_names, num_classes)
         #: per scene, what label alignment found (None for the images/ + masks/ layout)
         self.label_reports: list[LabelReport] | None = None
         if images is None and labels is None:
             if root is None:
                 raise ConfigError(format_error(None, "no data given", "set data.root, or data.images and data.labels"))
             self.root = Path(root)
-            self.scenes: list[Scene] = find_scenes(self.root)
+            self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
         else:
             if labels is None and root is None:
                 raise ConfigError(format_error(None, "data.images is set but not data.labels", "set data.labels (or data.root)"))

@@ -30,9 +30,11 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, default_collate
 
+from geobp.classes import invalid_labels, mask_dtype
 from geobp.data.preprocessing import Preprocessing, valid_pixels
 from geobp.errors import LabelError, RasterReadError, format_error
-from geobp.raster import open_reader, read_window
+from geobp.handles import HandleCache
+from geobp.raster import read_window
 
 Sample = dict[str, Any]
 #: augment(image HWC, mask HW, seed) -> (image, mask); seed -1 means unseeded
@@ -68,7 +70,8 @@ class TileDataset(Dataset[Sample]):
     and ``window``. :func:`finish_batch` normalises it.
 
     File handles are opened lazily in the process that reads (each DataLoader worker opens its
-    own) and kept open for the worker's life; they are never pickled.
+    own) and kept open in a bounded :class:`~geobp.handles.HandleCache` (least recently used
+    closed first, sized from the process's open-files limit); they are never pickled.
 
     Args:
         images: image paths, indexed by ``TileSpec.scene``.
@@ -106,25 +109,14 @@ class TileDataset(Dataset[Sample]):
         self.ignore_index = ignore_index
         self.augment = augment
         self.on_read_error = on_read_error
-        self._handles: dict[str, rasterio.DatasetReader] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
+        self._handles = HandleCache()  # pickled empty: each worker opens its own
 
     def _open(self, path: str) -> rasterio.DatasetReader:
-        src = self._handles.get(path)
-        if src is None:
-            src = open_reader(path)
-            self._handles[path] = src
-        return src
+        return self._handles.get(path)
 
     def close(self) -> None:
         """Close the file handles this process opened."""
-        for src in self._handles.values():
-            src.close()
-        self._handles.clear()
+        self._handles.close()
 
     def __len__(self) -> int:
         # Samples are addressed by TileSpec, not by position; samplers define the epoch length.
@@ -170,7 +162,7 @@ class TileDataset(Dataset[Sample]):
 
     def _check_labels(self, mask: np.ndarray, spec: TileSpec) -> None:
         mask = mask.astype(np.int64, copy=False)  # checked in the file's values, before the compact cast
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
+        bad = invalid_labels(mask, self.num_classes, self.ignore_index)
         if bad.any():
             values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
             raise LabelError(
@@ -181,16 +173,6 @@ class TileDataset(Dataset[Sample]):
                     "set data.num_classes to cover every label, or recode those pixels to the ignore index",
                 )
             )
-
-
-def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
-    """The smallest dtype that holds every class id and the ignore index: uint8, int16, or int64."""
-    lo, hi = min(0, ignore_index), max(num_classes - 1, ignore_index)
-    for dtype in (np.uint8, np.int16):
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
 
 
 def finish_batch(batch: dict[str, Any], preprocessing: Preprocessing) -> dict[str, Any]:

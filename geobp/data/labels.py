@@ -28,6 +28,7 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
+from geobp.classes import invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
 from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, read_info
 
@@ -84,8 +85,8 @@ class LabelOptions:
             )
 
     def is_label(self, value: int) -> bool:
-        """True for a class id or the ignore index."""
-        return 0 <= value < self.num_classes or value == self.ignore_index
+        """True for a class id or the ignore index (the rule of :func:`geobp.classes.invalid_labels`)."""
+        return not bool(invalid_labels(np.asarray(value), self.num_classes, self.ignore_index))
 
     @property
     def background(self) -> int:

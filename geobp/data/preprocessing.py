@@ -20,7 +20,8 @@ import torch
 from rasterio.windows import Window
 
 from geobp.errors import CheckpointError, format_error
-from geobp.raster import atomic_path, open_raster, read_window
+from geobp.atomic import atomic_path
+from geobp.raster import open_raster, read_window
 
 NormMethod = Literal["meanstd", "percentile"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from rich.progress import track
 
+from geobp.data.headers import read_headers
+from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, format_error
-from geobp.raster import RasterInfo
-
-RASTER_SUFFIXES = (".tif", ".tiff")
+from geobp.raster import RasterInfo, list_rasters
 
 
 @dataclass(frozen=True)
@@ -23,13 +23,9 @@ class Scene:
     mask: RasterInfo | None
 
 
-def list_rasters(folder: Path) -> dict[str, Path]:
-    """Map stem to path for every GeoTIFF in ``folder`` (not recursive), sorted by name."""
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    }
+def rasters_by_stem(folder: Path) -> dict[str, Path]:
+    """Map stem to path for every GeoTIFF in ``folder`` (see :func:`geobp.raster.list_rasters`)."""
+    return {p.stem: p for p in list_rasters(folder)}
 
 
 def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
@@ -42,19 +38,20 @@ def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
     layout_fix = "put images in ROOT/images/<name>.tif and masks in ROOT/masks/<name>.tif (see data/README.md)"
     if not images_dir.is_dir():
         raise DataNotFoundError(format_error(images_dir, "folder not found", layout_fix))
-    images = list_rasters(images_dir)
+    images = rasters_by_stem(images_dir)
     if not images:
         raise DataNotFoundError(format_error(images_dir, "no .tif files found", layout_fix))
-    masks = list_rasters(masks_dir) if masks_dir.is_dir() else {}
+    masks = rasters_by_stem(masks_dir) if masks_dir.is_dir() else {}
     return {name: (path, masks.get(name)) for name, path in images.items()}
 
 
-def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
+def find_scenes(root: str | Path, require_masks: bool = True, cache_dir: str | Path | None = None) -> list[Scene]:
     """Find the scenes of a dataset folder and run the header checks on them.
 
     Expected layout: ``root/images/<name>.tif`` (multi-band) and ``root/masks/<name>.tif``
     (single-band class ids), matched by name. Each pair must share CRS, transform and shape;
-    all images must have the same band count and dtype.
+    all images must have the same band count and dtype. Headers are read in parallel and cached
+    in ``<cache_dir or root>/.geobp_cache/headers.json`` (:func:`geobp.data.headers.read_headers`).
 
     Raises:
         DataNotFoundError: the folders are missing or empty, or an image has no mask.
@@ -64,7 +61,9 @@ def find_scenes(root: str | Path, require_masks: bool = True) -> list[Scene]:
         GeoreferenceError: a raster lacks a CRS or is not north-up.
     """
     pairs = scene_paths(Path(root))
-    reports = [check_headers(name, img, msk, require_masks) for name, (img, msk) in pairs.items()]
+    headers = read_headers([p for pair in pairs.values() for p in pair if p is not None],
+                           Path(cache_dir or root) / CACHE_DIR)
+    reports = [check_headers(name, img, msk, require_masks, headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     for report in reports:
         for problem in report.problems:
@@ -95,7 +94,8 @@ def check_dataset(
         DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
     """
     pairs = scene_paths(Path(root))
-    reports = [check_headers(name, img, msk) for name, (img, msk) in pairs.items()]
+    headers = read_headers([p for pair in pairs.values() for p in pair if p is not None])  # fresh: no cache
+    reports = [check_headers(name, img, msk, headers=headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     if full:
         for r in track(reports, description="Reading scenes", disable=not progress, transient=True):

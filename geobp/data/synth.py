@@ -14,9 +14,8 @@ with 255 (the ignore index) under nodata, and no nodata tag.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import rasterio
@@ -25,6 +24,7 @@ from rasterio.errors import CRSError
 from rasterio.transform import Affine
 from rich.progress import track
 
+from geobp.atomic import atomic_path
 from geobp.errors import ConfigError, format_error
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -32,7 +32,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 IGNORE_INDEX = 255
 DType = Literal["uint8", "uint16", "int16", "float32"]
-DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
+DTYPES: tuple[str, ...] = get_args(DType)
 NODATA: dict[str, float] = {"uint8": 0, "uint16": 0, "int16": 0, "float32": -9999.0}
 _SCALE: dict[str, float] = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0, "float32": 1.0}
 
@@ -182,16 +182,11 @@ def make_scene(size: int, bands: int, classes: int, *, seed: int, dtype: DType =
 def _write_atomic(path: Path, array: np.ndarray, profile: dict, descriptions: list[str] | None,
                   tags: dict[str, str]) -> None:
     """Write ``array`` [bands, H, W] to a temporary file beside ``path``, then move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(array)
-            if descriptions:
-                dst.descriptions = tuple(descriptions)
-            dst.update_tags(**tags)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(array)
+        if descriptions:
+            dst.descriptions = tuple(descriptions)
+        dst.update_tags(**tags)
 
 
 def write_scenes(out: str | Path, *, scenes: int = 4, size: int = 512, bands: int = 6, classes: int = 5,

@@ -8,7 +8,7 @@ NaN pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from rasterio.windows import Window
 
+from geobp.classes import invalid_labels
 from geobp.data.preprocessing import valid_pixels
 from geobp.errors import BandMismatchError, DataNotFoundError, GeobpError, LabelError, format_error
 from geobp.raster import RasterInfo, check_georeferenced, check_same_grid, open_raster, read_info, read_window
@@ -62,10 +63,21 @@ def _guard(report: SceneReport, fn: Callable[[], object]) -> object | None:
         return None
 
 
-def check_headers(name: str, image_path: Path, mask_path: Path | None, require_mask: bool = True) -> SceneReport:
-    """Header-level checks of one scene (no pixels read)."""
+def check_headers(
+    name: str, image_path: Path, mask_path: Path | None, require_mask: bool = True,
+    headers: Mapping[str, RasterInfo | GeobpError] | None = None,
+) -> SceneReport:
+    """Header-level checks of one scene (no pixels read); ``headers`` holds headers read before
+    (:func:`geobp.data.headers.read_headers`), files missing from it are opened here."""
+
+    def info(path: Path) -> RasterInfo:
+        found = headers.get(str(path)) if headers is not None else None
+        if isinstance(found, GeobpError):
+            raise found
+        return found if found is not None else read_info(path)
+
     report = SceneReport(name)
-    report.image = _guard(report, lambda: read_info(image_path))  # type: ignore[assignment]
+    report.image = _guard(report, lambda: info(image_path))  # type: ignore[assignment]
     if report.image is not None:
         _guard(report, lambda: check_georeferenced(report.image))  # type: ignore[arg-type]
     if mask_path is None:
@@ -79,7 +91,7 @@ def check_headers(name: str, image_path: Path, mask_path: Path | None, require_m
             )
             report.problems.append(Problem("fatal", str(err), err))
         return report
-    report.mask = _guard(report, lambda: read_info(mask_path))  # type: ignore[assignment]
+    report.mask = _guard(report, lambda: info(mask_path))  # type: ignore[assignment]
     if report.mask is not None and report.mask.count != 1:
         err = BandMismatchError(
             format_error(report.mask.path, f"mask must have 1 band (found {report.mask.count})", "write class ids in a single band")
@@ -152,7 +164,8 @@ def scan_pixels(report: SceneReport, num_classes: int | None, ignore_index: int,
             )
         )
     if num_classes is not None and report.labels is not None:
-        bad = [v for v in report.labels if v >= num_classes and v != ignore_index]
+        values = np.asarray(report.labels, dtype=np.int64)
+        bad = values[invalid_labels(values, num_classes, ignore_index)].tolist()
         if bad:
             err = LabelError(
                 format_error(

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from geobp.classes import class_names_for
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
-from geobp.inference.predict import Precision, check_paths, open_job, predict_raster, predict_share
+from geobp.inference.predict import PredictOptions, Precision, check_paths, open_job, predict_share, predict_with
 from geobp.task import SegmentationTask
+from geobp.raster import list_rasters
 from geobp.tiling import check_tile_args
 
-RASTER_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass
@@ -57,7 +57,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[tuple[Path
     problems: list[tuple[Path, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+            found = list_rasters(item)
             if not found:
                 problems.append(
                     (item, format_error(item, "folder holds no .tif or .tiff files", "pass GeoTIFFs or folders of them"))
@@ -82,7 +82,7 @@ def predict_many(
     overlap: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    precision: Precision = "32",
+    precision: Precision | str = "32-true",
     probabilities: Probabilities = "none",
     cog: bool = False,
     overwrite: bool = False,
@@ -126,10 +126,10 @@ def predict_many(
                                            "model has no preprocessing (band statistics)", "train with `geobp fit`, which stores them"))
     hp = task.hparams
     k = int(hp["num_classes"])
-    names = list(hp.get("class_names") or [f"class_{i}" for i in range(k)])
+    names = class_names_for(hp.get("class_names"), k)
     tile = int(tile_size or hp.get("tile_size") or 512)
     overlap = tile // 8 if overlap is None else overlap
-    check_tile_args(tile, overlap)
+    check_tile_args(tile, overlap)  # before any raster is listed (PredictOptions checks it again)
     rasters, failed = expand_inputs(inputs)
     summary = InferenceSummary(failed=failed)
     seen: dict[Path, Path] = {}
@@ -142,21 +142,21 @@ def predict_many(
         seen[dst] = src
     ranks = ranks or Ranks.current()
     owners = plan(rasters, ranks.world) if ranks.world > 1 else [0] * len(rasters)
-    kw: dict[str, Any] = {
-        "tile_size": tile, "overlap": overlap, "batch_size": batch_size, "device": device, "precision": precision,
-        "num_classes": k, "class_names": names, "probabilities": probabilities, "cog": cog, "overwrite": overwrite,
-        "progress": progress and ranks.rank == 0, "num_workers": num_workers, "expected_dtype": pre.dtype,
-    }
+    opts = PredictOptions(
+        tile_size=tile, overlap=overlap, batch_size=batch_size, device=device, precision=precision, num_classes=k,
+        class_names=names, probabilities=probabilities, cog=cog, overwrite=overwrite,
+        progress=progress and ranks.rank == 0, num_workers=num_workers, expected_dtype=pre.dtype,
+    )
     # (input index, input, error message or None) of the rasters this process reports
     results: list[tuple[int, Path, str | None]] = []
     for n, src in enumerate(rasters):
         dst = class_map_path(src, out_dir)
         if owners is None:  # fewer rasters than processes: every process predicts a share of each
-            error = _predict_split(task, src, dst, ranks, **kw)
+            error = _predict_split(task, src, dst, ranks, opts)
             if ranks.rank == 0:
                 results.append((n, src, error))
         elif owners[n] == ranks.rank:
-            results.append((n, src, _predict_whole(task, src, dst, **kw)))
+            results.append((n, src, _predict_whole(task, src, dst, opts)))
     if ranks.world > 1:
         results = sorted((r for part in ranks.all_gather(results) for r in part), key=lambda r: r[0])
     for _, src, error in results:
@@ -173,16 +173,16 @@ def _message(src: Path, err: Exception) -> str:
     return str(err) if isinstance(err, GeobpError) else f"{src}: {type(err).__name__}: {err}"
 
 
-def _predict_whole(task: SegmentationTask, src: Path, dst: Path, **kw: Any) -> str | None:
+def _predict_whole(task: SegmentationTask, src: Path, dst: Path, opts: PredictOptions) -> str | None:
     """Predict one raster in this process; the error message, or None on success."""
     try:
-        predict_raster(task, src, dst, task.preprocessing, **kw)
+        predict_with(task, src, dst, task.preprocessing, opts)
     except Exception as err:  # noqa: BLE001 - one bad raster must not stop the others
         return _message(src, err)
     return None
 
 
-def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, **kw: Any) -> str | None:
+def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, opts: PredictOptions) -> str | None:
     """Predict this process's share of one raster; rank 0 then writes the outputs from every share.
 
     Every process takes part in the exchange of errors even when its share failed, so that one
@@ -190,14 +190,12 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, *
     """
     error, job, shares = None, None, []
     try:
-        check_paths(src, dst, kw["probabilities"], kw["overwrite"])
-        job = open_job(src, task.preprocessing, kw["tile_size"], kw["overlap"], kw["expected_dtype"], kw["num_classes"])
+        check_paths(src, dst, opts.probabilities, opts.overwrite)
+        job = open_job(src, task.preprocessing, opts)
         shares = share_rows(job.grid, ranks.world)
         mine = [s for s in shares if s.rank == ranks.rank]
         if mine:
-            share_kw = {key: kw[key] for key in ("batch_size", "device", "precision", "num_classes", "class_names",
-                                                 "probabilities", "progress", "num_workers")}
-            predict_share(task, job, mine[0], part_path(dst, ranks.rank), **share_kw)
+            predict_share(task, job, mine[0], part_path(dst, ranks.rank), opts)
     except Exception as err:  # noqa: BLE001 - reported by rank 0 after the exchange
         error = _message(src, err)
     errors = [e for e in ranks.all_gather(error) if e is not None]
@@ -207,8 +205,8 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, *
         if errors:
             return errors[0]
         assert job is not None
-        write_from_parts(dst, job.grid, shares, job.profile, kw["class_names"],
-                         probabilities=kw["probabilities"], cog=kw["cog"], overwrite=kw["overwrite"])
+        write_from_parts(dst, job.grid, shares, job.profile, opts.class_names,
+                         probabilities=opts.probabilities, cog=opts.cog, overwrite=opts.overwrite)
     except Exception as err:  # noqa: BLE001
         return _message(src, err)
     finally:

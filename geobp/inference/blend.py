@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geobp.inference.reader import TileGrid
+from geobp.tiling import TileGrid
 
 #: encode(probabilities float32 [K, h, w], valid bool [h, w]) -> uint8 [bands, h, w], numpy or torch
 Encoder = Callable[[Any, Any], Any]

@@ -31,7 +31,8 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from geobp.errors import OutputExistsError, format_error
-from geobp.raster import atomic_path, derive_profile
+from geobp.atomic import atomic_path
+from geobp.raster import derive_profile
 
 Probabilities = Literal["none", "probs", "confidence"]
 

@@ -34,7 +34,7 @@ from geobp.inference.outputs import (
     check_outputs_free,
     output_paths,
 )
-from geobp.inference.reader import TileGrid
+from geobp.tiling import TileGrid
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -32,6 +31,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, format_error
 from geobp.inference.blend import Encoder, TileBlender
@@ -44,19 +44,37 @@ from geobp.inference.outputs import (
     output_paths,
 )
 from geobp.inference.parts import PartSink, RowShare
-from geobp.inference.reader import PrefetchReader, TileGrid
+from geobp.inference.reader import PrefetchReader
+from geobp.inference.threads import decode_threads, default_workers
+from geobp.tiling import TileGrid
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
-Precision = Literal["32", "bf16", "16"]
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+#: Earlier spellings of :data:`Precision`, still accepted.
+PRECISION_ALIASES: dict[str, Precision] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def normalize_precision(precision: str) -> Precision:
+    """Lightning's precision name for ``precision`` (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed`` ...).
+
+    Raises:
+        ConfigError: not a precision inference runs in.
+    """
+    valid = get_args(Precision)
+    if precision in valid:
+        return precision  # type: ignore[return-value]
+    if precision in PRECISION_ALIASES:
+        return PRECISION_ALIASES[precision]
+    raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected {', '.join(valid)})", "pick one of them"))
 
 #: GDAL block cache while predicting, a fixed bound so that memory does not grow with the
 #: raster (GDAL's default is 5% of RAM and fills with the whole file). It holds the block row a
 #: tile row re-reads while one block row takes up to 32 MB (e.g. 20k px x 3 bands
 #: uint16 with 256-row blocks); wider ones decode those blocks twice.
 GDAL_CACHE_BYTES = 32 * 2**20
-_AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def _check_args(
@@ -65,14 +83,61 @@ def _check_args(
     check_tile_args(tile_size, overlap)
     if batch_size < 1:
         raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
-    if precision not in ("32", "bf16", "16"):
-        raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected 32, bf16 or 16)", "pick one of them"))
+    normalize_precision(precision)
     if probabilities not in ("none", "probs", "confidence"):
         raise ConfigError(
             format_error(None, f"unknown probabilities {probabilities!r} (expected none, probs or confidence)", "pick one of them")
         )
     if not 0 <= nodata_value <= 255:
         raise ConfigError(format_error(None, f"nodata value must fit uint8 (found {nodata_value})", "pick one in 0..255"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How rasters are predicted: one checked value handed down the layers of inference.
+
+    Attributes:
+        tile_size: model input size; rasters smaller than a tile are padded by reflection.
+        overlap: minimum overlap of neighbouring tiles (at least the model's receptive-field
+            radius times four removes tile-edge effects; tile edges get near-zero weight
+            over the outer quarter of the overlap).
+        batch_size: tiles per forward pass (the same for every share of a split raster).
+        device: torch device for the model.
+        precision: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` for autocast (meant for CUDA);
+            ``32``, ``bf16`` and ``16`` are accepted and normalised.
+        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
+        cog: write Cloud Optimized GeoTIFFs (with overviews).
+        overwrite: replace existing outputs.
+        progress: show a progress bar (rich, on stderr).
+        nodata_value: class-map value at nodata pixels; must not be a class id.
+        num_workers: reader threads (each with its own file handle); None: see
+            :func:`default_workers`.
+        num_classes: expected number of classes (checked against the model output), or None.
+        class_names: one name per class for the tags and colours; ``class_<i>`` when None.
+        expected_dtype: training data type, when known; a different input dtype is refused.
+
+    Raises:
+        ConfigError: an invalid value (checked when the options are made).
+    """
+
+    tile_size: int = 512
+    overlap: int = 64
+    batch_size: int = 8
+    device: str | torch.device = "cpu"
+    precision: Precision | str = "32-true"
+    probabilities: Probabilities = "none"
+    cog: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    nodata_value: int = 255
+    num_workers: int | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    expected_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value)
+        object.__setattr__(self, "precision", normalize_precision(self.precision))
 
 
 def _check_input(src: rasterio.DatasetReader, preprocessing: Preprocessing, expected_dtype: str | None) -> None:
@@ -156,44 +221,6 @@ def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
     return encode
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (SLURM's ``--cpus-per-task``, ``taskset``), or all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 2
-
-
-def default_workers(device: str | torch.device) -> int:
-    """Reader threads when none are given: a quarter of the usable cores (1 to 8) on the CPU,
-    where the model needs the others; on a GPU a quarter of the usable cores but two (2 to 8),
-    each decoding with several GDAL threads (:func:`decode_threads`).
-
-    Reading is bound by decoding the input's compressed blocks (about 12 ms per 512 x 512
-    6-band DEFLATE tile on one core against 1 ms of normalisation, measured on the 2-core
-    development machine). Each reader thread has its own file handle, and GDAL's block cache is
-    per handle, so a thread decodes again the blocks its batches share with another thread's:
-    few threads, each decoding with several GDAL threads, read more tiles per second than many
-    single-threaded ones (on the 2-core machine one thread with ``GDAL_NUM_THREADS=2`` read the
-    benchmark grid at 488 tiles/s, two threads with one each at 343). On the CPU every thread
-    also takes cores from the model: one reader thread there left the model more CPU than two
-    (``predict_raster`` / forward 0.91 against 0.87).
-    """
-    cores = usable_cores()
-    if torch.device(device).type == "cuda":
-        return max(2, min(8, (cores - 2) // 4))
-    return max(1, min(8, cores // 4))
-
-
-def decode_threads(device: str | torch.device, readers: int) -> int:
-    """GDAL decoding threads per reader thread (``GDAL_NUM_THREADS``): on a GPU the cores left
-    after the model's thread and the writer, shared by the readers; 1 on the CPU (the model
-    needs the cores)."""
-    if torch.device(device).type != "cuda":
-        return 1
-    return max(1, (usable_cores() - 2) // max(1, readers))
-
-
 def _progress(enabled: bool, name: str, total: int) -> tuple[Any, Any]:
     if not enabled:
         return contextlib.nullcontext(), None
@@ -214,7 +241,7 @@ def predict_raster(
     overlap: int = 64,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    precision: Precision = "32",
+    precision: Precision | str = "32-true",
     num_classes: int | None = None,
     class_names: list[str] | None = None,
     probabilities: Probabilities = "none",
@@ -241,23 +268,7 @@ def predict_raster(
         dst: class map to write (``<stem>_classes.tif`` by convention).
         preprocessing: band selection, nodata and normalization used in training. The input
             file's own nodata tag, when it has one, takes precedence for masking.
-        tile_size: model input size; rasters smaller than a tile are padded by reflection.
-        overlap: minimum overlap of neighbouring tiles (at least the model's receptive-field
-            radius times four removes tile-edge effects; tile edges get near-zero weight
-            over the outer quarter of the overlap).
-        batch_size: tiles per forward pass.
-        device: torch device for the model.
-        precision: ``32``, or ``bf16`` / ``16`` for autocast (meant for CUDA).
-        num_classes: expected number of classes (checked against the model output), or None.
-        class_names: one name per class for the tags and colours; ``class_<i>`` when None.
-        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
-        cog: write Cloud Optimized GeoTIFFs (with overviews).
-        overwrite: replace existing outputs.
-        progress: show a progress bar (rich, on stderr).
-        nodata_value: class-map value at nodata pixels; must not be a class id.
-        expected_dtype: training data type, when known; a different input dtype is refused.
-        num_workers: reader threads (each with its own file handle); None: see
-            :func:`default_workers`.
+        tile_size ... num_workers: the fields of :class:`PredictOptions`.
 
     Returns:
         ``dst``.
@@ -268,19 +279,26 @@ def predict_raster(
         OutputExistsError: an output exists and ``overwrite`` is False.
         ConfigError: invalid arguments, or model output that does not fit them.
     """
-    _check_args(tile_size, overlap, batch_size, precision, probabilities, nodata_value)
+    opts = PredictOptions(
+        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
+        probabilities=probabilities, cog=cog, overwrite=overwrite, progress=progress, nodata_value=nodata_value,
+        num_workers=num_workers, num_classes=num_classes, class_names=class_names, expected_dtype=expected_dtype,
+    )
+    return predict_with(model, src, dst, preprocessing, opts)
+
+
+def predict_with(model: nn.Module, src: str | Path, dst: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Path:
+    """:func:`predict_raster` with its options as one :class:`PredictOptions`."""
     src, dst = Path(src), Path(dst)
-    paths = check_paths(src, dst, probabilities, overwrite)
-    job = open_job(src, preprocessing, tile_size, overlap, expected_dtype, num_classes, nodata_value)
+    paths = check_paths(src, dst, opts.probabilities, opts.overwrite)
+    job = open_job(src, preprocessing, opts)
     with contextlib.ExitStack() as stack:
-        tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
+        tmps = {key: stack.enter_context(atomic_output(path, opts.cog)) for key, path in paths.items()}
 
         def open_sink(names: list[str]) -> OutputFiles:
-            return OutputFiles(tmps, job.profile, names, probabilities, nodata_value)
+            return OutputFiles(tmps, job.profile, names, opts.probabilities, opts.nodata_value)
 
-        _run(model, job, open_sink, rows=(0, len(job.grid.row_offsets)), batch_size=batch_size, device=device,
-             precision=precision, num_classes=num_classes, class_names=class_names, probabilities=probabilities,
-             progress=progress, nodata_value=nodata_value, num_workers=num_workers)
+        _run(model, job, open_sink, (0, len(job.grid.row_offsets)), opts)
     return dst
 
 
@@ -315,15 +333,7 @@ class Job:
     grid: TileGrid
 
 
-def open_job(
-    src: str | Path,
-    preprocessing: Preprocessing,
-    tile_size: int,
-    overlap: int,
-    expected_dtype: str | None = None,
-    num_classes: int | None = None,
-    nodata_value: int = 255,
-) -> Job:
+def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Job:
     """Check an input raster against the model's preprocessing and lay out its tiles.
 
     Raises:
@@ -332,50 +342,33 @@ def open_job(
     """
     src = Path(src)
     with open_raster(src) as ds:
-        _check_input(ds, preprocessing, expected_dtype)
+        _check_input(ds, preprocessing, opts.expected_dtype)
         profile = ds.profile
         height, width, file_nodata = ds.height, ds.width, ds.nodata
     if file_nodata is not None:
         preprocessing = dataclasses.replace(preprocessing, nodata=file_nodata)
-    if num_classes is not None and nodata_value < num_classes:
-        raise ConfigError(format_error(None, f"nodata value {nodata_value} is a class id ({num_classes} classes)", "pick a larger nodata value"))
-    return Job(src, profile, preprocessing, TileGrid.build(height, width, tile_size, overlap))
+    if opts.num_classes is not None and opts.nodata_value < opts.num_classes:
+        raise ConfigError(format_error(None, f"nodata value {opts.nodata_value} is a class id ({opts.num_classes} classes)",
+                                       "pick a larger nodata value"))
+    return Job(src, profile, preprocessing, TileGrid.build(height, width, opts.tile_size, opts.overlap))
 
 
-def predict_share(
-    model: nn.Module,
-    job: Job,
-    share: RowShare,
-    part: str | Path,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    precision: Precision = "32",
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    probabilities: Probabilities = "none",
-    progress: bool = True,
-    nodata_value: int = 255,
-    num_workers: int | None = None,
-) -> Path:
+def predict_share(model: nn.Module, job: Job, share: RowShare, part: str | Path, opts: PredictOptions) -> Path:
     """Predict one process's share of a raster's tile rows into a part file (see :mod:`geobp.inference.parts`).
 
-    Arguments as in :func:`predict_raster`; ``batch_size`` must be the same for every share
-    (the shares run the single-process batches). On failure the part file is removed.
+    ``opts`` as for the whole raster; ``batch_size`` must be the same for every share (the
+    shares run the single-process batches). On failure the part file is removed.
 
     Returns:
         ``part``.
     """
-    _check_args(job.grid.tile, 0, batch_size, precision, probabilities, nodata_value)
     part = Path(part)
 
     def open_sink(names: list[str]) -> PartSink:
-        return PartSink(part, job.grid, share, output_bands(probabilities, len(names)))
+        return PartSink(part, job.grid, share, output_bands(opts.probabilities, len(names)))
 
     try:
-        _run(model, job, open_sink, rows=(share.warmup, share.stop), batch_size=batch_size, device=device,
-             precision=precision, num_classes=num_classes, class_names=class_names, probabilities=probabilities,
-             progress=progress, nodata_value=nodata_value, num_workers=num_workers)
+        _run(model, job, open_sink, (share.warmup, share.stop), opts)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -383,24 +376,12 @@ def predict_share(
 
 
 def _run(
-    model: nn.Module,
-    job: Job,
-    open_sink: Callable[[list[str]], Any],
-    *,
-    rows: tuple[int, int],
-    batch_size: int,
-    device: str | torch.device,
-    precision: str,
-    num_classes: int | None,
-    class_names: list[str] | None,
-    probabilities: Probabilities,
-    progress: bool,
-    nodata_value: int,
-    num_workers: int | None,
+    model: nn.Module, job: Job, open_sink: Callable[[list[str]], Any], rows: tuple[int, int], opts: PredictOptions
 ) -> None:
     """Predict the tiles of tile rows ``rows`` and hand the finished strips to ``open_sink(class names)``."""
-    if num_workers is None:
-        num_workers = default_workers(device)
+    device, precision, probabilities, nodata_value = opts.device, opts.precision, opts.probabilities, opts.nodata_value
+    num_classes, class_names = opts.num_classes, opts.class_names
+    num_workers = default_workers(device) if opts.num_workers is None else opts.num_workers
     grid = job.grid
     th, tw, tile_size = grid.tile_h, grid.tile_w, grid.tile
     first, stop = rows
@@ -408,10 +389,10 @@ def _run(
     model = model.to(dev).eval()
     row_w = torch.from_numpy(grid.row_weights).to(dev)
     col_w = torch.from_numpy(grid.col_weights).to(dev)
-    autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32")
+    autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32-true")
     # the single-process batches, also for a share: every tile's logits come from the same forward pass
-    batches = [b for b in grid.batches(batch_size) if any(first <= i < stop for i, _ in b)]
-    bar, task_id = _progress(progress, job.src.name, sum(map(len, batches)))
+    batches = [b for b in grid.batches(opts.batch_size) if any(first <= i < stop for i, _ in b)]
+    bar, task_id = _progress(opts.progress, job.src.name, sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
@@ -431,7 +412,7 @@ def _run(
                             raise ConfigError(
                                 format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
                             )
-                        names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+                        names = class_names_for(class_names, k)
                         blender = TileBlender(grid, make_encoder(probabilities, nodata_value), output_bands(probabilities, k),
                                               first, stop)
                         writer = BlendWriter(blender, lambda names=names: open_sink(names))

@@ -20,10 +20,11 @@ import numpy as np
 from rasterio.windows import Window
 from rich.table import Table
 
+from geobp.atomic import atomic_path
 from geobp.data.alignment import aligned_labels
 from geobp.data.labels import LabelOptions, LabelReport, find_label_sources
 from geobp.errors import ConfigError, format_error
-from geobp.raster import atomic_path, check_same_grid, open_raster, read_info, read_window
+from geobp.raster import check_same_grid, open_raster, read_info, read_window
 
 #: Rows per strip when streaming a class map and its labels.
 STRIP_ROWS = 1024

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from geobp.errors import ConfigError, format_error
+from geobp.classes import check_num_classes
 from geobp.models.encoder import ResNetEncoder
 
 
@@ -28,9 +28,7 @@ class DeepLabV3(nn.Module):
     def __init__(self, encoder: ResNetEncoder, num_classes: int,
                  atrous_rates: tuple[int, int, int] = (12, 24, 36)) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(format_error(None, f"num_classes must be >= 2 (found {num_classes})",
-                                           "count the background as a class"))
+        check_num_classes(num_classes)
         self.encoder = encoder
         self.num_classes = num_classes
         self.head = DeepLabHead(encoder.out_channels[-1], num_classes, tuple(atrous_rates))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 
+from geobp.classes import check_in_channels
 from geobp.errors import ConfigError, format_error
 
 EncoderName = Literal["resnet18", "resnet34", "resnet50"]
@@ -52,9 +53,7 @@ def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
     Raises:
         ConfigError: if ``in_channels < 1``.
     """
-    if in_channels < 1:
-        raise ConfigError(format_error(None, f"in_channels must be >= 1 (found {in_channels})",
-                                       "set in_channels to the number of bands of the rasters"))
+    check_in_channels(in_channels)
     saved = weight.shape[1]
     if in_channels == saved:
         return weight
@@ -109,10 +108,7 @@ class ResNetEncoder(nn.Module):
             raise ConfigError(format_error(
                 None, f"unknown encoder (expected one of {sorted(ENCODERS)}, found {name!r})",
                 f"set encoder to one of {', '.join(sorted(ENCODERS))}"))
-        if in_channels < 1:
-            raise ConfigError(format_error(
-                None, f"in_channels must be >= 1 (found {in_channels})",
-                "set in_channels to the number of bands of the rasters"))
+        check_in_channels(in_channels)
         self.name = name
         self.in_channels = in_channels
         net = ENCODERS[name](weights=None)

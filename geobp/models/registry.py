@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from geobp.classes import check_in_channels, check_num_classes
 from geobp.errors import ConfigError, format_error
 from geobp.models.deeplab import DeepLabV3
 from geobp.models.encoder import ENCODERS, ResNetEncoder
@@ -51,12 +52,8 @@ def create_model(name: str, *, encoder: str = "resnet34", in_channels: int, num_
         raise ConfigError(format_error(
             None, f"unknown encoder (expected one of {sorted(ENCODERS)}, found {encoder!r})",
             f"set encoder to one of {', '.join(sorted(ENCODERS))}"))
-    if in_channels < 1:
-        raise ConfigError(format_error(None, f"in_channels must be >= 1 (found {in_channels})",
-                                       "set in_channels to the number of bands of the rasters"))
-    if num_classes < 2:
-        raise ConfigError(format_error(None, f"num_classes must be >= 2 (found {num_classes})",
-                                       "count the background as a class"))
+    check_in_channels(in_channels)
+    check_num_classes(num_classes)
     builder = MODELS[name]
     options = [p for p in inspect.signature(builder).parameters
                if p not in ("self", "encoder", "num_classes")]

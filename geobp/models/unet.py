@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geobp.classes import check_num_classes
 from geobp.errors import ConfigError, format_error
 from geobp.models.encoder import ResNetEncoder
 
@@ -79,9 +80,7 @@ class UNet(nn.Module):
     def __init__(self, encoder: ResNetEncoder, num_classes: int,
                  decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(format_error(None, f"num_classes must be >= 2 (found {num_classes})",
-                                           "count the background as a class"))
+        check_num_classes(num_classes)
         decoder_channels = tuple(decoder_channels)
         if len(decoder_channels) != 5 or any(c < 1 for c in decoder_channels):
             raise ConfigError(format_error(

@@ -5,7 +5,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geobp.data import GeoTiffDataModule, Preprocessing, TileDataset
-from geobp.data.dataset import TileSpec, collate_tiles, finish_batch, mask_dtype
+from geobp.classes import mask_dtype
+from geobp.data.dataset import TileSpec, collate_tiles, finish_batch
 from geobp.errors import BandMismatchError, ConfigError, DataNotFoundError, LabelError, RasterMismatchError
 from geobp.raster import read_window
 from tests.conftest import write_tif

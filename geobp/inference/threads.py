@@ -1,0 +1,42 @@
+"""How many threads read the input and decode it: the reader-thread policy of inference.
+
+Reading is bound by decoding the input's compressed blocks, not by normalising them. Each reader
+thread has its own file handle, and GDAL's block cache is per handle, so a thread decodes again
+the blocks its batches share with another thread's: a few threads, each decoding with several
+GDAL threads, read more tiles per second than many single-threaded ones. On the CPU every
+reader thread also takes a core from the model. BENCHMARKS.md ("reading alone" and the
+inference section) holds the measurements behind these defaults and the commands that made them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (SLURM's ``--cpus-per-task``, ``taskset``), or all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
+def default_workers(device: str | torch.device) -> int:
+    """Reader threads when none are given: a quarter of the usable cores (1 to 8) on the CPU,
+    where the model needs the others; on a GPU a quarter of the usable cores but two (2 to 8),
+    each decoding with several GDAL threads (:func:`decode_threads`)."""
+    cores = usable_cores()
+    if torch.device(device).type == "cuda":
+        return max(2, min(8, (cores - 2) // 4))
+    return max(1, min(8, cores // 4))
+
+
+def decode_threads(device: str | torch.device, readers: int) -> int:
+    """GDAL decoding threads per reader thread (``GDAL_NUM_THREADS``): on a GPU the cores left
+    after the model's thread and the writer, shared by the readers; 1 on the CPU (the model
+    needs the cores)."""
+    if torch.device(device).type != "cuda":
+        return 1
+    return max(1, (usable_cores() - 2) // max(1, readers))
