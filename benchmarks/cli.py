@@ -33,7 +33,7 @@ QUICK_DIR = REPO / "benchmarks" / ".data" / "quick"
 def _section_env(name: str, cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if name == "loading" and cfg.gdal_cache_mb > 0:
+    if name in ("loading", "labels") and cfg.gdal_cache_mb > 0:
         env["GDAL_CACHEMAX"] = str(cfg.gdal_cache_mb)  # read by GDAL when it starts
     return env
 

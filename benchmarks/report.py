@@ -15,7 +15,8 @@ _TITLES = {
     "loading": "1. Training tile loading",
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
-    "gpu": "4. GPU",
+    "gpu": "5. GPU",
+    "labels": "4. Labels on another grid",
 }
 
 
@@ -112,6 +113,12 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
         others = {r["machine"]["date"][:10] for r in cpu}
         if len(others) > 1:
             lines += ["Sections were measured on different days; each section states its own date.", ""]
+        cpus: dict[str, list[str]] = {}
+        for r in cpu:
+            cpus.setdefault(r["machine"]["cpu"], []).append(r["section"])
+        if len(cpus) > 1:
+            lines += ["The table shows the machine of the last section; sections ran on different CPUs: "
+                      + "; ".join(f"{', '.join(names)} on {name}" for name, names in cpus.items()) + ".", ""]
     checks = [t for r in cpu for t in r.get("targets", [])]
     if checks:
         lines += ["## Targets", ""]

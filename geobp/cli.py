@@ -179,13 +179,25 @@ def cmd_check(argv: Sequence[str]) -> int:
         prog="geobp check",
         description="Check every scene of a dataset folder: readable end to end, georeferenced and north-up, "
         "image and mask on one grid, consistent bands, labels within the classes, nodata declared.",
+        epilog="Labels in other forms: `geobp check --config CFG` (its data: section) or the `geobp fit` data options "
+        "(--data.images, --data.labels, --data.num_classes, --data.label_map '{-1: 255}', --data.label_field ...); "
+        "per scene it reports the label sources covering it, their CRS and resolution, coverage, classes and unmapped values.",
     )
-    p.add_argument("root", help="dataset folder with images/ and masks/")
+    p.add_argument("root", nargs="?", default=None, help="dataset folder with images/ and masks/ (or --config / --data.* options)")
+    p.add_argument("--config", default=None, help="a `geobp fit` config: its data section is checked (data.images, data.labels ...)")
     p.add_argument("--num-classes", type=int, default=None, help="mask values must be below this (or the ignore index)")
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the files' tags)")
     p.add_argument("--quick", action="store_true", help="headers only: do not read the pixels")
-    a = p.parse_args(argv)
+    rest = [arg for i, arg in enumerate(argv) if _is_data_arg(argv, i)]
+    a = p.parse_args([arg for i, arg in enumerate(argv) if not _is_data_arg(argv, i)])
+    data = data_options(a.config, rest)
+    if data.get("images") is not None or data.get("labels") is not None:
+        return check_labels(data, a)
+    a.root = a.root or data.get("root")
+    if a.root is None:
+        p.error("give the dataset folder ROOT, or --config / --data.root / --data.images and --data.labels")
+    a.num_classes = a.num_classes or data.get("num_classes")
     reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True)
     table = Table(title=f"geobp check {a.root}", show_lines=True)
     for col in ("scene", "size", "bands", "valid", "labels", "status", "problems"):
@@ -203,6 +215,84 @@ def cmd_check(argv: Sequence[str]) -> int:
             "\n".join(p.message for p in r.problems) or "",
         )
     Console(width=max(Console().width, 160)).print(table)
+    fatal = sum(r.fatal for r in reports)
+    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
+    return 1 if fatal else 0
+
+
+def _is_data_arg(argv: Sequence[str], i: int) -> bool:
+    """True for a ``--data.KEY[=VALUE]`` option and for the value that follows ``--data.KEY``."""
+    arg = argv[i]
+    if arg.startswith("--data."):
+        return True
+    return i > 0 and argv[i - 1].startswith("--data.") and "=" not in argv[i - 1]
+
+
+def data_options(config: str | None, args: Sequence[str]) -> dict[str, Any]:
+    """The ``data:`` section of a config file, updated by ``--data.KEY VALUE`` options (values read as YAML).
+
+    Raises:
+        ConfigError: the config cannot be read, or an option is not a ``--data.*`` option.
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        try:
+            data = dict((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {})
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            raise ConfigError(format_error(config, f"cannot read the config ({err})", "pass a YAML file with a data: section")) from err
+    args = list(args)
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--data."):
+            raise ConfigError(format_error(None, f"unknown option {key}", "see `geobp check --help`; data options are --data.KEY VALUE"))
+        key, eq, value = key[len("--data."):].partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(format_error(None, f"--data.{key} needs a value", f"pass --data.{key} VALUE"))
+            value = args.pop(0)
+        data[key] = yaml.safe_load(value)
+    return data
+
+
+def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
+    """``geobp check`` on ``data.images`` + ``data.labels``: per scene, the label sources and what they give."""
+    from geobp.data.alignment import check_labelled_dataset
+    from geobp.data.labels import LabelOptions
+
+    num_classes = a.num_classes or data.get("num_classes")
+    if num_classes is None:
+        raise ConfigError(format_error(None, "num_classes is not set", "pass --data.num_classes (or --num-classes)"))
+    names = data.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    ignore = int(data.get("ignore_index", a.ignore_index))
+    options = LabelOptions(int(num_classes), ignore, tuple(names), dict(data.get("label_map") or {}), data.get("label_field"),
+                           data.get("label_background"), bool(data.get("all_touched", False)))
+    root = data.get("root")
+    images = data.get("images") or (str(Path(root) / "images") if root else None)
+    labels = data.get("labels") or (str(Path(root) / "masks") if root else None)
+    if images is None or labels is None:
+        raise ConfigError(format_error(None, "data.images and data.labels are both needed", "pass --data.images and --data.labels"))
+    reports = check_labelled_dataset(images, labels, options, data.get("cache_dir") or root,
+                                     a.nodata if a.nodata is not None else data.get("nodata"), full=not a.quick, progress=True)
+    table = Table(title="geobp check (labels aligned onto each image)", show_lines=True)
+    for col in ("scene", "image", "label sources", "labels", "coverage", "classes (pixels)", "unmapped", "status", "problems"):
+        table.add_column(col, overflow="fold")
+    for r in reports:
+        img, rep = r.image, r.label_report
+        status = "[red]FATAL[/red]" if r.fatal else ("[yellow]warn[/yellow]" if r.problems else "[green]ok[/green]")
+        table.add_row(
+            r.name,
+            f"{img.height}x{img.width} {img.count} x {img.dtype}\n{img.crs} {img.transform[0]:g} x {-img.transform[4]:g}" if img else "-",
+            "\n".join(Path(s).name for s in rep.sources) if rep else "-",
+            "\n".join(f"{c} {res[0]:g} x {res[1]:g}" if res else str(c) for c, res in zip(rep.source_crs, rep.source_res)) if rep else "-",
+            f"{rep.coverage:.1%}" if rep else "-",
+            ", ".join(f"{n}: {c}" for n, c in zip(names, rep.histogram)) if rep and rep.histogram else "-",
+            ", ".join(rep.unmapped) if rep else "-",
+            status,
+            "\n".join(p.message for p in r.problems),
+        )
+    Console(width=max(Console().width, 180)).print(table)
     fatal = sum(r.fatal for r in reports)
     console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
     return 1 if fatal else 0
@@ -247,6 +337,7 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch compute threads per process on the CPU (default: the process's share of the usable cores). "
                         "Outputs are byte for byte the same for any --devices when every run uses the same --threads")
+    add_label_arguments(p.add_argument_group("scoring against ground truth (writes OUT/metrics.json)"), "--labels")
     a = p.parse_args(argv)
     ranks, device = _infer_processes(_torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
@@ -260,7 +351,45 @@ def cmd_infer(argv: Sequence[str]) -> int:
         console.print(f"{src} -> {dst}", highlight=False)
     for line in summary.lines():
         console.print(line, highlight=False, soft_wrap=True)
+    if a.labels:
+        return max(summary.exit_code, score_outputs(a, summary.succeeded))
     return summary.exit_code
+
+
+def add_label_arguments(group: Any, labels_flag: str) -> None:
+    """The label options (``--labels`` and ``--label-*``), as the ``data.label*`` options of ``fit``."""
+    group.add_argument(labels_flag, nargs="+", default=None, dest="labels", metavar="LABELS",
+                       help="label rasters (any grid/CRS: folder, glob or files), one land-cover map, or a vector file")
+    group.add_argument("--label_field", "--label-field", default=None, help="vector labels: the attribute holding the class id or name")
+    group.add_argument("--label_map", "--label-map", type=_yaml_mapping, default=None,
+                       help="raw label value -> class id or ignore, e.g. '{-1: 255}' or '{11: 0, 21: 1}'")
+    group.add_argument("--label_background", "--label-background", type=int, default=None,
+                       help="vector labels: class outside every feature (default: ignored)")
+    group.add_argument("--all_touched", "--all-touched", action="store_true", help="vector labels: label every pixel a feature touches")
+
+
+def _yaml_mapping(text: str) -> dict[Any, int]:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{-1: 255}}', found {text!r}")
+    return value
+
+
+def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
+    """Score the class maps against ``a.labels``: tables, and ``OUT/metrics.json``; 1 when any raster failed."""
+    from geobp.inference.scoring import score_predictions
+
+    summary = score_predictions(pairs, a.labels, out_dir=a.out, label_map=a.label_map, label_field=a.label_field,
+                                label_background=a.label_background, all_touched=a.all_touched)
+    out = Console(width=max(Console().width, 100))
+    for table in summary.tables():
+        out.print(table)
+    for _, message in summary.failed:
+        console.print(f"NOT SCORED {message}", highlight=False, soft_wrap=True)
+    console.print(f"metrics: {Path(a.out) / 'metrics.json'}", highlight=False)
+    return 1 if summary.failed else 0
 
 
 def _infer_processes(device: str, devices: int, num_nodes: int, threads: int | None = None) -> tuple[Any, str]:

@@ -85,3 +85,22 @@ def test_robust_mean_counts_periodic_work_and_ignores_bursts() -> None:
     burst = steps[:30] + [5.0] * 10 + steps[40:]  # other work on the machine for ten steps
     assert robust_mean(burst, 25, 5) == pytest.approx(sum(steps) / len(steps))
     assert robust_mean(burst, None, 5) == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_labels_section(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "labels", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    for row in ("geobp, labels aligned into the cache", "geobp, same-grid masks", "torchgeo `RasterDataset` & `RasterDataset`"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    assert re.search(r"\| labels: geobp / torchgeo, labels on another grid, tiles/s \| [\d.]+x \| >= 3 \| (PASS|\*\*MISS\*\*) \|", text)
+    assert re.search(r"\| labels: alignment / band statistics, seconds per scene \| [\d.]+ s / [\d.]+ s \| <= 1 \|", text)
+    stored = json.loads((tmp_path / "results" / "labels.json").read_text())
+    assert set(stored["metrics"]["tiles_per_s"]) == {"geobp_aligned", "geobp_same_grid", "torchgeo"}

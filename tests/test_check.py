@@ -116,3 +116,36 @@ def test_band_count_mismatch_between_scenes(good, make_scene):
 def test_check_missing_folder_exit_code(tmp_path, capsys):
     assert main(["check", str(tmp_path / "none")]) == 2
     assert "none/images: folder not found" in capsys.readouterr().err
+
+
+def test_check_with_data_options_reports_label_sources_coverage_histogram_and_unmapped(tmp_path, capsys):
+    """`geobp check --config CFG` and `--data.*`: per scene the label sources, CRS/resolution, coverage, classes, unmapped values."""
+    import yaml
+
+    from tests.data.test_labels import labels_around, write_image
+
+    a = write_image(tmp_path / "img" / "a.tif")
+    write_image(tmp_path / "img" / "b.tif", origin=(500640.0, 5000000.0), seed=1)
+    labels, transform = labels_around(a, "EPSG:3035", 30.0)  # covers a and only part of b
+    codes = np.array([10, 20, 80], np.uint8)[labels]
+    write_tif(tmp_path / "wc.tif", codes, crs="EPSG:3035", transform=transform, block=None)
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"max_epochs": 1}, "data": {
+        "images": str(tmp_path / "img"), "labels": str(tmp_path / "wc.tif"), "num_classes": 3,
+        "class_names": ["tree", "grass", "water"], "label_map": {10: 0, 20: 1}}}))
+    assert main(["check", "--config", str(cfg)]) == 1  # 80 is not mapped
+    out = " ".join(capsys.readouterr().out.split())
+    assert "wc.tif" in out and "EPSG:3035 30 x 30" in out and "EPSG:32633 10 x 10" in out and "80" in out
+    assert main(["check", "--config", str(cfg), "--data.label_map", "{10: 0, 20: 1, 80: 2}"]) == 0
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
+    assert "100.0%" in out  # a is covered whole
+    assert "tree:" in out and "grass:" in out and "water:" in out
+    assert "2 scenes, 0 unusable" in " ".join(captured.err.split())
+    assert main(["check", "--data.images", str(tmp_path / "img"), "--data.labels", str(tmp_path / "wc.tif"),
+                 "--data.num_classes", "3", "--data.label_map={10: 0, 20: 1, 80: 2}"]) == 0
+    with pytest.raises(SystemExit):  # argparse: not an option of geobp check
+        main(["check", "--data.images", str(tmp_path / "img"), "--trainer.max_epochs", "1"])
+    assert "unrecognized arguments: --trainer.max_epochs" in capsys.readouterr().err
+    assert main(["check", "--data.images", str(tmp_path / "img"), "--data.num_classes", "3"]) == 2
+    assert "data.images and data.labels are both needed" in " ".join(capsys.readouterr().err.split())

@@ -14,8 +14,10 @@ from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
 from geobp.classes import check_num_classes, class_names_for
+from geobp.data.alignment import find_labelled_scenes
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
+from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
@@ -90,7 +92,10 @@ class ResumableTileLoader(DataLoader):
 class GeoTiffDataModule(L.LightningDataModule):
     """Tiles of multi-band GeoTIFF scenes with label masks, for segmentation.
 
-    The dataset folder holds ``images/<name>.tif`` and ``masks/<name>.tif``. Each scene is tiled in
+    The dataset folder ``root`` holds ``images/<name>.tif`` and ``masks/<name>.tif``; or ``images``
+    and ``labels`` name the files, with labels in any form :mod:`geobp.data.labels` accepts (label
+    rasters on other grids paired by footprint, one land-cover map, a vector file), aligned once
+    onto each image's grid into the cache. Each scene is tiled in
     its own CRS and grid. Training draws ``tiles_per_epoch`` random tiles aligned to the files'
     internal blocks; validation and test use a grid that covers their part of every scene. Under
     DDP every rank gets a disjoint share of the tiles.
@@ -102,8 +107,19 @@ class GeoTiffDataModule(L.LightningDataModule):
     (``trainer.fit(task, datamodule=dm)``); a loop of your own calls it on each batch.
 
     Args:
-        root: dataset folder.
-        num_classes: number of classes; mask values are ``0..num_classes-1`` or ``ignore_index``.
+        root: dataset folder (``root/images`` and ``root/masks``, matched by name); with
+            ``images``/``labels`` set it is only where the cache goes.
+        images: a folder, glob or list of GeoTIFFs (one scene per file); ``root/images`` when None.
+        labels: label rasters (folder, glob or list; any grid and CRS, paired with the images by
+            footprint), one label map covering many images, or a vector file in any CRS;
+            ``root/masks`` matched by name when None and ``images`` is None.
+        label_field: for vector labels, the attribute holding the class (an integer id or a name
+            in ``class_names``); every feature is class 1 when None.
+        label_background: for vector labels, the class of pixels outside every feature; the
+            ignore index when None.
+        all_touched: for vector labels, label every pixel a feature touches (thin features).
+        label_map: raw label value to class id or ``ignore_index``, e.g. ``{-1: 255}``.
+        num_classes: number of classes (required); mask values are ``0..num_classes-1`` or ``ignore_index``.
         bands: 1-based band indices to use; all bands when None.
         class_names: names for logs and outputs; ``class_<i>`` when None.
         ignore_index: label excluded from loss and metrics (nodata pixels get it too).
@@ -141,8 +157,8 @@ class GeoTiffDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
-        num_classes: int,
+        root: str | None = None,
+        num_classes: int | None = None,
         bands: list[int] | None = None,
         class_names: list[str] | None = None,
         ignore_index: int = 255,
@@ -165,10 +181,18 @@ class GeoTiffDataModule(L.LightningDataModule):
         stats_budget: int = STATS_BUDGET,
         band_names: list[str] | None = None,
         pretrained_weights: str | None = None,
+        images: str | list[str] | None = None,
+        labels: str | list[str] | None = None,
+        label_field: str | None = None,
+        label_background: int | None = None,
+        all_touched: bool = False,
+        label_map: dict[int | str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_tile_args(tile_size, overlap)
+        if num_classes is None:
+            raise ConfigError(format_error(None, "num_classes is not set", "set data.num_classes"))
         check_num_classes(num_classes)
         if not 0 <= ignore_index < 256 or ignore_index < num_classes:
             raise ConfigError(
@@ -182,11 +206,28 @@ class GeoTiffDataModule(L.LightningDataModule):
             raise ConfigError(
                 format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
             )
-        self.root = Path(root)
-        self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
+        self.class_names = class_names_for(class_names, num_classes)
+        #: per scene, what label alignment found (None for the images/ + masks/ layout)
+        self.label_reports: list[LabelReport] | None = None
+        if images is None and labels is None:
+            if root is None:
+                raise ConfigError(format_error(None, "no data given", "set data.root, or data.images and data.labels"))
+            self.root = Path(root)
+            self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
+        else:
+            if labels is None and root is None:
+                raise ConfigError(format_error(None, "data.images is set but not data.labels", "set data.labels (or data.root)"))
+            options = LabelOptions(
+                num_classes, ignore_index, tuple(self.class_names), dict(label_map or {}), label_field, label_background, all_touched
+            )
+            images_spec = images if images is not None else str(Path(root) / "images")  # type: ignore[arg-type]
+            labels_spec = labels if labels is not None else str(Path(root) / "masks")  # type: ignore[arg-type]
+            self.scenes, self.label_reports = find_labelled_scenes(
+                images_spec, labels_spec, options, cache_dir or root, progress=True
+            )
+            self.root = Path(root) if root is not None else Path(self.scenes[0].image.path).parent
         first = self.scenes[0].image
         self.bands = resolve_bands(bands, first.count, first.path)
-        self.class_names = class_names_for(class_names, num_classes)
         self.nodata = nodata if nodata is not None else next((s.image.nodata for s in self.scenes if s.image.nodata is not None), None)
         self.regions = self._split_regions()
         self.pretrained: PretrainedWeights | None = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from rasterio.windows import Window
@@ -20,6 +20,9 @@ from geobp.classes import invalid_labels
 from geobp.data.preprocessing import valid_pixels
 from geobp.errors import BandMismatchError, DataNotFoundError, GeobpError, LabelError, format_error
 from geobp.raster import RasterInfo, check_georeferenced, check_same_grid, open_raster, read_info, read_window
+
+if TYPE_CHECKING:
+    from geobp.data.labels import LabelReport
 
 Severity = Literal["fatal", "warning"]
 
@@ -43,6 +46,7 @@ class SceneReport:
     problems: list[Problem] = field(default_factory=list)
     valid_fraction: float | None = None
     labels: list[int] | None = None
+    label_report: LabelReport | None = None  # labels aligned from data.labels (see geobp.data.labels)
 
     @property
     def fatal(self) -> bool:

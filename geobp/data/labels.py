@@ -1,0 +1,371 @@
+"""Label sources: every form of training labels, and how raw label values become class ids.
+
+Forms accepted (``data.labels``):
+
+- label rasters on any grid and CRS: a folder, a glob or a list, paired with the images by
+  footprint (every raster overlapping an image contributes), or one raster covering many images
+  (a land-cover map);
+- a vector file (``.gpkg``, ``.geojson``, ``.shp``, ``.fgb`` ... anything OGR reads) in any CRS,
+  with the class in ``label_field`` (an integer id or a class name).
+
+Raw values go through ``label_map`` (raw value -> class id or the ignore index); a value that is
+neither mapped nor a class id is an error naming the file and the values. Bringing the sources
+onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from geobp.classes import invalid_labels
+from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
+from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, read_info
+
+#: Suffixes read as label rasters; any other single file is read as a vector file with OGR.
+LABEL_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
+
+RawKey = int | str
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """How raw labels become class ids (the ``data.label_*`` options).
+
+    Args:
+        num_classes: class ids are ``0..num_classes-1``.
+        ignore_index: the label of pixels that count nowhere (and of pixels no label covers).
+        class_names: class names; a vector's string labels are looked up here.
+        label_map: raw value (number or string) -> class id or ``ignore_index``; applied first.
+        label_field: the vector attribute holding the class; None burns every feature as class 1.
+        label_background: class of vector pixels outside every feature; ``ignore_index`` when None.
+        all_touched: rasterize every pixel a feature touches, not only those whose centre it covers.
+
+    Raises:
+        ConfigError: a mapped value or the background is neither a class id nor the ignore index.
+    """
+
+    num_classes: int
+    ignore_index: int = 255
+    class_names: tuple[str, ...] | None = None
+    label_map: Mapping[RawKey, int] = field(default_factory=dict)
+    label_field: str | None = None
+    label_background: int | None = None
+    all_touched: bool = False
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.label_map.items() if not self.is_label(v)}
+        if bad:
+            raise ConfigError(
+                format_error(
+                    None,
+                    f"data.label_map maps {bad} to values that are neither class ids 0..{self.num_classes - 1} "
+                    f"nor the ignore index {self.ignore_index}",
+                    "map every raw value to a class id or the ignore index",
+                )
+            )
+        if self.label_background is not None and not self.is_label(self.label_background):
+            raise ConfigError(
+                format_error(
+                    None,
+                    f"data.label_background {self.label_background} is neither a class id 0..{self.num_classes - 1} "
+                    f"nor the ignore index {self.ignore_index}",
+                    "set it to a class id, or leave it unset to ignore pixels outside every feature",
+                )
+            )
+
+    def is_label(self, value: int) -> bool:
+        """True for a class id or the ignore index (the rule of :func:`geobp.classes.invalid_labels`)."""
+        return not bool(invalid_labels(np.asarray(value), self.num_classes, self.ignore_index))
+
+    @property
+    def background(self) -> int:
+        """The value of vector pixels outside every feature."""
+        return self.ignore_index if self.label_background is None else self.label_background
+
+    def lookup(self, raw: Any) -> int | None:
+        """Class id (or ignore index) of one raw value; None when it is neither mapped nor a class id."""
+        if isinstance(raw, str):
+            if raw in self.label_map:
+                return int(self.label_map[raw])
+            if self.class_names is not None and raw in self.class_names:
+                return self.class_names.index(raw)
+            try:
+                raw = float(raw)
+            except ValueError:
+                return None
+        value = float(raw)
+        if math.isnan(value) or not value.is_integer():
+            return None
+        key = int(value)
+        if key in self.label_map:
+            return int(self.label_map[key])
+        if str(key) in self.label_map:  # keys written as strings in a JSON/YAML map
+            return int(self.label_map[str(key)])
+        return key if self.is_label(key) else None
+
+    def key(self) -> str:
+        """A stable text form of the options, for the cache key."""
+        d = asdict(self)
+        d["label_map"] = sorted((str(k), int(v)) for k, v in self.label_map.items())
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+@dataclass
+class LabelReport:
+    """What alignment found for one image (kept beside the aligned raster, shown by ``geobp check``).
+
+    Attributes:
+        sources: the label files that contributed at least one pixel.
+        source_crs: their CRS, same order.
+        source_res: their pixel size (x, y) in their own CRS units, same order (None for vectors).
+        image_crs: the image's CRS.
+        image_res: the image's pixel size (x, y).
+        coverage: fraction of the image's pixels that got a class (not the ignore index).
+        histogram: pixel count per class id after mapping (length ``num_classes``).
+        unmapped: raw values that are neither mapped nor class ids (as text, sorted).
+        method: how the labels were brought onto the grid (``copy``, ``nearest``, ``mode``, ``rasterize``).
+    """
+
+    sources: list[str] = field(default_factory=list)
+    source_crs: list[str] = field(default_factory=list)
+    source_res: list[tuple[float, float] | None] = field(default_factory=list)
+    image_crs: str = ""
+    image_res: tuple[float, float] = (0.0, 0.0)
+    coverage: float = 0.0
+    histogram: list[int] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    method: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VectorInfo:
+    """Header of a vector label file."""
+
+    path: str
+    crs: str
+    bounds: tuple[float, float, float, float]
+    fields: tuple[str, ...]
+
+
+@dataclass
+class LabelSources:
+    """The label inputs of a dataset: label rasters (headers) or one vector file."""
+
+    rasters: list[RasterInfo] = field(default_factory=list)
+    vector: VectorInfo | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        """Every label file."""
+        return [self.vector.path] if self.vector is not None else [r.path for r in self.rasters]
+
+
+# ----- finding the sources ------------------------------------------------------------------
+
+
+def expand_paths(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """A folder (its files with ``suffixes``, not recursive), a glob, a file, or a list of them.
+
+    Raises:
+        DataNotFoundError: a path does not exist, or nothing matches.
+    """
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    out: list[Path] = []
+    for item in items:
+        text = str(item)
+        if any(c in text for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataNotFoundError(format_error(text, f"no {what} matches this pattern", f"check the data.{what} pattern"))
+            out += found
+        elif Path(text).is_dir():
+            found = sorted(
+                p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+            )
+            if not found:
+                raise DataNotFoundError(format_error(text, f"folder holds no {'/'.join(suffixes)} files", f"check data.{what}"))
+            out += found
+        elif Path(text).is_file():
+            out.append(Path(text))
+        else:
+            raise DataNotFoundError(format_error(text, "file or folder not found", f"check data.{what}"))
+    return out
+
+
+def read_vector_info(path: str | Path) -> VectorInfo:
+    """CRS, bounds and attribute names of a vector file (header only).
+
+    Raises:
+        DataNotFoundError: OGR cannot open the file.
+        GeoreferenceError: the layer has no CRS.
+    """
+    import pyogrio
+
+    try:
+        info = pyogrio.read_info(str(path), force_total_bounds=True)
+    except Exception as err:  # noqa: BLE001 - pyogrio raises several DataSource errors
+        raise DataNotFoundError(
+            format_error(path, f"not a readable vector file ({err})", "pass a GeoPackage, GeoJSON, Shapefile or FlatGeobuf")
+        ) from err
+    if not info.get("crs"):
+        raise GeoreferenceError(format_error(path, "vector layer has no CRS", "assign one, e.g. `ogr2ogr -a_srs EPSG:XXXX OUT IN`"))
+    bounds = tuple(float(b) for b in info["total_bounds"])
+    return VectorInfo(str(path), str(info["crs"]), bounds, tuple(str(f) for f in info["fields"]))  # type: ignore[arg-type]
+
+
+def find_label_sources(spec: str | Path | Sequence[str | Path], label_field: str | None = None) -> LabelSources:
+    """Read the headers of ``data.labels``: label rasters, or a single vector file.
+
+    Raises:
+        DataNotFoundError: a path is missing or unreadable.
+        ConfigError: a vector file mixed with others, or ``label_field`` is not one of its attributes.
+        GeoreferenceError: a label has no CRS.
+    """
+    paths = expand_paths(spec, LABEL_RASTER_SUFFIXES, "labels")
+    vectors = [p for p in paths if p.suffix.lower() not in LABEL_RASTER_SUFFIXES]
+    if vectors:
+        if len(paths) > 1:
+            raise ConfigError(
+                format_error(vectors[0], "a vector label file must be the only label source", "merge the layers into one file")
+            )
+        info = read_vector_info(vectors[0])
+        if label_field is not None and label_field not in info.fields:
+            raise ConfigError(
+                format_error(info.path, f"attribute {label_field!r} not found (attributes: {', '.join(info.fields)})", "set data.label_field")
+            )
+        return LabelSources(vector=info)
+    rasters = [read_info(p) for p in paths]
+    for r in rasters:
+        if r.crs is None:
+            raise GeoreferenceError(format_error(r.path, "label raster has no CRS", "assign one, e.g. `gdal_edit.py -a_srs EPSG:XXXX FILE`"))
+    return LabelSources(rasters=rasters)
+
+
+# ----- geometry -----------------------------------------------------------------------------
+
+
+def raster_bounds(info: RasterInfo) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a north-up raster."""
+    a, _, c, _, e, f = info.transform
+    return (c, f + e * info.height, c + a * info.width, f)
+
+
+@functools.lru_cache(maxsize=4096)
+def bounds_in(src_crs: str, dst_crs: str, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """``bounds`` (in ``src_crs``) as a bounding box in ``dst_crs`` (None when they cannot be projected there); memoized."""
+    if src_crs == dst_crs:
+        return bounds
+    try:
+        out = transform_bounds(CRS.from_user_input(src_crs), CRS.from_user_input(dst_crs), *bounds, densify_pts=21)
+    except Exception:  # noqa: BLE001 - PROJ raises several types for points outside a projection's domain
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _overlaps(image: RasterInfo, crs: str, bounds: tuple[float, float, float, float]) -> bool:
+    """True when ``bounds`` (in ``crs``) overlap the image by more than half an image pixel each way.
+
+    The comparison is made in the label's CRS: an image's small footprint projects there well,
+    where a continental label map's footprint may not project into the image's CRS.
+    """
+    box = bounds_in(str(image.crs), crs, raster_bounds(image))
+    if box is None:
+        return False
+    il, ib, ir, it = box
+    half_x, half_y = (ir - il) / image.width / 2, (it - ib) / image.height / 2
+    l, b, r, t = bounds
+    return min(r, ir) - max(l, il) > half_x and min(t, it) - max(b, ib) > half_y
+
+
+def covering_sources(image: RasterInfo, sources: LabelSources) -> LabelSources:
+    """The label sources whose footprint overlaps the image (a vector file always, if it overlaps)."""
+    if sources.vector is not None:
+        v = sources.vector
+        return LabelSources(vector=v) if _overlaps(image, v.crs, v.bounds) else LabelSources()
+    return LabelSources(rasters=[r for r in sources.rasters if _overlaps(image, r.crs, raster_bounds(r))])  # type: ignore[arg-type]
+
+
+def same_lattice(image: RasterInfo, label: RasterInfo) -> tuple[int, int] | None:
+    """(row, col) offset of the image in the label when both share CRS, pixel size and pixel lattice."""
+    if CRS.from_user_input(image.crs) != CRS.from_user_input(label.crs):
+        return None
+    ia, _, ic, _, ie, if_ = image.transform
+    la, _, lc, _, le, lf = label.transform
+    if not (math.isclose(ia, la, rel_tol=TRANSFORM_RTOL) and math.isclose(ie, le, rel_tol=TRANSFORM_RTOL)):
+        return None
+    col, row = (ic - lc) / la, (if_ - lf) / le
+    if abs(col - round(col)) > ORIGIN_PIXEL_TOL or abs(row - round(row)) > ORIGIN_PIXEL_TOL:
+        return None
+    return int(round(row)), int(round(col))
+
+
+# ----- value mapping ------------------------------------------------------------------------
+
+
+def map_values(raw: np.ndarray, nodata: float | None, options: LabelOptions) -> tuple[np.ndarray, list[str]]:
+    """Raw label values to uint8 class ids through ``options`` (nodata becomes the ignore index).
+
+    Returns:
+        (uint8 array of the same shape, the raw values found that are neither mapped nor class ids;
+        those pixels become the ignore index).
+    """
+    raw = np.asarray(raw)
+    if raw.dtype.kind in "iub" and raw.dtype.itemsize <= 2:
+        # a lookup table over the dtype's range: one pass, no sort
+        lo = int(raw.min()) if raw.size else 0
+        shifted = (raw.astype(np.int32) - lo).ravel()
+        present = np.flatnonzero(np.bincount(shifted)) + lo if raw.size else np.zeros(0, np.int64)
+        lut = np.full(int(present.max() - lo + 1) if present.size else 1, options.ignore_index, np.uint8)
+        unmapped = []
+        for v in present.tolist():
+            out = options.ignore_index if nodata is not None and v == nodata else options.lookup(v)
+            if out is None:
+                unmapped.append(str(v))
+            else:
+                lut[v - lo] = out
+        return lut[shifted].reshape(raw.shape), unmapped
+    values, inverse = np.unique(raw, return_inverse=True)
+    table = np.full(len(values), options.ignore_index, np.uint8)
+    unmapped = []
+    for i, v in enumerate(values.tolist()):
+        if (nodata is not None and v == nodata) or (isinstance(v, float) and math.isnan(v)):
+            continue
+        out = options.lookup(v)
+        if out is None:
+            unmapped.append(f"{v:g}" if isinstance(v, float) else str(v))
+        else:
+            table[i] = out
+    return table[inverse.reshape(raw.shape)], unmapped
+
+
+def unmapped_error(path: str, values: Sequence[str], options: LabelOptions) -> LabelError:
+    """The one-line error for raw label values that are neither mapped nor class ids."""
+    shown = ", ".join(values[:10]) + (f" ... ({len(values)} values)" if len(values) > 10 else "")
+    example = values[0] if values else "V"
+    return LabelError(
+        format_error(
+            path,
+            f"label values [{shown}] are neither in data.label_map nor class ids 0..{options.num_classes - 1} "
+            f"(or the ignore index {options.ignore_index})",
+            f"map them in data.label_map (e.g. {{{example}: {options.ignore_index}}} to ignore them), or raise data.num_classes",
+        )
+    )
+
+
+def numeric_first(text: str) -> tuple[int, float, str]:
+    """Sort key of raw label values as text: numbers by value first, then names."""
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
