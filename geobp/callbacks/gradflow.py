@@ -112,12 +112,11 @@ class GradientFlowMonitor(L.Callback):
     whole run; ``meta.resumed_at`` lists the resume steps.
 
     Args:
-        every_n_steps: optimizer steps between recordings: the smallest round number at which
-            recordings take at most 1.5% of step time (``python -m benchmarks monitor-cost``). A
-            recording of a ResNet-18 U-Net costs about 6.5 ms on an H100 (25 ms steps at
-            16x6x256x256: the binding case, 1.0% at 25) and 3 to 13 ms on a 2-core CPU (2 to 3%
-            of a step, 0.1% at 25). The per-step check, one fused norm of all gradients, does not
-            depend on it (about 3 ms on that CPU: 0.7 to 1.7% of a step).
+        every_n_steps: optimizer steps between recordings. The default is the smallest round
+            number at which recordings cost at most half the monitor's 3% budget of step time on
+            the machines measured (README "Cost, and the default interval"; BENCHMARKS.md;
+            ``python -m benchmarks monitor-cost`` measures it on yours). The per-step check does
+            not depend on it.
         thresholds: diagnosis thresholds (:class:`~geobp.callbacks.diagnosis.Thresholds`).
         skip_pattern: regular expression over module paths of other modules to treat as skip
             carriers (``re.search``), or None.
