@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from geobp.classes import class_names_for
@@ -112,6 +112,7 @@ class SegmentationTask(L.LightningModule):
         self._skipping = False
         self._scaler_state: dict[str, Any] | None = None
         self._bad_loss = float("nan")
+        self.loss_means = torch.nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": self._metrics(num_classes, ignore_index, validate=stage != "train") for stage in ("train", "val", "test")}
@@ -165,8 +166,16 @@ class SegmentationTask(L.LightningModule):
         if stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
             self._bad_loss = float(loss.detach())
             return None
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
-                 batch_size=batch["image"].shape[0], sync_dist=stage != "train")
+        size = batch["image"].shape[0]
+        # Epoch means through a torchmetrics MeanMetric, which all-reduces its state once per epoch
+        # under DDP (Lightning's sync_dist on a tensor would all-reduce every training step).
+        self.loss_means[f"{stage}_loss"].update(loss.detach(), weight=size)
+        if stage == "train":
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+            self.log("train/loss_epoch", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, batch_size=size)
+        else:
+            self.log(f"{stage}/loss", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, prog_bar=stage != "test",
+                     batch_size=size)
         # max(dim).indices is argmax (the first maximum), several times faster than argmax over
         # the class dimension on CPUs
         self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, batch["mask"])
@@ -262,10 +271,12 @@ class SegmentationTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def _log_metrics(self, stage: Stage) -> None:
+        # compute() has synchronised the metric states over the ranks already: every rank holds the
+        # same values, and sync_dist's mean of them is that value (it only tells Lightning so)
         values = self.metrics[f"{stage}_metrics"].compute()
         per_class = values.pop("IoU")
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)})
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
+        self.log_dict({f"{stage}/IoU_{n}": v for n, v in zip(self.class_names, per_class)}, sync_dist=True)
         self.metrics[f"{stage}_metrics"].reset()
 
     def on_fit_start(self) -> None:

@@ -11,23 +11,16 @@ import lightning as L
 import numpy as np
 import torch
 from rasterio.windows import Window
-from rich.progress import track
 from torch.utils.data import DataLoader
 
 from geobp.classes import check_num_classes, class_names_for
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
-from geobp.data.preprocessing import (
-    NormMethod,
-    Preprocessing,
-    SceneStats,
-    combine_stats,
-    load_scene_stats,
-    pretrained_normalization,
-    window_valid_fraction,
-)
+from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
+from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
+from geobp.data.validity import validity_maps
 from geobp.errors import BandMismatchError, ConfigError, format_error
 from geobp.pretrained import PretrainedWeights, canonical_band, is_pretrained_name, match_bands, resolve_pretrained
 from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cells, split_blocks
@@ -135,6 +128,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         on_read_error: a block that fails to decode during training either stops the run
             (``stop``, naming the scene and window) or is skipped with a warning and counted in
             ``train/skipped_tiles`` (``skip``).
+        stats_budget: pixels read for the band statistics, as whole file blocks drawn across the
+            training scenes (:mod:`geobp.data.bandstats`); training data with fewer pixels is
+            read whole (exact statistics); 0 reads everything.
         band_names: one name per band of the files (before ``bands`` selects some), for files
             without band descriptions; overrides the descriptions when given.
         pretrained_weights: the encoder's torchgeo weights name (the CLI links it from
@@ -166,6 +162,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         augment: bool = True,
         cache_dir: str | None = None,
         on_read_error: Literal["stop", "skip"] = "stop",
+        stats_budget: int = STATS_BUDGET,
         band_names: list[str] | None = None,
         pretrained_weights: str | None = None,
     ) -> None:
@@ -198,7 +195,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         self._band_names = self._resolve_band_names(band_names)
         if self.pretrained is not None:
             match_bands(self._band_names, self.pretrained)  # too few bands in common: stop now, before statistics
-        self._stats: list[SceneStats] | None = None
+        self._band_stats: BandStats | None = None
+        self._validity: list[np.ndarray] | None = None
+        self.validity_sources: list[str] = []
         self._preprocessing: Preprocessing | None = None
 
     # ----- what the model is linked to -------------------------------------------------------
@@ -261,11 +260,11 @@ class GeoTiffDataModule(L.LightningDataModule):
         (:func:`~geobp.data.preprocessing.pretrained_normalization`).
         """
         if self._preprocessing is None:
-            stats = self.scene_stats
-            train_scenes = sorted({i for i, _ in self.regions["train"]})
+            stats = self.band_stats
             method = self.hparams["normalization"]
-            pre = combine_stats([stats[i] for i in train_scenes], self.bands, self.nodata, method or "meanstd")
+            pre = combine_stats([stats], self.bands, self.nodata, method or "meanstd")
             pre.dtype = self.scenes[0].image.dtype
+            pre.statistics = stats.describe()
             pre.band_names = self.band_names
             if method is None and self.pretrained is not None:
                 pre = pretrained_normalization(pre, self.band_names, self.pretrained)
@@ -273,15 +272,27 @@ class GeoTiffDataModule(L.LightningDataModule):
         return self._preprocessing
 
     @property
-    def scene_stats(self) -> list[SceneStats]:
-        """Per-scene statistics and validity maps (streamed once, then read from the cache)."""
-        if self._stats is None:
+    def band_stats(self) -> BandStats:
+        """Band statistics of the training scenes from a block sample of ``stats_budget`` pixels
+        (all of them when the data is smaller), cached; see :mod:`geobp.data.bandstats`."""
+        if self._band_stats is None:
+            train = sorted({i for i, _ in self.regions["train"]})
+            budget = self.hparams["stats_budget"]
+            infos = [self.scenes[i].image for i in train]
             cache = self.hparams["cache_dir"] or self.root
-            scenes = self.scenes
-            if len(scenes) > 1:
-                scenes = track(scenes, description="Band statistics", transient=True)
-            self._stats = [load_scene_stats(s.image.path, self.nodata, cache) for s in scenes]
-        return self._stats
+            self._band_stats = load_band_stats(infos, self.nodata, cache, budget if budget > 0 else 2**62, self.hparams["seed"],
+                                               progress=True)
+        return self._band_stats
+
+    @property
+    def validity(self) -> list[np.ndarray]:
+        """Per scene, the valid-pixel fraction of each cell of :data:`VALIDITY_FACTOR` pixels, from
+        the cheapest source the file offers (:mod:`geobp.data.validity`)."""
+        if self._validity is None:
+            cache = self.hparams["cache_dir"] or self.root
+            self._validity, self.validity_sources = validity_maps(
+                [s.image for s in self.scenes], self.nodata, cache, progress=len(self.scenes) > 1)
+        return self._validity
 
     # ----- splits and tiles ----------------------------------------------------------------
 
@@ -325,7 +336,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             info = self.scenes[i].image
             sc = by_scene.setdefault(i, SceneCells(i, info.height, info.width, [], []))
             for cell in origin_cells(region, t, info.block_height, info.block_width):
-                if window_valid_fraction(self.scene_stats[i].validity, cell_window(cell, t, region)) >= limit:
+                if window_valid_fraction(self.validity[i], cell_window(cell, t, region)) >= limit:
                     sc.cells.append(cell)
                     sc.weights.append(float(cell.count))
         return list(by_scene.values())
@@ -337,7 +348,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         for i, region in self.regions[split]:
             info = self.scenes[i].image
             for w in grid_windows(info.height, info.width, t, overlap, region):
-                if window_valid_fraction(self.scene_stats[i].validity, w) > 0:
+                if window_valid_fraction(self.validity[i], w) > 0:
                     tiles.append(window_to_spec(i, w))
         return tiles
 

@@ -104,6 +104,12 @@ def _cache_key(path: Path, nodata: float | None) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
+def scene_cache_file(path: str | Path, nodata: float | None, cache_root: str | Path | None = None) -> Path:
+    """Where :func:`load_scene_stats` keeps the statistics of ``path`` (keyed by size and mtime)."""
+    path = Path(path)
+    return Path(cache_root or path.parent) / CACHE_DIR / f"{path.stem}.{_cache_key(path, nodata)}.npz"
+
+
 def load_scene_stats(path: str | Path, nodata: float | None, cache_root: str | Path | None = None) -> SceneStats:
     """:func:`scan_scene` with an on-disk cache in ``cache_root/.geobp_cache`` (keyed by file size and mtime).
 
@@ -111,8 +117,7 @@ def load_scene_stats(path: str | Path, nodata: float | None, cache_root: str | P
     half-written cache. A cache folder that is not writable is skipped silently (stats are recomputed).
     """
     path = Path(path)
-    cache_dir = Path(cache_root or path.parent) / CACHE_DIR
-    cache_file = cache_dir / f"{path.stem}.{_cache_key(path, nodata)}.npz"
+    cache_file = scene_cache_file(path, nodata, cache_root)
     if cache_file.exists():
         try:
             with np.load(cache_file) as z:
@@ -140,6 +145,8 @@ class Preprocessing:
         mean, std: per selected band, for ``meanstd``.
         low, high: per selected band, for ``percentile``.
         dtype: data type of the training images (inference refuses another), when known.
+        statistics: how the statistics were gathered (blocks and pixels read, budget, seed,
+            whether exact; see :mod:`geobp.data.bandstats`); empty in older checkpoints.
         band_names: one name per selected band (the files' band descriptions or
             ``data.band_names``; ``band_<i>`` when neither names it); empty in older checkpoints.
     """
@@ -152,6 +159,7 @@ class Preprocessing:
     low: list[float] = field(default_factory=list)
     high: list[float] = field(default_factory=list)
     dtype: str | None = None
+    statistics: dict[str, Any] = field(default_factory=dict)
     band_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""Per-scene validity maps (valid-pixel fraction per cell) from the cheapest source a file offers.
+
+Training tiles with too much nodata are skipped and evaluation tiles with none are left out,
+which needs each scene's validity at cell resolution (:data:`VALIDITY_FACTOR` pixels). Decoding
+every pixel of every scene for it is what made start-up grow with the data, so the map comes
+from, in order:
+
+- ``all_valid``: an integer image with no nodata value cannot hold a missing pixel: nothing read;
+- ``mask``: the file's own mask band (GDAL's per-dataset mask, e.g. written with
+  ``gdal_translate -mask`` or by most COG tools), read decimated: one bit per pixel;
+- ``overview``: the image's internal overviews, read at the map's resolution (a cell counts as
+  valid or not as a whole: an approximation at the nodata edges);
+- ``scan``: a full read of the file, once, cached (:func:`geobp.data.preprocessing.load_scene_stats`).
+  Several processes of a node split these scans between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from rasterio.enums import MaskFlags, Resampling
+
+from geobp.data.preprocessing import VALIDITY_FACTOR, load_scene_stats, scene_cache_file, valid_pixels
+from geobp.data.ranks import computed_once, local_rank, local_world_size
+from geobp.raster import RasterInfo, open_raster
+
+ValiditySource = Literal["all_valid", "mask", "overview", "scan"]
+
+
+def map_shape(info: RasterInfo) -> tuple[int, int]:
+    """Cells of a scene's validity map."""
+    f = VALIDITY_FACTOR
+    return -(-info.height // f), -(-info.width // f)
+
+
+def cheap_validity(info: RasterInfo, nodata: float | None) -> tuple[np.ndarray, ValiditySource] | None:
+    """The validity map from the file's header, mask band or overviews; None when only a full
+    read can tell (no mask band, no overviews, and missing pixels possible)."""
+    shape = map_shape(info)
+    with open_raster(info.path) as src:
+        nodata = src.nodata if nodata is None else nodata
+        flags = src.mask_flag_enums[0]
+        if MaskFlags.per_dataset in flags:
+            m = src.read_masks(1, out_shape=shape, resampling=Resampling.average)
+            return (m.astype(np.float32) / 255.0), "mask"
+        integer = np.issubdtype(np.dtype(info.dtype), np.integer)
+        if nodata is None and integer:
+            return np.ones(shape, np.float32), "all_valid"
+        if src.overviews(1):
+            data = src.read(out_shape=(src.count, *shape), resampling=Resampling.nearest)
+            return valid_pixels(data, nodata).astype(np.float32), "overview"
+    return None
+
+
+def validity_maps(
+    infos: Sequence[RasterInfo], nodata: float | None, cache_root: str | Path, progress: bool = False
+) -> tuple[list[np.ndarray], list[ValiditySource]]:
+    """The validity map of every scene, and where each came from.
+
+    Scenes that need a full read are scanned once and cached; with several processes on a node
+    (``LOCAL_RANK``), process r scans scenes r, r + n, ... and reads the others' from the cache.
+    """
+    maps: list[np.ndarray | None] = []
+    sources: list[ValiditySource] = []
+    for info in infos:
+        found = cheap_validity(info, nodata)
+        maps.append(found[0] if found else None)
+        sources.append(found[1] if found else "scan")
+    todo = [i for i, m in enumerate(maps) if m is None]
+    if todo:
+        rank, size = local_rank(), local_world_size()
+        mine = [i for k, i in enumerate(todo) if k % size == rank]
+        others = [i for k, i in enumerate(todo) if k % size != rank]
+        order = mine + others  # this process's share first, then the others' (cached by then, or computed)
+        if progress and len(order) > 1:
+            from rich.progress import track
+
+            order = list(track(order, description="Validity of scenes without mask or overviews", transient=True))
+        for i in order:
+            path = Path(infos[i].path)
+            stats = computed_once(scene_cache_file(path, nodata, cache_root), lambda p=path: load_scene_stats(p, nodata, cache_root),
+                                  lambda p=path: load_scene_stats(p, nodata, cache_root), owner=i in mine)
+            maps[i] = stats.validity
+    return maps, sources  # type: ignore[return-value]
