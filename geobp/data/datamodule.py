@@ -305,7 +305,6 @@ class GeoTiffDataModule(L.LightningDataModule):
             method = self.hparams["normalization"]
             pre = combine_stats([stats], self.bands, self.nodata, method or "meanstd")
             pre.dtype = self.scenes[0].image.dtype
-            pre.statistics = stats.describe()
             pre.band_names = self.band_names
             pre.statistics = stats.describe()
             if method is None and self.pretrained is not None:
