@@ -194,3 +194,15 @@ def expected_shares(cell_counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     p = weights / weights.sum() if weights.sum() > 0 else weights
     shown = (p[:, None] * mix).sum(axis=0)
     return shown / shown.sum() if shown.sum() > 0 else shown
+
+
+def class_counts(masks: Sequence[str | Path], num_classes: int) -> list[int]:
+    """Pixels of each class ``0..num_classes-1`` over whole masks (read once, not cached).
+
+    Raises:
+        RasterReadError: a mask cannot be decoded.
+    """
+    total = np.zeros(num_classes, np.int64)
+    for path in masks:
+        total += label_map(path, num_classes).sum(axis=(1, 2))
+    return total.tolist()

@@ -253,6 +253,11 @@ class GeoTiffDataModule(L.LightningDataModule):
         return self._label_maps
 
     @property
+    def label_maps_loaded(self) -> bool:
+        """True once :attr:`label_maps` has been built (by balanced sampling or class weights)."""
+        return self._label_maps is not None
+
+    @property
     def class_pixels(self) -> list[int]:
         """Pixels per class in the training split (from the masks; read once, cached)."""
         total = np.zeros(self.num_classes)
