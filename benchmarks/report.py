@@ -15,7 +15,8 @@ _TITLES = {
     "loading": "1. Training tile loading",
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
-    "gpu": "4. GPU",
+    "balance": "4. Rare classes: uniform and balanced tile sampling",
+    "gpu": "5. GPU",
 }
 
 

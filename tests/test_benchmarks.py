@@ -85,3 +85,17 @@ def test_robust_mean_counts_periodic_work_and_ignores_bursts() -> None:
     burst = steps[:30] + [5.0] * 10 + steps[40:]  # other work on the machine for ten steps
     assert robust_mean(burst, 25, 5) == pytest.approx(sum(steps) / len(steps))
     assert robust_mean(burst, None, 5) == pytest.approx(0.2)
+
+
+def test_rare_scenes_have_one_class_on_about_one_percent(tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+
+    from benchmarks.balance import write_rare_scenes
+
+    write_rare_scenes(tmp_path, scenes=2, size=128, bands=4, seed=0)
+    for path in sorted((tmp_path / "masks").glob("*.tif")):
+        with rasterio.open(path) as src:
+            mask = src.read(1)
+        counts = np.bincount(mask.ravel(), minlength=4)
+        assert 0.005 < counts[3] / mask.size < 0.015 and (counts[:3] > 0.03 * mask.size).all()
