@@ -69,7 +69,7 @@ def label_map(path: str | Path, num_classes: int, factor: int = LABEL_FACTOR) ->
         for r0 in range(0, h, step):
             strip = read_window(src, Window(0, r0, w, min(step, h - r0)), 1)
             cell_rows = (np.arange(strip.shape[0]) + r0) // factor
-            keep = strip < num_classes
+            keep = (strip >= 0) & (strip < num_classes)
             cell = (cell_rows[:, None] * cols + col_cell[None, :])[keep]
             idx = strip[keep].astype(np.int64) * (rows * cols) + cell
             out += np.bincount(idx, minlength=num_classes * rows * cols).reshape(num_classes, rows, cols)

@@ -160,3 +160,12 @@ def test_uniform_sampling_reads_no_mask(rare_data, monkeypatch):
     assert sum(len(sc.cells) for sc in dm.train_cells()) > 0
     with pytest.raises(AssertionError, match="label maps built"):
         make_dm(rare_data[0], sampling="balanced").train_cells()
+
+
+def test_label_map_leaves_out_negative_and_ignored_values(tmp_path):
+    mask = np.zeros((40, 40), np.int16)
+    mask[:10] = -1
+    mask[10:20] = 2
+    mask[20:22] = 300
+    counts = label_map(write_tif(tmp_path / "m16.tif", mask), 3, factor=32)
+    assert counts.sum(axis=(1, 2)).tolist() == [18 * 40, 0, 10 * 40]
