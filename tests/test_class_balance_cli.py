@@ -67,3 +67,30 @@ def test_check_prints_pixels_per_class(scenes, capsys):
 def test_check_classes_needs_num_classes(scenes, capsys):
     assert main(["check", str(scenes), "--classes"]) == 2
     assert "--classes needs the number of classes" in capsys.readouterr().err
+
+
+class _Logger:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_class_report_reads_masks_only_when_needed_or_always(scenes, capsys):
+    from types import SimpleNamespace
+
+    from geobp.callbacks.classreport import ClassFrequencyReport
+
+    dm = GeoTiffDataModule(root=str(scenes), num_classes=3, tile_size=32, val_fraction=0.34)
+    logger = _Logger()
+    trainer = SimpleNamespace(datamodule=dm, loggers=[logger], is_global_zero=True)
+    module = SimpleNamespace(criterion=SimpleNamespace(weight=None))
+    ClassFrequencyReport().on_fit_start(trainer, module)  # uniform sampling, no auto weights: nothing read
+    assert not dm.label_maps_loaded and logger.logged == [] and "Training classes" not in capsys.readouterr().err
+    ClassFrequencyReport(always=True).on_fit_start(trainer, module)
+    assert dm.label_maps_loaded and "Training classes (sampling: uniform)" in capsys.readouterr().err
+    (metrics, step), = logger.logged
+    share = [metrics[f"classes/pixel_share/class_{i}"] for i in range(3)]
+    assert step == 0 and sum(share) == pytest.approx(1.0) and "classes/loss_weight/class_0" not in metrics
+    assert share[0] == pytest.approx(dm.class_pixels[0] / sum(dm.class_pixels))
