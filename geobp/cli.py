@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
+from geobp.callbacks.classreport import ClassFrequencyReport, class_table
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
@@ -52,6 +53,7 @@ class GeobpCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GradientFlowMonitor, "gradflow")
+        parser.add_lightning_class_args(ClassFrequencyReport, "class_report")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mIoU",
@@ -189,6 +191,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the files' tags)")
     p.add_argument("--quick", action="store_true", help="headers only: do not read the pixels")
+    p.add_argument("--classes", action="store_true", help="also count the pixels of each class (needs the number of classes)")
     rest = [arg for i, arg in enumerate(argv) if _is_data_arg(argv, i)]
     a = p.parse_args([arg for i, arg in enumerate(argv) if not _is_data_arg(argv, i)])
     data = data_options(a.config, rest)
@@ -198,6 +201,8 @@ def cmd_check(argv: Sequence[str]) -> int:
     if a.root is None:
         p.error("give the dataset folder ROOT, or --config / --data.root / --data.images and --data.labels")
     a.num_classes = a.num_classes or data.get("num_classes")
+    if a.classes and a.num_classes is None:
+        raise ConfigError(format_error(None, "--classes needs the number of classes", "pass --num-classes N or --data.num_classes N"))
     reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True)
     table = Table(title=f"geobp check {a.root}", show_lines=True)
     for col in ("scene", "size", "bands", "valid", "labels", "status", "problems"):
@@ -216,6 +221,13 @@ def cmd_check(argv: Sequence[str]) -> int:
         )
     Console(width=max(Console().width, 160)).print(table)
     fatal = sum(r.fatal for r in reports)
+    if a.classes and not fatal:
+        from geobp.data.classbalance import class_counts
+
+        pixels = class_counts([r.mask.path for r in reports if r.mask is not None], a.num_classes)
+        total = max(sum(pixels), 1)
+        summary = {"names": [f"class_{i}" for i in range(a.num_classes)], "pixels": pixels, "share": [n / total for n in pixels]}
+        Console().print(class_table(summary, title="Pixels per class (all scenes)"))
     console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
     return 1 if fatal else 0
 

@@ -63,3 +63,21 @@ class SegmentationLoss(nn.Module):
         if self.name == "ce+dice":
             return ce + dice_loss(logits, target, self.ignore_index)
         return ce
+
+
+def class_weights_from_counts(counts: list[int] | list[float]) -> list[float]:
+    """Loss weights from training pixels per class: inverse square root of the frequency,
+    normalised to mean 1 (``model.class_weights: auto``).
+
+    A class with no training pixel gets the weight of the rarest class present (it never occurs
+    in the loss's targets, so its weight matters only for the normalisation).
+
+    Raises:
+        ValueError: no class has a pixel.
+    """
+    c = torch.tensor([float(x) for x in counts], dtype=torch.float64)
+    if not (c > 0).any():
+        raise ValueError("class_weights: auto needs labelled training pixels, and the training masks have none")
+    c = torch.where(c > 0, c, c[c > 0].min())
+    w = (c / c.sum()).rsqrt()
+    return (w / w.mean()).tolist()

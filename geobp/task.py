@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
-from geobp.losses import LossName, SegmentationLoss
+from geobp.losses import LossName, SegmentationLoss, class_weights_from_counts
 from geobp.models import EncoderName, ModelName, create_model
 
 Stage = Literal["train", "val", "test"]
@@ -45,7 +45,9 @@ class SegmentationTask(L.LightningModule):
         num_classes: classes (linked from the data module by the CLI).
         ignore_index: label excluded from loss and metrics.
         loss: ``ce``, ``dice``, ``focal`` or ``ce+dice``.
-        class_weights: per-class loss weights, or None.
+        class_weights: per-class loss weights, None, or ``auto``: from the training label frequencies
+            (inverse square root, normalised to mean 1), which :meth:`setup` asks the trainer's data
+            module for (its ``class_pixels``) and records in the hyperparameters (so in the checkpoint).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         scheduler: ``cosine`` (per step, to zero), ``onecycle`` or ``none``.
@@ -80,7 +82,7 @@ class SegmentationTask(L.LightningModule):
         num_classes: int = 2,
         ignore_index: int = 255,
         loss: LossName = "ce",
-        class_weights: list[float] | None = None,
+        class_weights: list[float] | Literal["auto"] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         scheduler: Literal["cosine", "onecycle", "none"] = "cosine",
@@ -106,7 +108,7 @@ class SegmentationTask(L.LightningModule):
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.criterion = SegmentationLoss(loss, ignore_index, class_weights)
+        self.criterion = SegmentationLoss(loss, ignore_index, None if class_weights == "auto" else class_weights)
         self.class_names = class_names_for(class_names, num_classes)
         self.nonfinite_steps = 0
         self._skipping = False
@@ -117,6 +119,29 @@ class SegmentationTask(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": self._metrics(num_classes, ignore_index, validate=stage != "train") for stage in ("train", "val", "test")}
         )
+
+    def setup(self, stage: str) -> None:
+        """Resolve ``class_weights: auto`` from the data module's training class frequencies.
+
+        The task asks the data module rather than having the CLI link the counts at instantiation,
+        so that the masks are read only when the weights are wanted, plain Lightning use
+        (``trainer.fit(task, datamodule=dm)``) works too, and neither package imports the other:
+        the contract is one attribute, ``class_pixels`` (training pixels per class).
+
+        Raises:
+            ConfigError: ``auto`` without a data module that has ``class_pixels``.
+        """
+        if self.hparams["class_weights"] != "auto":
+            return
+        trainer = self._trainer_or_none()
+        pixels = getattr(getattr(trainer, "datamodule", None), "class_pixels", None)
+        if pixels is None:
+            raise ConfigError(format_error(
+                None, "model.class_weights: auto needs the training class frequencies, and the trainer has no data module with class_pixels",
+                "give the trainer a GeoTiffDataModule (trainer.fit(task, datamodule=dm)) or list the weights"))
+        weights = class_weights_from_counts(list(pixels))
+        self.criterion.weight = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self.hparams["class_weights"] = weights  # the checkpoint holds the weights used
 
     @staticmethod
     def _metrics(num_classes: int, ignore_index: int, validate: bool) -> MetricCollection:

@@ -104,3 +104,15 @@ def test_quick_run_writes_the_labels_section(tmp_path: Path) -> None:
     assert re.search(r"\| labels: alignment / band statistics, seconds per scene \| [\d.]+ s / [\d.]+ s \| <= 1 \|", text)
     stored = json.loads((tmp_path / "results" / "labels.json").read_text())
     assert set(stored["metrics"]["tiles_per_s"]) == {"geobp_aligned", "geobp_same_grid", "torchgeo"}
+def test_rare_scenes_have_one_class_on_about_one_percent(tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+
+    from benchmarks.balance import write_rare_scenes
+
+    write_rare_scenes(tmp_path, scenes=2, size=128, bands=4, seed=0)
+    for path in sorted((tmp_path / "masks").glob("*.tif")):
+        with rasterio.open(path) as src:
+            mask = src.read(1)
+        counts = np.bincount(mask.ravel(), minlength=4)
+        assert 0.005 < counts[3] / mask.size < 0.015 and (counts[:3] > 0.03 * mask.size).all()

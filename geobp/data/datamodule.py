@@ -17,6 +17,7 @@ from geobp.classes import check_num_classes, class_names_for
 from geobp.data.alignment import find_labelled_scenes
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
+from geobp.data.classbalance import balance_factors, expected_shares, load_label_maps, window_class_counts
 from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
@@ -153,6 +154,12 @@ class GeoTiffDataModule(L.LightningDataModule):
             ``model.weights``; a local file path is ignored): its bands are matched with
             :attr:`band_names` and its normalisation is the default. The data module reads the
             weights' metadata only (:mod:`geobp.pretrained`), never the model.
+        sampling: how training tile places are drawn: ``uniform`` (every place equally likely) or
+            ``balanced`` (places holding rare classes more often; see
+            :func:`geobp.data.classbalance.balance_factors`). ``balanced`` reads the masks once
+            (cached) for their class histograms.
+        balance_power: how far ``balanced`` goes, from 0 (uniform) to 1 (a place holding a class
+            k times rarer is drawn k times as often, up to a cap).
     """
 
     def __init__(
@@ -187,6 +194,8 @@ class GeoTiffDataModule(L.LightningDataModule):
         label_background: int | None = None,
         all_touched: bool = False,
         label_map: dict[int | str, int] | None = None,
+        sampling: Literal["uniform", "balanced"] = "uniform",
+        balance_power: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -205,6 +214,11 @@ class GeoTiffDataModule(L.LightningDataModule):
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 format_error(None, "val_fraction and test_fraction must be in [0, 1) and sum to less than 1", "fix them in the config")
+            )
+        if not 0.0 <= balance_power <= 1.0:
+            raise ConfigError(
+                format_error(None, f"balance_power must be in [0, 1] (found {balance_power})",
+                             "set data.balance_power between 0 (uniform) and 1 (fully balanced)")
             )
         self.class_names = class_names_for(class_names, num_classes)
         #: per scene, what label alignment found (None for the images/ + masks/ layout)
@@ -240,6 +254,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         self._validity: list[np.ndarray] | None = None
         self.validity_sources: list[str] = []
         self._preprocessing: Preprocessing | None = None
+        self._label_maps: list[np.ndarray] | None = None
 
     # ----- what the model is linked to -------------------------------------------------------
 
@@ -335,6 +350,63 @@ class GeoTiffDataModule(L.LightningDataModule):
                 [s.image for s in self.scenes], self.nodata, cache, progress=len(self.scenes) > 1)
         return self._validity
 
+    @property
+    def label_maps(self) -> list[np.ndarray]:
+        """Per scene, pixels per class in each cell of its mask (read once, cached; see
+        :mod:`geobp.data.classbalance`). Only built when asked for."""
+        if self._label_maps is None:
+            cache = self.hparams["cache_dir"] or self.root
+            self._label_maps = load_label_maps([s.mask for s in self.scenes], self.num_classes, cache,  # type: ignore[misc]
+                                               progress=len(self.scenes) > 1)
+        return self._label_maps
+
+    @property
+    def label_maps_loaded(self) -> bool:
+        """True once :attr:`label_maps` has been built (by balanced sampling or class weights)."""
+        return self._label_maps is not None
+
+    @property
+    def class_pixels(self) -> list[int]:
+        """Pixels per class in the training split (from the masks; read once, cached)."""
+        total = np.zeros(self.num_classes)
+        for i, region in self.regions["train"]:
+            info = self.scenes[i].image
+            total += window_class_counts(self.label_maps[i], region, info.height, info.width)
+        return [int(round(x)) for x in total]
+
+    def class_summary(self) -> dict[str, list]:
+        """Class frequencies of the training split and what the training sampler shows of them.
+
+        Returns:
+            ``names``; ``pixels`` (training pixels per class); ``share`` (their share of the
+            labelled pixels); ``uniform`` and ``sampled`` (expected share of each class among the
+            labelled pixels of the tiles drawn under uniform and under the configured sampling).
+        """
+        pixels = self.class_pixels
+        total = max(sum(pixels), 1)
+        cells, windows = self._train_places()
+        counts = self._place_counts(cells, windows)
+        uniform = np.array([w for sc in cells for w in sc.weights])
+        weights = self._balanced(cells, counts) if self.hparams["sampling"] == "balanced" else uniform
+        return {
+            "names": list(self.class_names),
+            "pixels": pixels,
+            "share": [p / total for p in pixels],
+            "uniform": expected_shares(counts, uniform).tolist() if len(uniform) else [0.0] * self.num_classes,
+            "sampled": expected_shares(counts, weights).tolist() if len(weights) else [0.0] * self.num_classes,
+        }
+
+    def _place_counts(self, cells: list[SceneCells], windows: list[list[Window]]) -> np.ndarray:
+        """[N, K] pixels per class under the tiles of every origin cell, scene after scene."""
+        counts = [window_class_counts(self.label_maps[sc.scene], w, sc.height, sc.width)
+                  for sc, ws in zip(cells, windows) for w in ws]
+        return np.array(counts).reshape(len(counts), self.num_classes)
+
+    def _balanced(self, cells: list[SceneCells], counts: np.ndarray) -> np.ndarray:
+        """The origin cells' weights under ``sampling: balanced``, flat."""
+        uniform = np.array([w for sc in cells for w in sc.weights])
+        return uniform * balance_factors(counts, self.hparams["balance_power"])
+
     # ----- splits and tiles ----------------------------------------------------------------
 
     def _split_regions(self) -> dict[Split, list[tuple[int, Window]]]:
@@ -370,17 +442,31 @@ class GeoTiffDataModule(L.LightningDataModule):
         return regions
 
     def train_cells(self) -> list[SceneCells]:
-        """Block-aligned origin cells of the training regions, minus those above the nodata limit."""
+        """Block-aligned origin cells of the training regions, minus those above the nodata limit,
+        weighted by their number of origins (times the class balance under ``sampling: balanced``)."""
+        cells, windows = self._train_places()
+        if self.hparams["sampling"] == "balanced":
+            flat = self._balanced(cells, self._place_counts(cells, windows)).tolist()
+            k = 0
+            for sc in cells:
+                sc.weights[:] = flat[k : k + len(sc.weights)]
+                k += len(sc.weights)
+        return cells
+
+    def _train_places(self) -> tuple[list[SceneCells], list[list[Window]]]:
+        """Origin cells weighted by their number of origins, and the window each cell's tiles cover."""
         t, limit = self.hparams["tile_size"], 1.0 - self.hparams["max_nodata_fraction"]
-        by_scene: dict[int, SceneCells] = {}
+        by_scene: dict[int, tuple[SceneCells, list[Window]]] = {}
         for i, region in self.regions["train"]:
             info = self.scenes[i].image
-            sc = by_scene.setdefault(i, SceneCells(i, info.height, info.width, [], []))
+            sc, windows = by_scene.setdefault(i, (SceneCells(i, info.height, info.width, [], []), []))
             for cell in origin_cells(region, t, info.block_height, info.block_width):
-                if window_valid_fraction(self.validity[i], cell_window(cell, t, region)) >= limit:
+                window = cell_window(cell, t, region)
+                if window_valid_fraction(self.validity[i], window) >= limit:
                     sc.cells.append(cell)
                     sc.weights.append(float(cell.count))
-        return list(by_scene.values())
+                    windows.append(window)
+        return [sc for sc, _ in by_scene.values()], [w for _, w in by_scene.values()]
 
     def grid_tiles(self, split: Split) -> list[TileSpec]:
         """Grid tiles covering the split's regions; tiles with no valid pixel are left out."""
