@@ -43,6 +43,19 @@ def focal_loss(logits: Tensor, target: Tensor, ignore_index: int, gamma: float =
     return loss[valid].sum() / valid.sum().clamp(min=1)
 
 
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy averaged over the labelled pixels (weighted by their class weights), and 0,
+    not NaN, for a batch with no labelled pixel (labels that cover part of a scene leave such
+    batches; torch's mean reduction divides 0 by 0 there)."""
+    total = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    valid = target != ignore_index
+    if weight is None:
+        denom = valid.sum().to(total.dtype)
+    else:
+        denom = (weight[target.clamp(0, len(weight) - 1)] * valid).sum()
+    return total / denom.clamp(min=torch.finfo(total.dtype).tiny)
+
+
 class SegmentationLoss(nn.Module):
     """One of ``ce``, ``dice``, ``focal`` or ``ce+dice``, with class weights and an ignore index."""
 
@@ -59,7 +72,7 @@ class SegmentationLoss(nn.Module):
             return focal_loss(logits, target, self.ignore_index, self.gamma, self.weight)
         if self.name == "dice":
             return dice_loss(logits, target, self.ignore_index)
-        ce = F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
+        ce = cross_entropy(logits, target, self.ignore_index, self.weight)
         if self.name == "ce+dice":
             return ce + dice_loss(logits, target, self.ignore_index)
         return ce

@@ -192,9 +192,11 @@ class SegmentationTask(L.LightningModule):
             self._bad_loss = float(loss.detach())
             return None
         size = batch["image"].shape[0]
-        # Epoch means through a torchmetrics MeanMetric, which all-reduces its state once per epoch
+        # Epoch means (over labelled pixels) through a torchmetrics MeanMetric, which all-reduces its state once per epoch
         # under DDP (Lightning's sync_dist on a tensor would all-reduce every training step).
-        self.loss_means[f"{stage}_loss"].update(loss.detach(), weight=size)
+        # weighted by labelled pixels: a batch with none (partial label coverage) counts nowhere
+        labelled = (batch["mask"] != self.hparams["ignore_index"]).sum()
+        self.loss_means[f"{stage}_loss"].update(loss.detach(), weight=labelled)
         if stage == "train":
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
             self.log("train/loss_epoch", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, batch_size=size)

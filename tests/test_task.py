@@ -128,3 +128,20 @@ def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp
     with pytest.raises(CheckpointError, match=r"shared.ckpt: refused: the checkpoint holds Python objects that loading would have to run \(\w+\).*Fix: use a checkpoint written by `geobp fit`"):
         SegmentationTask.from_checkpoint(bad)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
+def test_cross_entropy_is_torchs_mean_and_zero_without_labelled_pixels(weights):
+    from geobp.losses import cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :4] = 255
+    w = torch.tensor(weights) if weights else None
+    want = torch.nn.functional.cross_entropy(logits, target, weight=w, ignore_index=255)
+    assert torch.allclose(cross_entropy(logits, target, 255, w), want, rtol=1e-6)
+    none = cross_entropy(logits, torch.full((2, 8, 8), 255), 255, w)  # torch's mean gives NaN here
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() == 0
