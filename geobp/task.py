@@ -352,10 +352,13 @@ class SegmentationTask(L.LightningModule):
         # the encoder in its own group (lr * encoder_lr_mult); frozen parameters get no gradient,
         # and AdamW leaves parameters without a gradient unchanged (no weight decay either)
         encoder = {id(p) for p in self.model.encoder.parameters()}
-        groups = [
-            {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
-            {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
-        ]
+        if hp["encoder_lr_mult"] == 1.0:  # one group, as before the option: earlier checkpoints resume
+            groups = [{"params": list(self.parameters()), "lr": hp["lr"]}]
+        else:
+            groups = [
+                {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
+                {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
+            ]
         opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         if hp["scheduler"] == "none":
             return opt

@@ -70,6 +70,9 @@ def test_encoder_learning_rate_multiplier_groups():
     assert encoder["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
     assert {id(p) for p in encoder["params"]} == {id(p) for p in task.model.encoder.parameters()}
     assert len(encoder["params"]) + len(rest["params"]) == len(list(task.parameters()))
+    # without a multiplier, one group as before the option, so checkpoints of earlier runs resume
+    single = SegmentationTask(**TINY, in_channels=3, num_classes=2, lr=1e-3).configure_optimizers()
+    assert len(single.param_groups) == 1 and len(single.param_groups[0]["params"]) == len(list(task.parameters()))
     with pytest.raises(ConfigError, match=r"freeze_encoder_epochs and encoder_lr_mult must be >= 0 \(found -1, 1.0\)"):
         SegmentationTask(**TINY, freeze_encoder_epochs=-1)
 
