@@ -54,9 +54,10 @@ class RandomTileSampler(_RankSampler):
     """Random tiles, ``length`` per epoch across all ranks; rank r takes draws r, r+R, r+2R, ...
 
     Origins are drawn cell by cell (a cell's tiles decode the same file blocks), cells chosen
-    with probability proportional to their weight (number of origins), so every origin in every
-    scene is equally likely. The draw depends only on (seed, epoch), so all ranks agree on it and
-    take disjoint shares.
+    with probability proportional to their weight: the number of origins, so that every origin in
+    every scene is equally likely, times a class-balance factor under ``sampling: balanced``
+    (:func:`geobp.data.classbalance.balance_factors`); origins within a cell are uniform. The
+    draw depends only on (seed, epoch), so all ranks agree on it and take disjoint shares.
 
     ``start`` skips the first tiles of this rank's share in the next iteration only (then it returns
     to 0): a run resumed mid-epoch continues the epoch's draw where it stopped instead of replaying

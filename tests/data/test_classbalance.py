@@ -169,3 +169,23 @@ def test_label_map_leaves_out_negative_and_ignored_values(tmp_path):
     mask[20:22] = 300
     counts = label_map(write_tif(tmp_path / "m16.tif", mask), 3, factor=32)
     assert counts.sum(axis=(1, 2)).tolist() == [18 * 40, 0, 10 * 40]
+
+
+def test_label_maps_are_cached_and_split_between_the_processes_of_a_node(rare_data, monkeypatch):
+    import geobp.data.classbalance as cb
+    from geobp.data.classbalance import load_label_maps
+    from geobp.raster import read_info
+
+    root, masks = rare_data
+    infos = [read_info(root / "masks" / f"s{i}.tif") for i in range(len(masks))]
+    first = load_label_maps(infos, 3, root)
+    label_cache_file(infos[1].path, 3, root).unlink()
+    built: list[str] = []
+    real = cb.label_map
+    monkeypatch.setattr(cb, "label_map", lambda path, n, factor=cb.LABEL_FACTOR: built.append(str(path)) or real(path, n, factor))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    again = load_label_maps(infos, 3, root)
+    # process 1 of 2 builds its own share (masks 1, 3) where not cached, and reads the rest
+    assert built == [str(infos[1].path)]
+    assert all((a == b).all() for a, b in zip(first, again))
