@@ -191,6 +191,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--nodata", type=float, default=None, help="nodata value (default: the files' tags)")
     p.add_argument("--quick", action="store_true", help="headers only: do not read the pixels")
+    p.add_argument("--workers", type=int, default=1, help="processes reading the files in parallel (default 1)")
     p.add_argument("--classes", action="store_true", help="also count the pixels of each class (needs the number of classes)")
     rest = [arg for i, arg in enumerate(argv) if _is_data_arg(argv, i)]
     a = p.parse_args([arg for i, arg in enumerate(argv) if not _is_data_arg(argv, i)])
@@ -203,7 +204,8 @@ def cmd_check(argv: Sequence[str]) -> int:
     a.num_classes = a.num_classes or data.get("num_classes")
     if a.classes and a.num_classes is None:
         raise ConfigError(format_error(None, "--classes needs the number of classes", "pass --num-classes N or --data.num_classes N"))
-    reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True)
+    reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True,
+                            workers=a.workers)
     table = Table(title=f"geobp check {a.root}", show_lines=True)
     for col in ("scene", "size", "bands", "valid", "labels", "status", "problems"):
         table.add_column(col, overflow="fold")

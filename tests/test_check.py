@@ -149,3 +149,15 @@ def test_check_with_data_options_reports_label_sources_coverage_histogram_and_un
     assert "unrecognized arguments: --trainer.max_epochs" in capsys.readouterr().err
     assert main(["check", "--data.images", str(tmp_path / "img"), "--data.num_classes", "3"]) == 2
     assert "data.images and data.labels are both needed" in " ".join(capsys.readouterr().err.split())
+
+
+def test_check_reads_scenes_in_several_processes_with_the_same_reports(tmp_path):
+    from geobp.data.scenes import check_dataset
+    from geobp.data.synth import write_scenes
+
+    write_scenes(tmp_path / "d", scenes=4, size=48, bands=3, classes=3, block_size=16)
+    one = check_dataset(tmp_path / "d", num_classes=2, full=True)  # class 2 is out of range: a fatal problem
+    two = check_dataset(tmp_path / "d", num_classes=2, full=True, workers=2)
+    assert [(r.name, r.labels, r.valid_fraction, [p.message for p in r.problems]) for r in two] == \
+        [(r.name, r.labels, r.valid_fraction, [p.message for p in r.problems]) for r in one]
+    assert any(r.fatal for r in two) and all(r.labels is not None for r in two)

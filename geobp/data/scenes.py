@@ -79,6 +79,7 @@ def check_dataset(
     nodata: float | None = None,
     full: bool = True,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[SceneReport]:
     """Check every scene of a dataset folder (all problems, not only the first) and report per scene.
 
@@ -88,6 +89,7 @@ def check_dataset(
         ignore_index: label of unlabelled pixels.
         nodata: nodata value; the files' tags when None.
         full: also read every block of every file (slower; finds corrupt blocks and bad labels).
+        workers: processes reading the files in parallel (each scene is read by one).
         progress: show a progress bar.
 
     Raises:
@@ -98,10 +100,26 @@ def check_dataset(
     reports = [check_headers(name, img, msk, headers=headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     if full:
-        for r in track(reports, description="Reading scenes", disable=not progress, transient=True):
-            if not r.fatal:
-                scan_pixels(r, num_classes, ignore_index, nodata)
+        todo = [n for n, r in enumerate(reports) if not r.fatal]
+        args = [(reports[n], num_classes, ignore_index, nodata) for n in todo]
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                scanned = list(track(pool.map(_scan, args), total=len(args), description="Reading scenes",
+                                     disable=not progress, transient=True))
+        else:
+            scanned = [_scan(a) for a in track(args, description="Reading scenes", disable=not progress, transient=True)]
+        for n, report in zip(todo, scanned):
+            reports[n] = report
     return reports
+
+
+def _scan(args: tuple[SceneReport, int | None, int, float | None]) -> SceneReport:
+    """:func:`scan_pixels` of one report, returned (it runs in a worker process with ``workers > 1``)."""
+    report, num_classes, ignore_index, nodata = args
+    scan_pixels(report, num_classes, ignore_index, nodata)
+    return report
 
 
 def resolve_bands(bands: list[int] | None, count: int, source: str) -> list[int]:
