@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -295,35 +295,41 @@ def find_dead_branches(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     return out
 
 
-def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
-    """An input band whose first-convolution gradient is far below the median band's, persisting."""
+def _band_runs(data: Mapping[str, Any], t: Thresholds, others_only: bool,
+               abnormal: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[int, float, str, Any]]:
+    """Per input band whose first-convolution gradient, over the median band's (of all bands, or
+    of the other bands with ``others_only``), is ``abnormal`` persistently: (step, median ratio
+    since, band name, layer)."""
     bands = data.get("bands") or {}
     norms = as_array(bands.get("norm"))
     if norms.ndim != 2 or norms.shape[1] < 2:
-        return []
+        return
     steps = data.get("steps") or []
     names = band_names(data)
     layer = bands.get("layer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(norms, axis=1)
-    out = []
-    for b in range(norms.shape[1]):
-        valid = np.isfinite(norms[:, b]) & np.isfinite(median) & (median > 0)
-        keep = np.flatnonzero(valid)
-        ratio = norms[keep, b] / median[keep]
-        start = persistent_start(ratio < t.dead_band_ratio, t)
-        if start is None:
-            continue
-        i = keep[start]
-        value = float(np.median(ratio[start:]))
-        out.append(Finding(
-            "dead_band", f"{names[b]} ({layer})", int(steps[i]), value,
-            f"input band {names[b]} gets {value:.1e} of the median band's gradient in {layer} "
+        for b in range(norms.shape[1]):
+            reference = np.nanmedian(np.delete(norms, b, axis=1), axis=1) if others_only else median
+            keep = np.flatnonzero(np.isfinite(norms[:, b]) & np.isfinite(reference) & (reference > 0))
+            ratio = norms[keep, b] / reference[keep]
+            start = persistent_start(abnormal(ratio), t)
+            if start is not None:
+                yield int(steps[keep[start]]), float(np.median(ratio[start:])), names[b], layer
+
+
+def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
+    """An input band whose first-convolution gradient is far below the median band's, persisting."""
+    return [
+        Finding(
+            "dead_band", f"{name} ({layer})", step, value,
+            f"input band {name} gets {value:.1e} of the median band's gradient in {layer} "
             f"(threshold {t.dead_band_ratio:.0e}): constant, empty or mis-normalised",
             "check the band's pixels (constant, all nodata?) and its normalization statistics, "
-            "or drop it from the band selection"))
-    return out
+            "or drop it from the band selection")
+        for step, value, name, layer in _band_runs(data, t, False, lambda r: r < t.dead_band_ratio)
+    ]
 
 
 def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
@@ -332,31 +338,13 @@ def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     A weight's gradient scales with its input, so a band whose values are far larger than the
     others' (raw digital numbers next to reflectances, wrong statistics) shows here first.
     """
-    bands = data.get("bands") or {}
-    norms = as_array(bands.get("norm"))
-    if norms.ndim != 2 or norms.shape[1] < 2:
-        return []
-    steps = data.get("steps") or []
-    names = band_names(data)
-    layer = bands.get("layer")
-    out = []
-    for b in range(norms.shape[1]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            others = np.nanmedian(np.delete(norms, b, axis=1), axis=1)
-        valid = np.isfinite(norms[:, b]) & np.isfinite(others) & (others > 0)
-        keep = np.flatnonzero(valid)
-        ratio = norms[keep, b] / others[keep]
-        start = persistent_start(ratio > t.band_scale_ratio, t)
-        if start is None:
-            continue
-        i = keep[start]
-        value = float(np.median(ratio[start:]))
-        out.append(Finding(
-            "band_scale", f"{names[b]} ({layer})", int(steps[i]), value,
-            f"input band {names[b]} gets {value:.3g}x the median gradient of the other bands in {layer} "
+    return [
+        Finding(
+            "band_scale", f"{name} ({layer})", step, value,
+            f"input band {name} gets {value:.3g}x the median gradient of the other bands in {layer} "
             f"(threshold {t.band_scale_ratio:g}x): its values are on another scale than the others' "
             "(raw digital numbers next to reflectances, or wrong normalization statistics)",
             "check the band's units and its normalization statistics (delete the cached statistics "
-            "to recompute them), or normalise it like the other bands"))
-    return out
+            "to recompute them), or normalise it like the other bands")
+        for step, value, name, layer in _band_runs(data, t, True, lambda r: r > t.band_scale_ratio)
+    ]
