@@ -29,6 +29,18 @@ DATA = {"num_classes": 3, "tile_size": 32, "tiles_per_epoch": 64, "batch_size": 
 EPOCHS = 2
 
 
+# enough steps (8 per epoch) and learning rate that validation is not one class everywhere
+MODEL = {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}, "lr": 0.01}
+
+
+def fit_two_processes(config: Path, **run_kw) -> subprocess.CompletedProcess:
+    """``python -m geobp fit --config CONFIG`` with DDP over two CPU processes (gloo), as users launch it."""
+    cmd = [sys.executable, "-m", "geobp", "fit", "--config", str(config),
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, timeout=600, **run_kw)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -55,19 +67,15 @@ def ddp_run(tmp_path_factory):
             ],
             "plugins": [{"class_path": "tests.ddp_helpers.RecordingCheckpointIO", "init_args": {"out": str(record)}}],
         },
-        # enough steps (8 per epoch) and learning rate that validation is not one class everywhere
-        "model": {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}, "lr": 0.01},
+        "model": MODEL,
         "data": {"root": str(scenes), **DATA, "augment": False},
         "gradflow": {"every_n_steps": 1},
     }
     config = tmp / "ddp.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "geobp", "fit", "--config", str(config),
-           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     log = tmp / "fit.log"
     with log.open("wb") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        proc = fit_two_processes(config, stdout=out, stderr=subprocess.STDOUT)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
     yield {"tmp": tmp, "scenes": scenes, "record": record, "runs": tmp / "runs", "config": config, "log": text}
@@ -156,16 +164,13 @@ def ddp_faults_run(tmp_path_factory):
                 {"class_path": "tests.ddp_helpers.RecordParams", "init_args": {"out": str(record)}},
             ],
         },
-        "model": {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}, "lr": 0.01},
+        "model": MODEL,
         "data": {"root": str(scenes), **DATA, "augment": False},
         "gradflow": {"every_n_steps": 1},
     }
     config = tmp / "faults.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "geobp", "fit", "--config", str(config),
-           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = fit_two_processes(config, capture_output=True, text=True)
     yield {"proc": proc, "record": record, "run": tmp / "runs" / "faults" / "version_0"}
     for ckpt in tmp.rglob("*.ckpt"):
         ckpt.unlink()
