@@ -13,16 +13,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_quick_run_writes_loading_and_training_tables(tmp_path: Path) -> None:
+def quick_run(tmp_path: Path, sections: str) -> str:
+    """``python -m benchmarks run --quick --only SECTIONS`` into ``tmp_path``; the BENCHMARKS.md it wrote."""
     out = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "loading,training", "--out", str(out),
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", sections, "--out", str(out),
          "--cache-dir", str(tmp_path / "cache")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    text = out.read_text()
+    return out.read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_writes_loading_and_training_tables(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "loading,training")
     assert "Quick mode" in text
     assert "## Machine" in text and "geobp commit" in text
     # One table row per loader, each with a number of tiles per second.
@@ -89,14 +94,7 @@ def test_robust_mean_counts_periodic_work_and_ignores_bursts() -> None:
 
 @pytest.mark.slow
 def test_quick_run_writes_the_labels_section(tmp_path: Path) -> None:
-    out = tmp_path / "BENCHMARKS.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "labels", "--out", str(out),
-         "--cache-dir", str(tmp_path / "cache")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    text = out.read_text()
+    text = quick_run(tmp_path, "labels")
     for row in ("geobp, labels aligned into the cache", "geobp, same-grid masks", "torchgeo `RasterDataset` & `RasterDataset`"):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row}"))
         assert re.search(r"\| [\d,.]+ \|", line), line

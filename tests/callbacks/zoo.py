@@ -112,14 +112,17 @@ class ZooModule(L.LightningModule):
         return torch.optim.SGD(params, lr=self.lr)
 
 
-class _NaNGrad(torch.autograd.Function):
+class _GradTimes(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (NaN or Inf here)."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad * float("nan")
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
 
 
 class NaNGradAt(nn.Module):
@@ -131,24 +134,14 @@ class NaNGradAt(nn.Module):
         self.step = -1
 
     def forward(self, x: Tensor) -> Tensor:
-        return _NaNGrad.apply(x) if self.step == self.at else x
-
-
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad * float("inf")
+        return _GradTimes.apply(x, float("nan")) if self.step == self.at else x
 
 
 class OverflowingBackward(nn.Module):
     """Identity whose backward overflows (Inf) on every step, as an fp16 overflow would at any scale."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _InfGrad.apply(x)
+        return _GradTimes.apply(x, float("inf"))
 
 
 class NaNForwardAt(nn.Module):
