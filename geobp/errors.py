@@ -72,3 +72,7 @@ class OutputExistsError(GeobpError, FileExistsError):
 
 class NonFiniteError(GeobpError, FloatingPointError):
     """Training produced a NaN or Inf loss or gradient and was configured to stop."""
+
+
+class ReaderError(GeobpError, RuntimeError):
+    """A reader process of inference stopped unexpectedly (killed for memory, crashed)."""

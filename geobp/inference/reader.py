@@ -25,6 +25,49 @@ from geobp.raster import open_reader, read_window
 from geobp.tiling import Tile, TileGrid
 
 
+def fill_batch(
+    src: rasterio.DatasetReader, grid: TileGrid, tiles: list[Tile], pre: Preprocessing, image: np.ndarray,
+    valid: np.ndarray,
+) -> None:
+    """Read and preprocess the tiles of one batch into ``image`` and ``valid`` (what every reader runs).
+
+    Tiles that lie side by side in the same tile row are read as one window and normalised once.
+
+    Args:
+        src: open handle of the input.
+        grid: the tile grid.
+        tiles: (row, column) of each tile, in grid order within a tile row.
+        pre: the preprocessing (bands, nodata, normalisation).
+        image: float32 [>= len(tiles), C, tile, tile], written: normalised tiles, padded by
+            reflection where the raster is smaller than a tile.
+        valid: bool [>= len(tiles), tile_h, tile_w], written: False at nodata pixels.
+
+    Raises:
+        RasterReadError: a block failed to decode (the message names the file and window).
+    """
+    g = grid
+    th, tw, t = g.tile_h, g.tile_w, g.tile
+    pad = ((0, 0), (0, t - th), (0, t - tw))
+    k = 0
+    while k < len(tiles):
+        # a run: consecutive tiles of the same tile row, read as one window
+        end = k + 1
+        while end < len(tiles) and tiles[end][0] == tiles[k][0]:
+            end += 1
+        i = tiles[k][0]
+        c0 = g.col_offsets[tiles[k][1]]
+        c1 = g.col_offsets[tiles[end - 1][1]] + tw
+        raw = read_window(src, Window(c0, g.row_offsets[i], c1 - c0, th), indexes=pre.bands)
+        x, v = pre(raw)
+        for n in range(k, end):
+            c = g.col_offsets[tiles[n][1]] - c0
+            if th < t or tw < t:
+                image[n] = np.pad(x[:, :, c : c + tw], pad, mode="reflect")
+            else:
+                image[n] = x[:, :, c : c + tw]
+            valid[n] = v[:, c : c + tw]
+        k = end
+
 
 @dataclass
 class TileBatch:
@@ -91,32 +134,11 @@ class PrefetchReader:
     def read(self, tiles: list[Tile]) -> TileBatch:
         """Read and preprocess one batch (runs in a worker thread, or anywhere for tests)."""
         g = self.grid
-        th, tw, t = g.tile_h, g.tile_w, g.tile
-        src = self._handle()
         # allocated pinned (for CUDA) up front and filled through numpy views: no extra copy
-        image_t = torch.empty((len(tiles), len(self.pre.bands), t, t), dtype=torch.float32, pin_memory=self.pin_memory)
-        valid_t = torch.empty((len(tiles), th, tw), dtype=torch.bool, pin_memory=self.pin_memory)
-        image, valid = image_t.numpy(), valid_t.numpy()
-        pad = ((0, 0), (0, t - th), (0, t - tw))
-        k = 0
-        while k < len(tiles):
-            # a run: consecutive tiles of the same tile row, read as one window
-            end = k + 1
-            while end < len(tiles) and tiles[end][0] == tiles[k][0]:
-                end += 1
-            i = tiles[k][0]
-            c0 = g.col_offsets[tiles[k][1]]
-            c1 = g.col_offsets[tiles[end - 1][1]] + tw
-            raw = read_window(src, Window(c0, g.row_offsets[i], c1 - c0, th), indexes=self.pre.bands)
-            x, v = self.pre(raw)
-            for n in range(k, end):
-                c = g.col_offsets[tiles[n][1]] - c0
-                if th < t or tw < t:
-                    image[n] = np.pad(x[:, :, c : c + tw], pad, mode="reflect")
-                else:
-                    image[n] = x[:, :, c : c + tw]
-                valid[n] = v[:, c : c + tw]
-            k = end
+        image_t = torch.empty((len(tiles), len(self.pre.bands), g.tile, g.tile), dtype=torch.float32,
+                              pin_memory=self.pin_memory)
+        valid_t = torch.empty((len(tiles), g.tile_h, g.tile_w), dtype=torch.bool, pin_memory=self.pin_memory)
+        fill_batch(self._handle(), g, tiles, self.pre, image_t.numpy(), valid_t.numpy())
         return TileBatch(tiles, image_t, valid_t)
 
     def __iter__(self) -> Iterator[TileBatch]:
