@@ -29,7 +29,7 @@ from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import ConfigError, GeobpError, format_error
 from geobp.inference.outputs import Probabilities
-from geobp.inference.predict import PRECISION_ALIASES, Precision
+from geobp.inference.predict import PRECISION_ALIASES, Precision, Reader
 from geobp.task import SegmentationTask
 
 console = Console(stderr=True)
@@ -342,9 +342,13 @@ def cmd_infer(argv: Sequence[str]) -> int:
                    help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--reader_threads", "--workers", type=int, default=None,
-                   help="threads reading the input (not processes, unlike data.num_workers); default: a quarter "
-                        "of the usable cores, on a GPU a few, each decoding with several GDAL threads")
+    p.add_argument("--reader", choices=list(get_args(Reader)), default=None,
+                   help="read and decode the input in worker processes (they use every core given: for a GPU) or "
+                        "in threads of this process (they start at once: enough on the CPU, where the model needs "
+                        "the cores); default: processes on a GPU, threads on the CPU")
+    p.add_argument("--readers", "--reader_threads", "--workers", type=int, default=None,
+                   help="reader processes or threads; default: a quarter of the usable cores (at least one), "
+                        "on a GPU all but two as processes, or a few threads each decoding with several GDAL threads")
     p.add_argument("--devices", type=int, default=1,
                    help="processes per node, one per GPU (or CPU processes with --accelerator cpu); >1 splits the work")
     p.add_argument("--num_nodes", "--num-nodes", type=int, default=1, help="nodes (under srun or torchrun, with --devices per node)")
@@ -357,7 +361,7 @@ def cmd_infer(argv: Sequence[str]) -> int:
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.reader_threads, ranks=ranks,
+        num_workers=a.readers, reader=a.reader, ranks=ranks,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code

@@ -10,7 +10,7 @@ from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
-from geobp.inference.predict import PredictOptions, Precision, check_paths, open_job, predict_share, predict_with
+from geobp.inference.predict import PredictOptions, Precision, Reader, check_paths, open_job, predict_share, predict_with
 from geobp.task import SegmentationTask
 from geobp.raster import list_rasters
 from geobp.tiling import check_tile_args
@@ -88,6 +88,7 @@ def predict_many(
     overwrite: bool = False,
     progress: bool = True,
     num_workers: int | None = None,
+    reader: Reader | None = None,
     ranks: Ranks | None = None,
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
@@ -103,7 +104,7 @@ def predict_many(
         tile_size: tile size; the checkpoint's training tile size when None (512 if unrecorded).
         overlap: tile overlap; an eighth of the tile size when None (64 for 512).
         batch_size, device, precision, probabilities, cog, overwrite, progress,
-        num_workers: as in :func:`predict_raster`.
+        num_workers, reader: as in :func:`predict_raster`.
         ranks: this process's rank among several (see :mod:`geobp.inference.distributed`);
             by default those of the initialized process group, or a single process. With
             several, each call must get the same arguments; every process returns the same
@@ -146,6 +147,7 @@ def predict_many(
         tile_size=tile, overlap=overlap, batch_size=batch_size, device=device, precision=precision, num_classes=k,
         class_names=names, probabilities=probabilities, cog=cog, overwrite=overwrite,
         progress=progress and ranks.rank == 0, num_workers=num_workers, expected_dtype=pre.dtype,
+        reader=reader,
     )
     # (input index, input, error message or None) of the rasters this process reports
     results: list[tuple[int, Path, str | None]] = []

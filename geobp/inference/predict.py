@@ -1,7 +1,9 @@
 """Streaming sliding-window prediction over one raster, for any ``nn.Module``.
 
-Three stages overlap: reader threads read and preprocess batches of tiles
-(:class:`~geobp.inference.reader.PrefetchReader`), the calling thread runs the model, and a
+Three stages overlap: readers read and preprocess batches of tiles (threads,
+:class:`~geobp.inference.reader.PrefetchReader`, or processes,
+:class:`~geobp.inference.procreader.ProcessReader`: ``PredictOptions.reader``), the calling
+thread runs the model, and a
 writer thread blends the tiles and writes finished strips
 (:class:`~geobp.inference.blend.TileBlender`, :class:`~geobp.inference.outputs.StripWriter`).
 Peak memory is bounded by the tile size, the batch size, the overlap band of one tile row
@@ -44,14 +46,17 @@ from geobp.inference.outputs import (
     output_paths,
 )
 from geobp.inference.parts import PartSink, RowShare
+from geobp.inference.procreader import ProcessReader
 from geobp.inference.reader import PrefetchReader
-from geobp.inference.threads import decode_threads, default_workers
+from geobp.inference.threads import decode_threads, default_processes, default_workers
 from geobp.tiling import TileGrid
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+#: How the input is read: ``threads`` (:class:`PrefetchReader`) or ``processes`` (:class:`ProcessReader`).
+Reader = Literal["threads", "processes"]
 #: Earlier spellings of :data:`Precision`, still accepted.
 PRECISION_ALIASES: dict[str, Precision] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -77,10 +82,23 @@ GDAL_CACHE_BYTES = 32 * 2**20
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def reader_kind(reader: Reader | None, device: str | torch.device) -> Reader:
+    """The reader to use: ``reader``, or by default processes on a GPU and threads on the CPU."""
+    if reader is not None:
+        return reader
+    return "processes" if torch.device(device).type == "cuda" else "threads"
+
+
 def _check_args(
-    tile_size: int, overlap: int, batch_size: int, precision: str, probabilities: str, nodata_value: int
+    tile_size: int, overlap: int, batch_size: int, precision: str, probabilities: str, nodata_value: int,
+    reader: str | None, num_workers: int | None,
 ) -> None:
     check_tile_args(tile_size, overlap)
+    if reader is not None and reader not in get_args(Reader):
+        raise ConfigError(format_error(None, f"unknown reader {reader!r} (expected threads or processes)", "pick one of them"))
+    if num_workers is not None and num_workers < 1:
+        raise ConfigError(format_error(None, f"number of readers must be positive (found {num_workers})",
+                                       "set --readers >= 1, or leave it out for the default"))
     if batch_size < 1:
         raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
     normalize_precision(precision)
@@ -110,8 +128,13 @@ class PredictOptions:
         overwrite: replace existing outputs.
         progress: show a progress bar (rich, on stderr).
         nodata_value: class-map value at nodata pixels; must not be a class id.
-        num_workers: reader threads (each with its own file handle); None: see
-            :func:`default_workers`.
+        num_workers: readers (threads or processes, each with its own file handle); None: see
+            :func:`default_workers` (threads) and :func:`default_processes` (processes).
+        reader: ``processes`` decodes and preprocesses in worker processes, which do not share
+            the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
+            of this process, which start at once and suffice on the CPU, where the model needs
+            the cores anyway. None (default): processes on a GPU, threads on the CPU
+            (:func:`reader_kind`; measurements in BENCHMARKS.md, "Readers").
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.
@@ -134,9 +157,11 @@ class PredictOptions:
     num_classes: int | None = None
     class_names: list[str] | None = None
     expected_dtype: str | None = None
+    reader: Reader | None = None
 
     def __post_init__(self) -> None:
-        _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value)
+        _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value,
+                    self.reader, self.num_workers)
         object.__setattr__(self, "precision", normalize_precision(self.precision))
 
 
@@ -251,6 +276,7 @@ def predict_raster(
     nodata_value: int = 255,
     expected_dtype: str | None = None,
     num_workers: int | None = None,
+    reader: Reader | None = None,
 ) -> Path:
     """Predict a class map for one raster with sliding, overlapping, smoothly blended tiles.
 
@@ -268,7 +294,7 @@ def predict_raster(
         dst: class map to write (``<stem>_classes.tif`` by convention).
         preprocessing: band selection, nodata and normalization used in training. The input
             file's own nodata tag, when it has one, takes precedence for masking.
-        tile_size ... num_workers: the fields of :class:`PredictOptions`.
+        tile_size ... reader: the fields of :class:`PredictOptions`.
 
     Returns:
         ``dst``.
@@ -283,6 +309,7 @@ def predict_raster(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
         probabilities=probabilities, cog=cog, overwrite=overwrite, progress=progress, nodata_value=nodata_value,
         num_workers=num_workers, num_classes=num_classes, class_names=class_names, expected_dtype=expected_dtype,
+        reader=reader,
     )
     return predict_with(model, src, dst, preprocessing, opts)
 
@@ -381,7 +408,8 @@ def _run(
     """Predict the tiles of tile rows ``rows`` and hand the finished strips to ``open_sink(class names)``."""
     device, precision, probabilities, nodata_value = opts.device, opts.precision, opts.probabilities, opts.nodata_value
     num_classes, class_names = opts.num_classes, opts.class_names
-    num_workers = default_workers(device) if opts.num_workers is None else opts.num_workers
+    processes = reader_kind(opts.reader, device) == "processes"
+    num_workers = opts.num_workers or (default_processes(device) if processes else default_workers(device))
     grid = job.grid
     th, tw, tile_size = grid.tile_h, grid.tile_w, grid.tile
     first, stop = rows
@@ -396,9 +424,12 @@ def _run(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        # processes decode on one core each (there are as many as cores to spare); threads share
+        # the cores left with GDAL decoding threads (see geobp.inference.threads)
         reader = stack.enter_context(
-            PrefetchReader(job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda",
-                           decode_threads=decode_threads(dev, num_workers))
+            (ProcessReader if processes else PrefetchReader)(
+                job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda",
+                decode_threads=1 if processes else decode_threads(dev, num_workers))
         )
         stack.enter_context(bar)
         writer: BlendWriter | None = None

@@ -1,4 +1,4 @@
-"""How many threads read the input and decode it: the reader-thread policy of inference.
+"""How many readers read the input and decode it: the reader policy of inference (threads or processes).
 
 Reading is bound by decoding the input's compressed blocks, not by normalising them. Each reader
 thread has its own file handle, and GDAL's block cache is per handle, so a thread decodes again
@@ -40,3 +40,13 @@ def decode_threads(device: str | torch.device, readers: int) -> int:
     if torch.device(device).type != "cuda":
         return 1
     return max(1, (usable_cores() - 2) // max(1, readers))
+
+
+def default_processes(device: str | torch.device) -> int:
+    """Reader processes when none are given: on the CPU a quarter of the usable cores (1 to 8), as
+    for threads, since the model needs the others; on a GPU every usable core but two (the
+    model's thread and the writer's), at least 1 and at most 32, each decoding on one core."""
+    cores = usable_cores()
+    if torch.device(device).type == "cuda":
+        return max(1, min(32, cores - 2))
+    return max(1, min(8, cores // 4))

@@ -1,0 +1,196 @@
+"""The process reader of inference: the same batches and outputs as the threads, errors, clean shutdown.
+
+The first reader of a test session starts the fork server (a few seconds: it imports torch and
+geobp once); every later reader starts its workers in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+import torch
+
+from geobp.data.preprocessing import Preprocessing
+from geobp.errors import ConfigError, DataNotFoundError, RasterReadError, ReaderError
+from geobp.inference import PredictOptions, output_paths, predict_raster
+from geobp.inference.predict import reader_kind
+from geobp.inference.procreader import ProcessReader
+from geobp.inference.reader import PrefetchReader
+from geobp.tiling import TileGrid
+from tests.conftest import write_tif
+from tests.test_inference import PRE, Exploding, conv_model, make_image
+
+
+def shm_mappings() -> set[str]:
+    """Shared-memory segments this process maps (torch's, as ``/dev/shm/torch_...``)."""
+    with open("/proc/self/maps") as fh:
+        return {line.split(None, 5)[-1].strip() for line in fh if "/dev/shm/" in line}
+
+
+def our_shm_files() -> set[str]:
+    """Named segments of this process in /dev/shm (torch names them after the pid)."""
+    return {n for n in os.listdir("/dev/shm") if f"_{os.getpid()}_" in n}
+
+
+@pytest.fixture
+def no_leftovers():
+    """After the test: no child processes, no shared memory mapped or named by this process."""
+    maps, files = shm_mappings(), our_shm_files()
+    yield
+    assert multiprocessing.active_children() == []
+    assert shm_mappings() <= maps
+    assert our_shm_files() <= files
+
+
+def corrupt_cog(path: Path, tmp_path: Path) -> Path:
+    """Rewrite ``path`` as a truncated COG: it opens, but its later blocks fail to decode."""
+    cog = tmp_path / "cog_full.tif"
+    rasterio.shutil.copy(path, cog, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=16)
+    raw = cog.read_bytes()
+    cog.unlink()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    return path
+
+
+def test_same_tiles_and_bytes_as_the_threads(tmp_path, no_leftovers):
+    rng = np.random.default_rng(0)
+    img = rng.integers(1, 1000, (3, 70, 90)).astype("uint16")
+    img[:, :5, :7] = 0
+    src = write_tif(tmp_path / "a.tif", img, nodata=0)
+    pre = Preprocessing(bands=[3, 1], nodata=0, mean=[100.0, 200.0], std=[30.0, 40.0])
+    small = write_tif(tmp_path / "small.tif", img[:, :10, :40], nodata=0, block=None)
+    for path, grid in ((src, TileGrid.build(70, 90, 16, 4)), (small, TileGrid.build(10, 40, 16, 4))):  # small: padded
+        batches = grid.batches(4)  # the last batch is shorter
+        with PrefetchReader(path, grid, batches, pre, num_workers=2) as reader:
+            want = list(reader)
+        before = len(shm_mappings())
+        with ProcessReader(path, grid, batches, pre, num_workers=2, prefetch=3) as reader:
+            assert len(shm_mappings()) > before  # the ring is mapped ...
+            assert our_shm_files() == set()  # ... but has no name left in /dev/shm
+            got = list(reader)
+            again = list(reader)  # a reader may be iterated again
+            partial = iter(reader)
+            next(partial)
+            partial.close()  # abandoned with reads in flight
+            third = list(reader)
+        for run in (got, again, third):
+            assert [b.tiles for b in run] == batches
+            for a, b in zip(want, run):
+                assert a.image.dtype == b.image.dtype and a.image.shape == b.image.shape
+                assert a.image.numpy().tobytes() == b.image.numpy().tobytes()
+                assert torch.equal(a.valid, b.valid)
+
+
+@pytest.mark.parametrize("probabilities", ["none", "probs"])
+def test_predict_writes_the_same_bytes_with_either_reader(tmp_path, probabilities, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(90, 70))
+    model = conv_model(3)
+    outs = {}
+    for kind in ("threads", "processes"):
+        dst = predict_raster(model, src, tmp_path / kind / "a_classes.tif", PRE, tile_size=32, overlap=8, batch_size=3,
+                             probabilities=probabilities, progress=False, num_workers=2, reader=kind)
+        outs[kind] = {key: path.read_bytes() for key, path in output_paths(dst, probabilities).items()}
+    assert outs["threads"] == outs["processes"]
+
+
+def test_reader_option_and_its_default():
+    assert reader_kind(None, "cpu") == "threads" and reader_kind(None, "cuda:0") == "processes"
+    assert reader_kind("processes", "cpu") == "processes"
+    with pytest.raises(ConfigError, match="unknown reader 'fork'"):
+        PredictOptions(reader="fork")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="number of readers must be positive"):
+        PredictOptions(num_workers=0)
+
+
+def assert_only_input_left(folder: Path, name: str = "a.tif") -> None:
+    assert sorted(p.name for p in folder.iterdir()) == [name]
+    assert not [t for t in threading.enumerate() if t.name.startswith("geobp-")]
+
+
+def test_a_bad_block_gives_the_threads_message_and_leaves_nothing(tmp_path, no_leftovers):
+    src = corrupt_cog(make_image(tmp_path / "a.tif", size=(96, 96), nodata_corner=False), tmp_path)
+    messages = {}
+    for kind in ("threads", "processes"):
+        with pytest.raises(RasterReadError) as err:
+            predict_raster(conv_model(), src, tmp_path / "a_classes.tif", PRE, tile_size=32, overlap=8, batch_size=2,
+                           progress=False, num_workers=2, reader=kind)
+        messages[kind] = str(err.value)
+        assert_only_input_left(tmp_path)
+    assert messages["threads"] == messages["processes"]
+    assert "a.tif: failed to read window" in messages["processes"] and "Fix: " in messages["processes"]
+    assert "\n" not in messages["processes"]
+
+
+def test_a_worker_error_comes_at_its_batch_after_the_earlier_ones(tmp_path, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(64, 64))
+    grid = TileGrid.build(64, 64, 16, 0)
+    batches = grid.batches(4)
+    with ProcessReader(src, grid, batches, PRE, num_workers=2) as reader:
+        src.unlink()  # the workers open the file at their first batch
+        with pytest.raises(DataNotFoundError, match=r"a.tif: file not found\. Fix: "):
+            list(reader)
+    src = make_image(tmp_path / "b.tif", size=(96, 96), nodata_corner=False)
+    grid = TileGrid.build(96, 96, 16, 0)
+    batches = grid.batches(6)  # one tile row per batch: the truncated file's later rows fail
+    corrupt_cog(src, tmp_path)
+    got = []
+    with ProcessReader(src, grid, batches, PRE, num_workers=2) as reader:
+        with pytest.raises(RasterReadError, match=r"b.tif: failed to read window \(row (\d+)"):
+            for batch in reader:
+                got.append(batch.tiles)
+    assert 0 < len(got) < len(batches) and got == batches[: len(got)]
+
+
+def test_a_killed_worker_is_reported_and_the_others_stopped(tmp_path, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(128, 64))
+    grid = TileGrid.build(128, 64, 16, 0)
+    with ProcessReader(src, grid, grid.batches(2), PRE, num_workers=2, prefetch=2) as reader:
+        it = iter(reader)
+        next(it)
+        os.kill(reader._procs[0].pid, signal.SIGKILL)
+        with pytest.raises(ReaderError, match=r"a.tif: reader process geobp-read-0 stopped unexpectedly \(exit code -9\).*Fix: "):
+            list(it)
+
+
+def test_workers_ignore_ctrl_c_and_the_parent_stops_them(tmp_path, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(128, 64))
+    grid = TileGrid.build(128, 64, 16, 0)
+    batches = grid.batches(2)
+    with ProcessReader(src, grid, batches, PRE, num_workers=2) as reader:
+        got = []
+        for n, batch in enumerate(reader):
+            if n == 1:  # Ctrl-C in a terminal reaches every process of the group: the workers go on
+                for proc in reader._procs:
+                    os.kill(proc.pid, signal.SIGINT)
+            got.append(batch.tiles)
+        assert got == batches and all(p.is_alive() for p in reader._procs)
+    # the parent's KeyboardInterrupt (here from the model, mid-raster) stops them, and the output is not written
+    with pytest.raises(KeyboardInterrupt):
+        predict_raster(Interrupting(after=2), src, tmp_path / "a_classes.tif", PRE, tile_size=16, overlap=4, batch_size=2,
+                       progress=False, num_workers=2, reader="processes")
+    assert_only_input_left(tmp_path)
+
+
+class Interrupting(Exploding):
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("cog", [False, True])
+def test_model_failure_mid_raster_stops_the_workers_and_leaves_nothing(tmp_path, cog, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(300, 70))
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        predict_raster(Exploding(after=3), src, tmp_path / "a_classes.tif", PRE, tile_size=16, overlap=8, batch_size=2,
+                       probabilities="probs", cog=cog, progress=False, num_workers=2, reader="processes")
+    assert_only_input_left(tmp_path)
