@@ -2,7 +2,7 @@
 
 Commands:
 
-- ``run [--quick] [--only loading,training,inference,balance] [--out BENCHMARKS.md]``: each section in a
+- ``run [--quick] [--only loading,training,inference,readers,labels,balance] [--out BENCHMARKS.md]``: each section in a
   fresh process (its own GDAL cache, memory and threads), results stored as JSON, then rendered;
 - ``render``: rewrite the Markdown from the stored results (e.g. after adding ``gpu.json``);
 - ``section NAME``: one section in this process (what ``run`` starts);
@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.common import REPO, SECTIONS, Config, atomic_write_text, machine_info
+from benchmarks.common import REPO, SECTION_ENTRIES, SECTIONS, Config, atomic_write_text, machine_info
 
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
@@ -66,8 +66,8 @@ def run_section_here(name: str, cfg: Config, command: str) -> dict:
 
     start = time.perf_counter()
     machine = machine_info()
-    module = importlib.import_module(f"benchmarks.{name}")
-    result = module.run(cfg)
+    module_name, function = SECTION_ENTRIES.get(name, (name, "run"))
+    result = getattr(importlib.import_module(f"benchmarks.{module_name}"), function)(cfg)
     machine["load_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     result.update(machine=machine, command=command, quick=cfg.quick, elapsed_s=time.perf_counter() - start)
     return result

@@ -22,7 +22,9 @@ from typing import Any
 from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write results through it)
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "labels", "balance")
+SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "readers", "labels", "balance")
+#: Sections whose ``run`` lives in another section's module: name -> (module, function).
+SECTION_ENTRIES: dict[str, tuple[str, str]] = {"readers": ("inference", "run_readers")}
 
 
 @dataclass
@@ -63,6 +65,12 @@ class Config:
     mem_tile: int = 512
     mem_overlap: int = 64
     mem_batch: int = 8
+    # inference readers (threads, processes) against the bare decode loop: 6-band DEFLATE raster
+    readers_size: int = 4096
+    readers_block: int = 512
+    readers_tile: int = 256
+    readers_overlap: int = 32
+    readers_batch: int = 8
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> Config:
@@ -72,6 +80,7 @@ class Config:
             train_batch=2, train_size=32, train_steps=2, train_warmup=1, monitor_steps=2, monitor_pairs=1, monitor_cost_steps=4,
             infer_size=512, infer_tile=128, infer_overlap=16, infer_batch=2,
             mem_sizes=(500, 1000), mem_tile=128, mem_overlap=16, mem_batch=2,
+            readers_size=512, readers_block=128, readers_tile=128, readers_overlap=16, readers_batch=2,
         )
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Section "inference": ``predict_raster`` throughput against the bare model, and its peak memory.
+"""Section "inference": ``predict_raster`` throughput against the bare model, and its peak memory;
+section "readers" (:func:`run_readers`): the inference readers against the decode limit.
 
 - Throughput: pixels per second of ``geobp.inference.predict_raster`` (what ``geobp infer``
   runs) on a 6-band raster with a U-Net ResNet-18, against the model's forward pass alone over
@@ -7,6 +8,12 @@
 - Memory: peak RSS (``VmHWM``) of a fresh process predicting a 1-band raster with a 1x1
   convolution (cheap on the CPU; the model's size does not depend on the raster), for a small
   and a large raster.
+
+- Readers: tiles per second of the thread and the process reader (1, 2 and all usable cores)
+  over a 6-band DEFLATE raster, alone and fed to a consumer that takes batches at a fixed
+  "GPU rate" (it sleeps batch / rate seconds per batch), against the bare decode loop: one core
+  reading the same tile windows with rasterio in a plain loop; that rate times the usable cores
+  is the node's decode limit.
 
 The memory child is this module run as a script: ``python -m benchmarks.inference --memory-child``.
 """
@@ -150,13 +157,13 @@ def run(cfg: Config) -> dict[str, Any]:
         for rep in range(cfg.repeats):
             runs = {
                 "predict": lambda: predict(unet, src, dst, *args),
-                "forward": lambda: forward_seconds(unet, tiles, cfg.infer_batch),
+                "forward": lambda t=tiles: forward_seconds(unet, t, cfg.infer_batch),  # bound now: deleted below
                 "predict_conv": lambda: predict(conv, src, dst, *args),
             }
             for name in runs if rep % 2 == 0 else reversed(list(runs)):
                 times[name].append(runs[name]())
                 print(f"inference: repeat {rep} {name}: {times[name][-1]:.2f} s", flush=True)
-    del tiles
+    del tiles, runs  # the tiles' memory is not part of the memory runs below
     px = {k: [pixels / t for t in v] for k, v in times.items()}
     med = {k: median(v) for k, v in px.items()}
     ratio = med["predict"] / med["forward"]
@@ -227,6 +234,122 @@ def run(cfg: Config) -> dict[str, Any]:
     res.metrics = {"mpixel_per_s": {k: v / 1e6 for k, v in med.items()}, "seconds": times, "memory": mem,
                    "reading_tiles_per_s": {f"{r}x{d}": v for (r, d), v in read_rate.items()},
                    "ratio": ratio, "memory_ratio": mratio}
+    return res.to_dict()
+
+
+def bare_decode_tiles_per_s(src: Path, tile: int, overlap: int) -> float:
+    """Tiles per second of one core reading every tile window of the grid (all bands, raw uint16)
+    with rasterio in a plain loop, under the block cache ``predict_raster`` uses."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.tiling import TileGrid
+
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(src) as ds:
+        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
+        start = time.perf_counter()
+        n = 0
+        for i, j in grid.tiles():
+            ds.read(window=Window(grid.col_offsets[j], grid.row_offsets[i], grid.tile_w, grid.tile_h))
+            n += 1
+        return n / (time.perf_counter() - start)
+
+
+def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batch: int,
+               rate: float = 0.0) -> dict[str, float]:
+    """One pass of geobp's ``threads`` or ``processes`` reader over the grid, each worker decoding on
+    one core; with ``rate`` > 0 the consumer takes each batch for ``len(batch) / rate`` seconds
+    (a GPU's forward pass). Returns tiles/s (from the first request to the last batch, so the
+    workers' start is not in it) and the seconds the reader took to start."""
+    import rasterio
+
+    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.inference.procreader import ProcessReader
+    from geobp.inference.reader import PrefetchReader
+    from geobp.tiling import TileGrid
+
+    with rasterio.open(src) as ds:
+        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
+    cls = ProcessReader if kind == "processes" else PrefetchReader
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        made = time.perf_counter()
+        with cls(src, grid, grid.batches(batch), preprocessing(BANDS), num_workers=readers) as reader:
+            start = time.perf_counter()
+            n = 0
+            for b in reader:
+                n += len(b.tiles)
+                if rate:
+                    time.sleep(len(b.tiles) / rate)
+            return {"tiles_per_s": n / (time.perf_counter() - start), "start_s": start - made}
+
+
+def run_readers(cfg: Config) -> dict[str, Any]:
+    """Section "readers": the thread and process readers against the bare decode loop, alone and
+    fed to a consumer at the decode limit's rate."""
+    from geobp.inference.threads import usable_cores
+
+    res = SectionResult(section="readers", title="Inference readers")
+    cache = Path(cfg.cache_dir) / "inference"
+    src = ensure_plain_raster(cache, cfg.readers_size, bands=BANDS, block=cfg.readers_block)
+    cores = usable_cores()
+    geo = (cfg.readers_tile, cfg.readers_overlap, cfg.readers_batch)
+    counts = sorted({1, 2, cores})
+    layouts = [("threads", 1), ("threads", cores), *(("processes", c) for c in counts)]
+    layouts = list(dict.fromkeys(layouts))
+    bare_decode_tiles_per_s(src, cfg.readers_tile, cfg.readers_overlap)  # warm-up: file cache
+    bare: list[float] = []
+    alone: dict[tuple[str, int], list[float]] = {lay: [] for lay in layouts}
+    fed: dict[tuple[str, int], list[float]] = {lay: [] for lay in layouts}
+    starts: list[float] = []
+    for rep in range(cfg.repeats):
+        bare.append(bare_decode_tiles_per_s(src, cfg.readers_tile, cfg.readers_overlap))
+        print(f"readers: repeat {rep} bare decode loop: {bare[-1]:.1f} tiles/s", flush=True)
+        for lay in layouts if rep % 2 == 0 else reversed(layouts):
+            got = reader_run(src, *lay, *geo)
+            alone[lay].append(got["tiles_per_s"])
+            if lay[0] == "processes":
+                starts.append(got["start_s"])
+            print(f"readers: repeat {rep} {lay} alone: {got['tiles_per_s']:.1f} tiles/s, start {got['start_s']:.2f} s",
+                  flush=True)
+    one_core = median(bare)
+    limit = one_core * cores
+    for rep in range(cfg.repeats):
+        for lay in layouts if rep % 2 == 0 else reversed(layouts):
+            fed[lay].append(reader_run(src, *lay, *geo, rate=limit)["tiles_per_s"])
+            print(f"readers: repeat {rep} {lay} fed at {limit:.1f} tiles/s: {fed[lay][-1]:.1f} tiles/s", flush=True)
+    n = cfg.repeats
+    rows = [["bare decode loop, one core", "-", one_core, spread(bare), one_core / limit, "-", n],
+            [f"decode limit: one core x {cores} usable cores", "-", limit, "-", 1.0, "-", "-"]]
+    for (kind, k), v in alone.items():
+        rows.append([f"`{kind}` reader", k, median(v), spread(v), median(v) / limit, median(fed[(kind, k)]) / limit, n])
+    res.tables.append(table(
+        f"Tiles/s of {cfg.readers_tile} px tiles ({cfg.readers_overlap} px overlap, batches of {cfg.readers_batch})",
+        ["reader", "workers", "tiles/s alone (median)", "min-max", "alone / decode limit",
+         "fed at the decode limit's rate: achieved / that rate", "n"], rows))
+    best = max(median(fed[lay]) for lay in layouts if lay[0] == "processes") / limit
+    res.targets.append(target("readers: process reader fed at the decode limit's rate / decode limit", best, ">=", 0.85,
+                              f"{fmt(best)}"))
+    res.setup = [
+        f"Input: a {cfg.readers_size} x {cfg.readers_size} px, {BANDS}-band uint16 GeoTIFF (DEFLATE, predictor 2, "
+        f"{cfg.readers_block} px blocks); the prediction grid of {cfg.readers_tile} px tiles with "
+        f"{cfg.readers_overlap} px overlap, read as `predict_raster` reads it (batches of {cfg.readers_batch}, "
+        "tiles of a batch in one tile row read as one window, then normalised).",
+        "Bare decode loop: one process reading every tile window of the grid with `rasterio` in a plain loop (all "
+        "bands, raw, no normalising) under the 32 MiB block cache `predict_raster` sets; times the usable cores, "
+        "it is the node's decode limit.",
+        "Readers: `PrefetchReader` (threads of one process, each with one GDAL decoding thread) and `ProcessReader` "
+        "(worker processes, each decoding on one core, batches in a shared-memory ring, copied out in the parent); "
+        "tiles/s from the first request to the last batch (the process reader's start, "
+        f"median {fmt(median(starts))} s with the fork server already running, is not in it).",
+        "Fed: the consumer sleeps batch / rate seconds per batch, with the rate at the decode limit (a GPU exactly "
+        "as fast as the node can decode); 1.0 means the reader never kept it waiting.",
+        f"{n} repeats in alternating order after a warm-up pass; {cores} usable cores.",
+    ]
+    res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
+                   "alone_tiles_per_s": {f"{k}x{c}": v for (k, c), v in alone.items()},
+                   "fed_tiles_per_s": {f"{k}x{c}": v for (k, c), v in fed.items()},
+                   "process_start_s": starts}
     return res.to_dict()
 
 

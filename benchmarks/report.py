@@ -15,6 +15,7 @@ _TITLES = {
     "loading": "1. Training tile loading",
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
+    "readers": "3b. Inference readers: threads and processes against the decode limit",
     "gpu": "6. GPU",
     "labels": "4. Labels on another grid",
     "balance": "5. Rare classes: uniform and balanced tile sampling",

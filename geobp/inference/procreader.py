@@ -271,8 +271,10 @@ class ProcessReader:
         image_v, valid_v = self.layout.views(self._buf, slot, len(tiles))
         image = torch.empty(image_v.shape, dtype=torch.float32, pin_memory=self.pin_memory)
         valid = torch.empty(valid_v.shape, dtype=torch.bool, pin_memory=self.pin_memory)
-        image.copy_(torch.from_numpy(image_v))
-        valid.copy_(torch.from_numpy(valid_v))
+        # numpy's copy: one thread, where torch's copy_ would wake its intra-op pool, whose
+        # spinning threads take the cores from the workers (measured: a third fewer tiles/s on 2 cores)
+        np.copyto(image.numpy(), image_v)
+        np.copyto(valid.numpy(), valid_v)
         return TileBatch(tiles, image, valid)
 
     def close(self) -> None:
