@@ -322,7 +322,8 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     rows = [["bare decode loop, one core", "-", one_core, spread(bare), one_core / limit, "-", n],
             [f"decode limit: one core x {cores} usable cores", "-", limit, "-", 1.0, "-", "-"]]
     for (kind, k), v in alone.items():
-        rows.append([f"`{kind}` reader", k, median(v), spread(v), median(v) / limit, median(fed[(kind, k)]) / limit, n])
+        rows.append([f"`{kind}` reader", f"{k} (all usable cores)" if k == cores > 1 else k, median(v), spread(v),
+                     median(v) / limit, median(fed[(kind, k)]) / limit, n])
     res.tables.append(table(
         f"Tiles/s of {cfg.readers_tile} px tiles ({cfg.readers_overlap} px overlap, batches of {cfg.readers_batch})",
         ["reader", "workers", "tiles/s alone (median)", "min-max", "alone / decode limit",
@@ -347,8 +348,8 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         f"{n} repeats in alternating order after a warm-up pass; {cores} usable cores.",
     ]
     res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
-                   "alone_tiles_per_s": {f"{k}x{c}": v for (k, c), v in alone.items()},
-                   "fed_tiles_per_s": {f"{k}x{c}": v for (k, c), v in fed.items()},
+                   "alone_tiles_per_s": {f"{k}_{c}": v for (k, c), v in alone.items()},
+                   "fed_tiles_per_s": {f"{k}_{c}": v for (k, c), v in fed.items()},
                    "process_start_s": starts}
     return res.to_dict()
 

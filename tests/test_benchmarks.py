@@ -114,3 +114,15 @@ def test_rare_scenes_have_one_class_on_about_one_percent(tmp_path: Path) -> None
             mask = src.read(1)
         counts = np.bincount(mask.ravel(), minlength=4)
         assert 0.005 < counts[3] / mask.size < 0.015 and (counts[:3] > 0.03 * mask.size).all()
+
+
+@pytest.mark.slow
+def test_quick_readers_section_compares_both_readers_with_the_decode_limit(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "readers")
+    for row in ("bare decode loop, one core", "decode limit: one core x", "`threads` reader", "`processes` reader"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    stored = json.loads((tmp_path / "results" / "readers.json").read_text())["metrics"]
+    assert stored["decode_limit_tiles_per_s"] > 0 and {"threads_1", "processes_1"} <= set(stored["alone_tiles_per_s"])
+    assert all(v > 0 for runs in stored["fed_tiles_per_s"].values() for v in runs)
+

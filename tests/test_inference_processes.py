@@ -156,8 +156,13 @@ def test_a_killed_worker_is_reported_and_the_others_stopped(tmp_path, no_leftove
         it = iter(reader)
         next(it)
         os.kill(reader._procs[0].pid, signal.SIGKILL)
-        with pytest.raises(ReaderError, match=r"a.tif: reader process geobp-read-0 stopped unexpectedly \(exit code -9\).*Fix: "):
+        with pytest.raises(ReaderError, match=r"a.tif: reader process geobp-read-0 stopped unexpectedly \(exit code -9\)"
+                                              r"\. Fix: it was killed"):
             list(it)
+    with ProcessReader(src, grid, grid.batches(2), PRE, num_workers=2, prefetch=2) as reader:
+        reader._conns[1].send("not a batch")  # a worker that fails outside a read (here: a bad message) exits
+        with pytest.raises(ReaderError, match=r"geobp-read-1 stopped unexpectedly \(exit code 1\)\. Fix: see its error above"):
+            list(reader)
 
 
 def test_workers_ignore_ctrl_c_and_the_parent_stops_them(tmp_path, no_leftovers):

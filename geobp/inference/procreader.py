@@ -229,9 +229,13 @@ class ProcessReader:
                     load[worker] -= 1
                     done[n] = (slot, err)
             if dead:
+                code = proc.exitcode
+                why = ("it was killed (a signal: often for memory): lower --batch_size or --readers, or use --reader threads"
+                       if code is not None and code < 0 else
+                       "see its error above (a script that runs inference needs an `if __name__ == \"__main__\":` "
+                       "guard, as the worker processes import it), or use --reader threads")
                 raise ReaderError(format_error(
-                    self.path, f"reader process {proc.name} stopped unexpectedly (exit code {proc.exitcode})",
-                    "it was probably killed for memory: lower --batch_size or the number of readers, or use --reader threads"))
+                    self.path, f"reader process {proc.name} stopped unexpectedly (exit code {code})", why))
 
     def _drain(self) -> None:
         """Wait for the reads of an abandoned iteration, so that their slots are free again."""
