@@ -66,7 +66,7 @@ class Config:
     mem_overlap: int = 64
     mem_batch: int = 8
     # inference readers (threads, processes) against the bare decode loop: 6-band DEFLATE raster
-    readers_size: int = 4096
+    readers_size: int = 3072
     readers_block: int = 512
     readers_tile: int = 256
     readers_overlap: int = 32

@@ -257,11 +257,12 @@ def bare_decode_tiles_per_s(src: Path, tile: int, overlap: int) -> float:
 
 
 def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batch: int,
-               rate: float = 0.0) -> dict[str, float]:
+               rate: float = 0.0, hold_gil: bool = False) -> dict[str, float]:
     """One pass of geobp's ``threads`` or ``processes`` reader over the grid, each worker decoding on
     one core; with ``rate`` > 0 the consumer takes each batch for ``len(batch) / rate`` seconds
-    (a GPU's forward pass). Returns tiles/s (from the first request to the last batch, so the
-    workers' start is not in it) and the seconds the reader took to start."""
+    (a GPU's forward pass): sleeping, or with ``hold_gil`` spinning in Python, as a thread
+    launching a model's kernels holds the GIL. Returns tiles/s (from the first request to the
+    last batch, so the workers' start is not in it) and the seconds the reader took to start."""
     import rasterio
 
     from geobp.inference.predict import GDAL_CACHE_BYTES
@@ -279,7 +280,11 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
             n = 0
             for b in reader:
                 n += len(b.tiles)
-                if rate:
+                if rate and hold_gil:
+                    end = time.perf_counter() + len(b.tiles) / rate
+                    while time.perf_counter() < end:
+                        pass
+                elif rate:
                     time.sleep(len(b.tiles) / rate)
             return {"tiles_per_s": n / (time.perf_counter() - start), "start_s": start - made}
 
@@ -301,6 +306,7 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     bare: list[float] = []
     alone: dict[tuple[str, int], list[float]] = {lay: [] for lay in layouts}
     fed: dict[tuple[str, int], list[float]] = {lay: [] for lay in layouts}
+    busy: dict[tuple[str, int], list[float]] = {lay: [] for lay in layouts}
     starts: list[float] = []
     for rep in range(cfg.repeats):
         bare.append(bare_decode_tiles_per_s(src, cfg.readers_tile, cfg.readers_overlap))
@@ -318,16 +324,20 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         for lay in layouts if rep % 2 == 0 else reversed(layouts):
             fed[lay].append(reader_run(src, *lay, *geo, rate=limit)["tiles_per_s"])
             print(f"readers: repeat {rep} {lay} fed at {limit:.1f} tiles/s: {fed[lay][-1]:.1f} tiles/s", flush=True)
+            busy[lay].append(reader_run(src, *lay, *geo, rate=one_core, hold_gil=True)["tiles_per_s"])
+            print(f"readers: repeat {rep} {lay} fed at {one_core:.1f} tiles/s holding the GIL: {busy[lay][-1]:.1f} tiles/s",
+                  flush=True)
     n = cfg.repeats
-    rows = [["bare decode loop, one core", "-", one_core, spread(bare), one_core / limit, "-", n],
-            [f"decode limit: one core x {cores} usable cores", "-", limit, "-", 1.0, "-", "-"]]
+    rows = [["bare decode loop, one core", "-", one_core, spread(bare), one_core / limit, "-", "-", n],
+            [f"decode limit: one core x {cores} usable cores", "-", limit, "-", 1.0, "-", "-", "-"]]
     for (kind, k), v in alone.items():
         rows.append([f"`{kind}` reader", f"{k} (all usable cores)" if k == cores > 1 else k, median(v), spread(v),
-                     median(v) / limit, median(fed[(kind, k)]) / limit, n])
+                     median(v) / limit, median(fed[(kind, k)]) / limit, median(busy[(kind, k)]) / one_core, n])
     res.tables.append(table(
         f"Tiles/s of {cfg.readers_tile} px tiles ({cfg.readers_overlap} px overlap, batches of {cfg.readers_batch})",
         ["reader", "workers", "tiles/s alone (median)", "min-max", "alone / decode limit",
-         "fed at the decode limit's rate: achieved / that rate", "n"], rows))
+         "sleeping consumer at the decode limit: achieved / its rate",
+         "GIL-holding consumer at one core's decode rate: achieved / its rate", "n"], rows))
     best = max(median(fed[lay]) for lay in layouts if lay[0] == "processes") / limit
     res.targets.append(target("readers: process reader fed at the decode limit's rate / decode limit", best, ">=", 0.85,
                               f"{fmt(best)}"))
@@ -343,13 +353,16 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         "(worker processes, each decoding on one core, batches in a shared-memory ring, copied out in the parent); "
         "tiles/s from the first request to the last batch (the process reader's start, "
         f"median {fmt(median(starts))} s with the fork server already running, is not in it).",
-        "Fed: the consumer sleeps batch / rate seconds per batch, with the rate at the decode limit (a GPU exactly "
-        "as fast as the node can decode); 1.0 means the reader never kept it waiting.",
+        "Fed: the consumer takes batch / rate seconds per batch, sleeping with the rate at the decode limit (a GPU "
+        "exactly as fast as the node can decode), or spinning in Python (holding the GIL, as the thread that "
+        "launches a model's kernels and runs the writer's Python does) with the rate at one core's decode rate; "
+        "1.0 means the reader never kept it waiting.",
         f"{n} repeats in alternating order after a warm-up pass; {cores} usable cores.",
     ]
     res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
                    "alone_tiles_per_s": {f"{k}_{c}": v for (k, c), v in alone.items()},
                    "fed_tiles_per_s": {f"{k}_{c}": v for (k, c), v in fed.items()},
+                   "fed_holding_gil_tiles_per_s": {f"{k}_{c}": v for (k, c), v in busy.items()},
                    "process_start_s": starts}
     return res.to_dict()
 
