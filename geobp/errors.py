@@ -76,3 +76,7 @@ class NonFiniteError(GeobpError, FloatingPointError):
 
 class ReaderError(GeobpError, RuntimeError):
     """A reader process of inference stopped unexpectedly (killed for memory, crashed)."""
+
+
+class SharedMemoryError(ReaderError):
+    """Shared memory (``/dev/shm``) is too small for the reader processes of inference."""

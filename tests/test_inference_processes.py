@@ -199,3 +199,35 @@ def test_model_failure_mid_raster_stops_the_workers_and_leaves_nothing(tmp_path,
         predict_raster(Exploding(after=3), src, tmp_path / "a_classes.tif", PRE, tile_size=16, overlap=8, batch_size=2,
                        probabilities="probs", cog=cog, progress=False, num_workers=2, reader="processes")
     assert_only_input_left(tmp_path)
+
+
+def test_too_little_shared_memory_is_an_error_or_for_the_default_a_fallback(tmp_path, monkeypatch, no_leftovers):
+    from geobp.errors import SharedMemoryError
+    from geobp.inference import predict as predict_mod
+    from geobp.inference import procreader
+
+    src = make_image(tmp_path / "a.tif")
+    want = predict_raster(conv_model(), src, tmp_path / "want" / "a_classes.tif", PRE, tile_size=16, overlap=8,
+                          progress=False, reader="threads").read_bytes()
+    monkeypatch.setattr(procreader, "shared_memory_free", lambda: 1000)  # as in a container with a small /dev/shm
+    with pytest.raises(SharedMemoryError, match=r"/dev/shm: too little shared memory for the reader processes "
+                                                r"\(expected \d+ MiB free, found 0 MiB\)\. Fix: use --reader threads"):
+        predict_raster(conv_model(), src, tmp_path / "a_classes.tif", PRE, tile_size=16, overlap=8, progress=False,
+                       reader="processes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "want"]
+    monkeypatch.setattr(predict_mod, "reader_kind", lambda reader, device: "processes")  # the default, as on a GPU
+    with pytest.warns(RuntimeWarning, match="too little shared memory.*Reading with threads instead"):
+        out = predict_raster(conv_model(), src, tmp_path / "b" / "a_classes.tif", PRE, tile_size=16, overlap=8,
+                             progress=False)
+    assert out.read_bytes() == want
+
+
+def test_default_reader_processes_use_the_cores_this_process_may_run_on(monkeypatch):
+    from geobp.inference.threads import default_processes
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert default_processes("cpu") == 4 and default_processes("cuda") == 14  # the model and the writer keep two
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert default_processes("cpu") == 8 and default_processes("cuda:1") == 32
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert default_processes("cpu") == 1 and default_processes("cuda") == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -35,7 +36,7 @@ from torch import nn
 
 from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
-from geobp.errors import BandMismatchError, ConfigError, format_error
+from geobp.errors import BandMismatchError, ConfigError, SharedMemoryError, format_error
 from geobp.inference.blend import Encoder, TileBlender
 from geobp.inference.outputs import (
     OutputFiles,
@@ -49,7 +50,7 @@ from geobp.inference.parts import PartSink, RowShare
 from geobp.inference.procreader import ProcessReader
 from geobp.inference.reader import PrefetchReader
 from geobp.inference.threads import decode_threads, default_processes, default_workers
-from geobp.tiling import TileGrid
+from geobp.tiling import Tile, TileGrid
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
@@ -402,14 +403,31 @@ def predict_share(model: nn.Module, job: Job, share: RowShare, part: str | Path,
     return part
 
 
+def _open_reader(job: Job, batches: list[list[Tile]], opts: PredictOptions) -> PrefetchReader | ProcessReader:
+    """The input's reader (``opts.reader``): processes, or threads, also when processes were only
+    the default and shared memory is too small for them (a warning says so)."""
+    dev = torch.device(opts.device)
+    # processes decode on one core each (there are as many as cores to spare); threads share
+    # the cores left with GDAL decoding threads (see geobp.inference.threads)
+    if reader_kind(opts.reader, dev) == "processes":
+        try:
+            return ProcessReader(job.src, job.grid, batches, job.preprocessing, pin_memory=dev.type == "cuda",
+                                 num_workers=opts.num_workers or default_processes(dev))
+        except SharedMemoryError as err:
+            if opts.reader is not None:
+                raise
+            warnings.warn(f"{err} Reading with threads instead.", RuntimeWarning, stacklevel=2)
+    num_workers = opts.num_workers or default_workers(dev)
+    return PrefetchReader(job.src, job.grid, batches, job.preprocessing, num_workers=num_workers,
+                          pin_memory=dev.type == "cuda", decode_threads=decode_threads(dev, num_workers))
+
+
 def _run(
     model: nn.Module, job: Job, open_sink: Callable[[list[str]], Any], rows: tuple[int, int], opts: PredictOptions
 ) -> None:
     """Predict the tiles of tile rows ``rows`` and hand the finished strips to ``open_sink(class names)``."""
     device, precision, probabilities, nodata_value = opts.device, opts.precision, opts.probabilities, opts.nodata_value
     num_classes, class_names = opts.num_classes, opts.class_names
-    processes = reader_kind(opts.reader, device) == "processes"
-    num_workers = opts.num_workers or (default_processes(device) if processes else default_workers(device))
     grid = job.grid
     th, tw, tile_size = grid.tile_h, grid.tile_w, grid.tile
     first, stop = rows
@@ -424,13 +442,7 @@ def _run(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
-        # processes decode on one core each (there are as many as cores to spare); threads share
-        # the cores left with GDAL decoding threads (see geobp.inference.threads)
-        reader = stack.enter_context(
-            (ProcessReader if processes else PrefetchReader)(
-                job.src, grid, batches, job.preprocessing, num_workers=num_workers, pin_memory=dev.type == "cuda",
-                decode_threads=1 if processes else decode_threads(dev, num_workers))
-        )
+        reader = stack.enter_context(_open_reader(job, batches, opts))
         stack.enter_context(bar)
         writer: BlendWriter | None = None
         try:

@@ -52,7 +52,7 @@ import torch
 import torch.multiprocessing  # noqa: F401 - registers the reductions that pass shared tensors to children
 
 from geobp.data.preprocessing import Preprocessing
-from geobp.errors import GeobpError, ReaderError, format_error
+from geobp.errors import GeobpError, ReaderError, SharedMemoryError, format_error
 from geobp.inference.reader import TileBatch, fill_batch
 from geobp.raster import open_reader
 from geobp.tiling import Tile, TileGrid
@@ -61,6 +61,17 @@ from geobp.tiling import Tile, TileGrid
 PARENT_POLL_S = 1.0
 #: Seconds :meth:`ProcessReader.close` lets the workers finish a read before terminating them.
 JOIN_S = 5.0
+#: Where shared memory lives (a tmpfs; 64 MiB in a Docker container by default).
+SHM_DIR = "/dev/shm"
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in :data:`SHM_DIR`, or None where there is no such folder (not Linux)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,13 @@ class ProcessReader:
         self.pin_memory = pin_memory
         self.layout = SlotLayout(max(map(len, batches), default=1), len(preprocessing.bands), grid.tile,
                                  grid.tile_h, grid.tile_w)
+        need, free = self.layout.stride * self.prefetch, shared_memory_free()
+        if free is not None and need > free:  # a worker writing past the end of a full tmpfs dies of SIGBUS
+            raise SharedMemoryError(format_error(
+                SHM_DIR, f"too little shared memory for the reader processes (expected {need / 2**20:.0f} MiB free, "
+                         f"found {free / 2**20:.0f} MiB)",
+                "use --reader threads, a smaller --batch_size or fewer --readers, or give the container more "
+                "(e.g. `docker run --shm-size=4g`)"))
         self._ring: torch.Tensor | None = torch.empty(self.layout.stride * self.prefetch, dtype=torch.uint8).share_memory_()
         self._buf: np.ndarray | None = self._ring.numpy()
         self._conns: list[Connection] = []
