@@ -135,7 +135,7 @@ class PredictOptions:
             the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
             of this process, which start at once and suffice on the CPU, where the model needs
             the cores anyway. None (default): processes on a GPU, threads on the CPU
-            (:func:`reader_kind`; measurements in BENCHMARKS.md, "Readers").
+            (:func:`reader_kind`; measurements in BENCHMARKS.md, section 3b).
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.

@@ -4,6 +4,8 @@ Tiles of one batch that lie side by side in the same tile row are read as one wi
 preprocessed once, so overlapping columns are neither read nor normalised twice within a batch.
 Batches are read and preprocessed in background threads (each with its own rasterio handle:
 handles are not thread-safe) while the model works on earlier batches; they come out in order.
+:func:`fill_batch` is the read itself, shared with the process reader
+(:class:`~geobp.inference.procreader.ProcessReader`, the same batches from worker processes).
 """
 
 from __future__ import annotations

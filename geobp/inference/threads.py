@@ -4,8 +4,11 @@ Reading is bound by decoding the input's compressed blocks, not by normalising t
 thread has its own file handle, and GDAL's block cache is per handle, so a thread decodes again
 the blocks its batches share with another thread's: a few threads, each decoding with several
 GDAL threads, read more tiles per second than many single-threaded ones. On the CPU every
-reader thread also takes a core from the model. BENCHMARKS.md ("reading alone" and the
-inference section) holds the measurements behind these defaults and the commands that made them.
+reader thread also takes a core from the model. Reader processes
+(:class:`~geobp.inference.procreader.ProcessReader`) do not share the GIL, so on a GPU, where
+the model needs one core, there is one per core left, each decoding on its own core.
+BENCHMARKS.md ("reading alone" in the inference section, and section 3b) holds the measurements
+behind these defaults and the commands that made them.
 """
 
 from __future__ import annotations
