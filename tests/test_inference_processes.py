@@ -231,3 +231,24 @@ def test_default_reader_processes_use_the_cores_this_process_may_run_on(monkeypa
     assert default_processes("cpu") == 8 and default_processes("cuda:1") == 32
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert default_processes("cpu") == 1 and default_processes("cuda") == 1
+
+
+@pytest.mark.parametrize("count", ["--readers", "--reader_threads", "--workers"])
+def test_cli_reader_options_reach_predict_many(monkeypatch, count):
+    from geobp.cli import main
+    from geobp.inference import InferenceSummary
+
+    seen = {}
+
+    def fake(ckpt, inputs, out, **kw):
+        seen.update(kw)
+        return InferenceSummary()
+
+    monkeypatch.setattr("geobp.inference.predict_many", fake)
+    assert main(["infer", "a.tif", "--ckpt", "m.ckpt", "--out", "o", "--accelerator", "cpu", "--reader", "processes",
+                 count, "3"]) == 0
+    assert seen["reader"] == "processes" and seen["num_workers"] == 3
+    assert main(["infer", "a.tif", "--ckpt", "m.ckpt", "--out", "o", "--accelerator", "cpu"]) == 0
+    assert seen["reader"] is None and seen["num_workers"] is None  # the defaults: by device
+    with pytest.raises(SystemExit):
+        main(["infer", "a.tif", "--ckpt", "m.ckpt", "--out", "o", "--reader", "fork"])
