@@ -252,3 +252,21 @@ def test_cli_reader_options_reach_predict_many(monkeypatch, count):
     assert seen["reader"] is None and seen["num_workers"] is None  # the defaults: by device
     with pytest.raises(SystemExit):
         main(["infer", "a.tif", "--ckpt", "m.ckpt", "--out", "o", "--reader", "fork"])
+
+
+class BrokenPreprocessing(Preprocessing):
+    """Normalising fails: a bug in a worker rather than a bad input."""
+
+    def __call__(self, image):
+        raise ValueError("normalising went wrong")
+
+
+def test_a_bug_in_a_worker_keeps_its_type_message_and_where_it_happened(tmp_path, no_leftovers):
+    src = make_image(tmp_path / "a.tif", size=(32, 32))
+    grid = TileGrid.build(32, 32, 16, 0)
+    pre = BrokenPreprocessing(bands=[1, 2, 3], nodata=0, mean=[0.0] * 3, std=[1.0] * 3)
+    with ProcessReader(src, grid, grid.batches(2), pre, num_workers=1) as reader:
+        with pytest.raises(ValueError) as err:
+            list(reader)
+    assert str(err.value) == "normalising went wrong"  # the one line a report shows; the worker's traceback is a note
+    assert any("in a geobp reader process" in note and "BrokenPreprocessing" in note for note in err.value.__notes__)
