@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,7 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     cache = Path(cfg.cache_dir) / "inference"
     src = ensure_plain_raster(cache, cfg.readers_size, bands=BANDS, block=cfg.readers_block)
     cores = usable_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     geo = (cfg.readers_tile, cfg.readers_overlap, cfg.readers_batch)
     counts = sorted({1, 2, cores})
     layouts = [("threads", 1), ("threads", cores), *(("processes", c) for c in counts)]
@@ -364,6 +366,14 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         "1.0 means the reader never kept it waiting.",
         f"{n} repeats in alternating order after a warm-up pass; {cores} usable cores.",
     ]
+    if load > cores / 2:
+        res.notes.append(f"The machine was busy when this section started (load average {load:.2f} on {cores} cores): "
+                         "other work took CPU time from the readers, so the rates are lower and noisier than on an idle "
+                         "machine, and workers beyond the free cores cannot add to them.")
+    res.notes.append("Each reader process also costs the parent a copy of its batches out of shared memory, and each "
+                     "worker has its own GDAL block cache (blocks that two workers' batches share are decoded by both): "
+                     "on a node with cores to spare they pay off once the threads' share of the GIL is the bound, which "
+                     "a node with two cores cannot show; the GPU node's numbers belong in section 6.")
     res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
                    "alone_tiles_per_s": {f"{k}_{c}": v for (k, c), v in alone.items()},
                    "fed_tiles_per_s": {f"{k}_{c}": v for (k, c), v in fed.items()},
