@@ -372,8 +372,8 @@ def run_readers(cfg: Config) -> dict[str, Any]:
                          "machine, and workers beyond the free cores cannot add to them.")
     res.notes.append("Each reader process also costs the parent a copy of its batches out of shared memory, and each "
                      "worker has its own GDAL block cache (blocks that two workers' batches share are decoded by both): "
-                     "on a node with cores to spare they pay off once the threads' share of the GIL is the bound, which "
-                     "a node with two cores cannot show; the GPU node's numbers belong in section 6.")
+                     "they are meant for a node with cores to spare, where the threads' share of the GIL would be the "
+                     "bound, which a node with two cores cannot show; that measurement is the GPU node's (section 6).")
     res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
                    "alone_tiles_per_s": {f"{k}_{c}": v for (k, c), v in alone.items()},
                    "fed_tiles_per_s": {f"{k}_{c}": v for (k, c), v in fed.items()},
