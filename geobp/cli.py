@@ -29,7 +29,7 @@ from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import ConfigError, GeobpError, format_error
 from geobp.inference.outputs import Probabilities
-from geobp.inference.predict import PRECISION_ALIASES, Precision
+from geobp.inference.predict import PRECISION_ALIASES, MatchBands, Precision
 from geobp.task import SegmentationTask
 
 console = Console(stderr=True)
@@ -351,13 +351,16 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch compute threads per process on the CPU (default: the process's share of the usable cores). "
                         "Outputs are byte for byte the same for any --devices when every run uses the same --threads")
+    p.add_argument("--match_bands", "--match-bands", default="names", choices=list(get_args(MatchBands)),
+                   help="names (default): find the model's bands in each raster by its band descriptions, in any order; "
+                        "order: read the training band numbers whatever the descriptions say")
     add_label_arguments(p.add_argument_group("scoring against ground truth (writes OUT/metrics.json)"), "--labels")
     a = p.parse_args(argv)
     ranks, device = _infer_processes(_torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.reader_threads, ranks=ranks,
+        num_workers=a.reader_threads, ranks=ranks, match_bands=a.match_bands,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code

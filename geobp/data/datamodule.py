@@ -25,7 +25,8 @@ from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
 from geobp.data.validity import validity_maps
 from geobp.errors import BandMismatchError, ConfigError, format_error
-from geobp.pretrained import PretrainedWeights, canonical_band, is_pretrained_name, match_bands, resolve_pretrained
+from geobp.bands import canonical_band, default_band_name
+from geobp.pretrained import PretrainedWeights, is_pretrained_name, match_bands, resolve_pretrained
 from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cells, split_blocks
 
 Split = Literal["train", "val", "test"]
@@ -289,7 +290,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             full = [str(n) for n in names]
         else:
             described = first.descriptions or (None,) * first.count
-            full = [d or f"band_{i}" for i, d in enumerate(described, start=1)]
+            full = [d or default_band_name(i) for i, d in enumerate(described, start=1)]
             for scene in self.scenes[1:]:
                 other = scene.image.descriptions
                 if [canonical_band(d or "") for d in other] == [canonical_band(d or "") for d in first.descriptions]:
