@@ -11,7 +11,13 @@ from, in order:
 - ``overview``: the image's internal overviews, read at the map's resolution (a cell counts as
   valid or not as a whole: an approximation at the nodata edges);
 - ``scan``: a full read of the file, once, cached (:func:`geobp.data.preprocessing.load_scene_stats`).
-  Several processes of a node split these scans between them.
+  Several processes of a node split these scans between them;
+- ``at_read``: nothing read at start-up; the map says "all valid" and training tiles with too
+  much nodata are rejected when read (:class:`geobp.data.samplers.Redraw`).
+
+Which of the last two a scene without a cheap source gets is ``mode``: ``scan``, ``at_read``,
+or ``auto``: scan while those scenes hold at most :data:`SCAN_BUDGET_BYTES` of decoded pixels
+(a start-up of seconds, once: the scans are cached), read-time rejection beyond.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from geobp.data.preprocessing import VALIDITY_FACTOR, load_scene_stats, scene_ca
 from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.raster import RasterInfo, open_raster
 
-ValiditySource = Literal["all_valid", "mask", "overview", "scan"]
+ValiditySource = Literal["all_valid", "mask", "overview", "scan", "at_read"]
+ValidityMode = Literal["auto", "scan", "at_read"]
+
+#: Under ``auto``, scenes without a cheap validity source are scanned while they hold at most
+#: this many bytes of decoded pixels in all (about 20 s of DEFLATE decoding on one core at the
+#: 56 MB/s measured for #16); larger datasets get read-time rejection instead.
+SCAN_BUDGET_BYTES = 2**30
 
 
 def map_shape(info: RasterInfo) -> tuple[int, int]:
@@ -56,12 +68,19 @@ def cheap_validity(info: RasterInfo, nodata: float | None) -> tuple[np.ndarray, 
 
 
 def validity_maps(
-    infos: Sequence[RasterInfo], nodata: float | None, cache_root: str | Path, progress: bool = False
+    infos: Sequence[RasterInfo],
+    nodata: float | None,
+    cache_root: str | Path,
+    progress: bool = False,
+    mode: ValidityMode = "auto",
+    scan_budget: int = SCAN_BUDGET_BYTES,
 ) -> tuple[list[np.ndarray], list[ValiditySource]]:
     """The validity map of every scene, and where each came from.
 
-    Scenes that need a full read are scanned once and cached; with several processes on a node
-    (``LOCAL_RANK``), process r scans scenes r, r + n, ... and reads the others' from the cache.
+    Scenes that need a full read are scanned once and cached (``mode`` and ``scan_budget``, in
+    bytes of decoded pixels, decide whether they are; see the module docstring); with several
+    processes on a node (``LOCAL_RANK``), process r scans scenes r, r + n, ... and reads the
+    others' from the cache. Unscanned scenes get an all-valid map and the source ``at_read``.
     """
     maps: list[np.ndarray | None] = []
     sources: list[ValiditySource] = []
@@ -70,6 +89,11 @@ def validity_maps(
         maps.append(found[0] if found else None)
         sources.append(found[1] if found else "scan")
     todo = [i for i, m in enumerate(maps) if m is None]
+    need = sum(infos[i].height * infos[i].width * infos[i].count * np.dtype(infos[i].dtype).itemsize for i in todo)
+    if mode == "at_read" or (mode == "auto" and need > scan_budget):
+        for i in todo:
+            maps[i], sources[i] = np.ones(map_shape(infos[i]), np.float32), "at_read"
+        todo = []
     if todo:
         rank, size = local_rank(), local_world_size()
         mine = [i for k, i in enumerate(todo) if k % size == rank]
