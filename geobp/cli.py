@@ -280,8 +280,8 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
         raise ConfigError(format_error(None, "num_classes is not set", "pass --data.num_classes (or --num-classes)"))
     names = data.get("class_names") or [f"class_{i}" for i in range(num_classes)]
     ignore = int(data.get("ignore_index", a.ignore_index))
-    options = LabelOptions(int(num_classes), ignore, tuple(names), dict(data.get("label_map") or {}), data.get("label_field"),
-                           data.get("label_background"), bool(data.get("all_touched", False)))
+    options = LabelOptions(int(num_classes), ignore, names, data.get("label_map"), data.get("label_field"),
+                           data.get("label_background"), data.get("all_touched", False))
     root = data.get("root")
     images = data.get("images") or (str(Path(root) / "images") if root else None)
     labels = data.get("labels") or (str(Path(root) / "masks") if root else None)

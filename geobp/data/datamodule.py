@@ -240,9 +240,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         else:
             if labels is None and root is None:
                 raise ConfigError(format_error(None, "data.images is set but not data.labels", "set data.labels (or data.root)"))
-            options = LabelOptions(
-                num_classes, ignore_index, tuple(self.class_names), dict(label_map or {}), label_field, label_background, all_touched
-            )
+            options = LabelOptions(num_classes, ignore_index, self.class_names, label_map, label_field, label_background, all_touched)
             images_spec = images if images is not None else str(Path(root) / "images")  # type: ignore[arg-type]
             labels_spec = labels if labels is not None else str(Path(root) / "masks")  # type: ignore[arg-type]
             self.scenes, self.label_reports = find_labelled_scenes(
