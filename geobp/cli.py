@@ -26,6 +26,7 @@ from rich.table import Table
 from geobp.callbacks.classreport import ClassFrequencyReport, class_table
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
+from geobp.cliparser import GeobpArgumentParser
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import ConfigError, GeobpError, format_error
 from geobp.inference.outputs import Probabilities
@@ -86,6 +87,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},
         parser_kwargs={"prog": "geobp", "description": "Land-cover segmentation of multi-band GeoTIFFs"},
+        parser_class=GeobpArgumentParser,
     )
 
 
