@@ -232,8 +232,19 @@ def cmd_check(argv: Sequence[str]) -> int:
         total = max(sum(pixels), 1)
         summary = {"names": [f"class_{i}" for i in range(a.num_classes)], "pixels": pixels, "share": [n / total for n in pixels]}
         Console().print(class_table(summary, title="Pixels per class (all scenes)"))
-    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
+    print_check_summary(reports, a.nodata)
     return 1 if fatal else 0
+
+
+def print_check_summary(reports: Sequence[Any], nodata: float | None) -> None:
+    """The last lines of ``geobp check``: what start-up will have to read, and the counts of scenes."""
+    from geobp.data.validity import startup_note
+
+    note = startup_note([r.image for r in reports if r.image is not None and not r.fatal], nodata)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
+    fatal = sum(r.fatal for r in reports)
+    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
 
 
 def _is_data_arg(argv: Sequence[str], i: int) -> bool:
@@ -309,9 +320,8 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
             "\n".join(p.message for p in r.problems),
         )
     Console(width=max(Console().width, 180)).print(table)
-    fatal = sum(r.fatal for r in reports)
-    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
-    return 1 if fatal else 0
+    print_check_summary(reports, a.nodata if a.nodata is not None else data.get("nodata"))
+    return 1 if any(r.fatal for r in reports) else 0
 
 
 # ----- infer --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import rasterio
 from rasterio.enums import MaskFlags, Resampling
 
 from geobp.data.preprocessing import VALIDITY_FACTOR, load_scene_stats, scene_cache_file, valid_pixels
@@ -48,23 +49,55 @@ def map_shape(info: RasterInfo) -> tuple[int, int]:
     return -(-info.height // f), -(-info.width // f)
 
 
+def cheap_source(src: rasterio.DatasetReader, dtype: str, nodata: float | None) -> ValiditySource | None:
+    """Where an open file's validity map can come from without decoding it (its header only), or None."""
+    nodata = src.nodata if nodata is None else nodata
+    if MaskFlags.per_dataset in src.mask_flag_enums[0]:
+        return "mask"
+    if nodata is None and np.issubdtype(np.dtype(dtype), np.integer):
+        return "all_valid"
+    if src.overviews(1):
+        return "overview"
+    return None
+
+
 def cheap_validity(info: RasterInfo, nodata: float | None) -> tuple[np.ndarray, ValiditySource] | None:
     """The validity map from the file's header, mask band or overviews; None when only a full
     read can tell (no mask band, no overviews, and missing pixels possible)."""
     shape = map_shape(info)
     with open_raster(info.path) as src:
-        nodata = src.nodata if nodata is None else nodata
-        flags = src.mask_flag_enums[0]
-        if MaskFlags.per_dataset in flags:
+        source = cheap_source(src, info.dtype, nodata)
+        if source == "mask":
             m = src.read_masks(1, out_shape=shape, resampling=Resampling.average)
             return (m.astype(np.float32) / 255.0), "mask"
-        integer = np.issubdtype(np.dtype(info.dtype), np.integer)
-        if nodata is None and integer:
+        if source == "all_valid":
             return np.ones(shape, np.float32), "all_valid"
-        if src.overviews(1):
+        if source == "overview":
             data = src.read(out_shape=(src.count, *shape), resampling=Resampling.nearest)
-            return valid_pixels(data, nodata).astype(np.float32), "overview"
+            return valid_pixels(data, src.nodata if nodata is None else nodata).astype(np.float32), "overview"
     return None
+
+
+def decoded_bytes(info: RasterInfo) -> int:
+    """Bytes of a scene's decoded pixels (what a full read decodes)."""
+    return info.height * info.width * info.count * np.dtype(info.dtype).itemsize
+
+
+def startup_note(infos: Sequence[RasterInfo], nodata: float | None, scan_budget: int = SCAN_BUDGET_BYTES) -> str | None:
+    """One line on the scenes whose nodata only a full read can find (what ``geobp fit`` does about
+    them under ``data.validity: auto``, and how to spare it), or None when there are none."""
+    need = []
+    for info in infos:
+        with open_raster(info.path) as src:
+            if cheap_source(src, info.dtype, nodata) is None:
+                need.append(info)
+    if not need:
+        return None
+    size = sum(decoded_bytes(i) for i in need)
+    what = (f"decodes them once at start-up ({size / 2**20:,.0f} MiB, then cached)" if size <= scan_budget else
+            f"does not scan them ({size / 2**30:,.1f} GiB) but rejects tiles with too much nodata as it reads them")
+    return (f"{len(need)} of {len(infos)} scenes have a nodata value but neither a mask band nor overviews, so `geobp fit` "
+            f"{what} (data.validity: auto). To spare it: add overviews (`gdaladdo -r nearest FILE 2 4 8 16`) or a mask band.")
 
 
 def validity_maps(
@@ -89,7 +122,7 @@ def validity_maps(
         maps.append(found[0] if found else None)
         sources.append(found[1] if found else "scan")
     todo = [i for i, m in enumerate(maps) if m is None]
-    need = sum(infos[i].height * infos[i].width * infos[i].count * np.dtype(infos[i].dtype).itemsize for i in todo)
+    need = sum(decoded_bytes(infos[i]) for i in todo)
     if mode == "at_read" or (mode == "auto" and need > scan_budget):
         for i in todo:
             maps[i], sources[i] = np.ones(map_shape(infos[i]), np.float32), "at_read"

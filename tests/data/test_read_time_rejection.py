@@ -88,3 +88,21 @@ def test_training_tiles_meet_the_nodata_limit_without_a_scan(make_scene, tmp_pat
     scanned = GeoTiffDataModule(validity="scan", **kw)
     scanned.train_dataloader()
     assert scanned.validity_sources == ["scan"]
+
+
+def test_check_says_what_start_up_must_read(half_nodata, make_scene, tmp_path):
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from geobp.data.validity import startup_note
+
+    with_overviews, _ = make_scene("o", size=(SIZE, SIZE), nodata=0, nodata_rows=10)
+    with rasterio.open(with_overviews, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.nearest)
+    no_nodata, _ = make_scene("n", size=(SIZE, SIZE))
+    infos = [read_info(p) for p in (half_nodata[0], with_overviews, no_nodata)]
+    note = startup_note(infos, None)
+    assert note.startswith("1 of 3 scenes have a nodata value but neither a mask band nor overviews, so `geobp fit` "
+                           "decodes them once at start-up (0 MiB, then cached)") and "gdaladdo" in note
+    assert "does not scan them" in startup_note(infos, None, scan_budget=100)
+    assert startup_note(infos[1:], None) is None
