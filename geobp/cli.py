@@ -456,7 +456,7 @@ def _infer_processes(device: str, devices: int, num_nodes: int, threads: int | N
     if accelerator == "cpu":
         import torch
 
-        from geobp.inference.threads import usable_cores
+        from geobp.cores import usable_cores
 
         torch.set_num_threads(threads or max(1, usable_cores() // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
