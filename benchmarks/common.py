@@ -22,7 +22,7 @@ from typing import Any
 from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write results through it)
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "labels", "balance")
+SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "labels", "balance", "startup")
 
 
 @dataclass

@@ -114,3 +114,14 @@ def test_rare_scenes_have_one_class_on_about_one_percent(tmp_path: Path) -> None
             mask = src.read(1)
         counts = np.bincount(mask.ravel(), minlength=4)
         assert 0.005 < counts[3] / mask.size < 0.015 and (counts[:3] > 0.03 * mask.size).all()
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_startup_table(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "startup")
+    assert "## 7. Start-up before the first training step" in text
+    for way in ("full pass (every pixel decoded)", "sampled statistics, nodata rejected at read"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {way}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    stored = json.loads((tmp_path / "results" / "startup.json").read_text())
+    assert stored["metrics"]["scenes"] == [2, 8] and all(v > 0 for v in stored["metrics"]["growth"].values())
