@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
@@ -356,6 +357,11 @@ class GeoTiffDataModule(L.LightningDataModule):
             self._validity, self.validity_sources = validity_maps(
                 [s.image for s in self.scenes], self.nodata, cache, progress=len(self.scenes) > 1,
                 mode=self.hparams["validity"])
+            unscanned = self.validity_sources.count("at_read")
+            if unscanned:
+                rank_zero_info(f"{unscanned} of {len(self.scenes)} scenes have a nodata value but neither a mask band nor "
+                               "overviews and were not scanned (data.validity): training tiles with too much nodata "
+                               "are rejected as they are read")
         return self._validity
 
     @property

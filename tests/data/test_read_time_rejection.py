@@ -73,13 +73,17 @@ def test_retries_are_bounded(half_nodata):
     assert len(calls) == 4  # the tile drawn and three replacements, then the last is kept
 
 
-def test_training_tiles_meet_the_nodata_limit_without_a_scan(make_scene, tmp_path):
+def test_training_tiles_meet_the_nodata_limit_without_a_scan(make_scene, tmp_path, caplog):
+    import logging
+
     make_scene("s", size=(SIZE, SIZE), nodata=0, nodata_rows=48)
     kw = dict(root=str(tmp_path / "data"), num_classes=3, tile_size=TILE, tiles_per_epoch=40, batch_size=8,
               val_fraction=0.0, augment=False, max_nodata_fraction=0.5, split="blocks", split_block_size=32)
     dm = GeoTiffDataModule(validity="at_read", **kw)
-    loader = dm.train_dataloader()
+    with caplog.at_level(logging.INFO):
+        loader = dm.train_dataloader()
     assert dm.validity_sources == ["at_read"]
+    assert "1 of 1 scenes have a nodata value but neither a mask band nor overviews and were not scanned" in caplog.text
     drawn = list(loader.sampler)
     assert sum(s.row + s.height <= 48 for s in drawn) >= 5  # the draw does not know the nodata ...
     masks = np.concatenate([b["mask"].numpy() for b in loader])
