@@ -22,7 +22,7 @@ from typing import Any
 from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write results through it)
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "readers", "labels", "balance")
+SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "readers", "labels", "balance", "startup")
 #: Sections whose ``run`` lives in another section's module: name -> (module, function).
 SECTION_ENTRIES: dict[str, tuple[str, str]] = {"readers": ("inference", "run_readers")}
 

@@ -26,10 +26,11 @@ from rich.table import Table
 from geobp.callbacks.classreport import ClassFrequencyReport, class_table
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
+from geobp.cliparser import GeobpArgumentParser
 from geobp.data.datamodule import GeoTiffDataModule
 from geobp.errors import ConfigError, GeobpError, format_error
 from geobp.inference.outputs import Probabilities
-from geobp.inference.predict import PRECISION_ALIASES, Precision, Reader
+from geobp.inference.predict import PRECISION_ALIASES, MatchBands, Precision, Reader
 from geobp.task import SegmentationTask
 
 console = Console(stderr=True)
@@ -86,6 +87,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},
         parser_kwargs={"prog": "geobp", "description": "Land-cover segmentation of multi-band GeoTIFFs"},
+        parser_class=GeobpArgumentParser,
     )
 
 
@@ -230,8 +232,19 @@ def cmd_check(argv: Sequence[str]) -> int:
         total = max(sum(pixels), 1)
         summary = {"names": [f"class_{i}" for i in range(a.num_classes)], "pixels": pixels, "share": [n / total for n in pixels]}
         Console().print(class_table(summary, title="Pixels per class (all scenes)"))
-    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
+    print_check_summary(reports, a.nodata)
     return 1 if fatal else 0
+
+
+def print_check_summary(reports: Sequence[Any], nodata: float | None) -> None:
+    """The last lines of ``geobp check``: what start-up will have to read, and the counts of scenes."""
+    from geobp.data.validity import startup_note
+
+    note = startup_note([r.image for r in reports if r.image is not None and not r.fatal], nodata)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
+    fatal = sum(r.fatal for r in reports)
+    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
 
 
 def _is_data_arg(argv: Sequence[str], i: int) -> bool:
@@ -280,8 +293,8 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
         raise ConfigError(format_error(None, "num_classes is not set", "pass --data.num_classes (or --num-classes)"))
     names = data.get("class_names") or [f"class_{i}" for i in range(num_classes)]
     ignore = int(data.get("ignore_index", a.ignore_index))
-    options = LabelOptions(int(num_classes), ignore, tuple(names), dict(data.get("label_map") or {}), data.get("label_field"),
-                           data.get("label_background"), bool(data.get("all_touched", False)))
+    options = LabelOptions(int(num_classes), ignore, names, data.get("label_map"), data.get("label_field"),
+                           data.get("label_background"), data.get("all_touched", False))
     root = data.get("root")
     images = data.get("images") or (str(Path(root) / "images") if root else None)
     labels = data.get("labels") or (str(Path(root) / "masks") if root else None)
@@ -307,9 +320,8 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
             "\n".join(p.message for p in r.problems),
         )
     Console(width=max(Console().width, 180)).print(table)
-    fatal = sum(r.fatal for r in reports)
-    console.print(f"{len(reports)} scenes, {fatal} unusable, {sum(bool(r.problems) and not r.fatal for r in reports)} with warnings")
-    return 1 if fatal else 0
+    print_check_summary(reports, a.nodata if a.nodata is not None else data.get("nodata"))
+    return 1 if any(r.fatal for r in reports) else 0
 
 
 # ----- infer --------------------------------------------------------------------------------
@@ -355,13 +367,16 @@ def cmd_infer(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch compute threads per process on the CPU (default: the process's share of the usable cores). "
                         "Outputs are byte for byte the same for any --devices when every run uses the same --threads")
+    p.add_argument("--match_bands", "--match-bands", default="names", choices=list(get_args(MatchBands)),
+                   help="names (default): find the model's bands in each raster by its band descriptions, in any order; "
+                        "order: read the training band numbers whatever the descriptions say")
     add_label_arguments(p.add_argument_group("scoring against ground truth (writes OUT/metrics.json)"), "--labels")
     a = p.parse_args(argv)
     ranks, device = _infer_processes(_torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.readers, reader=a.reader, ranks=ranks,
+        num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code
@@ -445,7 +460,7 @@ def _infer_processes(device: str, devices: int, num_nodes: int, threads: int | N
     if accelerator == "cpu":
         import torch
 
-        from geobp.inference.threads import usable_cores
+        from geobp.cores import usable_cores
 
         torch.set_num_threads(threads or max(1, usable_cores() // devices))
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from geobp.bands import canonical_band
 from geobp.errors import ConfigError, DataNotFoundError, format_error
 
 #: A torchgeo weights name: ``<Enum>_Weights.<MEMBER>``; anything else is a local file path.
@@ -177,11 +178,6 @@ def compose_normalize(transforms: nn.Module | None, n_bands: int, name: str = "w
         s = torch.as_tensor(module.std, dtype=torch.float64).expand(n_bands)
         mean, std = mean + m * std, std * s
     return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def canonical_band(name: str) -> str:
-    """The band name as compared: lower case, zeros leading a number dropped (``B08A`` -> ``b8a``)."""
-    return re.sub(r"(?<!\d)0+(?=\d)", "", name.strip().lower())
 
 
 def match_bands(data_bands: Sequence[str], weights: PretrainedWeights) -> list[int | None]:

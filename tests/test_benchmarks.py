@@ -126,3 +126,13 @@ def test_quick_readers_section_compares_both_readers_with_the_decode_limit(tmp_p
     assert stored["decode_limit_tiles_per_s"] > 0 and {"threads_1", "processes_1"} <= set(stored["alone_tiles_per_s"])
     assert all(v > 0 for runs in stored["fed_tiles_per_s"].values() for v in runs)
 
+
+@pytest.mark.slow
+def test_quick_run_writes_the_startup_table(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "startup")
+    assert "## 7. Start-up before the first training step" in text
+    for way in ("full pass (every pixel decoded)", "sampled statistics, nodata rejected at read"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {way}"))
+        assert re.search(r"\| [\d,.]+ \|", line), line
+    stored = json.loads((tmp_path / "results" / "startup.json").read_text())
+    assert stored["metrics"]["scenes"] == [2, 8] and all(v > 0 for v in stored["metrics"]["growth"].values())

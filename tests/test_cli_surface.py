@@ -77,3 +77,28 @@ def test_check_quick(tmp_path, capsys):
     write_scenes(tmp_path / "d", scenes=2, size=32, bands=3, classes=2, block_size=16)
     assert main(["check", str(tmp_path / "d"), "--quick", "--num-classes", "2"]) == 0
     assert "2 scenes, 0 unusable" in capsys.readouterr().err
+
+
+def test_a_mistyped_option_gets_one_usage_line_and_the_closest_names(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--data.tile_sise", "64"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Did you mean --data.tile_size?" in err
+    assert len(err.strip().splitlines()) <= 3 and "--trainer.max_epochs" not in err  # not the usage of every option
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  backbone: resnet18\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert "'model.backbone'. The options of model are: " in err and "encoder" in err and "class_weights+" not in err
+
+
+def test_suggestions():
+    from geobp.cliparser import suggest
+
+    options = ["data.tile_size", "data.tiles_per_epoch", "model.encoder", "model.lr", "trainer.max_epochs"]
+    assert suggest("trainer.max_epoch", options) == " Did you mean --trainer.max_epochs?"
+    assert suggest("model.encodr", options) == " Did you mean --model.encoder?"
+    assert suggest("model.backbone", options) == " The options of model are: encoder, lr."
+    assert suggest("nothing", options) == ""

@@ -93,6 +93,10 @@ def test_gradient_flow_monitor_does_not_alarm_on_a_frozen_encoder(tmp_path):
     trained = [row[conv1] for row in report["layer_norm"][2:]]
     assert frozen == [None] * 2 and len(trained) == 2 and all(isinstance(v, float) and v > 0 for v in trained)  # null: not measured
     assert all(row[head] > 0 for row in report["layer_norm"])
+    encoder = [n for n in names if n.startswith("model.encoder.")]
+    assert report["frozen_spans"] == [{"layers": encoder, "first_step": 0, "last_step": 1}]  # why those nulls
+    html = next(tmp_path.rglob("report.html")).read_text()
+    assert f"{len(encoder)} layers frozen at steps 0-1 (model.encoder.conv1" in html
 
 
 @pytest.mark.slow

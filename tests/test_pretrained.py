@@ -5,8 +5,8 @@ import torch
 from torchgeo.models import get_weight
 
 from geobp.errors import ConfigError, DataNotFoundError
+from geobp.bands import canonical_band
 from geobp.pretrained import (
-    canonical_band,
     compose_normalize,
     is_pretrained_name,
     list_pretrained,

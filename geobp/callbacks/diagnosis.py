@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from geobp.bands import default_band_name
 from geobp.callbacks.findings import (
     KIND_ORDER,
     Finding,
@@ -248,7 +249,7 @@ def describe_tiles(event: Mapping[str, Any], names: Sequence[str] = (), extreme:
 def _input_bands(max_abs: np.ndarray, names: Sequence[str], extreme: float) -> str:
     """`` [non-finite input: B2; extreme input: B5 (|x| up to 3e+04)]`` for one tile, or ``""``."""
     def name(b: int) -> str:
-        return names[b] if b < len(names) else f"band_{b + 1}"
+        return names[b] if b < len(names) else default_band_name(b + 1)
 
     bad = [name(b) for b in np.flatnonzero(~np.isfinite(max_abs))]
     big = [(name(b), max_abs[b]) for b in np.flatnonzero(np.isfinite(max_abs) & (max_abs > extreme))]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from geobp.bands import default_band_name
 from geobp.errors import ConfigError, format_error
 
 FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band", "band_scale", "stalled",
@@ -174,7 +175,7 @@ def persistent_start(flags: np.ndarray, t: Thresholds) -> int | None:
 
 def default_band_names(count: int) -> list[str]:
     """``band_1`` .. ``band_<count>``: the names of bands whose files carry none."""
-    return [f"band_{b + 1}" for b in range(count)]
+    return [default_band_name(b + 1) for b in range(count)]
 
 
 def band_names(data: Mapping[str, Any]) -> list[str]:

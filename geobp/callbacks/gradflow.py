@@ -36,6 +36,7 @@ from geobp.callbacks.series import (
     append_metrics,
     append_nonfinite_event,
     append_recording,
+    note_frozen,
     continue_document,
     copy_document,
     latest_scalars,
@@ -325,6 +326,7 @@ class GradientFlowMonitor(L.Callback):
                               mean, max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
         self._armed_step = None
         append_recording(self.data, rec)
+        note_frozen(self.data, step, recorder.frozen_now())
         if planned:
             recorder.snapshot_weights()  # compared with the weights after this step's update
             self._snapshot_step = step

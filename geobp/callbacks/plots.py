@@ -267,7 +267,7 @@ def _updates_figure(data: Mapping[str, Any], steps: np.ndarray) -> Figure | None
                           norm=LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)))
     ax.set_facecolor("#eeeeee")
     ax.invert_yaxis()
-    fig.colorbar(image, ax=ax, label="||dw|| / ||w|| per step (red: 0; grey: not measured)")
+    fig.colorbar(image, ax=ax, label="||dw|| / ||w|| per step (red: 0; grey: not measured or frozen)")
     _layer_ticks(ax, names, "y")
     ax.set_xlabel("step")
     zero = np.isfinite(ratio) & (ratio == 0)

@@ -112,6 +112,10 @@ class GradientRecorder:
         return cls(layers, params, band, SkipTaps(root, skips), rows, clip, clip_by_value, on_event,
                    find_frozen(root))
 
+    def frozen_now(self) -> list[str]:
+        """The measured layers whose parameters are all frozen at the moment (a fine-tuning schedule)."""
+        return [layer.name for layer in self.layers if not any(self.params[i].requires_grad for i in layer.params)]
+
     def gradients(self) -> tuple[list[int], list[Tensor]]:
         """``(present, grads)``: indices of the parameters holding a gradient, and those gradients."""
         present = [i for i, p in enumerate(self.params) if p.grad is not None]

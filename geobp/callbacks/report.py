@@ -146,7 +146,16 @@ def _summary(data: Mapping[str, Any]) -> str:
         items.insert(3, f"bands {', '.join(bands)}")
     if data.get("frozen"):
         items.insert(3, f"{len(data['frozen'])} frozen layers")
+    for span in data.get("frozen_spans") or []:
+        items.insert(3, frozen_span_text(span))
     return html.escape(" · ".join(str(i) for i in items))
+
+
+def frozen_span_text(span: Mapping[str, Any]) -> str:
+    """``12 layers frozen at steps 0-40 (model.encoder.conv1, ...)``: layers frozen for a time, null in the plots then."""
+    layers = list(span.get("layers") or [])
+    shown = ", ".join(layers[:2]) + (", ..." if len(layers) > 2 else "")
+    return f"{len(layers)} layers frozen at steps {span.get('first_step')}-{span.get('last_step')} ({shown})"
 
 
 def diagnoses_table(diagnoses: list[Mapping[str, Any]], anchors: set[str] | frozenset[str] = frozenset(),

@@ -105,6 +105,7 @@ def new_document(meta: Mapping[str, Any], thresholds: Mapping[str, Any], layers:
         "thresholds": dict(thresholds),
         "layers": [dict(x) for x in layers],
         "frozen": [dict(x) for x in frozen],
+        "frozen_spans": [],
         "steps": [], "layer_norm": [], "layer_max_abs": [], "update_ratio": [], "total_norm": [], "clipped": [],
         "steps_seen": [], "clipped_steps": [], "nonfinite_steps": [], "loss_scale": [], "loss": [],
         "bands": ({"layer": band_layer, "names": list(band_names) if band_names is not None else None, "norm": []}
@@ -167,6 +168,25 @@ def append_recording(data: dict[str, Any], rec: Recording) -> None:
     for entry, (a, b) in zip(data["skips"], rec.skip_norms, strict=True):
         entry["norms"].append([encode_float(a), encode_float(b)])
         entry["ratio"].append(encode_float(a / b if a is not None and b not in (None, 0.0) else None))
+
+
+def note_frozen(data: dict[str, Any], step: int, names: Sequence[str]) -> None:
+    """Record that the measured layers ``names`` were frozen (``requires_grad=False``) at the recording
+    of ``step``: their values are null there because they were frozen, not lost (a fine-tuning
+    schedule such as ``model.freeze_encoder_epochs``).
+
+    ``data["frozen_spans"]`` holds ``{layers, first_step, last_step}``; a span goes on while the same
+    layers are frozen at consecutive recordings.
+    """
+    spans = data.setdefault("frozen_spans", [])
+    if not names:
+        return
+    steps = data["steps"]
+    previous = steps[-2] if len(steps) > 1 and steps[-1] == step else None
+    if spans and spans[-1]["layers"] == list(names) and spans[-1]["last_step"] == previous:
+        spans[-1]["last_step"] = step
+    else:
+        spans.append({"layers": list(names), "first_step": step, "last_step": step})
 
 
 def set_update_ratio(data: dict[str, Any], step: int, ratios: Sequence[float | None] | None) -> bool:
@@ -361,6 +381,7 @@ def continue_document(saved: Mapping[str, Any], current: Mapping[str, Any]) -> d
     out = copy_document(saved)
     out.pop("totals", None)
     out.setdefault("update_ratio", [None] * len(out.get("steps") or []))
+    out.setdefault("frozen_spans", [])
     out["frozen"] = copy_document(current.get("frozen") or [])
     if out.get("bands") is not None and current.get("bands") is not None:
         out["bands"]["names"] = copy_document(current["bands"].get("names"))

@@ -45,6 +45,7 @@ from geobp.data.labels import (
     unmapped_error,
 )
 from geobp.data.preprocessing import CACHE_DIR
+from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.data.scenes import Scene
 from geobp.data.validation import Problem, SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, GeobpError, format_error
@@ -270,6 +271,7 @@ def aligned_labels(
     options: LabelOptions,
     cache_root: str | Path,
     strict: bool = True,
+    owner: bool = True,
 ) -> tuple[RasterInfo | None, LabelReport]:
     """The image's label raster from the cache, aligning it first when missing or out of date.
 
@@ -279,6 +281,9 @@ def aligned_labels(
         options: value mapping and rasterization options.
         cache_root: the folder that holds ``.geobp_cache/`` (the dataset root or the images' folder).
         strict: raise on unmapped values (``fit``); ``geobp check`` passes False to report them.
+        owner: this process aligns the scene when the cache lacks it; other processes of the node
+            wait for the owner's files (:func:`geobp.data.ranks.computed_once`). A failed
+            alignment (unmapped values) is cached as its report, so every process raises the same error.
 
     Returns:
         (header of the aligned uint8 label raster, or None when unmapped values kept it from
@@ -292,26 +297,32 @@ def aligned_labels(
     key = cache_key(image, covering, options)
     folder = Path(cache_root) / CACHE_DIR / "labels"
     tif, meta = folder / f"{Path(image.path).stem}.{key}.tif", folder / f"{Path(image.path).stem}.{key}.json"
-    report: LabelReport | None = None
-    if tif.exists() and meta.exists():
+
+    def load() -> LabelReport | None:
         try:
             data = json.loads(meta.read_text())
             data["source_res"] = [tuple(r) if r else None for r in data["source_res"]]
             data["image_res"] = tuple(data["image_res"])
             report = LabelReport(**data)
         except (OSError, ValueError, TypeError):
-            report = None  # a broken entry is rebuilt below
-    if report is None:
+            return None  # missing or broken: (re)built
+        return report if report.unmapped or tif.exists() else None
+
+    def compute() -> LabelReport:
         alignment = Alignment(image, sources, options)
         try:
             report = _write_aligned(tif, alignment)
-        except _Unmapped:  # only valid label rasters are cached
+        except _Unmapped:  # no raster is written; the report (with the unmapped values) is, for the other processes
             report = alignment.report()
-            if strict:
-                raise unmapped_error(", ".join(report.sources) or image.path, report.unmapped, options) from None
-            return None, report
         with atomic_path(meta, suffix=".json") as tmp:
             tmp.write_text(json.dumps(asdict(report)))
+        return report
+
+    report = computed_once(meta, load, compute, owner)
+    if report.unmapped:
+        if strict:
+            raise unmapped_error(", ".join(report.sources) or image.path, report.unmapped, options)
+        return None, report
     return read_info(tif), report
 
 
@@ -361,10 +372,19 @@ def find_labelled_scenes(
                 raise problem.error
     sources = find_label_sources(labels, options.label_field)
     root = Path(cache_root) if cache_root is not None else paths[0].parent
+    # processes of a node split the alignments (process r aligns scenes r, r + n, ... first, then
+    # picks up the others' from the cache); a single process aligns them all
+    rank, size = local_rank(), local_world_size()
+    order = sorted(range(len(headers)), key=lambda i: (i % size != rank, i))
+    found: dict[int, tuple[RasterInfo | None, LabelReport]] = {}
+    for i in track(order, description="Aligning labels", disable=not progress or len(headers) < 2, transient=True):
+        image = headers[i].image
+        assert image is not None
+        found[i] = aligned_labels(image, sources, options, root, owner=i % size == rank)
     scenes, reports = [], []
-    for h in track(headers, description="Aligning labels", disable=not progress or len(headers) < 2, transient=True):
+    for i, h in enumerate(headers):
         assert h.image is not None
-        mask, report = aligned_labels(h.image, sources, options, root)
+        mask, report = found[i]
         if report.coverage == 0:
             warnings.warn(
                 format_error(h.image.path, "no label covers this image: the scene is left out", "check data.labels (paths, CRS, extent)"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from geobp.atomic import atomic_path
+from geobp.cores import usable_cores
 from geobp.data.preprocessing import CACHE_DIR, PERCENTILE_SAMPLES, SceneStats, valid_pixels
 from geobp.data.ranks import computed_once, local_rank
 from geobp.raster import RasterInfo, open_raster, read_window
@@ -129,7 +129,7 @@ def sample_band_stats(
     pixels = sum(int(w.width * w.height) for ws in chosen.values() for w in ws)
     keep_p = min(1.0, PERCENTILE_SAMPLES / max(pixels, 1))
     jobs = sorted(chosen.items())
-    n = workers or max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    n = workers or max(1, min(8, usable_cores()))
 
     def one(job: tuple[int, list[Window]]) -> SceneStats:
         s, windows = job

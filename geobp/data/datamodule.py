@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
@@ -20,12 +21,13 @@ from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
 from geobp.data.classbalance import balance_factors, expected_shares, load_label_maps, window_class_counts
 from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
-from geobp.data.samplers import GridTileSampler, RandomTileSampler, SceneCells, window_to_spec
+from geobp.data.samplers import GridTileSampler, RandomTileSampler, Redraw, SceneCells, window_to_spec
 from geobp.data.scenes import Scene, find_scenes, resolve_bands
 from geobp.data.transforms import Augment
-from geobp.data.validity import validity_maps
+from geobp.data.validity import ValidityMode, validity_maps
 from geobp.errors import BandMismatchError, ConfigError, format_error
-from geobp.pretrained import PretrainedWeights, canonical_band, is_pretrained_name, match_bands, resolve_pretrained
+from geobp.bands import canonical_band, default_band_name
+from geobp.pretrained import PretrainedWeights, is_pretrained_name, match_bands, resolve_pretrained
 from geobp.tiling import cell_window, check_tile_args, grid_windows, origin_cells, split_blocks
 
 Split = Literal["train", "val", "test"]
@@ -148,6 +150,13 @@ class GeoTiffDataModule(L.LightningDataModule):
         stats_budget: pixels read for the band statistics, as whole file blocks drawn across the
             training scenes (:mod:`geobp.data.bandstats`); training data with fewer pixels is
             read whole (exact statistics); 0 reads everything.
+        validity: how the nodata of scenes without a mask band or overviews is found (files with
+            them, or integer files without a nodata value, need no pixel read): ``scan`` decodes
+            them once at start-up (cached); ``at_read`` reads nothing and rejects training tiles
+            with too much nodata when they are read, drawing another place (up to 16 times);
+            ``auto`` scans while those scenes hold at most 1 GiB of decoded pixels
+            (:mod:`geobp.data.validity`). Under ``at_read``, evaluation tiles are not screened:
+            all-nodata ones are read and count for nothing.
         band_names: one name per band of the files (before ``bands`` selects some), for files
             without band descriptions; overrides the descriptions when given.
         pretrained_weights: the encoder's torchgeo weights name (the CLI links it from
@@ -186,6 +195,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         on_read_error: Literal["stop", "skip"] = "stop",
         stats_budget: int = STATS_BUDGET,
+        validity: ValidityMode = "auto",
         band_names: list[str] | None = None,
         pretrained_weights: str | None = None,
         images: str | list[str] | None = None,
@@ -231,9 +241,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         else:
             if labels is None and root is None:
                 raise ConfigError(format_error(None, "data.images is set but not data.labels", "set data.labels (or data.root)"))
-            options = LabelOptions(
-                num_classes, ignore_index, tuple(self.class_names), dict(label_map or {}), label_field, label_background, all_touched
-            )
+            options = LabelOptions(num_classes, ignore_index, self.class_names, label_map, label_field, label_background, all_touched)
             images_spec = images if images is not None else str(Path(root) / "images")  # type: ignore[arg-type]
             labels_spec = labels if labels is not None else str(Path(root) / "masks")  # type: ignore[arg-type]
             self.scenes, self.label_reports = find_labelled_scenes(
@@ -289,7 +297,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             full = [str(n) for n in names]
         else:
             described = first.descriptions or (None,) * first.count
-            full = [d or f"band_{i}" for i, d in enumerate(described, start=1)]
+            full = [d or default_band_name(i) for i, d in enumerate(described, start=1)]
             for scene in self.scenes[1:]:
                 other = scene.image.descriptions
                 if [canonical_band(d or "") for d in other] == [canonical_band(d or "") for d in first.descriptions]:
@@ -347,7 +355,13 @@ class GeoTiffDataModule(L.LightningDataModule):
         if self._validity is None:
             cache = self.hparams["cache_dir"] or self.root
             self._validity, self.validity_sources = validity_maps(
-                [s.image for s in self.scenes], self.nodata, cache, progress=len(self.scenes) > 1)
+                [s.image for s in self.scenes], self.nodata, cache, progress=len(self.scenes) > 1,
+                mode=self.hparams["validity"])
+            unscanned = self.validity_sources.count("at_read")
+            if unscanned:
+                rank_zero_info(f"{unscanned} of {len(self.scenes)} scenes have a nodata value but neither a mask band nor "
+                               "overviews and were not scanned (data.validity): training tiles with too much nodata "
+                               "are rejected as they are read")
         return self._validity
 
     @property
@@ -487,7 +501,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             return finish_batch(batch, self.preprocessing)
         return batch
 
-    def _dataset(self, augment: bool) -> TileDataset:
+    def _dataset(self, augment: bool, redraw: Redraw | None = None) -> TileDataset:
         hp = self.hparams
         return TileDataset(
             images=[s.image.path for s in self.scenes],
@@ -500,6 +514,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             ignore_index=hp["ignore_index"],
             augment=Augment() if augment else None,
             on_read_error=hp["on_read_error"],
+            redraw=redraw,
         )
 
     def _rank(self) -> tuple[int, int]:
@@ -537,7 +552,9 @@ class GeoTiffDataModule(L.LightningDataModule):
                 )
             )
         sampler = RandomTileSampler(cells, hp["tile_size"], hp["tiles_per_epoch"], hp["seed"], world, rank)
-        return self._loader(self._dataset(hp["augment"]), sampler, drop_last=len(sampler) > hp["batch_size"])
+        unscanned = {c.scene: c for c in cells if c.cells and self.validity_sources[c.scene] == "at_read"}
+        redraw = Redraw(unscanned, hp["tile_size"], 1.0 - hp["max_nodata_fraction"], hp["seed"]) if unscanned else None
+        return self._loader(self._dataset(hp["augment"], redraw), sampler, drop_last=len(sampler) > hp["batch_size"])
 
     def _eval_loader(self, split: Split) -> DataLoader:
         tiles = self.grid_tiles(split)

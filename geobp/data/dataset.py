@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import rasterio
@@ -35,6 +35,9 @@ from geobp.data.preprocessing import Preprocessing, valid_pixels
 from geobp.errors import LabelError, RasterReadError, format_error
 from geobp.handles import HandleCache
 from geobp.raster import read_window
+
+if TYPE_CHECKING:  # samplers import this module
+    from geobp.data.samplers import Redraw
 
 Sample = dict[str, Any]
 #: augment(image HWC, mask HW, seed) -> (image, mask); seed -1 means unseeded
@@ -86,6 +89,8 @@ class TileDataset(Dataset[Sample]):
         on_read_error: ``stop`` raises on a block that fails to decode; ``skip`` warns (naming
             the scene and window) and drops the tile from its batch; the batch's ``skipped``
             entry counts the dropped tiles.
+        redraw: read-time rejection of tiles with too much nodata in the scenes it names (see
+            :class:`~geobp.data.samplers.Redraw`); None reads every tile as asked.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class TileDataset(Dataset[Sample]):
         ignore_index: int = 255,
         augment: Augment | None = None,
         on_read_error: Literal["stop", "skip"] = "stop",
+        redraw: Redraw | None = None,
     ) -> None:
         self.images = images
         self.masks = masks
@@ -109,6 +115,7 @@ class TileDataset(Dataset[Sample]):
         self.ignore_index = ignore_index
         self.augment = augment
         self.on_read_error = on_read_error
+        self.redraw = redraw
         self._handles = HandleCache()  # pickled empty: each worker opens its own
 
     def _open(self, path: str) -> rasterio.DatasetReader:
@@ -131,16 +138,36 @@ class TileDataset(Dataset[Sample]):
             warnings.warn(f"skipping tile of scene {self.names[spec.scene]}: {err}", RuntimeWarning, stacklevel=2)
             return None
 
-    def _read(self, spec: TileSpec) -> Sample:
+    def _read_image(self, spec: TileSpec) -> tuple[np.ndarray, np.ndarray]:
+        """The tile's raw bands [C, t, t] (padded) and its valid pixels [t, t] (False in the padding)."""
         t = self.tile_size
-        window = Window(spec.col, spec.row, t, t)
         pre = self.preprocessing
         src = self._open(self.images[spec.scene])
         fill = pre.nodata if pre.nodata is not None else 0
-        raw = read_window(src, window, pre.bands, fill=fill)
+        raw = read_window(src, Window(spec.col, spec.row, t, t), pre.bands, fill=fill)
         valid = valid_pixels(raw, pre.nodata)
         valid[spec.height :, :] = False  # padding outside the raster
         valid[:, spec.width :] = False
+        return raw, valid
+
+    def _accepted(self, spec: TileSpec) -> tuple[TileSpec, np.ndarray, np.ndarray]:
+        """The tile to use for ``spec``: itself, or under read-time rejection the first replacement
+        with enough valid pixels (the last one tried when none has)."""
+        raw, valid = self._read_image(spec)
+        r = self.redraw
+        if r is None or spec.scene not in r.scenes:
+            return spec, raw, valid
+        for attempt in range(1, r.tries + 1):
+            if valid[: spec.height, : spec.width].mean() >= r.min_valid:
+                break
+            spec = r.replace(spec, attempt)
+            raw, valid = self._read_image(spec)
+        return spec, raw, valid
+
+    def _read(self, spec: TileSpec) -> Sample:
+        t = self.tile_size
+        spec, raw, valid = self._accepted(spec)
+        window = Window(spec.col, spec.row, t, t)
         mask_type = mask_dtype(self.num_classes, self.ignore_index)
         if self.masks is not None:
             msrc = self._open(self.masks[spec.scene])

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from geobp.atomic import atomic_write_text
+from geobp.cores import usable_cores
 from geobp.errors import GeobpError
 from geobp.raster import RasterInfo, read_info
 
@@ -78,7 +79,7 @@ def read_headers(
             return err
 
     if todo:
-        n = workers or min(16, 2 * (os.cpu_count() or 1))
+        n = workers or min(16, 2 * usable_cores())  # threads waiting on file reads more than on the CPU
         if len(todo) == 1 or n == 1:
             results = [one(k) for k in todo]
         else:

@@ -58,12 +58,17 @@ class LabelOptions:
     num_classes: int
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
-    label_map: Mapping[RawKey, int] = field(default_factory=dict)
+    label_map: Mapping[RawKey, int] | None = field(default_factory=dict)
     label_field: str | None = None
     label_background: int | None = None
     all_touched: bool = False
 
     def __post_init__(self) -> None:
+        # the option values as configs give them (a list of names, None for no map) in one form
+        object.__setattr__(self, "label_map", dict(self.label_map or {}))
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+        object.__setattr__(self, "all_touched", bool(self.all_touched))
         bad = {k: v for k, v in self.label_map.items() if not self.is_label(v)}
         if bad:
             raise ConfigError(

@@ -127,3 +127,35 @@ class GridTileSampler(_RankSampler):
 def window_to_spec(scene: int, window: Window) -> TileSpec:
     """A grid window as a :class:`TileSpec`."""
     return TileSpec(scene, int(window.row_off), int(window.col_off), int(window.height), int(window.width))
+
+
+@dataclass(frozen=True)
+class Redraw:
+    """Read-time rejection of training tiles for scenes whose validity is not known at start-up.
+
+    A scene without a mask band or overviews, whose nodata only a full decode would find, can
+    be left unscanned (``data.validity: at_read``): its places are drawn as if fully valid, and
+    the dataset, having read a tile with less than ``min_valid`` valid pixels, reads a
+    replacement drawn by :meth:`replace` from the same scene's cells, up to ``tries`` times (then
+    the last tile is kept: its nodata pixels are ignored by the loss anyway). A scene with a
+    third of its places valid then passes a tile with too much nodata once in 1,000 draws, and
+    costs three reads per tile on average. The replacement
+    depends only on the rejected tile and the attempt, so it is the same in any worker, rank or
+    resumed run.
+    """
+
+    scenes: dict[int, SceneCells]
+    tile_size: int
+    min_valid: float
+    seed: int = 0
+    tries: int = 16
+
+    def replace(self, spec: TileSpec, attempt: int) -> TileSpec:
+        """The tile read instead of the rejected ``spec`` on its ``attempt``-th retry (1-based)."""
+        s = self.scenes[spec.scene]
+        rng = np.random.default_rng([self.seed, spec.scene, spec.row, spec.col, attempt])
+        w = np.asarray(s.weights, dtype=np.float64)
+        cell = s.cells[int(rng.choice(len(w), p=w / w.sum()))]
+        row, col = draw_origin(rng, cell)
+        t = self.tile_size
+        return TileSpec(s.scene, row, col, min(t, s.height - row), min(t, s.width - col), spec.aug_seed)

@@ -11,7 +11,13 @@ from, in order:
 - ``overview``: the image's internal overviews, read at the map's resolution (a cell counts as
   valid or not as a whole: an approximation at the nodata edges);
 - ``scan``: a full read of the file, once, cached (:func:`geobp.data.preprocessing.load_scene_stats`).
-  Several processes of a node split these scans between them.
+  Several processes of a node split these scans between them;
+- ``at_read``: nothing read at start-up; the map says "all valid" and training tiles with too
+  much nodata are rejected when read (:class:`geobp.data.samplers.Redraw`).
+
+Which of the last two a scene without a cheap source gets is ``mode``: ``scan``, ``at_read``,
+or ``auto``: scan while those scenes hold at most :data:`SCAN_BUDGET_BYTES` of decoded pixels
+(a start-up of seconds, once: the scans are cached), read-time rejection beyond.
 """
 
 from __future__ import annotations
@@ -21,13 +27,20 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import rasterio
 from rasterio.enums import MaskFlags, Resampling
 
 from geobp.data.preprocessing import VALIDITY_FACTOR, load_scene_stats, scene_cache_file, valid_pixels
 from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.raster import RasterInfo, open_raster
 
-ValiditySource = Literal["all_valid", "mask", "overview", "scan"]
+ValiditySource = Literal["all_valid", "mask", "overview", "scan", "at_read"]
+ValidityMode = Literal["auto", "scan", "at_read"]
+
+#: Under ``auto``, scenes without a cheap validity source are scanned while they hold at most
+#: this many bytes of decoded pixels in all (about 20 s of DEFLATE decoding on one core at the
+#: 56 MB/s measured for #16); larger datasets get read-time rejection instead.
+SCAN_BUDGET_BYTES = 2**30
 
 
 def map_shape(info: RasterInfo) -> tuple[int, int]:
@@ -36,32 +49,71 @@ def map_shape(info: RasterInfo) -> tuple[int, int]:
     return -(-info.height // f), -(-info.width // f)
 
 
+def cheap_source(src: rasterio.DatasetReader, dtype: str, nodata: float | None) -> ValiditySource | None:
+    """Where an open file's validity map can come from without decoding it (its header only), or None."""
+    nodata = src.nodata if nodata is None else nodata
+    if MaskFlags.per_dataset in src.mask_flag_enums[0]:
+        return "mask"
+    if nodata is None and np.issubdtype(np.dtype(dtype), np.integer):
+        return "all_valid"
+    if src.overviews(1):
+        return "overview"
+    return None
+
+
 def cheap_validity(info: RasterInfo, nodata: float | None) -> tuple[np.ndarray, ValiditySource] | None:
     """The validity map from the file's header, mask band or overviews; None when only a full
     read can tell (no mask band, no overviews, and missing pixels possible)."""
     shape = map_shape(info)
     with open_raster(info.path) as src:
-        nodata = src.nodata if nodata is None else nodata
-        flags = src.mask_flag_enums[0]
-        if MaskFlags.per_dataset in flags:
+        source = cheap_source(src, info.dtype, nodata)
+        if source == "mask":
             m = src.read_masks(1, out_shape=shape, resampling=Resampling.average)
             return (m.astype(np.float32) / 255.0), "mask"
-        integer = np.issubdtype(np.dtype(info.dtype), np.integer)
-        if nodata is None and integer:
+        if source == "all_valid":
             return np.ones(shape, np.float32), "all_valid"
-        if src.overviews(1):
+        if source == "overview":
             data = src.read(out_shape=(src.count, *shape), resampling=Resampling.nearest)
-            return valid_pixels(data, nodata).astype(np.float32), "overview"
+            return valid_pixels(data, src.nodata if nodata is None else nodata).astype(np.float32), "overview"
     return None
 
 
+def decoded_bytes(info: RasterInfo) -> int:
+    """Bytes of a scene's decoded pixels (what a full read decodes)."""
+    return info.height * info.width * info.count * np.dtype(info.dtype).itemsize
+
+
+def startup_note(infos: Sequence[RasterInfo], nodata: float | None, scan_budget: int = SCAN_BUDGET_BYTES) -> str | None:
+    """One line on the scenes whose nodata only a full read can find (what ``geobp fit`` does about
+    them under ``data.validity: auto``, and how to spare it), or None when there are none."""
+    need = []
+    for info in infos:
+        with open_raster(info.path) as src:
+            if cheap_source(src, info.dtype, nodata) is None:
+                need.append(info)
+    if not need:
+        return None
+    size = sum(decoded_bytes(i) for i in need)
+    what = (f"decodes them once at start-up ({size / 2**20:,.0f} MiB, then cached)" if size <= scan_budget else
+            f"does not scan them ({size / 2**30:,.1f} GiB) but rejects tiles with too much nodata as it reads them")
+    return (f"{len(need)} of {len(infos)} scenes have a nodata value but neither a mask band nor overviews, so `geobp fit` "
+            f"{what} (data.validity: auto). To spare it: add overviews (`gdaladdo -r nearest FILE 2 4 8 16`) or a mask band.")
+
+
 def validity_maps(
-    infos: Sequence[RasterInfo], nodata: float | None, cache_root: str | Path, progress: bool = False
+    infos: Sequence[RasterInfo],
+    nodata: float | None,
+    cache_root: str | Path,
+    progress: bool = False,
+    mode: ValidityMode = "auto",
+    scan_budget: int = SCAN_BUDGET_BYTES,
 ) -> tuple[list[np.ndarray], list[ValiditySource]]:
     """The validity map of every scene, and where each came from.
 
-    Scenes that need a full read are scanned once and cached; with several processes on a node
-    (``LOCAL_RANK``), process r scans scenes r, r + n, ... and reads the others' from the cache.
+    Scenes that need a full read are scanned once and cached (``mode`` and ``scan_budget``, in
+    bytes of decoded pixels, decide whether they are; see the module docstring); with several
+    processes on a node (``LOCAL_RANK``), process r scans scenes r, r + n, ... and reads the
+    others' from the cache. Unscanned scenes get an all-valid map and the source ``at_read``.
     """
     maps: list[np.ndarray | None] = []
     sources: list[ValiditySource] = []
@@ -70,6 +122,11 @@ def validity_maps(
         maps.append(found[0] if found else None)
         sources.append(found[1] if found else "scan")
     todo = [i for i, m in enumerate(maps) if m is None]
+    need = sum(decoded_bytes(infos[i]) for i in todo)
+    if mode == "at_read" or (mode == "auto" and need > scan_budget):
+        for i in todo:
+            maps[i], sources[i] = np.ones(map_shape(infos[i]), np.float32), "at_read"
+        todo = []
     if todo:
         rank, size = local_rank(), local_world_size()
         mine = [i for k, i in enumerate(todo) if k % size == rank]

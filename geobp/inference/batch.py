@@ -10,7 +10,9 @@ from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
-from geobp.inference.predict import PredictOptions, Precision, Reader, check_paths, open_job, predict_share, predict_with
+from geobp.inference.predict import (
+    MatchBands, PredictOptions, Precision, Reader, check_paths, open_job, predict_share, predict_with,
+)
 from geobp.task import SegmentationTask
 from geobp.raster import list_rasters
 from geobp.tiling import check_tile_args
@@ -90,6 +92,7 @@ def predict_many(
     num_workers: int | None = None,
     reader: Reader | None = None,
     ranks: Ranks | None = None,
+    match_bands: MatchBands = "names",
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
 
@@ -109,6 +112,8 @@ def predict_many(
             by default those of the initialized process group, or a single process. With
             several, each call must get the same arguments; every process returns the same
             summary, and only rank 0 shows progress bars.
+        match_bands: how the model's bands are found in each raster (see :class:`PredictOptions`);
+            the model's band names come from the checkpoint.
 
     Returns:
         An :class:`InferenceSummary`; its ``exit_code`` is non-zero when any input failed.
@@ -147,7 +152,7 @@ def predict_many(
         tile_size=tile, overlap=overlap, batch_size=batch_size, device=device, precision=precision, num_classes=k,
         class_names=names, probabilities=probabilities, cog=cog, overwrite=overwrite,
         progress=progress and ranks.rank == 0, num_workers=num_workers, expected_dtype=pre.dtype,
-        reader=reader,
+        band_names=hp.get("in_band_names"), match_bands=match_bands, reader=reader,
     )
     # (input index, input, error message or None) of the rasters this process reports
     results: list[tuple[int, Path, str | None]] = []

@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from geobp.bands import bands_by_name
 from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, SharedMemoryError, format_error
@@ -56,6 +57,7 @@ from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+MatchBands = Literal["names", "order"]
 #: How the input is read: ``threads`` (:class:`PrefetchReader`) or ``processes`` (:class:`ProcessReader`).
 Reader = Literal["threads", "processes"]
 #: Earlier spellings of :data:`Precision`, still accepted.
@@ -139,6 +141,10 @@ class PredictOptions:
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.
+        band_names: the model's input band names (in its input order), when known.
+        match_bands: ``names``: where the raster's band descriptions hold the model's band names
+            under other band numbers, those bands are read (see :func:`geobp.bands.bands_by_name`);
+            ``order``: the training band numbers are read whatever the descriptions say.
 
     Raises:
         ConfigError: an invalid value (checked when the options are made).
@@ -158,11 +164,18 @@ class PredictOptions:
     num_classes: int | None = None
     class_names: list[str] | None = None
     expected_dtype: str | None = None
+    band_names: tuple[str, ...] | None = None
+    match_bands: MatchBands = "names"
     reader: Reader | None = None
 
     def __post_init__(self) -> None:
         _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value,
                     self.reader, self.num_workers)
+        if self.match_bands not in get_args(MatchBands):
+            raise ConfigError(format_error(None, f"unknown match_bands {self.match_bands!r} (expected names or order)",
+                                           "pick one of them"))
+        if self.band_names is not None:
+            object.__setattr__(self, "band_names", tuple(str(n) for n in self.band_names))
         object.__setattr__(self, "precision", normalize_precision(self.precision))
 
 
@@ -371,6 +384,10 @@ def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions
     src = Path(src)
     with open_raster(src) as ds:
         _check_input(ds, preprocessing, opts.expected_dtype)
+        if opts.match_bands == "names":
+            read = bands_by_name(src, ds.descriptions, preprocessing.bands, opts.band_names)
+            if read != list(preprocessing.bands):
+                preprocessing = dataclasses.replace(preprocessing, bands=read)
         profile = ds.profile
         height, width, file_nodata = ds.height, ds.width, ds.nodata
     if file_nodata is not None:

@@ -215,7 +215,7 @@ def score_predictions(
         raise ConfigError(format_error(None, "no class map to score", "fix the inputs that failed"))
     names = class_map_classes(pairs[0][1])
     if options is None:
-        options = LabelOptions(len(names), ignore_index, tuple(names), dict(label_map or {}), label_field, label_background, all_touched)
+        options = LabelOptions(len(names), ignore_index, names, label_map, label_field, label_background, all_touched)
     sources = find_label_sources(labels, options.label_field)
     summary = ScoreSummary(names)
     cache = Path(out_dir) if out_dir is not None else Path(pairs[0][1]).parent

@@ -116,3 +116,24 @@ def test_cuda_deferred_nonfinite_is_reported_at_the_next_recording(tmp_path: Pat
     assert (event["step"], event["layer"]) == (7, "net.2")
     assert event["windows"][0] == [16 * 56, 8 * (56 % 3), 16, 16]
     assert monitor.data["totals"]["nonfinite_steps"] == 5
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_fp16_loss_scale_collapse_is_found(tmp_path: Path) -> None:
+    """Lightning's own 16-mixed on a GPU (its GradScaler, init scale 2**16): overflowing backward
+    passes on every step drive the scale below 1 and every step is skipped."""
+    from torch import nn
+
+    from tests.callbacks.zoo import OverflowingBackward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), OverflowingBackward(), nn.ReLU(), nn.Linear(32, 4))
+    monitor = GradientFlowMonitor(every_n_steps=2)
+    trainer = L.Trainer(max_steps=40, accelerator="cuda", devices=1, precision="16-mixed", logger=False,
+                        default_root_dir=tmp_path, callbacks=[monitor], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ZooModule(net), DataLoader(TileSet(size=0, bands=16), batch_size=8))
+    (finding,) = [f for f in monitor.findings if f.kind == "loss_scale"]
+    assert finding.value < 1.0 and monitor.data["loss_scale"][0] == 2.0**16
+    assert monitor.data["totals"]["nonfinite_steps"] == 40  # the scale stays below 1 from step 17 on

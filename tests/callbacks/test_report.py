@@ -159,3 +159,20 @@ def test_the_page_written_during_training_shows_when(tmp_path: Path) -> None:
     updated = json.loads(json_path.read_text())["meta"]["updated"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", updated)
     assert f"updated {updated}" in html_path.read_text()
+
+
+def test_layers_frozen_for_a_time_are_spans_in_the_document_and_the_report_header() -> None:
+    from geobp.callbacks.report import frozen_span_text
+    from geobp.callbacks.series import note_frozen
+
+    data: dict[str, Any] = {"steps": [], "frozen_spans": []}
+    encoder = ["model.encoder.conv1", "model.encoder.layer1.0.conv1", "model.encoder.layer1.0.conv2"]
+    for step, frozen in [(0, encoder), (25, encoder), (50, encoder), (75, []), (100, encoder[:1]), (125, encoder[:1])]:
+        data["steps"].append(step)
+        note_frozen(data, step, frozen)
+    assert data["frozen_spans"] == [
+        {"layers": encoder, "first_step": 0, "last_step": 50},
+        {"layers": encoder[:1], "first_step": 100, "last_step": 125},
+    ]
+    assert frozen_span_text(data["frozen_spans"][0]) == \
+        "3 layers frozen at steps 0-50 (model.encoder.conv1, model.encoder.layer1.0.conv1, ...)"

@@ -289,3 +289,42 @@ def test_continental_map_is_paired_and_only_a_window_of_it_is_read(tmp_path, mon
     np.testing.assert_array_equal(out, nearest(codes, transform, "EPSG:4326", image))
     assert report.coverage == 1.0 and report.sources == [str(lab)]
     assert reads and all(w is not None and w.width * w.height <= 36 for w in reads)  # 6 x 6 (with the margin), not 600 x 1200
+
+
+def test_processes_of_a_node_split_the_alignments(tmp_path, monkeypatch):
+    a, b = write_image(tmp_path / "img" / "a.tif"), write_image(tmp_path / "img" / "b.tif", seed=1)
+    labels, transform = labels_around(a, "EPSG:3035", 30.0)
+    lab = write_tif(tmp_path / "map.tif", labels, crs="EPSG:3035", transform=transform, block=None)
+    sources = find_label_sources(lab)
+    # the other process (local rank 0 of 2) has aligned its scene, a
+    done, _ = aligned_labels(read_info(a), sources, OPTIONS, tmp_path / "img")
+    stamp = os.stat(done.path).st_mtime_ns
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    aligned = []
+    real = alignment_module.Alignment
+    monkeypatch.setattr(alignment_module, "Alignment", lambda image, *args: aligned.append(Path(image.path).name) or real(image, *args))
+    scenes, _ = find_labelled_scenes(tmp_path / "img", lab, OPTIONS)
+    assert aligned == ["b.tif"] and [s.name for s in scenes] == ["a", "b"]  # its own scene only, scenes in order
+    assert scenes[0].mask.path == done.path and os.stat(done.path).st_mtime_ns == stamp
+
+
+def test_a_waiting_process_gets_the_owners_result_or_its_error(tmp_path):
+    import threading
+
+    image = read_info(write_image(tmp_path / "img" / "a.tif"))
+    labels, transform = labels_around(tmp_path / "img" / "a.tif", "EPSG:3035", 30.0)
+    sources = find_label_sources(write_tif(tmp_path / "map.tif", labels, crs="EPSG:3035", transform=transform, block=None))
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(w=aligned_labels(image, sources, OPTIONS, tmp_path, owner=False)))
+    waiter.start()
+    owner, _ = aligned_labels(image, sources, OPTIONS, tmp_path, owner=True)
+    waiter.join(timeout=60)
+    assert got["w"][0].path == owner.path
+    # unmapped values: the owner's failure is cached as its report, and a waiter raises the same error at once
+    bad = LabelOptions(num_classes=2)  # class 2 is out of range
+    with pytest.raises(LabelError, match=r"label values \[2\]") as first:
+        aligned_labels(image, sources, bad, tmp_path / "c", owner=True)
+    with pytest.raises(LabelError) as second:
+        aligned_labels(image, sources, bad, tmp_path / "c", owner=False)
+    assert str(second.value) == str(first.value)
