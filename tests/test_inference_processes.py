@@ -270,3 +270,24 @@ def test_a_bug_in_a_worker_keeps_its_type_message_and_where_it_happened(tmp_path
             list(reader)
     assert str(err.value) == "normalising went wrong"  # the one line a report shows; the worker's traceback is a note
     assert any("in a geobp reader process" in note and "in __call__" in note for note in err.value.__notes__)
+
+
+def test_predict_many_with_reader_processes_reports_a_bad_block_and_finishes_the_rest(tmp_path, make_scene, no_leftovers):
+    from geobp.inference import predict_many
+    from geobp.task import SegmentationTask
+    from tests.test_inference_many import NAMES
+    from tests.test_inference_many import PRE as PRE_DICT
+
+    torch.manual_seed(0)
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE_DICT,
+                            tile_size=32)
+    good, _ = make_scene("good", size=(40, 48), root=tmp_path / "d")
+    bad, _ = make_scene("bad", size=(96, 96), root=tmp_path / "d", seed=1)
+    corrupt_cog(bad, tmp_path)
+    summaries = {kind: predict_many(task, [good, bad], tmp_path / kind, progress=False, reader=kind, num_workers=2)
+                 for kind in ("threads", "processes")}
+    assert summaries["processes"].failed == summaries["threads"].failed
+    assert [src for src, _ in summaries["processes"].failed] == [bad]
+    assert "bad.tif: failed to read window" in summaries["processes"].failed[0][1]
+    assert (tmp_path / "processes" / "good_classes.tif").read_bytes() == (tmp_path / "threads" / "good_classes.tif").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "processes").iterdir()) == ["good_classes.tif"]
