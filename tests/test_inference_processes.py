@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,75 @@ def test_predict_many_with_reader_processes_reports_a_bad_block_and_finishes_the
     assert "bad.tif: failed to read window" in summaries["processes"].failed[0][1]
     assert (tmp_path / "processes" / "good_classes.tif").read_bytes() == (tmp_path / "threads" / "good_classes.tif").read_bytes()
     assert sorted(p.name for p in (tmp_path / "processes").iterdir()) == ["good_classes.tif"]
+
+
+CTRL_C_SCRIPT = """
+import signal, sys, time
+from pathlib import Path
+
+import torch
+
+from geobp.inference import predict_raster
+from tests.test_inference import PRE
+
+
+class Slow(torch.nn.Conv2d):
+    def forward(self, x):
+        print("predicting", flush=True)
+        time.sleep(0.1)
+        return super().forward(x)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started in the background: SIGINT may be ignored
+    src, dst = map(Path, sys.argv[1:])
+    predict_raster(Slow(3, 4, 1), src, dst, PRE, tile_size=16, overlap=4, batch_size=2, progress=False,
+                   reader="processes", num_workers=2)
+"""
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (a container's init may not reap them)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid and stat[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_everything_and_writes_nothing(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to every process of the group, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    src = make_image(tmp_path / "a.tif", size=(256, 256))
+    script = tmp_path / "run.py"
+    script.write_text(CTRL_C_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "a_classes.tif")], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "predicting\n"  # the workers run
+        assert len(live_group_members(proc.pid)) >= 4  # this one, the fork server, two readers (and a resource tracker)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT)
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt")  # the parent's only
+    # the fork server and the resource tracker leave once they see the parent gone: give them a moment
+    for _ in range(100):
+        left = live_group_members(proc.pid)
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "run.py"]
