@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write results through it)
+from geobp.cores import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS: tuple[str, ...] = ("loading", "training", "inference", "readers", "labels", "balance", "startup")
@@ -234,7 +235,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "ram_gib": round(ram, 1) if ram else None,
         "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "os": platform.platform(),

@@ -297,7 +297,7 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
 def run_readers(cfg: Config) -> dict[str, Any]:
     """Section "readers": the thread and process readers against the bare decode loop, alone and
     fed to a consumer at the decode limit's rate."""
-    from geobp.inference.threads import usable_cores
+    from geobp.cores import usable_cores
 
     res = SectionResult(section="readers", title="Inference readers")
     cache = Path(cfg.cache_dir) / "inference"

@@ -13,17 +13,9 @@ behind these defaults and the commands that made them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def usable_cores() -> int:
-    """Cores this process may run on (SLURM's ``--cpus-per-task``, ``taskset``), or all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 2
+from geobp.cores import usable_cores
 
 
 def default_workers(device: str | torch.device) -> int:
