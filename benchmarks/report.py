@@ -19,7 +19,7 @@ _TITLES = {
     "gpu": "6. GPU",
     "labels": "4. Labels on another grid",
     "balance": "5. Rare classes: uniform and balanced tile sampling",
-    "startup": "7. Start-up before the first training step",
+    "startup": "1b. Start-up before the first training step",
 }
 
 

@@ -130,7 +130,7 @@ def test_quick_readers_section_compares_both_readers_with_the_decode_limit(tmp_p
 @pytest.mark.slow
 def test_quick_run_writes_the_startup_table(tmp_path: Path) -> None:
     text = quick_run(tmp_path, "startup")
-    assert "## 7. Start-up before the first training step" in text
+    assert "## 1b. Start-up before the first training step" in text
     for way in ("full pass (every pixel decoded)", "sampled statistics, nodata rejected at read"):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| {way}"))
         assert re.search(r"\| [\d,.]+ \|", line), line
