@@ -16,10 +16,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from geobp.classes import class_names_for
+from geobp.compiled import CompiledForward, CompileMode, compile_mode
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss, class_weights_from_counts
 from geobp.models import EncoderName, ModelName, create_model
+from geobp.optim import build_adamw, clip_gradients, unscales_in_step, use_fused
 
 Stage = Literal["train", "val", "test"]
 
@@ -71,6 +73,14 @@ class SegmentationTask(L.LightningModule):
             ``train/nonfinite_steps``) or ``stop`` with an error naming the step, the batch's tiles
             and the first module whose output went non-finite. Checking costs one device-to-host
             sync per step; ``ignore`` turns the check off.
+        compile: run the model's forward through ``torch.compile``: ``false``, ``true`` (mode
+            ``default``) or a mode (``reduce-overhead``, ``max-autotune``,
+            ``max-autotune-no-cudagraphs``). Layer names, hooks and checkpoints stay those of the
+            plain model (:mod:`geobp.compiled`); a forward pass while hooks are registered (the
+            gradient-flow monitor's recording steps) runs eagerly. Not used by
+            :meth:`from_checkpoint` (inference runs the plain model).
+        fused: AdamW's fused implementation: ``null`` (auto: on CUDA, unless ``16-mixed`` and
+            gradient clipping run together), ``true`` or ``false`` (:mod:`geobp.optim`).
     """
 
     def __init__(
@@ -95,6 +105,8 @@ class SegmentationTask(L.LightningModule):
         in_band_names: list[str] | None = None,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
+        compile: bool | CompileMode = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +120,9 @@ class SegmentationTask(L.LightningModule):
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        mode = compile_mode(compile)
+        # a plain attribute, no child module: state_dict and module names stay the model's own
+        self._compiled = CompiledForward(self.model, mode) if mode else None
         self.criterion = SegmentationLoss(loss, ignore_index, None if class_weights == "auto" else class_weights)
         self.class_names = class_names_for(class_names, num_classes)
         self.nonfinite_steps = 0
@@ -165,6 +180,8 @@ class SegmentationTask(L.LightningModule):
         """Logits [B, K, H, W] for images [B, C, H, W]."""
         if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._compiled is not None:
+            return self._compiled(x)
         return self.model(x)
 
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor | None:
@@ -359,7 +376,10 @@ class SegmentationTask(L.LightningModule):
                 {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
                 {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
             ]
-        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        trainer = self._trainer_or_none()
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+        fused = use_fused(hp.get("fused"), self.device, scaler, bool(getattr(trainer, "gradient_clip_val", None)))
+        opt = build_adamw(groups, hp["lr"], hp["weight_decay"], fused)
         if hp["scheduler"] == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -368,6 +388,15 @@ class SegmentationTask(L.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for a fused AdamW without a loss scaler, which Lightning's
+        mixed-precision plugin refuses although its gradients are unscaled: clipped here alike."""
+        if unscales_in_step(optimizer) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----- rebuilding from a checkpoint -------------------------------------------------------
 
@@ -398,7 +427,8 @@ class SegmentationTask(L.LightningModule):
             )
         # LightningCLI adds private keys (_class_path, _instantiator); keep the constructor's own
         accepted = inspect.signature(cls.__init__).parameters
-        task = cls(**{k: v for k, v in hp.items() if k in accepted and k != "weights"})
+        # training-only settings stay behind: no start weights, no compile
+        task = cls(**{k: v for k, v in hp.items() if k in accepted and k not in ("weights", "compile")})
         task.load_state_dict(ckpt["state_dict"])
         return task.to(map_location).eval()
 
