@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -135,3 +136,38 @@ def test_inductor_forward_and_backward_match_eager():
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_model_under_two_process_ddp(tmp_path):
+    """DDP over two CPU processes with model.compile: the ranks compile, the monitor's steps run eagerly,
+    the gradients are all-reduced (the same weights on both ranks) and rank 0's checkpoint loads."""
+    import subprocess
+
+    import yaml
+
+    from geobp.data.synth import write_scenes
+    from tests.test_ddp import DATA, MODEL, fit_two_processes
+
+    write_scenes(tmp_path / "scenes", scenes=3, size=64, bands=3, classes=3, block_size=32)
+    record = tmp_path / "record"
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": False, "default_root_dir": str(tmp_path / "runs"),
+                    "callbacks": [{"class_path": "tests.ddp_helpers.CompileCheck", "init_args": {"out": str(record)}}]},
+        "model": {**MODEL, "compile": True},
+        "data": {"root": str(tmp_path / "scenes"), **DATA, "augment": False},
+        "gradflow": {"every_n_steps": 3},
+    }
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = fit_two_processes(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks = [json.loads((record / f"compile_rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["compiled_calls"] > 0 and r["eager_calls"] > 0
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    ckpt = next((tmp_path / "runs").rglob("*.ckpt"))
+    assert not any("_orig_mod" in k for k in torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    SegmentationTask.from_checkpoint(ckpt)
