@@ -146,3 +146,29 @@ def test_rare_scenes_have_one_class_on_about_one_percent(tmp_path: Path) -> None
             mask = src.read(1)
         counts = np.bincount(mask.ravel(), minlength=4)
         assert 0.005 < counts[3] / mask.size < 0.015 and (counts[:3] > 0.03 * mask.size).all()
+
+
+def test_report_renders_the_issue_15_gpu_keys(tmp_path: Path) -> None:
+    from benchmarks.report import render
+
+    gpu = {
+        "date": "2026-12-01T00:00:00+00:00", "command": "python benchmarks/gpu.py --out x.json", "commit": "abc1234",
+        "device": {"name": "NVIDIA H200", "memory_gib": 139.8, "cuda": "13.0", "torch": "2.11"},
+        "model": "U-Net resnet34", "batch": 16, "steps": 20, "repeats": 3, "dry_run": False,
+        "skipped": {"train:compile+fused": "time budget"},
+        "results": {"matmul_tflops": 800.0, "matmul_n": 8192, "forward_gflop_per_image": 60.0,
+                    "train_gflop_per_image": 200.0, "bare_train_images_per_s": 500.0, "infer_images_per_s": 1500.0,
+                    "infer_tflops": 90.0, "infer_share": 90 / 800,
+                    "train_variants": {"eager": {"images_per_s": 400.0, "monitor_every_n_steps": 25},
+                                       "compile": {"images_per_s": 1000.0, "monitor_every_n_steps": 25}},
+                    "train_images_per_s": 1000.0, "train_config": "compile", "train_tflops": 200.0, "train_share": 0.25,
+                    "pipeline_images_per_s": 900.0, "pipeline_over_forward": 0.6, "pipeline_over_decode_limit": 0.9,
+                    "raster": "16384 x 16384 px", "cores": 16, "decode_limit_images_per_s": 1000.0,
+                    "host_syncs_per_step": 3.0},
+    }
+    text = render({"gpu": gpu})
+    assert "| hand-written training step (fwd + bwd + clip + AdamW) | 500 | 100 | 12% |" in text
+    assert "monitor every 25 steps: compile | 1,000 | 200 | 25% |" in text
+    assert "`geobp infer` over 16384 x 16384 px" in text and "0.60 of the forward rate" in text
+    assert "Fastest training configuration: **compile**" in text and "train:compile+fused (time budget)" in text
+    assert "commit abc1234" in text and "per training step" in text
