@@ -49,3 +49,28 @@ def test_inductor_compile_on_cuda_with_monitor_and_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), task.model(x), rtol=1e-3, atol=1e-3)
     torch._dynamo.reset()
+
+
+def test_nonfinite_skip_is_decided_on_the_device(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    task = tiny_task()  # fused: auto, so fused on CUDA; bf16-mixed has no loss scaler
+    data = batches(4)
+    data[2]["image"] = data[2]["image"].clone()
+    data[2]["image"][0, 0, 0, 0] = float("nan")
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module._device_skip is not None)
+
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=4, accelerator="cuda", devices=1, precision="bf16-mixed",
+                        gradient_clip_val=1.0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Spy()])
+    with pytest.warns(UserWarning, match="not finite on 1 step"):
+        trainer.fit(task, train_dataloaders=DataLoader(data, batch_size=None))
+    assert seen == [True] * 4 and task.nonfinite_steps == 1
+    opt = trainer.optimizers[0]
+    assert all(int(opt.state[p]["step"]) == 3 for p in task.parameters() if p in opt.state)
+    assert all(torch.isfinite(p).all() for p in task.parameters())
