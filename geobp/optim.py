@@ -65,3 +65,23 @@ def clip_gradients(optimizer: Optimizer, clip_val: float | None, algorithm: str 
         torch.nn.utils.clip_grad_value_(params, clip_val)
     else:
         torch.nn.utils.clip_grad_norm_(params, clip_val)
+
+
+def keep_implementation(optimizer: Optimizer) -> None:
+    """Give every parameter group back the implementation ``optimizer`` was built with.
+
+    Loading a checkpoint's optimizer state replaces each group's settings with the saved ones, so
+    a run resumed from a checkpoint of the other implementation (unfused before ``model.fused``,
+    or trained on another device) would step with the saved one, which a fused optimizer's
+    ``found_inf`` and clipping do not expect. Step counts go where the implementation keeps them
+    (the parameter's device when fused or capturable, else the CPU).
+    """
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach", "capturable"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)

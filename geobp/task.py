@@ -22,7 +22,7 @@ from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFin
 from geobp.losses import LossName, SegmentationLoss, class_weights_from_counts
 from geobp.models import EncoderName, ModelName, create_model
 from geobp.nonfinite import DeviceSkip, applies as device_skip_applies
-from geobp.optim import build_adamw, clip_gradients, unscales_in_step, use_fused
+from geobp.optim import build_adamw, clip_gradients, keep_implementation, unscales_in_step, use_fused
 
 Stage = Literal["train", "val", "test"]
 
@@ -369,9 +369,12 @@ class SegmentationTask(L.LightningModule):
         return not any(p.requires_grad for p in self.model.encoder.parameters())
 
     def on_train_start(self) -> None:
-        """Decide ``nonfinite: skip`` on the device where that applies (:mod:`geobp.nonfinite`)."""
+        """Keep the chosen AdamW after a resumed optimizer state (:func:`~geobp.optim.keep_implementation`),
+        and decide ``nonfinite: skip`` on the device where that applies (:mod:`geobp.nonfinite`)."""
         trainer = self.trainer
         opt = trainer.optimizers[0] if trainer.optimizers else None
+        if opt is not None:  # a resumed optimizer state must not bring back another implementation
+            keep_implementation(opt)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if opt is not None and device_skip_applies(self.hparams["nonfinite"], trainer.world_size, self.device, opt, scaler):
             self._device_skip = DeviceSkip(opt, self.device)

@@ -76,3 +76,24 @@ def test_fused_adamw_trains_under_bf16_mixed_with_clipping(tmp_path):
     trainer = fit(task, tmp_path, steps=2, callbacks=[Spy()], **trainer_kw)
     assert trainer.global_step == 2 and clipped == [True, True]
     assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters()))
+
+
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_resuming_from_the_other_adamw_implementation_keeps_the_chosen_one(tmp_path, monkeypatch, first, then):
+    import geobp.nonfinite
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from tests.test_compile import batches
+
+    monkeypatch.setattr(geobp.nonfinite, "DEVICE_TYPES", ("cpu",))  # the fused run sets found_inf, as on CUDA
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tiny_task(fused=first), tmp_path / "a", steps=2, callbacks=[ckpt], gradient_clip_val=1.0)
+    task = tiny_task(fused=then)
+    trainer = L.Trainer(default_root_dir=tmp_path / "b", max_steps=4, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        gradient_clip_val=1.0)
+    trainer.fit(task, train_dataloaders=DataLoader(batches(4), batch_size=None), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    opt = trainer.optimizers[0]
+    assert trainer.global_step == 4 and bool(opt.param_groups[0]["fused"]) is then
+    assert all(int(opt.state[p]["step"]) == 4 for p in task.parameters())
