@@ -10,8 +10,10 @@ short keeps what it measured; parts that would not fit in ``--budget-s`` are lis
    under ``torch.inference_mode()``: ``infer_images_per_s``;
 3. (the compiled variants last, after part 4, as their compilation takes longest)
    ``Trainer.fit(SegmentationTask)`` with the gradient-flow monitor at its default interval,
-   ``bf16-mixed``, clipping 1.0: the variants ``eager``, ``fused`` (fused AdamW), ``compile``
-   (``model.compile``) and ``compile+fused`` (:mod:`benchmarks.gpu_train`);
+   ``bf16-mixed``, clipping 1.0: the variants ``eager`` (``model.fused: false``, so the
+   non-finite check reads a flag on the host every step), ``fused`` (the fused AdamW, with which
+   ``nonfinite: skip`` is decided on the device), ``compile`` (``model.compile``) and
+   ``compile+fused`` (:mod:`benchmarks.gpu_train`);
    ``train_images_per_s`` is the fastest, ``train_config`` names it, ``train_share`` is its
    model TFLOP/s over the matmul TFLOP/s. A ``torch.profiler`` summary of a few steps of each
    variant (top kernels, GPU busy share, host gaps) goes to ``<out stem>_profile.txt``, and the
