@@ -34,8 +34,8 @@ class DeviceSkip:
     """The flag a fused AdamW reads as ``found_inf``, and the count of skipped steps, on the device.
 
     Attributes:
-        flag: 1.0 while the current step's loss is not finite, else 0.0.
-        count: non-finite steps so far (a device tensor).
+        flag: 1.0 once a loss of the current optimizer step is not finite, else 0.0.
+        count: optimizer steps skipped so far (a device tensor).
         reported: the count last read on the host.
     """
 
@@ -47,11 +47,16 @@ class DeviceSkip:
         inner.found_inf = self.flag  # read by the fused AdamW's step, after the closure set it
 
     def decide(self, loss: Tensor) -> Tensor:
-        """Record whether ``loss`` is not finite (no host read); the boolean device tensor."""
+        """Record whether ``loss`` is not finite (no host read); the boolean device tensor. The flag
+        stays set until :meth:`after_step`, so one bad batch of an accumulation window skips its step."""
         bad = ~torch.isfinite(loss.detach())
-        self.flag.copy_(bad)
-        self.count += bad
+        torch.maximum(self.flag, bad.float(), out=self.flag)
         return bad
+
+    def after_step(self) -> None:
+        """After the optimizer step: count it if it was skipped, and clear the flag (on the device)."""
+        self.count += self.flag.long()
+        self.flag.zero_()
 
     def read(self) -> tuple[int, int]:
         """(count so far, new since the last read): one host read."""

@@ -314,6 +314,8 @@ class SegmentationTask(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._device_skip is not None:
+            self._device_skip.after_step()
         if self._skipping:
             self._skipping = False
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
