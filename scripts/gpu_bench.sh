@@ -39,11 +39,13 @@ else
   echo "no .whl/: run scripts/gpu_wheels.sh here and carry .whl; parts needing rasterio will be skipped" >&2
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# albumentations would look for a newer version online at import (nothing is reachable there)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 NO_ALBUMENTATIONS_UPDATE=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   echo "cores: $(nproc)"; "$PY" --version
   "$PY" -c "import torch, lightning, rasterio; print('torch', torch.__version__, 'lightning', lightning.__version__, 'rasterio', rasterio.__version__, 'gdal', rasterio.__gdal_version__)" 2>&1
+  "$PY" -c "import geobp.cli, geobp.task; print('geobp imports: ok')" 2>&1 | tail -n 3
   echo "commit: ${GEOBP_COMMIT:-unknown}"
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
