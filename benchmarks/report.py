@@ -72,15 +72,43 @@ def _gpu_section(gpu: dict[str, Any]) -> list[str]:
     if gpu.get("dry_run"):
         lines += ["**Dry run** (tiny sizes, not a GPU measurement).", ""]
     n = r.get("matmul_n", 8192)
-    rows = [
-        [f"bf16 matmul {n}^3 (the measured limit)", "-", fmt(r["matmul_tflops"]), "100%"],
-        ["training step (fwd + bwd + clip + AdamW)", fmt(r["train_images_per_s"]), fmt(r["train_tflops"]),
-         f"{100 * r['train_share']:.0f}%"],
-        ["inference (forward)", fmt(r["infer_images_per_s"]), fmt(r["infer_tflops"]), f"{100 * r['infer_share']:.0f}%"],
-    ]
+    train_gflop = r["train_gflop_per_image"]
+
+    def share(ips: float, gflop: float) -> list[str]:
+        tflops = ips * gflop / 1e3
+        return [fmt(ips), fmt(tflops), f"{100 * tflops / r['matmul_tflops']:.0f}%"]
+
+    rows = [[f"bf16 matmul {n}^3 (the measured limit)", "-", fmt(r["matmul_tflops"]), "100%"]]
+    if "bare_train_images_per_s" in r:  # since issue 15: the hand-written loop beside Lightning's variants
+        rows.append(["hand-written training step (fwd + bwd + clip + AdamW)", *share(r["bare_train_images_per_s"], train_gflop)])
+        for name, v in r.get("train_variants", {}).items():
+            rows.append([f"`Trainer.fit(SegmentationTask)`, monitor every {v['monitor_every_n_steps']} steps: {name}",
+                         *share(v["images_per_s"], train_gflop)])
+    else:
+        rows.append(["training step (fwd + bwd + clip + AdamW)", fmt(r["train_images_per_s"]), fmt(r["train_tflops"]),
+                     f"{100 * r['train_share']:.0f}%"])
+    rows.append(["inference (forward)", fmt(r["infer_images_per_s"]), fmt(r["infer_tflops"]), f"{100 * r['infer_share']:.0f}%"])
+    if "pipeline_images_per_s" in r:
+        rows.append([f"`geobp infer` over {r['raster']}", fmt(r["pipeline_images_per_s"]), "-", "-"])
+        rows.append([f"decode limit of that file ({r['cores']} cores x one core's rasterio read loop)",
+                     fmt(r["decode_limit_images_per_s"]), "-", "-"])
     lines += _md_table(["what", "images/s", "model TFLOP/s", "share of matmul TFLOP/s"], rows)
     lines += ["", f"FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`): forward "
-              f"{fmt(r['forward_gflop_per_image'])} GFLOP, training step {fmt(r['train_gflop_per_image'])} GFLOP."]
+              f"{fmt(r['forward_gflop_per_image'])} GFLOP, training step {fmt(train_gflop)} GFLOP."]
+    if "train_config" in r:
+        lines += ["", f"Fastest training configuration: **{r['train_config']}**, {fmt(r['train_images_per_s'])} images/s, "
+                  f"{100 * r['train_share']:.0f}% of the measured matmul TFLOP/s (issue 15's target: 25%)."]
+    if "pipeline_images_per_s" in r:
+        lines += ["", f"`geobp infer` ran at {r['pipeline_over_forward']:.2f} of the forward rate and "
+                  f"{r['pipeline_over_decode_limit']:.2f} of the file's decode limit (issue 15's target: 0.85 of either, "
+                  "whichever bounds)."]
+    if r.get("host_syncs_per_step") is not None:
+        lines += ["", f"Host synchronisations per training step (`torch.cuda.set_sync_debug_mode`, fused variant): "
+                  f"{r['host_syncs_per_step']:.1f}."]
+    if gpu.get("skipped"):
+        lines += ["", "Not measured in this run: " + ", ".join(f"{k} ({v.splitlines()[0]})" for k, v in gpu["skipped"].items()) + "."]
+    if gpu.get("commit"):
+        lines += ["", f"geobp commit {gpu['commit']}; profiler summaries of a few training steps: `benchmarks/results/gpu_profile.txt`."]
     return lines
 
 
@@ -101,13 +129,23 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
         f"{REGENERATE}                      # every CPU section, then BENCHMARKS.md",
         f"{REGENERATE} --only loading       # one section; the others keep their stored results",
         f"{REGENERATE} --quick --out /tmp/B.md  # tiny sizes (what the test suite runs)",
-        f"{GPU_COMMAND}   # on a CUDA machine (needs torch and geobp.models only)",
+        f"{GPU_COMMAND}   # on a CUDA machine (parts 3-4 need Lightning and rasterio)",
+        "bash scripts/gpu_bench.sh                                # the whole GPU run, on a lent machine (below)",
         ".venv/bin/python -m benchmarks render                   # rewrite BENCHMARKS.md from benchmarks/results/",
         "```",
         "",
         "Synthetic inputs are generated once into `benchmarks/.data/` (git-ignored; about 3 min and 1.1 GB for the",
         "full sizes). Results of each section are stored in `benchmarks/results/<section>.json`; the commands",
         "that produced each section are shown with it.",
+        "",
+        "The GPU section comes from one prepared script, `scripts/gpu_bench.sh`, budgeted (timeouts) to end",
+        "within 8 minutes on a lent H100/H200: `bash scripts/gpu_wheels.sh` here first (the wheels the GPU",
+        "machine lacks, rasterio among them, into the git-ignored `.whl/`), then the device tool's `run` with",
+        "`command: \"GEOBP_COMMIT=<short commit> bash scripts/gpu_bench.sh\"`, `carry: [\".whl\"]`,",
+        "`timeout_s: 540`. It installs the wheels into `/tmp/site`, runs `benchmarks/gpu.py` within a time",
+        "budget and the GPU-marked tests, and leaves `gpu.json`, `gpu_profile.txt` and the logs in `$OUT`; copy",
+        "those two to `benchmarks/results/` and render. `PY=.venv/bin/python DRY_RUN=1 SKIP_WHEELS=1 bash",
+        "scripts/gpu_bench.sh` checks it on a CPU at tiny sizes.",
         "",
     ]
     if cpu:

@@ -16,10 +16,13 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from geobp.classes import class_names_for
+from geobp.compiled import CompiledForward, CompileMode, compile_mode
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
 from geobp.losses import LossName, SegmentationLoss, class_weights_from_counts
 from geobp.models import EncoderName, ModelName, create_model
+from geobp.nonfinite import DeviceSkip, applies as device_skip_applies
+from geobp.optim import build_adamw, clip_gradients, keep_implementation, unscales_in_step, use_fused
 
 Stage = Literal["train", "val", "test"]
 
@@ -70,7 +73,16 @@ class SegmentationTask(L.LightningModule):
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
             ``train/nonfinite_steps``) or ``stop`` with an error naming the step, the batch's tiles
             and the first module whose output went non-finite. Checking costs one device-to-host
-            sync per step; ``ignore`` turns the check off.
+            sync per step, except on one CUDA device with the fused AdamW and no loss scaler, where
+            ``skip`` is decided on the device (:mod:`geobp.nonfinite`); ``ignore`` turns it off.
+        compile: run the model's forward through ``torch.compile``: ``false``, ``true`` (mode
+            ``default``) or a mode (``reduce-overhead``, ``max-autotune``,
+            ``max-autotune-no-cudagraphs``). Layer names, hooks and checkpoints stay those of the
+            plain model (:mod:`geobp.compiled`); a forward pass while hooks are registered (the
+            gradient-flow monitor's recording steps) runs eagerly. Not used by
+            :meth:`from_checkpoint` (inference runs the plain model).
+        fused: AdamW's fused implementation: ``null`` (auto: on CUDA, unless ``16-mixed`` and
+            gradient clipping run together), ``true`` or ``false`` (:mod:`geobp.optim`).
     """
 
     def __init__(
@@ -95,6 +107,8 @@ class SegmentationTask(L.LightningModule):
         in_band_names: list[str] | None = None,
         freeze_encoder_epochs: int = 0,
         encoder_lr_mult: float = 1.0,
+        compile: bool | CompileMode = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,12 +122,16 @@ class SegmentationTask(L.LightningModule):
         )
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        mode = compile_mode(compile)
+        # a plain attribute, no child module: state_dict and module names stay the model's own
+        self._compiled = CompiledForward(self.model, mode) if mode else None
         self.criterion = SegmentationLoss(loss, ignore_index, None if class_weights == "auto" else class_weights)
         self.class_names = class_names_for(class_names, num_classes)
         self.nonfinite_steps = 0
         self._skipping = False
         self._scaler_state: dict[str, Any] | None = None
         self._bad_loss = float("nan")
+        self._device_skip: DeviceSkip | None = None
         self.loss_means = torch.nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
@@ -165,6 +183,8 @@ class SegmentationTask(L.LightningModule):
         """Logits [B, K, H, W] for images [B, C, H, W]."""
         if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._compiled is not None:
+            return self._compiled(x)
         return self.model(x)
 
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> Tensor | None:
@@ -188,15 +208,23 @@ class SegmentationTask(L.LightningModule):
             return None
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
-        if stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
+        mask, value = batch["mask"], loss.detach()
+        if stage == "train" and self._device_skip is not None:
+            # decided on the device: a non-finite step's loss and pixels count nowhere, and the
+            # fused AdamW skips its update (geobp.nonfinite)
+            bad = self._device_skip.decide(loss)
+            mask = torch.where(bad, self.hparams["ignore_index"], mask)
+            value = torch.where(bad, 0.0, value)
+            self.log("train/nonfinite_steps", self._device_skip.count.float(), on_step=True, on_epoch=False)
+        elif stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
             self._bad_loss = float(loss.detach())
             return None
         size = batch["image"].shape[0]
         # Epoch means (over labelled pixels) through a torchmetrics MeanMetric, which all-reduces its state once per epoch
         # under DDP (Lightning's sync_dist on a tensor would all-reduce every training step).
         # weighted by labelled pixels: a batch with none (partial label coverage) counts nowhere
-        labelled = (batch["mask"] != self.hparams["ignore_index"]).sum()
-        self.loss_means[f"{stage}_loss"].update(loss.detach(), weight=labelled)
+        labelled = (mask != self.hparams["ignore_index"]).sum()
+        self.loss_means[f"{stage}_loss"].update(value, weight=labelled)
         if stage == "train":
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
             self.log("train/loss_epoch", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, batch_size=size)
@@ -205,7 +233,7 @@ class SegmentationTask(L.LightningModule):
                      batch_size=size)
         # max(dim).indices is argmax (the first maximum), several times faster than argmax over
         # the class dimension on CPUs
-        self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, batch["mask"])
+        self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, mask)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -220,6 +248,8 @@ class SegmentationTask(L.LightningModule):
         skip (returning None) is refused under DDP.
         """
         loss = self._shared_step(batch, "train")
+        if loss is not None and self._device_skip is not None:
+            return loss  # decided on the device
         unusable = loss is None
         trainer = self._trainer_or_none()
         if trainer is None or (self.hparams["nonfinite"] == "ignore" and trainer.world_size == 1 and not unusable):
@@ -284,6 +314,8 @@ class SegmentationTask(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._device_skip is not None:
+            self._device_skip.after_step()
         if self._skipping:
             self._skipping = False
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -338,8 +370,38 @@ class SegmentationTask(L.LightningModule):
         """True while the encoder is frozen (no encoder parameter requires a gradient)."""
         return not any(p.requires_grad for p in self.model.encoder.parameters())
 
+    def on_train_start(self) -> None:
+        """Keep the chosen AdamW after a resumed optimizer state (:func:`~geobp.optim.keep_implementation`),
+        and decide ``nonfinite: skip`` on the device where that applies (:mod:`geobp.nonfinite`)."""
+        trainer = self.trainer
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        if opt is not None:  # a resumed optimizer state must not bring back another implementation
+            keep_implementation(opt)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if opt is not None and device_skip_applies(self.hparams["nonfinite"], trainer.world_size, self.device, opt, scaler):
+            self._device_skip = DeviceSkip(opt, self.device)
+
+    def _read_device_skips(self) -> None:
+        """Count the steps skipped on the device since the last read (one host read); warn the first time."""
+        if self._device_skip is None:
+            return
+        _, new = self._device_skip.read()
+        if new and self.nonfinite_steps == 0:
+            warnings.warn(
+                f"the training loss was not finite on {new} step(s) by step {self.global_step}; skipped. Decided on the "
+                "device, so the tiles are not named: set model.nonfinite: stop to stop at the first and name them. "
+                "Later skips are counted in train/nonfinite_steps, not warned again", UserWarning, stacklevel=2)
+        self.nonfinite_steps += new
+
     def on_train_epoch_end(self) -> None:
+        self._read_device_skips()
         self._log_metrics("train")
+
+    def on_train_end(self) -> None:
+        self._read_device_skips()
+        if self._device_skip is not None:
+            DeviceSkip.detach(self.trainer.optimizers[0])
+            self._device_skip = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -359,7 +421,10 @@ class SegmentationTask(L.LightningModule):
                 {"params": [p for p in self.parameters() if id(p) in encoder], "lr": hp["lr"] * hp["encoder_lr_mult"]},
                 {"params": [p for p in self.parameters() if id(p) not in encoder], "lr": hp["lr"]},
             ]
-        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        trainer = self._trainer_or_none()
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+        fused = use_fused(hp.get("fused"), self.device, scaler, bool(getattr(trainer, "gradient_clip_val", None)))
+        opt = build_adamw(groups, hp["lr"], hp["weight_decay"], fused)
         if hp["scheduler"] == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -368,6 +433,15 @@ class SegmentationTask(L.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for a fused AdamW without a loss scaler, which Lightning's
+        mixed-precision plugin refuses although its gradients are unscaled: clipped here alike."""
+        if unscales_in_step(optimizer) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----- rebuilding from a checkpoint -------------------------------------------------------
 
@@ -398,7 +472,8 @@ class SegmentationTask(L.LightningModule):
             )
         # LightningCLI adds private keys (_class_path, _instantiator); keep the constructor's own
         accepted = inspect.signature(cls.__init__).parameters
-        task = cls(**{k: v for k, v in hp.items() if k in accepted and k != "weights"})
+        # training-only settings stay behind: no start weights, no compile
+        task = cls(**{k: v for k, v in hp.items() if k in accepted and k not in ("weights", "compile")})
         task.load_state_dict(ckpt["state_dict"])
         return task.to(map_location).eval()
 

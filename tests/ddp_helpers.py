@@ -138,3 +138,23 @@ class RecordParams(L.Callback):
         total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
         _append(self.out / f"params_rank{trainer.global_rank}.jsonl",
                 {"step": trainer.global_step, "sum": total, "nonfinite": getattr(pl_module, "nonfinite_steps", None)})
+
+
+class CompileCheck(L.Callback):
+    """Compile with ``backend`` in this process (``aot_eager``: fast, no code generation), and at the end
+    of training write this rank's compiled and eager forward counts and a checksum of its weights to
+    ``out/compile_rank<r>.json``."""
+
+    def __init__(self, out: str, backend: str = "aot_eager") -> None:
+        import geobp.compiled
+
+        geobp.compiled.BACKEND = backend
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        compiled = getattr(pl_module, "_compiled", None)
+        checksum = sum(float(p.double().sum()) for p in pl_module.parameters())
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"compile_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "compiled_calls": getattr(compiled, "compiled_calls", 0), "eager_calls": getattr(compiled, "eager_calls", 0),
+            "checksum": checksum}))

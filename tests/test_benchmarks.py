@@ -45,23 +45,55 @@ def test_quick_run_writes_loading_and_training_tables(tmp_path: Path) -> None:
     assert all(v > 0 for v in stored["metrics"]["tiles_per_s"].values())
 
 
-@pytest.mark.slow
-def test_gpu_script_dry_run_needs_no_rasterio(tmp_path: Path) -> None:
+def gpu_dry_run(tmp_path: Path, blocked: tuple[str, ...] = ()) -> dict:
+    """``benchmarks/gpu.py --dry-run`` with the modules ``blocked`` unimportable; its result file."""
     out = tmp_path / "gpu.json"
     code = (
         "import sys, runpy\n"
-        "for name in ('rasterio', 'lightning', 'torchgeo'):\n"
-        "    sys.modules[name] = None  # importing them now fails, as on the GPU machine\n"
-        f"sys.argv = ['gpu.py', '--dry-run', '--out', {str(out)!r}]\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None  # importing them now fails\n"
+        f"sys.argv = ['gpu.py', '--dry-run', '--out', {str(out)!r}, '--work', {str(tmp_path)!r}]\n"
         "runpy.run_path('benchmarks/gpu.py', run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
-    assert result["dry_run"] is True
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_measures_every_part(tmp_path: Path) -> None:
+    result = gpu_dry_run(tmp_path)
+    assert result["dry_run"] is True and result["skipped"] == {}
+    assert result["commit"] and result["device"]["name"] == "CPU (dry run)"
     r = result["results"]
     assert r["forward_gflop_per_image"] > 0 and r["train_gflop_per_image"] > r["forward_gflop_per_image"]
-    assert 0 < r["train_share"] and 0 < r["infer_share"]
+    for key in ("train_images_per_s", "train_share", "infer_images_per_s", "bare_train_images_per_s",
+                "pipeline_images_per_s", "pipeline_over_forward", "decode_limit_images_per_s",
+                "decode_one_core_images_per_s"):
+        assert r[key] > 0, key
+    variants = r["train_variants"]
+    assert set(variants) == {"eager", "fused", "compile", "compile+fused"}
+    assert r["train_config"] in variants and r["train_images_per_s"] == max(v["images_per_s"] for v in variants.values())
+    for name, v in variants.items():
+        assert v["fused_adamw"] is name.endswith("fused"), name
+        assert v["recordings"] > 0  # the gradient-flow monitor was on
+        if name.startswith("compile"):  # compiled steps, and the monitor's recording steps run eagerly
+            assert v["compiled_calls"] > 0 and v["eager_calls"] > 0
+        assert v["profile"]["top_ops_ms"]
+    assert r["decode_limit_images_per_s"] == pytest.approx(r["decode_one_core_images_per_s"] * r["cores"])
+    assert r["pipeline_tiles"] == (256 // 32) ** 2
+    profile = (tmp_path / "gpu_profile.txt").read_text()
+    assert profile.count("=====") == 2 * len(variants) and "aten::" in profile
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_without_rasterio_or_lightning_keeps_the_torch_parts(tmp_path: Path) -> None:
+    result = gpu_dry_run(tmp_path, ("rasterio", "lightning", "torchgeo"))
+    r = result["results"]
+    assert 0 < r["bare_train_share"] and 0 < r["infer_share"] and r["infer_images_per_s"] > 0
+    assert "train_images_per_s" not in r and "pipeline_images_per_s" not in r
+    assert set(result["skipped"]) == {"train:eager", "train:fused", "train:compile", "train:compile+fused", "pipeline"}
+    assert all("not importable" in why for why in result["skipped"].values())
 
 
 def test_report_renders_gpu_result_and_marks_missing_sections(tmp_path: Path) -> None:
@@ -136,3 +168,29 @@ def test_quick_run_writes_the_startup_table(tmp_path: Path) -> None:
         assert re.search(r"\| [\d,.]+ \|", line), line
     stored = json.loads((tmp_path / "results" / "startup.json").read_text())
     assert stored["metrics"]["scenes"] == [2, 8] and all(v > 0 for v in stored["metrics"]["growth"].values())
+
+
+def test_report_renders_the_issue_15_gpu_keys(tmp_path: Path) -> None:
+    from benchmarks.report import render
+
+    gpu = {
+        "date": "2026-12-01T00:00:00+00:00", "command": "python benchmarks/gpu.py --out x.json", "commit": "abc1234",
+        "device": {"name": "NVIDIA H200", "memory_gib": 139.8, "cuda": "13.0", "torch": "2.11"},
+        "model": "U-Net resnet34", "batch": 16, "steps": 20, "repeats": 3, "dry_run": False,
+        "skipped": {"train:compile+fused": "time budget"},
+        "results": {"matmul_tflops": 800.0, "matmul_n": 8192, "forward_gflop_per_image": 60.0,
+                    "train_gflop_per_image": 200.0, "bare_train_images_per_s": 500.0, "infer_images_per_s": 1500.0,
+                    "infer_tflops": 90.0, "infer_share": 90 / 800,
+                    "train_variants": {"eager": {"images_per_s": 400.0, "monitor_every_n_steps": 25},
+                                       "compile": {"images_per_s": 1000.0, "monitor_every_n_steps": 25}},
+                    "train_images_per_s": 1000.0, "train_config": "compile", "train_tflops": 200.0, "train_share": 0.25,
+                    "pipeline_images_per_s": 900.0, "pipeline_over_forward": 0.6, "pipeline_over_decode_limit": 0.9,
+                    "raster": "16384 x 16384 px", "cores": 16, "decode_limit_images_per_s": 1000.0,
+                    "host_syncs_per_step": 3.0},
+    }
+    text = render({"gpu": gpu})
+    assert "| hand-written training step (fwd + bwd + clip + AdamW) | 500 | 100 | 12% |" in text
+    assert "monitor every 25 steps: compile | 1,000 | 200 | 25% |" in text
+    assert "`geobp infer` over 16384 x 16384 px" in text and "0.60 of the forward rate" in text
+    assert "Fastest training configuration: **compile**" in text and "train:compile+fused (time budget)" in text
+    assert "commit abc1234" in text and "per training step" in text

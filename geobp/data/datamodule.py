@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
@@ -130,7 +131,10 @@ class GeoTiffDataModule(L.LightningDataModule):
         overlap: overlap of the evaluation grid tiles, in pixels.
         tiles_per_epoch: random training tiles per epoch, over all ranks.
         batch_size: tiles per batch, per rank.
-        num_workers: DataLoader worker processes per rank.
+        num_workers: DataLoader worker processes per rank (kept alive between epochs). Batches
+            are put in pinned memory when the trainer runs on CUDA (faster, asynchronous copies).
+        prefetch_factor: batches each worker loads ahead (torch's default, 2, when None); only
+            with ``num_workers > 0``.
         split: ``scene`` (whole scenes per split) or ``blocks`` (square blocks within every scene,
             so that correlated neighbouring pixels do not leak from train to validation).
         val_fraction: share of scenes (or blocks) for validation.
@@ -206,10 +210,16 @@ class GeoTiffDataModule(L.LightningDataModule):
         label_map: dict[int | str, int] | None = None,
         sampling: Literal["uniform", "balanced"] = "uniform",
         balance_power: float = 0.5,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_tile_args(tile_size, overlap)
+        if prefetch_factor is not None and (prefetch_factor < 1 or num_workers == 0):
+            raise ConfigError(format_error(
+                None, f"data.prefetch_factor: {prefetch_factor} needs data.num_workers > 0 and a value >= 1 "
+                f"(found num_workers {num_workers})",
+                "set data.num_workers to a number of processes, or data.prefetch_factor: null"))
         if num_classes is None:
             raise ConfigError(format_error(None, "num_classes is not set", "set data.num_classes"))
         check_num_classes(num_classes)
@@ -528,13 +538,22 @@ class GeoTiffDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._on_cuda(),
             drop_last=drop_last,
             collate_fn=collate_tiles,
         )
+        if workers > 0 and self.hparams.get("prefetch_factor") is not None:
+            kwargs["prefetch_factor"] = self.hparams["prefetch_factor"]
         if isinstance(sampler, RandomTileSampler):
             return ResumableTileLoader(dataset, current_epoch=self._current_epoch, **kwargs)  # type: ignore[arg-type]
         return DataLoader(dataset, **kwargs)  # type: ignore[arg-type]
+
+    def _on_cuda(self) -> bool:
+        """Whether batches go to a CUDA device: the trainer's accelerator, or, without a trainer,
+        whether CUDA is available."""
+        if self.trainer is None:
+            return torch.cuda.is_available()
+        return isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def _current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None

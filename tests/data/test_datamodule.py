@@ -300,3 +300,26 @@ def test_workers_read_tiles(make_scene, tmp_path):
     assert len(batches) == 4 and all(b["raw"].shape == (4, 3, 16, 16) for b in batches)
     # what the workers send through shared memory: the file's uint16 pixels and uint8 labels
     assert all(b["raw"].dtype == torch.uint16 and b["mask"].dtype == torch.uint8 for b in batches)
+
+
+@pytest.mark.parametrize("workers, prefetch", [(0, None), (2, None), (2, 4)])
+def test_loader_settings_pinned_on_cuda_persistent_workers_prefetch(make_scene, tmp_path, workers, prefetch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    for i in range(3):
+        make_scene(f"s{i}", seed=i)
+    dm = make_dm(tmp_path / "data", num_workers=workers, prefetch_factor=prefetch)
+    for accelerator, pinned in ((CUDAAccelerator(), True), (CPUAccelerator(), False)):
+        dm.trainer = SimpleNamespace(accelerator=accelerator, world_size=1, global_rank=0, current_epoch=0)
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            assert loader.pin_memory is pinned
+            assert loader.num_workers == workers and loader.persistent_workers is (workers > 0)
+            assert loader.prefetch_factor == (None if workers == 0 else prefetch or 2)
+
+
+def test_prefetch_factor_needs_workers(make_scene, tmp_path):
+    make_scene("s0")
+    with pytest.raises(ConfigError, match="data.prefetch_factor.*num_workers"):
+        make_dm(tmp_path / "data", prefetch_factor=4)
