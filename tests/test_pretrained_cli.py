@@ -78,6 +78,23 @@ def test_fit_from_torchgeo_weights_then_infer(tmp_path, s2_scenes, monkeypatch):
     assert np.abs(p0 - expected_p0)[valid].max() <= 1.0
     assert np.ptp(expected_p0[valid]) > 20  # the probe sees the input, not a constant
 
+    # the same scene with its bands stored in another order (B2, B3, B8, B4): `geobp infer` finds the
+    # checkpoint's bands (B8, B4, B2) by their descriptions and predicts the same map
+    with rasterio.open(image) as ds:
+        profile, data = ds.profile, ds.read()
+    shuffled = tmp_path / "shuffled" / image.name
+    shuffled.parent.mkdir()
+    order = [3, 2, 0, 1]
+    with rasterio.open(shuffled, "w", **profile) as ds:
+        ds.write(data[order])
+        ds.descriptions = tuple(("B8", "B4", "B3", "B2")[i] for i in order)
+    with pytest.warns(UserWarning, match=r"bands \[3, 4, 1\] hold the model's bands \['B8', 'B4', 'B2'\]"):
+        assert main(["infer", *args, "--out", str(tmp_path / "pred_shuffled"), str(shuffled)]) == 0
+    with rasterio.open(out / f"{image.stem}_probs.tif") as a, \
+            rasterio.open(tmp_path / "pred_shuffled" / f"{image.stem}_probs.tif") as b:
+        assert np.array_equal(a.read(), b.read())
+
+
 def test_fit_with_missing_weights_file_is_one_line(tmp_path, s2_scenes, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     cfg = tiny_config(tmp_path, s2_scenes)
@@ -103,19 +120,3 @@ def test_weights_command_lists_names_bands_normalisation_and_cache(tmp_path, mon
     assert "x / 10000" in rows[S2] and "B8a" in rows[S2]
     assert "per band: mean 0..0, std 255..8160" in rows["ResNet50_Weights.SENTINEL2_MI_MS_SATLAS"]
     assert f"{len(rows)} weights, 1 in the cache" in " ".join(out.err.split())
-
-    # the same scene with its bands stored in another order (B2, B3, B8, B4): `geobp infer` finds the
-    # checkpoint's bands (B8, B4, B2) by their descriptions and predicts the same map
-    with rasterio.open(image) as ds:
-        profile, data = ds.profile, ds.read()
-    shuffled = tmp_path / "shuffled" / image.name
-    shuffled.parent.mkdir()
-    order = [3, 2, 0, 1]
-    with rasterio.open(shuffled, "w", **profile) as ds:
-        ds.write(data[order])
-        ds.descriptions = tuple(("B8", "B4", "B3", "B2")[i] for i in order)
-    with pytest.warns(UserWarning, match=r"bands \[3, 4, 1\] hold the model's bands \['B8', 'B4', 'B2'\]"):
-        assert main(["infer", *args, "--out", str(tmp_path / "pred_shuffled"), str(shuffled)]) == 0
-    with rasterio.open(out / f"{image.stem}_probs.tif") as a, \
-            rasterio.open(tmp_path / "pred_shuffled" / f"{image.stem}_probs.tif") as b:
-        assert np.array_equal(a.read(), b.read())
