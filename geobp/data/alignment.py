@@ -26,7 +26,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.features import rasterize
-from rasterio.warp import reproject, transform_bounds
+from rasterio.warp import reproject
 from rasterio.windows import Window, from_bounds
 
 from geobp.atomic import atomic_path
@@ -49,7 +49,7 @@ from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.data.scenes import Scene
 from geobp.data.validation import Problem, SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, GeobpError, format_error
-from geobp.raster import RASTER_SUFFIXES, RasterInfo, derive_profile, open_raster, read_info
+from geobp.raster import RASTER_SUFFIXES, RasterInfo, derive_profile, open_raster, project_bounds, read_info
 
 #: Bumped when the aligned rasters' content or the report changes meaning.
 LABEL_CACHE_VERSION = 1
@@ -60,8 +60,10 @@ MODE_RATIO = 0.5
 # ----- alignment ----------------------------------------------------------------------------
 
 
-def _align_raster(image: RasterInfo, label: RasterInfo, options: LabelOptions) -> tuple[np.ndarray, list[str], str]:
-    """One label raster on the image grid (ignore index where it does not reach); its unmapped values and method."""
+def _align_raster(image: RasterInfo, label: RasterInfo, options: LabelOptions,
+                  method: str | None = None) -> tuple[np.ndarray, list[str], str]:
+    """One label raster on the image grid (ignore index where it does not reach); its unmapped values and
+    method (``method``: the one found for another strip of the same image and label, or None to find it)."""
     ignore = options.ignore_index
     out = np.full(image.shape, ignore, np.uint8)
     with open_raster(label.path) as src:
@@ -77,7 +79,7 @@ def _align_raster(image: RasterInfo, label: RasterInfo, options: LabelOptions) -
             out[r0 - row : r1 - row, c0 - col : c1 - col] = mapped
             return out, unmapped, "copy"
         # only the part of the label that covers the image (plus a margin for the resampling kernel)
-        l, b, r, t = transform_bounds(CRS.from_user_input(image.crs), src.crs, *raster_bounds(image), densify_pts=21)
+        l, b, r, t = project_bounds(image.crs, src.crs, *raster_bounds(image))
         win = from_bounds(l, b, r, t, src.transform)
         c0, r0 = max(math.floor(win.col_off) - 2, 0), max(math.floor(win.row_off) - 2, 0)
         c1 = min(math.ceil(win.col_off + win.width) + 2, src.width)
@@ -86,10 +88,10 @@ def _align_raster(image: RasterInfo, label: RasterInfo, options: LabelOptions) -
             return out, [], "nearest"
         window = Window(c0, r0, c1 - c0, r1 - r0)
         mapped, unmapped = map_values(src.read(1, window=window), label.nodata, options)
-        # the label's pixel size measured in the image's CRS: a much finer label takes the mode
-        wl, _, wr, _ = transform_bounds(src.crs, CRS.from_user_input(image.crs), *src.window_bounds(window))
-        lw = (wr - wl) / window.width
-        method = "mode" if lw < MODE_RATIO * image.transform[0] else "nearest"
+        if method is None:  # the label's pixel size measured in the image's CRS: a much finer label takes the mode
+            wl, _, wr, _ = project_bounds(src.crs, image.crs, *src.window_bounds(window))
+            lw = (wr - wl) / window.width
+            method = "mode" if lw < MODE_RATIO * image.transform[0] else "nearest"
         reproject(
             mapped,
             out,
@@ -108,7 +110,7 @@ def _read_features(image: RasterInfo, vector: VectorInfo, options: LabelOptions)
     """Features over the image, reprojected to its CRS: (geometries, class values, unmapped raw values)."""
     import pyogrio
 
-    bbox = transform_bounds(CRS.from_user_input(image.crs), CRS.from_user_input(vector.crs), *raster_bounds(image), densify_pts=21)
+    bbox = project_bounds(image.crs, vector.crs, *raster_bounds(image))
     columns = [options.label_field] if options.label_field else []
     frame = pyogrio.read_dataframe(vector.path, bbox=bbox, columns=columns)
     frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
@@ -126,8 +128,15 @@ def _read_features(image: RasterInfo, vector: VectorInfo, options: LabelOptions)
     return list(frame.geometry), values, sorted(unmapped)
 
 
-#: Image rows aligned at a time (bounds the memory of one image's alignment, whatever its size).
-ALIGN_STRIP_ROWS = 1024
+#: Image pixels aligned at a time (bounds the memory of one image's alignment, whatever its size: a
+#: few uint8 arrays of this size). Each strip costs a label window read, PROJ set-up and a warp, so a
+#: scene of up to this many pixels is aligned in one strip.
+ALIGN_STRIP_PIXELS = 2**24
+
+
+def strip_rows(width: int, block_height: int) -> int:
+    """Rows per alignment strip: whole blocks of ``block_height`` rows, about :data:`ALIGN_STRIP_PIXELS` pixels."""
+    return max(ALIGN_STRIP_PIXELS // max(width, 1) // block_height, 1) * block_height
 
 
 class Alignment:
@@ -172,7 +181,7 @@ class Alignment:
     def strips(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, uint8 labels [rows, W]) from top to bottom; the report gathers as they go."""
         image, options, ignore = self.image, self.options, self.options.ignore_index
-        step = rows or ALIGN_STRIP_ROWS
+        step = rows or strip_rows(image.width, 1)
         a, b, c, d, e, f = image.transform
         for row in range(0, image.height, step):
             part = replace(image, height=min(step, image.height - row), transform=(a, b, c, d, e, f + e * row))
@@ -184,7 +193,7 @@ class Alignment:
                           all_touched=options.all_touched, dtype=np.uint8)
                 self._used.setdefault(self.covering.paths[0], "rasterize")
             for label in covering_sources(part, self.covering).rasters:
-                aligned, bad, method = _align_raster(part, label, options)
+                aligned, bad, method = _align_raster(part, label, options, self._used.get(label.path))
                 self._unmapped.update(bad)
                 fill = (out == ignore) & (aligned != ignore)
                 if fill.any() or bad:
@@ -254,7 +263,7 @@ def _write_aligned(path: Path, alignment: Alignment) -> LabelReport:
     bh, bw = image.block_height, image.block_width
     blocks = (bh, bw) if bh % 16 == 0 and bw % 16 == 0 else (256, 256)
     profile = derive_profile(profile, count=1, dtype="uint8", nodata=None, blockysize=blocks[0], blockxsize=blocks[1])
-    rows = max(ALIGN_STRIP_ROWS // blocks[0], 1) * blocks[0]  # whole blocks per strip
+    rows = strip_rows(image.width, blocks[0])  # whole blocks per strip
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             for row, strip in alignment.strips(rows):

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 from rasterio.crs import CRS
-from rasterio.warp import transform_bounds
 
 from geobp.classes import invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
-from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, read_info
+from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, project_bounds, read_info
 
 #: Suffixes read as label rasters; any other single file is read as a vector file with OGR.
 LABEL_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
@@ -272,7 +271,7 @@ def bounds_in(src_crs: str, dst_crs: str, bounds: tuple[float, float, float, flo
     if src_crs == dst_crs:
         return bounds
     try:
-        out = transform_bounds(CRS.from_user_input(src_crs), CRS.from_user_input(dst_crs), *bounds, densify_pts=21)
+        out = project_bounds(src_crs, dst_crs, *bounds)
     except Exception:  # noqa: BLE001 - PROJ raises several types for points outside a projection's domain
         return None
     return out if all(math.isfinite(v) for v in out) else None

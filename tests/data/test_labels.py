@@ -54,9 +54,9 @@ def nearest(labels: np.ndarray, src_transform, src_crs: str, image: Path, nodata
     return out
 
 
-@pytest.mark.parametrize("crs,res,strip", [("EPSG:4326", 0.0003, 1024), ("EPSG:3035", 30.0, 1024), ("EPSG:3035", 30.0, 16)])
+@pytest.mark.parametrize("crs,res,strip", [("EPSG:4326", 0.0003, 2**24), ("EPSG:3035", 30.0, 2**24), ("EPSG:3035", 30.0, 16 * 64)])
 def test_labels_in_another_crs_equal_nearest_reproject(tmp_path, monkeypatch, crs, res, strip):
-    monkeypatch.setattr(alignment_module, "ALIGN_STRIP_ROWS", strip)  # 16: aligned and written in 4 strips
+    monkeypatch.setattr(alignment_module, "ALIGN_STRIP_PIXELS", strip)  # 16 rows of 64 px: aligned and written in 4 strips
     image = write_image(tmp_path / "img" / "a.tif")
     labels, transform = labels_around(image, crs, res)
     lab = write_tif(tmp_path / "lab" / "map.tif", labels, crs=crs, transform=transform, block=None)
