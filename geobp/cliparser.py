@@ -51,7 +51,9 @@ class GeobpArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
         parser: Any = getattr(ex, "subcommand_parser", None) or self
         found = _UNKNOWN.search(message)
-        hint = suggest(found.group(1) or found.group(2), known_options(parser)) if found else ""
+        options = known_options(parser)
+        name = (found.group(1) or found.group(2)) if found else None
+        hint = suggest(name, options) if name and name not in options else ""  # a known option's bad value: no hint
         if hint and "Did you mean" not in message:
             message = message.rstrip() + ("" if message.rstrip().endswith((".", "?")) else ".") + hint
         super().error(message, ex)
