@@ -6,7 +6,6 @@ read loop over its tiles). Needs rasterio and everything ``geobp infer`` imports
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from benchmarks.gpu_train import CLASSES, IN_CHANNELS
+from geobp.cores import usable_cores
 
 
 def write_raster(path: Path, size: int, block: int = 512, bands: int = IN_CHANNELS) -> float:
@@ -85,10 +85,6 @@ def decode_rate(src: Path, tile: int, seconds: float) -> tuple[float, int]:
             if time.perf_counter() - start > seconds:
                 break
         return n / (time.perf_counter() - start), n
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def measure_pipeline(work: Path, size: int, tile: int, batch: int, encoder: str, device: torch.device,
