@@ -72,6 +72,8 @@ class Config:
     readers_tile: int = 256
     readers_overlap: int = 32
     readers_batch: int = 8
+    # a wide raster whose block row outgrows a 32 MiB cache: width x height
+    readers_wide: tuple[int, int] = (16384, 1536)
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> Config:
@@ -82,6 +84,7 @@ class Config:
             infer_size=512, infer_tile=128, infer_overlap=16, infer_batch=2,
             mem_sizes=(500, 1000), mem_tile=128, mem_overlap=16, mem_batch=2,
             readers_size=512, readers_block=128, readers_tile=128, readers_overlap=16, readers_batch=2,
+            readers_wide=(2048, 384),
         )
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
@@ -93,6 +96,8 @@ class Config:
     def from_json(cls, text: str) -> Config:
         data = json.loads(text)
         data["mem_sizes"] = tuple(data["mem_sizes"])
+        if "readers_wide" in data:
+            data["readers_wide"] = tuple(data["readers_wide"])
         return cls(**data)
 
 

@@ -89,13 +89,13 @@ def reading_tiles_per_s(src: Path, tile: int, overlap: int, batch: int, readers:
     """Tiles per second of geobp's inference reader alone (read, normalise) over the prediction grid."""
     import rasterio
 
-    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.inference.blockcache import block_cache_bytes
     from geobp.inference.reader import PrefetchReader
     from geobp.tiling import TileGrid
 
     with rasterio.open(src) as ds:
-        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        grid, profile = TileGrid.build(ds.height, ds.width, tile, overlap), ds.profile
+    with rasterio.Env(GDAL_CACHEMAX=block_cache_bytes(profile, grid.tile_h)):
         with PrefetchReader(src, grid, grid.batches(batch), preprocessing(BANDS), num_workers=readers,
                             decode_threads=decode) as reader:
             start = time.perf_counter()
@@ -238,17 +238,20 @@ def run(cfg: Config) -> dict[str, Any]:
     return res.to_dict()
 
 
-def bare_decode_tiles_per_s(src: Path, tile: int, overlap: int) -> float:
+def bare_decode_tiles_per_s(src: Path, tile: int, overlap: int, cache_bytes: int | None = None) -> float:
     """Tiles per second of one core reading every tile window of the grid (all bands, raw uint16)
-    with rasterio in a plain loop, under the block cache ``predict_raster`` uses."""
+    with rasterio in a plain loop, under the block cache ``predict_raster`` sets for one process
+    (or ``cache_bytes``)."""
     import rasterio
     from rasterio.windows import Window
 
-    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.inference.blockcache import block_cache_bytes
     from geobp.tiling import TileGrid
 
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(src) as ds:
+    with rasterio.open(src) as ds:
         grid = TileGrid.build(ds.height, ds.width, tile, overlap)
+        cache = cache_bytes or block_cache_bytes(ds.profile, grid.tile_h)
+    with rasterio.Env(GDAL_CACHEMAX=cache), rasterio.open(src) as ds:
         start = time.perf_counter()
         n = 0
         for i, j in grid.tiles():
@@ -257,27 +260,49 @@ def bare_decode_tiles_per_s(src: Path, tile: int, overlap: int) -> float:
         return n / (time.perf_counter() - start)
 
 
+#: The fixed GDAL cache ``predict_raster`` set per process before it was sized from the raster.
+EARLIER_CACHE = 32 * 2**20
+
+
 def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batch: int,
-               rate: float = 0.0, hold_gil: bool = False) -> dict[str, float]:
+               rate: float = 0.0, hold_gil: bool = False, earlier: bool = False) -> dict[str, float]:
     """One pass of geobp's ``threads`` or ``processes`` reader over the grid, each worker decoding on
     one core; with ``rate`` > 0 the consumer takes each batch for ``len(batch) / rate`` seconds
     (a GPU's forward pass): sleeping, or with ``hold_gil`` spinning in Python, as a thread
-    launching a model's kernels holds the GIL. Returns tiles/s from the first batch to the last
-    (the steady rate: neither the workers' start nor the first read is in it) and the seconds
-    from making the reader to its first batch."""
+    launching a model's kernels holds the GIL. ``earlier``: as before the caches were sized from
+    the raster (a fixed 32 MiB per process) and batches went to the least busy worker, whatever
+    their columns. Returns tiles/s from the first batch to the last (the steady rate: neither the
+    workers' start nor the first read is in it) and the seconds from making the reader to its
+    first batch."""
+    import contextlib
+    from unittest import mock
+
     import rasterio
 
-    from geobp.inference.predict import GDAL_CACHE_BYTES
+    from geobp.inference.blockcache import block_cache_bytes
     from geobp.inference.procreader import ProcessReader
     from geobp.inference.reader import PrefetchReader
     from geobp.tiling import TileGrid
 
     with rasterio.open(src) as ds:
-        grid = TileGrid.build(ds.height, ds.width, tile, overlap)
-    cls = ProcessReader if kind == "processes" else PrefetchReader
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        grid, profile = TileGrid.build(ds.height, ds.width, tile, overlap), ds.profile
+    batches = grid.batches(batch)
+    # the caches predict_raster sets: one for the threads, one per process sized for its stripe
+    extra: dict[str, Any] = {}
+    workers = max(1, min(readers, len(batches)))
+    if kind == "processes":
+        extra["cache_bytes"] = EARLIER_CACHE if earlier else block_cache_bytes(profile, grid.tile_h, columns=1 / workers,
+                                                                                readers=workers)
+    routing = contextlib.ExitStack()
+    if earlier:
+        def least_busy(home: int, load: list[int]) -> int:
+            return min(range(len(load)), key=load.__getitem__)
+        routing.enter_context(mock.patch("geobp.inference.reader.pick_worker", least_busy))
+        routing.enter_context(mock.patch("geobp.inference.procreader.pick_worker", least_busy))
+    with routing, rasterio.Env(GDAL_CACHEMAX=EARLIER_CACHE if earlier else block_cache_bytes(profile, grid.tile_h)):
         made = time.perf_counter()
-        with cls(src, grid, grid.batches(batch), preprocessing(BANDS), num_workers=readers) as reader:
+        with (ProcessReader(src, grid, batches, preprocessing(BANDS), num_workers=readers, **extra) if kind == "processes"
+              else PrefetchReader(src, grid, batches, preprocessing(BANDS), num_workers=readers)) as reader:
             start = 0.0
             n = 0
             for b in reader:
@@ -292,6 +317,31 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
                 elif rate:
                     time.sleep(len(b.tiles) / rate)
             return {"tiles_per_s": n / (time.perf_counter() - start), "first_batch_s": start - made}
+
+
+def wide_raster_rows(cfg: Config, cores: int) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Rows of the wide-raster table: the bare loop and both readers on all cores, earlier against now."""
+    width, height = cfg.readers_wide
+    src = ensure_plain_raster(Path(cfg.cache_dir) / "inference", width, bands=BANDS, block=cfg.readers_block,
+                              height=height)
+    tile, overlap, batch = cfg.readers_tile, cfg.readers_overlap, cfg.readers_batch
+    bare_decode_tiles_per_s(src, tile, overlap)  # warm-up: file cache
+    runs: dict[str, dict[str, list[float]]] = {}
+    for rep in range(cfg.repeats):
+        for when in ("earlier", "now") if rep % 2 == 0 else ("now", "earlier"):
+            old = when == "earlier"
+            got = {"bare": bare_decode_tiles_per_s(src, tile, overlap, cache_bytes=EARLIER_CACHE if old else None)}
+            for kind in ("threads", "processes"):
+                got[kind] = reader_run(src, kind, cores, tile, overlap, batch, earlier=old)["tiles_per_s"]
+            for key, v in got.items():
+                runs.setdefault(key, {"earlier": [], "now": []})[when].append(v)
+            print(f"readers: wide raster, repeat {rep}, {when}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()),
+                  flush=True)
+    labels = {"bare": ("bare decode loop", "1"), "threads": ("`threads` reader", str(cores)),
+              "processes": ("`processes` reader", str(cores))}
+    rows = [[labels[k][0], labels[k][1], median(v["earlier"]), median(v["now"]), median(v["now"]) / median(v["earlier"]),
+             cfg.repeats] for k, v in runs.items()]
+    return rows, {"size": [width, height], "tiles_per_s": runs}
 
 
 def run_readers(cfg: Config) -> dict[str, Any]:
@@ -347,14 +397,24 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     best = max(median(fed[lay]) for lay in layouts if lay[0] == "processes") / limit
     res.targets.append(target("readers: process reader fed at the decode limit's rate / decode limit", best, ">=", 0.85,
                               f"{fmt(best)}"))
+    wide_rows, wide_metrics = wide_raster_rows(cfg, cores)
+    res.tables.append(table(
+        f"A wide raster ({cfg.readers_wide[0]} x {cfg.readers_wide[1]} px): tiles/s alone, with the earlier fixed "
+        "32 MiB cache per process and any free worker, and now",
+        ["reader", "workers", "earlier (median)", "now (median)", "now / earlier", "n"], wide_rows))
     res.setup = [
         f"Input: a {cfg.readers_size} x {cfg.readers_size} px, {BANDS}-band uint16 GeoTIFF (DEFLATE, predictor 2, "
         f"{cfg.readers_block} px blocks); the prediction grid of {cfg.readers_tile} px tiles with "
         f"{cfg.readers_overlap} px overlap, read as `predict_raster` reads it (batches of {cfg.readers_batch}, "
         "tiles of a batch in one tile row read as one window, then normalised).",
         "Bare decode loop: one process reading every tile window of the grid with `rasterio` in a plain loop (all "
-        "bands, raw, no normalising) under the 32 MiB block cache `predict_raster` sets; times the usable cores, "
-        "it is the node's decode limit.",
+        "bands, raw, no normalising) under the block cache `predict_raster` sets for one process "
+        "(`geobp.inference.blockcache`); times the usable cores, it is the node's decode limit.",
+        f"The wide raster ({cfg.readers_wide[0]} x {cfg.readers_wide[1]} px, same bands, blocks and compression): one "
+        "block row takes more than a 32 MiB cache, so with the earlier fixed cache the blocks a tile row shares with "
+        "the next were decoded again; now the cache holds the block rows a tile row spans (for a process, those of "
+        "its stripe of columns) and each batch goes to the worker of its stripe. Earlier is emulated by the fixed "
+        "cache and the least-busy routing patched in.",
         "Readers: `PrefetchReader` (threads of one process, each with one GDAL decoding thread) and `ProcessReader` "
         "(worker processes, each decoding on one core, batches in a shared-memory ring, copied out in the parent); "
         "tiles/s from the first batch to the last (the steady rate); the time from making the reader to its first "
@@ -370,15 +430,20 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         res.notes.append(f"The machine was busy when this section started (load average {load:.2f} on {cores} cores): "
                          "other work took CPU time from the readers, so the rates are lower and noisier than on an idle "
                          "machine, and workers beyond the free cores cannot add to them.")
-    res.notes.append("Each reader process also costs the parent a copy of its batches out of shared memory, and each "
-                     "worker has its own GDAL block cache (blocks that two workers' batches share are decoded by both): "
-                     "they are meant for a node with cores to spare, where the threads' share of the GIL would be the "
-                     "bound, which a node with two cores cannot show; that measurement is the GPU node's (section 6).")
+    res.notes.append("Readers do more than the bare loop: they normalise every tile to float32 and copy it into "
+                     "its batch (tiles overlap), which the bare loop's raw reads leave out; on the CPU that part is "
+                     "about a third of a reader's time per tile. Each reader process also costs the parent a copy of "
+                     "its batches out of shared memory. Processes are meant for a node with cores to spare, where the "
+                     "threads' share of the GIL would be the bound, which a node with two cores cannot show; that "
+                     "measurement is the GPU node's (section 6).")
+    res.notes.append("Each worker (thread or process) has its own file handle and decoded blocks: a block two "
+                     "workers need is decoded by both. Batches go to the worker of their stripe of columns, so that "
+                     "only the blocks on a stripe's edges are shared.")
     res.metrics = {"bare_tiles_per_s": bare, "decode_limit_tiles_per_s": limit, "cores": cores,
                    "alone_tiles_per_s": {f"{k}_{c}": v for (k, c), v in alone.items()},
                    "fed_tiles_per_s": {f"{k}_{c}": v for (k, c), v in fed.items()},
                    "fed_holding_gil_tiles_per_s": {f"{k}_{c}": v for (k, c), v in busy.items()},
-                   "first_batch_s": {f"{k}_{c}": v for (k, c), v in first.items()}}
+                   "first_batch_s": {f"{k}_{c}": v for (k, c), v in first.items()}, "wide": wide_metrics}
     return res.to_dict()
 
 

@@ -33,8 +33,8 @@ def ensure_scenes(cache_dir: str | Path, scenes: int, size: int, bands: int, cla
     return root
 
 
-def ensure_plain_raster(cache_dir: str | Path, size: int, bands: int = 1, block: int = 512) -> Path:
-    """A ``size`` x ``size`` uint16 GeoTIFF (DEFLATE, predictor 2) written strip by strip.
+def ensure_plain_raster(cache_dir: str | Path, size: int, bands: int = 1, block: int = 512, height: int | None = None) -> Path:
+    """A ``size`` x ``size`` (or ``height``) uint16 GeoTIFF (DEFLATE, predictor 2) written strip by strip.
 
     Smooth gradients plus noise: compressible like imagery, cheap to make, and written in
     block rows so that making a 20000 x 20000 raster needs little memory.
@@ -42,21 +42,23 @@ def ensure_plain_raster(cache_dir: str | Path, size: int, bands: int = 1, block:
     import rasterio
     from rasterio.transform import from_origin
 
-    path = Path(cache_dir) / f"plain_{size}_b{bands}_blk{block}.tif"
+    height = height or size
+    shape = f"{size}" if height == size else f"{size}x{height}"
+    path = Path(cache_dir) / f"plain_{shape}_b{bands}_blk{block}.tif"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     profile = dict(
-        driver="GTiff", width=size, height=size, count=bands, dtype="uint16", crs="EPSG:32633",
+        driver="GTiff", width=size, height=height, count=bands, dtype="uint16", crs="EPSG:32633",
         transform=from_origin(400000.0, 5500000.0, 10.0, 10.0), nodata=0, tiled=True,
         blockxsize=block, blockysize=block, compress="deflate", predictor=2,
     )
     rng = np.random.default_rng(0)
     cols = np.arange(size, dtype=np.float32)
     with rasterio.open(tmp, "w", **profile) as dst:
-        for row in range(0, size, block):
-            rows = min(block, size - row)
+        for row in range(0, height, block):
+            rows = min(block, height - row)
             r = np.arange(row, row + rows, dtype=np.float32)[:, None]
             base = 1000 + 500 * np.sin(r / 700.0) + 400 * np.cos(cols[None, :] / 900.0)
             for b in range(bands):

@@ -7,8 +7,8 @@ thread runs the model, and a
 writer thread blends the tiles and writes finished strips
 (:class:`~geobp.inference.blend.TileBlender`, :class:`~geobp.inference.outputs.StripWriter`).
 Peak memory is bounded by the tile size, the batch size, the overlap band of one tile row
-and GDAL's block cache (capped at :data:`GDAL_CACHE_BYTES` while predicting), not by the
-raster's height.
+and GDAL's block cache (sized by :func:`~geobp.inference.blockcache.block_cache_bytes` from
+the raster's width and blocks), not by the raster's height.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, SharedMemoryError, format_error
 from geobp.inference.blend import Encoder, TileBlender
+from geobp.inference.blockcache import block_cache_bytes
 from geobp.inference.outputs import (
     OutputFiles,
     Probabilities,
@@ -77,11 +78,6 @@ def normalize_precision(precision: str) -> Precision:
         return PRECISION_ALIASES[precision]
     raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected {', '.join(valid)})", "pick one of them"))
 
-#: GDAL block cache while predicting, a fixed bound so that memory does not grow with the
-#: raster (GDAL's default is 5% of RAM and fills with the whole file). It holds the block row a
-#: tile row re-reads while one block row takes up to 32 MB (e.g. 20k px x 3 bands
-#: uint16 with 256-row blocks); wider ones decode those blocks twice.
-GDAL_CACHE_BYTES = 32 * 2**20
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -427,9 +423,12 @@ def _open_reader(job: Job, batches: list[list[Tile]], opts: PredictOptions) -> P
     # processes decode on one core each (there are as many as cores to spare); threads share
     # the cores left with GDAL decoding threads (see geobp.inference.threads)
     if reader_kind(opts.reader, dev) == "processes":
+        workers = max(1, min(opts.num_workers or default_processes(dev), len(batches)))
+        # each worker's cache holds the blocks of its stripe of columns (see ProcessReader)
+        cache = block_cache_bytes(job.profile, job.grid.tile_h, columns=1 / workers, readers=workers)
         try:
             return ProcessReader(job.src, job.grid, batches, job.preprocessing, pin_memory=dev.type == "cuda",
-                                 num_workers=opts.num_workers or default_processes(dev))
+                                 num_workers=workers, cache_bytes=cache)
         except SharedMemoryError as err:
             if opts.reader is not None:
                 raise
@@ -458,7 +457,8 @@ def _run(
     bar, task_id = _progress(opts.progress, job.src.name, sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        # sized so that a tile row finds the blocks it shares with the one before (reader threads share it)
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=block_cache_bytes(job.profile, grid.tile_h)))
         reader = stack.enter_context(_open_reader(job, batches, opts))
         stack.enter_context(bar)
         writer: BlendWriter | None = None

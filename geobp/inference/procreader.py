@@ -25,6 +25,12 @@ Choices, and why:
   race with a worker refilling the slot, because the caching host allocator only reuses pinned
   blocks once the copies that read them are done. Pinning the slots themselves
   (``cudaHostRegister``) would save the memcpy but needs that bookkeeping here, with CUDA events.
+- Each worker has its own GDAL block cache, and a block decoded by one worker is decoded again by
+  any other that needs it. A tile row shares its blocks with the next tile row, so each batch goes
+  to the worker of the stripe of columns it lies in (``W`` equal stripes for ``W`` workers), whose
+  cache still holds the blocks of that stripe from the tile row before; the cache is sized for the
+  stripe (:func:`geobp.inference.blockcache.block_cache_bytes`). A worker two reads behind the
+  others gives its batch to the least busy one, so that none idles while the batches come in order.
 - Errors: a worker sends its exception back (it is raised in the parent when its batch's turn
   comes, so earlier batches still arrive, as with threads), a worker that dies is reported at
   once, and workers ignore SIGINT: on Ctrl-C the parent stops them in :meth:`ProcessReader.close`.
@@ -53,7 +59,7 @@ import torch.multiprocessing  # noqa: F401 - registers the reductions that pass 
 
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import GeobpError, ReaderError, SharedMemoryError, format_error
-from geobp.inference.reader import TileBatch, fill_batch
+from geobp.inference.reader import TileBatch, fill_batch, pick_worker, stripe_of
 from geobp.raster import open_reader
 from geobp.tiling import Tile, TileGrid
 
@@ -175,7 +181,7 @@ class ProcessReader:
     (``2 * num_workers`` by default) read ahead into as many shared-memory slots. The workers
     start when the reader is made; use it as a context manager (or call :meth:`close`) so that
     they stop. The GDAL configuration of the active ``rasterio.Env`` (e.g. ``GDAL_CACHEMAX``)
-    is applied in every worker.
+    is applied in every worker; ``cache_bytes``, when given, is each worker's ``GDAL_CACHEMAX``.
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class ProcessReader:
         prefetch: int | None = None,
         pin_memory: bool = False,
         decode_threads: int = 1,
+        cache_bytes: int | None = None,
     ) -> None:
         self.path = str(path)
         self.grid = grid
@@ -212,8 +219,12 @@ class ProcessReader:
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._outstanding: dict[int, tuple[int, int]] = {}  # batch index -> (worker, slot), being read
         self._closed = False
+        # each batch's worker of choice: the one whose stripe of columns holds the batch's middle
+        self._homes = [stripe_of(grid, tiles, self.num_workers) for tiles in batches]
         open_options = {"NUM_THREADS": str(decode_threads)} if decode_threads > 1 else {}
-        env = rasterio.env.getenv() if rasterio.env.hasenv() else {}
+        env = dict(rasterio.env.getenv()) if rasterio.env.hasenv() else {}
+        if cache_bytes is not None:
+            env["GDAL_CACHEMAX"] = int(cache_bytes)
         ctx = start_context()
         try:
             for w in range(self.num_workers):
@@ -272,7 +283,7 @@ class ProcessReader:
         sent = 0
         for n, tiles in enumerate(self.batches):
             while free and sent < len(self.batches):
-                w = min(range(len(load)), key=load.__getitem__)  # the worker with the fewest reads waiting
+                w = pick_worker(self._homes[sent], load)
                 slot = free.pop()
                 self._outstanding[sent] = (w, slot)
                 load[w] += 1

@@ -90,11 +90,30 @@ class TileBatch:
     valid: torch.Tensor
 
 
+def stripe_of(grid: TileGrid, tiles: list[Tile], workers: int) -> int:
+    """The worker whose stripe of columns (``workers`` equal stripes of the raster) holds the middle of ``tiles``."""
+    if not tiles or workers <= 1:
+        return 0
+    middle = sum(grid.col_offsets[j] for _, j in tiles) / len(tiles) + grid.tile_w / 2
+    return min(workers - 1, int(middle * workers / max(1, grid.width)))
+
+
+def pick_worker(home: int, load: list[int]) -> int:
+    """The worker for the next batch: its ``home`` (the stripe of columns it reads, whose decoded
+    blocks its file handle keeps for the next tile row), unless it has two reads more waiting than
+    the least busy worker, which then takes the batch (decoding those blocks again) so that no
+    worker idles. ``load``: reads waiting per worker."""
+    least = min(range(len(load)), key=load.__getitem__)
+    return home if load[home] < load[least] + 2 else least
+
+
 class PrefetchReader:
     """Reads and preprocesses batches in ``num_workers`` background threads, yielding them in order.
 
     At most ``prefetch`` batches (``num_workers + 2`` by default) are read ahead; each thread's
-    handle decodes the blocks of a read with ``decode_threads`` GDAL threads. Use as a context manager (or call
+    handle decodes the blocks of a read with ``decode_threads`` GDAL threads. Each thread reads
+    the batches of its own stripe of columns (:func:`pick_worker`), so that the blocks a tile row
+    shares with the next are found in the same handle's cache. Use as a context manager (or call
     :meth:`close`) so that the threads stop and the file handles are closed.
     """
 
@@ -122,7 +141,10 @@ class PrefetchReader:
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="geobp-read")
+        # one thread (and handle) per stripe of columns: a handle keeps the blocks it decoded, and
+        # the next tile row's batch in the same stripe needs them again (see pick_worker)
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"geobp-read-{w}") for w in range(self.num_workers)]
+        self._homes = [stripe_of(grid, tiles, self.num_workers) for tiles in batches]
 
     def _handle(self) -> rasterio.DatasetReader:
         src = getattr(self._local, "src", None)
@@ -144,26 +166,35 @@ class PrefetchReader:
         return TileBatch(tiles, image_t, valid_t)
 
     def __iter__(self) -> Iterator[TileBatch]:
-        queue: deque[Future[TileBatch]] = deque()
-        todo = iter(self.batches)
+        queue: deque[tuple[int, Future[TileBatch]]] = deque()  # (worker, its read), in batch order
+        load = [0] * len(self._pools)
+
+        def submit(n: int) -> None:
+            w = pick_worker(self._homes[n], load)
+            load[w] += 1
+            queue.append((w, self._pools[w].submit(self.read, self.batches[n])))
+
+        sent = 0
         try:
-            for tiles in todo:
-                queue.append(self._pool.submit(self.read, tiles))
-                if len(queue) >= self.prefetch:
-                    break
+            while sent < min(self.prefetch, len(self.batches)):
+                submit(sent)
+                sent += 1
             while queue:
-                batch = queue.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    queue.append(self._pool.submit(self.read, nxt))
+                w, fut = queue.popleft()
+                batch = fut.result()
+                load[w] -= 1
+                if sent < len(self.batches):
+                    submit(sent)
+                    sent += 1
                 yield batch
         finally:
-            for fut in queue:
+            for _, fut in queue:
                 fut.cancel()
 
     def close(self) -> None:
         """Stop the threads (waiting for reads in progress) and close every handle."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for src in self._handles:
                 src.close()
