@@ -267,7 +267,7 @@ EARLIER_CACHE = 32 * 2**20
 def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batch: int,
                rate: float = 0.0, hold_gil: bool = False, earlier: bool = False) -> dict[str, float]:
     """One pass of geobp's ``threads`` or ``processes`` reader over the grid, each worker decoding on
-    one core; with ``rate`` > 0 the consumer takes each batch for ``len(batch) / rate`` seconds
+    one core (``processes-raw``: handing over raw tiles, as on a GPU, where the device normalises); with ``rate`` > 0 the consumer takes each batch for ``len(batch) / rate`` seconds
     (a GPU's forward pass): sleeping, or with ``hold_gil`` spinning in Python, as a thread
     launching a model's kernels holds the GIL. ``earlier``: as before the caches were sized from
     the raster (a fixed 32 MiB per process) and batches went to the least busy worker, whatever
@@ -290,6 +290,10 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
     # the caches predict_raster sets: one for the threads, one per process sized for its stripe
     extra: dict[str, Any] = {}
     workers = max(1, min(readers, len(batches)))
+    if kind.endswith("-raw"):  # raw tiles, as on a GPU (normalised on the device): the reader's share of the work
+        from geobp.inference.reader import raw_dtype
+
+        extra["raw"], kind = raw_dtype(profile["dtype"]), kind.removesuffix("-raw")
     if kind == "processes":
         extra["cache_bytes"] = EARLIER_CACHE if earlier else block_cache_bytes(profile, grid.tile_h, columns=1 / workers,
                                                                                 readers=workers)
@@ -302,7 +306,8 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
     with routing, rasterio.Env(GDAL_CACHEMAX=EARLIER_CACHE if earlier else block_cache_bytes(profile, grid.tile_h)):
         made = time.perf_counter()
         with (ProcessReader(src, grid, batches, preprocessing(BANDS), num_workers=readers, **extra) if kind == "processes"
-              else PrefetchReader(src, grid, batches, preprocessing(BANDS), num_workers=readers)) as reader:
+              else PrefetchReader(src, grid, batches, preprocessing(BANDS), num_workers=readers,
+                                  raw=extra.get("raw"))) as reader:
             start = 0.0
             n = 0
             for b in reader:
@@ -356,7 +361,8 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     geo = (cfg.readers_tile, cfg.readers_overlap, cfg.readers_batch)
     counts = sorted({1, 2, cores})
-    layouts = [("threads", 1), ("threads", cores), *(("processes", c) for c in counts)]
+    layouts = [("threads", 1), ("threads", cores), *(("processes", c) for c in counts),
+               *(("processes-raw", c) for c in counts)]
     layouts = list(dict.fromkeys(layouts))
     bare_decode_tiles_per_s(src, cfg.readers_tile, cfg.readers_overlap)  # warm-up: file cache
     bare: list[float] = []
@@ -386,7 +392,8 @@ def run_readers(cfg: Config) -> dict[str, Any]:
     rows = [["bare decode loop, one core", "-", one_core, spread(bare), one_core / limit, "-", "-", "-", n],
             [f"decode limit: one core x {cores} usable cores", "-", limit, "-", 1.0, "-", "-", "-", "-"]]
     for (kind, k), v in alone.items():
-        rows.append([f"`{kind}` reader", f"{k} (all usable cores)" if k == cores > 1 else k, median(v), spread(v),
+        name = "`processes` reader, raw tiles (as on a GPU)" if kind == "processes-raw" else f"`{kind}` reader"
+        rows.append([name, f"{k} (all usable cores)" if k == cores > 1 else k, median(v), spread(v),
                      median(v) / limit, median(fed[(kind, k)]) / limit, median(busy[(kind, k)]) / one_core,
                      median(first[(kind, k)]), n])
     res.tables.append(table(
@@ -394,7 +401,7 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         ["reader", "workers", "tiles/s alone (median)", "min-max", "alone / decode limit",
          "sleeping consumer at the decode limit: achieved / its rate",
          "GIL-holding consumer at one core's decode rate: achieved / its rate", "first batch after (s)", "n"], rows))
-    best = max(median(fed[lay]) for lay in layouts if lay[0] == "processes") / limit
+    best = max(median(fed[lay]) for lay in layouts if lay[0].startswith("processes")) / limit
     res.targets.append(target("readers: process reader fed at the decode limit's rate / decode limit", best, ">=", 0.85,
                               f"{fmt(best)}"))
     wide_rows, wide_metrics = wide_raster_rows(cfg, cores)
@@ -419,7 +426,9 @@ def run_readers(cfg: Config) -> dict[str, Any]:
         "(worker processes, each decoding on one core, batches in a shared-memory ring, copied out in the parent); "
         "tiles/s from the first batch to the last (the steady rate); the time from making the reader to its first "
         "batch is a column of its own (for processes: starting the workers, with the fork server already running, "
-        "and their first open of the file).",
+        "and their first open of the file). Raw tiles: what the readers do by default on a GPU, where the device "
+        "normalises the tiles (`normalize_on`): the workers hand over the uint16 pixels, half the bytes of float32, "
+        "and do not normalise.",
         "Fed: the consumer takes batch / rate seconds per batch, sleeping with the rate at the decode limit (a GPU "
         "exactly as fast as the node can decode), or spinning in Python (holding the GIL, as the thread that "
         "launches a model's kernels and runs the writer's Python does) with the rate at one core's decode rate; "

@@ -89,6 +89,8 @@ class SlotLayout:
         bands: input channels.
         tile: model input size.
         tile_h, tile_w: the grid's tile height and width (smaller than ``tile`` for small rasters).
+        raw: the numpy dtype of raw tiles (normalised on the model's device; no ``valid``), or
+            None for normalised float32 tiles and their ``valid``.
     """
 
     batch: int
@@ -96,22 +98,28 @@ class SlotLayout:
     tile: int
     tile_h: int
     tile_w: int
+    raw: str | None = None
 
     @property
     def image_bytes(self) -> int:
-        """Bytes of a full batch's float32 image."""
-        return self.batch * self.bands * self.tile * self.tile * 4
+        """Bytes of a full batch's image."""
+        itemsize = 4 if self.raw is None else np.dtype(self.raw).itemsize
+        return self.batch * self.bands * self.tile * self.tile * itemsize
 
     @property
     def stride(self) -> int:
         """Bytes from one slot to the next."""
-        size = self.image_bytes + self.batch * self.tile_h * self.tile_w
+        size = self.image_bytes + (self.batch * self.tile_h * self.tile_w if self.raw is None else 0)
         return -(-size // 64) * 64
 
-    def views(self, ring: np.ndarray, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image [n, C, tile, tile] float32, valid [n, tile_h, tile_w] bool) of ``slot`` in ``ring`` (uint8)."""
+    def views(self, ring: np.ndarray, slot: int, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image [n, C, tile, tile] float32 or raw, valid [n, tile_h, tile_w] bool or None) of
+        ``slot`` in ``ring`` (uint8)."""
         base = slot * self.stride
-        image = np.ndarray((n, self.bands, self.tile, self.tile), np.float32, buffer=ring, offset=base)
+        dtype = np.float32 if self.raw is None else np.dtype(self.raw)
+        image = np.ndarray((n, self.bands, self.tile, self.tile), dtype, buffer=ring, offset=base)
+        if self.raw is not None:
+            return image, None
         valid = np.ndarray((n, self.tile_h, self.tile_w), np.bool_, buffer=ring, offset=base + self.image_bytes)
         return image, valid
 
@@ -182,6 +190,9 @@ class ProcessReader:
     start when the reader is made; use it as a context manager (or call :meth:`close`) so that
     they stop. The GDAL configuration of the active ``rasterio.Env`` (e.g. ``GDAL_CACHEMAX``)
     is applied in every worker; ``cache_bytes``, when given, is each worker's ``GDAL_CACHEMAX``.
+    With ``raw`` (the torch dtype of the input's pixels) the slots and batches hold the raw
+    tiles, for the model's device to normalise: half the bytes of float32 for uint16 inputs,
+    and no normalising in the workers.
     """
 
     def __init__(
@@ -195,6 +206,7 @@ class ProcessReader:
         pin_memory: bool = False,
         decode_threads: int = 1,
         cache_bytes: int | None = None,
+        raw: torch.dtype | None = None,
     ) -> None:
         self.path = str(path)
         self.grid = grid
@@ -204,8 +216,9 @@ class ProcessReader:
         self.num_workers = max(1, min(num_workers, len(batches)))
         self.prefetch = max(1, prefetch or 2 * self.num_workers)
         self.pin_memory = pin_memory
+        raw_np = None if raw is None else str(torch.empty(0, dtype=raw).numpy().dtype)
         self.layout = SlotLayout(max(map(len, batches), default=1), len(preprocessing.bands), grid.tile,
-                                 grid.tile_h, grid.tile_w)
+                                 grid.tile_h, grid.tile_w, raw_np)
         need, free = self.layout.stride * self.prefetch, shared_memory_free()
         if free is not None and need > free:  # a worker writing past the end of a full tmpfs dies of SIGBUS
             raise SharedMemoryError(format_error(
@@ -302,11 +315,13 @@ class ProcessReader:
     def _copy_out(self, tiles: list[Tile], slot: int) -> TileBatch:
         assert self._buf is not None
         image_v, valid_v = self.layout.views(self._buf, slot, len(tiles))
-        image = torch.empty(image_v.shape, dtype=torch.float32, pin_memory=self.pin_memory)
-        valid = torch.empty(valid_v.shape, dtype=torch.bool, pin_memory=self.pin_memory)
+        image = torch.from_numpy(np.empty(0, image_v.dtype)).new_empty(image_v.shape, pin_memory=self.pin_memory)
         # numpy's copy: one thread, where torch's copy_ would wake its intra-op pool, whose
         # spinning threads take the cores from the workers (measured: a third fewer tiles/s on 2 cores)
         np.copyto(image.numpy(), image_v)
+        if valid_v is None:  # raw tiles: normalised on the device (TileBatch.on_device)
+            return TileBatch(tiles, image, None)
+        valid = torch.empty(valid_v.shape, dtype=torch.bool, pin_memory=self.pin_memory)
         np.copyto(valid.numpy(), valid_v)
         return TileBatch(tiles, image, valid)
 

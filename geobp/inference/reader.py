@@ -29,11 +29,13 @@ from geobp.tiling import Tile, TileGrid
 
 def fill_batch(
     src: rasterio.DatasetReader, grid: TileGrid, tiles: list[Tile], pre: Preprocessing, image: np.ndarray,
-    valid: np.ndarray,
+    valid: np.ndarray | None,
 ) -> None:
     """Read and preprocess the tiles of one batch into ``image`` and ``valid`` (what every reader runs).
 
     Tiles that lie side by side in the same tile row are read as one window and normalised once.
+    With ``valid`` None, ``image`` (in the input's dtype, :func:`raw_dtype`) gets the raw pixels
+    instead, to be normalised on the model's device (:meth:`TileBatch.on_device`).
 
     Args:
         src: open handle of the input.
@@ -41,8 +43,8 @@ def fill_batch(
         tiles: (row, column) of each tile, in grid order within a tile row.
         pre: the preprocessing (bands, nodata, normalisation).
         image: float32 [>= len(tiles), C, tile, tile], written: normalised tiles, padded by
-            reflection where the raster is smaller than a tile.
-        valid: bool [>= len(tiles), tile_h, tile_w], written: False at nodata pixels.
+            reflection where the raster is smaller than a tile; raw tiles when ``valid`` is None.
+        valid: bool [>= len(tiles), tile_h, tile_w], written: False at nodata pixels; or None.
 
     Raises:
         RasterReadError: a block failed to decode (the message names the file and window).
@@ -60,15 +62,25 @@ def fill_batch(
         c0 = g.col_offsets[tiles[k][1]]
         c1 = g.col_offsets[tiles[end - 1][1]] + tw
         raw = read_window(src, Window(c0, g.row_offsets[i], c1 - c0, th), indexes=pre.bands)
-        x, v = pre(raw)
+        x, v = pre(raw) if valid is not None else (raw, None)
         for n in range(k, end):
             c = g.col_offsets[tiles[n][1]] - c0
             if th < t or tw < t:
                 image[n] = np.pad(x[:, :, c : c + tw], pad, mode="reflect")
             else:
                 image[n] = x[:, :, c : c + tw]
-            valid[n] = v[:, c : c + tw]
+            if valid is not None and v is not None:
+                valid[n] = v[:, c : c + tw]
         k = end
+
+
+def raw_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype that carries raw pixels of numpy ``dtype`` (e.g. uint16) to the device.
+
+    Raises:
+        TypeError: torch has no such dtype: normalise in the reader instead.
+    """
+    return torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype
 
 
 @dataclass
@@ -82,12 +94,23 @@ class TileBatch:
         valid: bool [B, tile_h, tile_w], False at the input's nodata pixels.
 
     Both tensors are in pinned memory when the reader was asked to pin (for CUDA), so that
-    copies to the device do not wait for the GPU.
+    copies to the device do not wait for the GPU. A reader asked for raw tiles gives ``image`` in
+    the input's dtype, not normalised, and ``valid`` None: :meth:`on_device` finishes them.
     """
 
     tiles: list[Tile]
     image: torch.Tensor
-    valid: torch.Tensor
+    valid: torch.Tensor | None
+
+    def on_device(self, device: torch.device, pre: Preprocessing, tile_h: int, tile_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float32 image on ``device``, valid [B, tile_h, tile_w]); raw tiles are
+        normalised on the device (:meth:`Preprocessing.normalize_tensor`: the same float32 values;
+        the padding of tiles larger than the raster is cut from their validity)."""
+        image = self.image.to(device, non_blocking=True)
+        if self.valid is not None:
+            return image, self.valid
+        image, valid = pre.normalize_tensor(image)
+        return image, valid[:, :tile_h, :tile_w]
 
 
 def stripe_of(grid: TileGrid, tiles: list[Tile], workers: int) -> int:
@@ -110,6 +133,9 @@ def pick_worker(home: int, load: list[int]) -> int:
 class PrefetchReader:
     """Reads and preprocesses batches in ``num_workers`` background threads, yielding them in order.
 
+    With ``raw`` (the torch dtype of the input's pixels, :func:`raw_dtype`) the batches hold the
+    raw tiles, for the model's device to normalise.
+
     At most ``prefetch`` batches (``num_workers + 2`` by default) are read ahead; each thread's
     handle decodes the blocks of a read with ``decode_threads`` GDAL threads. Each thread reads
     the batches of its own stripe of columns (:func:`pick_worker`), so that the blocks a tile row
@@ -127,8 +153,10 @@ class PrefetchReader:
         prefetch: int | None = None,
         pin_memory: bool = False,
         decode_threads: int = 1,
+        raw: torch.dtype | None = None,
     ) -> None:
         self.path = str(path)
+        self.raw = raw
         # GDAL threads decoding the blocks of one read, per handle (the GeoTIFF open option
         # NUM_THREADS: it applies to these handles only, not to the outputs being written)
         self.open_options = {"NUM_THREADS": str(decode_threads)} if decode_threads > 1 else {}
@@ -159,8 +187,11 @@ class PrefetchReader:
         """Read and preprocess one batch (runs in a worker thread, or anywhere for tests)."""
         g = self.grid
         # allocated pinned (for CUDA) up front and filled through numpy views: no extra copy
-        image_t = torch.empty((len(tiles), len(self.pre.bands), g.tile, g.tile), dtype=torch.float32,
+        image_t = torch.empty((len(tiles), len(self.pre.bands), g.tile, g.tile), dtype=self.raw or torch.float32,
                               pin_memory=self.pin_memory)
+        if self.raw is not None:  # raw pixels: normalised on the device (TileBatch.on_device)
+            fill_batch(self._handle(), g, tiles, self.pre, image_t.numpy(), None)
+            return TileBatch(tiles, image_t, None)
         valid_t = torch.empty((len(tiles), g.tile_h, g.tile_w), dtype=torch.bool, pin_memory=self.pin_memory)
         fill_batch(self._handle(), g, tiles, self.pre, image_t.numpy(), valid_t.numpy())
         return TileBatch(tiles, image_t, valid_t)
