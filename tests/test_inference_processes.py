@@ -364,3 +364,17 @@ def test_ctrl_c_to_the_process_group_stops_everything_and_writes_nothing(tmp_pat
         time.sleep(0.1)
     assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "run.py"]
+
+
+def test_the_next_read_is_sent_before_a_batch_is_handed_out(tmp_path, no_leftovers):
+    """The workers read on while the consumer works on a batch: with one slot, the read of batch
+    n + 1 is already out when batch n reaches the consumer (not when it asks for the next)."""
+    src = make_image(tmp_path / "a.tif", size=(64, 64))
+    grid = TileGrid.build(64, 64, 16, 0)
+    batches = grid.batches(4)
+    with ProcessReader(src, grid, batches, PRE, num_workers=1, prefetch=1) as reader:
+        it = iter(reader)
+        for n in range(len(batches) - 1):
+            assert next(it).tiles == batches[n]
+            assert list(reader._outstanding) == [n + 1]
+        assert next(it).tiles == batches[-1] and not reader._outstanding

@@ -294,7 +294,9 @@ class ProcessReader:
         load = [0] * len(self._procs)
         done: dict[int, tuple[int, BaseException | None]] = {}
         sent = 0
-        for n, tiles in enumerate(self.batches):
+
+        def send() -> None:  # a read for every free slot
+            nonlocal sent
             while free and sent < len(self.batches):
                 w = pick_worker(self._homes[sent], load)
                 slot = free.pop()
@@ -302,6 +304,9 @@ class ProcessReader:
                 load[w] += 1
                 self._conns[w].send((sent, slot, self.batches[sent]))
                 sent += 1
+
+        send()
+        for n, tiles in enumerate(self.batches):
             while n not in done:
                 self._receive(done, load)
             slot, err = done.pop(n)
@@ -310,6 +315,7 @@ class ProcessReader:
                 raise err
             batch = self._copy_out(tiles, slot)
             free.append(slot)
+            send()  # before the consumer gets the batch: the workers read on while it computes
             yield batch
 
     def _copy_out(self, tiles: list[Tile], slot: int) -> TileBatch:
