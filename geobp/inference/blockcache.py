@@ -6,9 +6,10 @@ rows. A block decoded for one tile row is found again by the next only if the ca
 it, that is if it holds every block a tile row touches (GDAL's cache evicts the least recently
 used block first: a cache a little too small loses every block just before it is needed again).
 
-A fixed cache cannot suit every raster: 32 MiB holds a block row of a 3,000 px wide 6-band uint16
-scene, but a 16,384 px wide one needs 100 MB per block row, and was decoded 2-3 times over with
-it. GDAL's own default (5% of RAM) grows with the file instead. Here the cache is sized from the
+A fixed cache cannot suit every raster: 32 MiB holds one block row of a 3,072 px wide 6-band
+uint16 scene with 512 px blocks (19 MB), not the two a tile row can span, and a 16,384 px wide
+one needs 100 MB per block row (reading it went 1.6 to 2.4 times faster once the cache held
+them: BENCHMARKS.md, section 3b). GDAL's own default (5% of RAM) grows with the file instead. Here the cache is sized from the
 raster's header, per reading process: the block rows one tile row spans, for the columns the
 process reads, within a share of the available memory.
 """
