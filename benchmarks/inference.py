@@ -287,16 +287,13 @@ def reader_run(src: Path, kind: str, readers: int, tile: int, overlap: int, batc
     with rasterio.open(src) as ds:
         grid, profile = TileGrid.build(ds.height, ds.width, tile, overlap), ds.profile
     batches = grid.batches(batch)
-    # the caches predict_raster sets: one for the threads, one per process sized for its stripe
     extra: dict[str, Any] = {}
-    workers = max(1, min(readers, len(batches)))
     if kind.endswith("-raw"):  # raw tiles, as on a GPU (normalised on the device): the reader's share of the work
         from geobp.inference.reader import raw_dtype
 
         extra["raw"], kind = raw_dtype(profile["dtype"]), kind.removesuffix("-raw")
-    if kind == "processes":
-        extra["cache_bytes"] = EARLIER_CACHE if earlier else block_cache_bytes(profile, grid.tile_h, columns=1 / workers,
-                                                                                readers=workers)
+    if kind == "processes" and not earlier:  # earlier: the workers take the fixed cache of the Env below
+        extra["profile"] = profile  # each worker's cache sized for its stripe, as predict_raster does
     routing = contextlib.ExitStack()
     if earlier:
         def least_busy(home: int, load: list[int]) -> int:

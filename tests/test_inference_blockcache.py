@@ -122,3 +122,25 @@ def test_predict_sets_the_cache_from_the_raster(tmp_path, monkeypatch):
                                progress=False, reader="threads")
     assert seen == [123 * MiB + 32]
     assert not rasterio.env.hasenv() or "GDAL_CACHEMAX" not in rasterio.env.getenv()  # set for the prediction only
+
+
+def test_reader_processes_size_their_caches_for_their_stripes(tmp_path, monkeypatch):
+    import geobp.inference.procreader as procreader
+
+    rng = np.random.default_rng(2)
+    src = write_tif(tmp_path / "a.tif", rng.integers(1, 1000, (3, 32, 128)).astype("uint16"), nodata=0)
+    pre = Preprocessing(bands=[1, 2, 3], nodata=0, mean=[500.0] * 3, std=[300.0] * 3)
+    grid = TileGrid.build(32, 128, 32, 0)
+    calls = []
+
+    def sized(profile, tile_h, **kw):
+        calls.append((profile["width"], tile_h, kw))
+        return 40 * MiB
+
+    monkeypatch.setattr(procreader, "block_cache_bytes", sized)
+    with rasterio.open(src) as ds:
+        profile = ds.profile
+    with procreader.ProcessReader(src, grid, grid.batches(1), pre, num_workers=8, profile=profile) as reader:
+        assert len(list(reader)) == 4
+    # no more workers than batches (4), each with a quarter of the columns
+    assert calls == [(128, 32, {"columns": 1 / 4, "readers": 4})]

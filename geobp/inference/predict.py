@@ -447,12 +447,9 @@ def _open_reader(job: Job, batches: list[list[Tile]], opts: PredictOptions) -> P
     # processes decode on one core each (there are as many as cores to spare); threads share
     # the cores left with GDAL decoding threads (see geobp.inference.threads)
     if reader_kind(opts.reader, dev) == "processes":
-        workers = max(1, min(opts.num_workers or default_processes(dev), len(batches)))
-        # each worker's cache holds the blocks of its stripe of columns (see ProcessReader)
-        cache = block_cache_bytes(job.profile, job.grid.tile_h, columns=1 / workers, readers=workers)
         try:
             return ProcessReader(job.src, job.grid, batches, job.preprocessing, pin_memory=dev.type == "cuda",
-                                 num_workers=workers, cache_bytes=cache, raw=raw)
+                                 num_workers=opts.num_workers or default_processes(dev), profile=job.profile, raw=raw)
         except SharedMemoryError as err:
             if opts.reader is not None:
                 raise

@@ -59,6 +59,7 @@ import torch.multiprocessing  # noqa: F401 - registers the reductions that pass 
 
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import GeobpError, ReaderError, SharedMemoryError, format_error
+from geobp.inference.blockcache import block_cache_bytes
 from geobp.inference.reader import TileBatch, fill_batch, pick_worker, stripe_of
 from geobp.raster import open_reader
 from geobp.tiling import Tile, TileGrid
@@ -189,7 +190,8 @@ class ProcessReader:
     (``2 * num_workers`` by default) read ahead into as many shared-memory slots. The workers
     start when the reader is made; use it as a context manager (or call :meth:`close`) so that
     they stop. The GDAL configuration of the active ``rasterio.Env`` (e.g. ``GDAL_CACHEMAX``)
-    is applied in every worker; ``cache_bytes``, when given, is each worker's ``GDAL_CACHEMAX``.
+    is applied in every worker; given the input's rasterio ``profile``, each worker's
+    ``GDAL_CACHEMAX`` is sized for its stripe of columns (:func:`block_cache_bytes`).
     With ``raw`` (the torch dtype of the input's pixels) the slots and batches hold the raw
     tiles, for the model's device to normalise: half the bytes of float32 for uint16 inputs,
     and no normalising in the workers.
@@ -205,7 +207,7 @@ class ProcessReader:
         prefetch: int | None = None,
         pin_memory: bool = False,
         decode_threads: int = 1,
-        cache_bytes: int | None = None,
+        profile: dict[str, Any] | None = None,
         raw: torch.dtype | None = None,
     ) -> None:
         self.path = str(path)
@@ -236,8 +238,9 @@ class ProcessReader:
         self._homes = [stripe_of(grid, tiles, self.num_workers) for tiles in batches]
         open_options = {"NUM_THREADS": str(decode_threads)} if decode_threads > 1 else {}
         env = dict(rasterio.env.getenv()) if rasterio.env.hasenv() else {}
-        if cache_bytes is not None:
-            env["GDAL_CACHEMAX"] = int(cache_bytes)
+        if profile is not None:  # each worker's cache holds the blocks of its stripe of columns
+            env["GDAL_CACHEMAX"] = block_cache_bytes(profile, grid.tile_h, columns=1 / self.num_workers,
+                                                     readers=self.num_workers)
         ctx = start_context()
         try:
             for w in range(self.num_workers):
