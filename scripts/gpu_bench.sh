@@ -58,7 +58,7 @@ grep -v "Warning\|warn(" "$OUT/bench.log" | tail -n 5
 
 # the GPU-marked tests (test files without GPU tests are left out: they need packages not carried)
 timeout --kill-after=10 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_gpu_training.py tests/callbacks/test_precision.py tests/data/test_preprocessing.py >"$OUT/pytest_gpu.log" 2>&1
+  tests/training/test_gpu_training.py tests/callbacks/test_precision.py tests/data/test_preprocessing.py >"$OUT/pytest_gpu.log" 2>&1
 echo "GPU tests exit $? after $(elapsed) s"
 tail -n 15 "$OUT/pytest_gpu.log"
 ls -la "$OUT"

@@ -252,7 +252,7 @@ def test_a_bad_threshold_in_the_cli_is_one_line(tmp_path: Path, capsys: pytest.C
                                                 value: str, message: str) -> None:
     from geobp.cli import main
     from geobp.data.synth import write_scenes
-    from tests.test_cli import tiny_config
+    from tests.cli.test_cli import tiny_config
 
     write_scenes(tmp_path / "scenes", scenes=2, size=64, bands=3, classes=3, block_size=32)
     assert main(["fit", "--config", str(tiny_config(tmp_path, tmp_path / "scenes", val_fraction=0.5)), flag, value]) == 2

@@ -147,7 +147,7 @@ def test_compiled_model_under_two_process_ddp(tmp_path):
     import yaml
 
     from geobp.data.synth import write_scenes
-    from tests.test_ddp import DATA, MODEL, fit_two_processes
+    from tests.training.test_ddp import DATA, MODEL, fit_two_processes
 
     write_scenes(tmp_path / "scenes", scenes=3, size=64, bands=3, classes=3, block_size=32)
     record = tmp_path / "record"

@@ -12,7 +12,7 @@ from geobp.inference import output_paths, predict_raster
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, open_job, predict_share
 from geobp.tiling import TileGrid
-from tests.test_inference import PRE, conv_model, make_image
+from tests.inference.test_predict import PRE, conv_model, make_image
 
 
 def small_cnn() -> torch.nn.Module:

@@ -18,7 +18,7 @@ from geobp.inference.procreader import ProcessReader, SlotLayout
 from geobp.inference.reader import PrefetchReader, TileBatch, raw_dtype
 from geobp.tiling import TileGrid
 from tests.conftest import write_tif
-from tests.test_inference import PRE, conv_model, make_image
+from tests.inference.test_predict import PRE, conv_model, make_image
 
 PERCENTILE = Preprocessing(bands=[3, 1], nodata=0, method="percentile", low=[50.0, 80.0], high=[900.0, 950.0])
 

@@ -8,7 +8,7 @@ import torch
 
 from geobp.errors import ConfigError
 from geobp.optim import build_adamw, clip_gradients, unscales_in_step, use_fused
-from tests.test_compile import fit, tiny_task
+from tests.training.test_compile import fit, tiny_task
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -84,7 +84,7 @@ def test_resuming_from_the_other_adamw_implementation_keeps_the_chosen_one(tmp_p
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
-    from tests.test_compile import batches
+    from tests.training.test_compile import batches
 
     monkeypatch.setattr(geobp.nonfinite, "DEVICE_TYPES", ("cpu",))  # the fused run sets found_inf, as on CUDA
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

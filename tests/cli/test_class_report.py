@@ -13,7 +13,7 @@ from geobp.data.synth import write_scenes
 from geobp.errors import ConfigError
 from geobp.losses import class_weights_from_counts
 from geobp.task import SegmentationTask
-from tests.test_cli import tiny_config
+from tests.cli.test_cli import tiny_config
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import geobp.nonfinite
 from geobp.nonfinite import DeviceSkip, applies
 from geobp.optim import build_adamw
-from tests.test_compile import batches, tiny_task
+from tests.training.test_compile import batches, tiny_task
 
 CPU = torch.device("cpu")
 

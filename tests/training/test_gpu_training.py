@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.optim import unscales_in_step
 from geobp.task import SegmentationTask
-from tests.test_compile import batches, tiny_task
+from tests.training.test_compile import batches, tiny_task
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -27,7 +27,7 @@ from geobp.inference.procreader import ProcessReader
 from geobp.inference.reader import PrefetchReader
 from geobp.tiling import TileGrid
 from tests.conftest import write_tif
-from tests.test_inference import PRE, Exploding, conv_model, make_image
+from tests.inference.test_predict import PRE, Exploding, conv_model, make_image
 
 
 def shm_mappings() -> set[str]:
@@ -276,8 +276,8 @@ def test_a_bug_in_a_worker_keeps_its_type_message_and_where_it_happened(tmp_path
 def test_predict_many_with_reader_processes_reports_a_bad_block_and_finishes_the_rest(tmp_path, make_scene, no_leftovers):
     from geobp.inference import predict_many
     from geobp.task import SegmentationTask
-    from tests.test_inference_many import NAMES
-    from tests.test_inference_many import PRE as PRE_DICT
+    from tests.inference.test_many import NAMES
+    from tests.inference.test_many import PRE as PRE_DICT
 
     torch.manual_seed(0)
     task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE_DICT,
@@ -301,7 +301,7 @@ from pathlib import Path
 import torch
 
 from geobp.inference import predict_raster
-from tests.test_inference import PRE
+from tests.inference.test_predict import PRE
 
 
 class Slow(torch.nn.Conv2d):
@@ -342,7 +342,7 @@ def test_ctrl_c_to_the_process_group_stops_everything_and_writes_nothing(tmp_pat
     src = make_image(tmp_path / "a.tif", size=(256, 256))
     script = tmp_path / "run.py"
     script.write_text(CTRL_C_SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "a_classes.tif")], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

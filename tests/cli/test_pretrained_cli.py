@@ -10,7 +10,7 @@ from geobp.data.synth import write_scenes
 from geobp.inference import predict_raster
 from geobp.task import SegmentationTask
 from tests.pretrained_helpers import fake_torchgeo_weights
-from tests.test_cli import tiny_config
+from tests.cli.test_cli import tiny_config
 
 S2 = "ResNet18_Weights.SENTINEL2_ALL_MOCO"
 

@@ -15,7 +15,7 @@ from geobp.data import GeoTiffDataModule
 from geobp.data.synth import write_scenes
 from geobp.errors import ConfigError
 from geobp.task import SegmentationTask
-from tests.test_cli import tiny_config
+from tests.cli.test_cli import tiny_config
 
 TINY = dict(encoder="resnet18", model_kwargs={"decoder_channels": [16, 16, 8, 8, 8]}, scheduler="none")
 
@@ -105,7 +105,7 @@ def test_frozen_encoder_under_ddp_needs_unused_parameter_detection(tmp_path):
     root = tmp_path / "scenes"
     write_scenes(root, scenes=3, size=64, bands=3, classes=3, block_size=32)
     cfg = tiny_config(tmp_path, root, tiles_per_epoch=16)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "geobp", "fit", "--config", str(cfg), "--model.freeze_encoder_epochs", "1",
             "--trainer.max_epochs", "2", "--trainer.devices", "2", "--trainer.limit_val_batches", "1"]

@@ -23,7 +23,7 @@ from geobp.inference.distributed import Ranks, assign_whole, plan
 from geobp.task import SegmentationTask
 from tests.conftest import write_tif
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRE = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [300.0] * 3, "std": [100.0] * 3, "low": [], "high": []}
 
 

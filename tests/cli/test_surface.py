@@ -10,7 +10,7 @@ import yaml
 
 from geobp.cli import COMMANDS, DEMO_CONFIG, VERBS, GeobpCLI, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 

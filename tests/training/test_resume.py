@@ -45,7 +45,7 @@ import yaml
 from geobp.data import GeoTiffDataModule
 from geobp.data.synth import write_scenes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
 MAX_STEPS = 12  # 8 batches per epoch, then 4 more in the second epoch
 SAVE_EVERY = 5  # periodic last.ckpt at steps 5 and 10; the CLI's checkpoint writes it at the validation of step 8
