@@ -113,11 +113,11 @@ class GradientFlowMonitor(L.Callback):
     whole run; ``meta.resumed_at`` lists the resume steps.
 
     Args:
-        every_n_steps: optimizer steps between recordings. The default is the smallest round
-            number at which recordings cost at most half the monitor's 3% budget of step time on
-            the machines measured (README "Cost, and the default interval"; BENCHMARKS.md;
-            ``python -m benchmarks monitor-cost`` measures it on yours). The per-step check does
-            not depend on it.
+        every_n_steps: optimizer steps between recordings. A recording costs more than a
+            tracked step, so its share of step time falls as the interval grows; the default is
+            chosen to keep recordings well within the monitor's budget of step time (what was
+            measured, and how: BENCHMARKS.md, section 2; ``python -m benchmarks monitor-cost``
+            measures it on your machine). The per-step check does not depend on it.
         thresholds: diagnosis thresholds (:class:`~geobp.callbacks.diagnosis.Thresholds`).
         skip_pattern: regular expression over module paths of other modules to treat as skip
             carriers (``re.search``), or None.
@@ -131,7 +131,8 @@ class GradientFlowMonitor(L.Callback):
         warn: issue findings as warnings while training runs.
         max_recordings: most recordings kept; past it the series is thinned (every other one
             dropped, see :mod:`geobp.callbacks.series`), which bounds memory, ``gradflow.json``
-            and the checkpoint state (about 1.7 kB a recording for a ResNet-18 U-Net).
+            and the checkpoint state (a recording's size grows with the number of layers, skips
+            and bands).
 
     Raises:
         ConfigError: an argument is out of range or ``skip_pattern`` is not a valid regex;
