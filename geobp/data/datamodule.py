@@ -19,7 +19,7 @@ from geobp.classes import check_num_classes, class_names_for
 from geobp.data.alignment import find_labelled_scenes
 from geobp.data.dataset import TileDataset, TileSpec, collate_tiles, finish_batch
 from geobp.data.bandstats import STATS_BUDGET, BandStats, load_band_stats
-from geobp.data.classbalance import balance_factors, expected_shares, load_label_maps, window_class_counts
+from geobp.data.classbalance import balance_factors, expected_shares, load_cell_histograms, window_class_counts
 from geobp.data.labels import LabelOptions, LabelReport
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization, window_valid_fraction
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, Redraw, SceneCells, window_to_spec
@@ -272,7 +272,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         self._validity: list[np.ndarray] | None = None
         self.validity_sources: list[str] = []
         self._preprocessing: Preprocessing | None = None
-        self._label_maps: list[np.ndarray] | None = None
+        self._cell_histograms: list[np.ndarray] | None = None
 
     # ----- what the model is linked to -------------------------------------------------------
 
@@ -375,19 +375,19 @@ class GeoTiffDataModule(L.LightningDataModule):
         return self._validity
 
     @property
-    def label_maps(self) -> list[np.ndarray]:
+    def cell_histograms(self) -> list[np.ndarray]:
         """Per scene, pixels per class in each cell of its mask (read once, cached; see
         :mod:`geobp.data.classbalance`). Only built when asked for."""
-        if self._label_maps is None:
+        if self._cell_histograms is None:
             cache = self.hparams["cache_dir"] or self.root
-            self._label_maps = load_label_maps([s.mask for s in self.scenes], self.num_classes, cache,  # type: ignore[misc]
+            self._cell_histograms = load_cell_histograms([s.mask for s in self.scenes], self.num_classes, cache,  # type: ignore[misc]
                                                progress=len(self.scenes) > 1)
-        return self._label_maps
+        return self._cell_histograms
 
     @property
-    def label_maps_loaded(self) -> bool:
-        """True once :attr:`label_maps` has been built (by balanced sampling or class weights)."""
-        return self._label_maps is not None
+    def cell_histograms_loaded(self) -> bool:
+        """True once :attr:`cell_histograms` has been built (by balanced sampling or class weights)."""
+        return self._cell_histograms is not None
 
     @property
     def class_pixels(self) -> list[int]:
@@ -395,7 +395,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         total = np.zeros(self.num_classes)
         for i, region in self.regions["train"]:
             info = self.scenes[i].image
-            total += window_class_counts(self.label_maps[i], region, info.height, info.width)
+            total += window_class_counts(self.cell_histograms[i], region, info.height, info.width)
         return [int(round(x)) for x in total]
 
     def class_summary(self) -> dict[str, list]:
@@ -422,7 +422,7 @@ class GeoTiffDataModule(L.LightningDataModule):
 
     def _place_counts(self, cells: list[SceneCells], windows: list[list[Window]]) -> np.ndarray:
         """[N, K] pixels per class under the tiles of every origin cell, scene after scene."""
-        counts = [window_class_counts(self.label_maps[sc.scene], w, sc.height, sc.width)
+        counts = [window_class_counts(self.cell_histograms[sc.scene], w, sc.height, sc.width)
                   for sc, ws in zip(cells, windows) for w in ws]
         return np.array(counts).reshape(len(counts), self.num_classes)
 
