@@ -8,6 +8,11 @@ Forms accepted (``data.labels``):
 - a vector file (``.gpkg``, ``.geojson``, ``.shp``, ``.fgb`` ... anything OGR reads) in any CRS,
   with the class in ``label_field`` (an integer id or a class name).
 
+A file's kind is decided by opening it, not by its name: what GDAL opens as a raster (any raster
+driver: GeoTIFF named ``.gtif``, Erdas Imagine ``.img``, JPEG 2000, VRT, netCDF ...) is a label
+raster, else what OGR opens as a vector layer is a vector file (:func:`read_label_source`). A
+folder lists the files with :data:`LABEL_FOLDER_SUFFIXES`.
+
 Raw values go through ``label_map`` (raw value -> class id or the ignore index); a value that is
 neither mapped nor a class id is an error naming the file and the values. Bringing the sources
 onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
@@ -28,11 +33,12 @@ import numpy as np
 from rasterio.crs import CRS
 
 from geobp.classes import invalid_labels
-from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
+from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
 from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, project_bounds, read_info
 
-#: Suffixes read as label rasters; any other single file is read as a vector file with OGR.
-LABEL_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
+#: Files listed when ``data.labels`` names a folder (label rasters of common raster formats). A
+#: file named directly or by a glob is taken whatever its suffix.
+LABEL_FOLDER_SUFFIXES = (".tif", ".tiff", ".gtif", ".vrt", ".img", ".jp2", ".nc")
 
 RawKey = int | str
 
@@ -228,28 +234,60 @@ def read_vector_info(path: str | Path) -> VectorInfo:
     return VectorInfo(str(path), str(info["crs"]), bounds, tuple(str(f) for f in info["fields"]))  # type: ignore[arg-type]
 
 
+def read_label_source(path: str | Path) -> RasterInfo | VectorInfo:
+    """The header of one label file, its kind found by opening it (never by its name).
+
+    GDAL's raster drivers are tried first (:func:`geobp.raster.read_info`), then OGR's vector
+    drivers (:func:`read_vector_info`).
+
+    Returns:
+        A :class:`RasterInfo` for a raster, a :class:`VectorInfo` for a vector file.
+
+    Raises:
+        DataNotFoundError: the file does not exist, or neither GDAL nor OGR can open it.
+        GeoreferenceError: a vector layer has no CRS.
+    """
+    try:
+        return read_info(path)
+    except RasterReadError as raster_err:
+        try:
+            return read_vector_info(path)
+        except DataNotFoundError:
+            raise DataNotFoundError(
+                format_error(
+                    path,
+                    "neither a raster GDAL can open nor a vector file OGR can open (expected a label raster or vector layer)",
+                    "pass a label raster (GeoTIFF, .img, .jp2, .vrt, netCDF ...) or a vector file "
+                    "(GeoPackage, GeoJSON, Shapefile, FlatGeobuf), or re-export the file if it is damaged",
+                )
+            ) from raster_err
+
+
 def find_label_sources(spec: str | Path | Sequence[str | Path], label_field: str | None = None) -> LabelSources:
     """Read the headers of ``data.labels``: label rasters, or a single vector file.
 
+    Each file is opened to tell a raster from a vector (:func:`read_label_source`).
+
     Raises:
-        DataNotFoundError: a path is missing or unreadable.
+        DataNotFoundError: a path is missing or neither a raster nor a vector file.
         ConfigError: a vector file mixed with others, or ``label_field`` is not one of its attributes.
         GeoreferenceError: a label has no CRS.
     """
-    paths = expand_paths(spec, LABEL_RASTER_SUFFIXES, "labels")
-    vectors = [p for p in paths if p.suffix.lower() not in LABEL_RASTER_SUFFIXES]
+    paths = expand_paths(spec, LABEL_FOLDER_SUFFIXES, "labels")
+    headers = [read_label_source(p) for p in paths]
+    vectors = [h for h in headers if isinstance(h, VectorInfo)]
     if vectors:
         if len(paths) > 1:
             raise ConfigError(
-                format_error(vectors[0], "a vector label file must be the only label source", "merge the layers into one file")
+                format_error(vectors[0].path, "a vector label file must be the only label source", "merge the layers into one file")
             )
-        info = read_vector_info(vectors[0])
+        info = vectors[0]
         if label_field is not None and label_field not in info.fields:
             raise ConfigError(
                 format_error(info.path, f"attribute {label_field!r} not found (attributes: {', '.join(info.fields)})", "set data.label_field")
             )
         return LabelSources(vector=info)
-    rasters = [read_info(p) for p in paths]
+    rasters = [h for h in headers if isinstance(h, RasterInfo)]
     for r in rasters:
         if r.crs is None:
             raise GeoreferenceError(format_error(r.path, "label raster has no CRS", "assign one, e.g. `gdal_edit.py -a_srs EPSG:XXXX FILE`"))
