@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
@@ -33,6 +34,9 @@ from geobp.atomic import atomic_path
 from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.raster import RasterInfo, open_raster, read_window
+
+if TYPE_CHECKING:
+    from geobp.data.samplers import SceneCells
 
 #: Pixels per side of a histogram cell.
 HISTOGRAM_CELL = 32
@@ -180,6 +184,28 @@ def balance_factors(cell_counts: np.ndarray, power: float, cap: float = BALANCE_
     present = cell_counts >= 1.0
     rarest = np.where(present, rarity[None, :], 1.0).max(axis=1)
     return np.minimum(rarest, cap) ** power
+
+
+def place_class_counts(
+    histograms: Sequence[np.ndarray], cells: Sequence[SceneCells], windows: Sequence[Sequence[Window]], num_classes: int
+) -> np.ndarray:
+    """[N, K] pixels per class under the tiles of every origin cell, scene after scene.
+
+    Args:
+        histograms: per scene, its cell histograms (:func:`load_cell_histograms`).
+        cells: the training origin cells per scene (:func:`geobp.data.places.train_places`).
+        windows: per scene, the window each of its cells' tiles cover.
+        num_classes: K.
+    """
+    counts = [window_class_counts(histograms[sc.scene], w, sc.height, sc.width) for sc, ws in zip(cells, windows) for w in ws]
+    return np.array(counts).reshape(len(counts), num_classes)
+
+
+def balanced_weights(cells: Sequence[SceneCells], counts: np.ndarray, power: float) -> np.ndarray:
+    """The origin cells' weights under ``sampling: balanced``, flat: their uniform weights times
+    :func:`balance_factors` of their class counts."""
+    uniform = np.array([w for sc in cells for w in sc.weights])
+    return uniform * balance_factors(counts, power)
 
 
 def expected_shares(cell_counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
