@@ -62,6 +62,18 @@ class GeoTiffDataModule(L.LightningDataModule):
     int64 ``mask``). Lightning calls it when the trainer is given this data module
     (``trainer.fit(task, datamodule=dm)``); a loop of your own calls it on each batch.
 
+    The flat options below (``data.<name>`` in configs) are turned once, in the constructor,
+    into the frozen groups of :mod:`geobp.data.options`, kept as attributes and passed whole to
+    the modules that use them; each value is checked there, once.
+
+    Attributes:
+        label_options: :class:`~geobp.data.labels.LabelOptions` (``num_classes`` to ``all_touched``).
+        tiling_options: :class:`~geobp.tiling.TilingOptions` (``tile_size``, ``overlap``).
+        sampling_options: :class:`~geobp.data.options.SamplingOptions` (``tiles_per_epoch`` to ``augment``).
+        split_options: :class:`~geobp.data.options.SplitOptions` (``split`` to ``split_block_size``).
+        stats_options: :class:`~geobp.data.options.StatsOptions` (``normalization`` to ``validity``).
+        loader_options: :class:`~geobp.data.options.LoaderOptions` (``batch_size`` to ``on_read_error``).
+
     Args:
         root: dataset folder (``root/images`` and ``root/masks``, matched by name); with
             ``images``/``labels`` set it is only where the cache goes.
@@ -69,40 +81,43 @@ class GeoTiffDataModule(L.LightningDataModule):
         labels: label rasters (folder, glob or list; any grid and CRS, paired with the images by
             footprint), one label map covering many images, or a vector file in any CRS;
             ``root/masks`` matched by name when None and ``images`` is None.
+        bands: 1-based band indices to use; all bands when None.
+        band_names: one name per band of the files (before ``bands`` selects some), for files
+            without band descriptions; overrides the descriptions when given.
+        pretrained_weights: the encoder's torchgeo weights name (the CLI links it from
+            ``model.weights``; a local file path is ignored): its bands are matched with
+            :attr:`band_names` and its normalisation is the default. The data module reads the
+            weights' metadata only (:mod:`geobp.pretrained`), never the model.
+        cache_dir: where statistics, validity maps, class histograms and aligned labels are cached; ``root`` when None.
+        num_classes: number of classes (required); mask values are ``0..num_classes-1`` or ``ignore_index``.
+        class_names: names for logs and outputs; ``class_<i>`` when None.
+        ignore_index: label excluded from loss and metrics (nodata pixels get it too).
+        label_map: raw label value to class id or ``ignore_index``, e.g. ``{-1: 255}``.
         label_field: for vector labels, the attribute holding the class (an integer id or a name
             in ``class_names``); every feature is class 1 when None.
         label_background: for vector labels, the class of pixels outside every feature; the
             ignore index when None.
         all_touched: for vector labels, label every pixel a feature touches (thin features).
-        label_map: raw label value to class id or ``ignore_index``, e.g. ``{-1: 255}``.
-        num_classes: number of classes (required); mask values are ``0..num_classes-1`` or ``ignore_index``.
-        bands: 1-based band indices to use; all bands when None.
-        class_names: names for logs and outputs; ``class_<i>`` when None.
-        ignore_index: label excluded from loss and metrics (nodata pixels get it too).
         tile_size: tile size in pixels (square).
         overlap: overlap of the evaluation grid tiles, in pixels.
         tiles_per_epoch: random training tiles per epoch, over all ranks.
-        batch_size: tiles per batch, per rank.
-        num_workers: DataLoader worker processes per rank (kept alive between epochs). Batches
-            are put in pinned memory when the trainer runs on CUDA (faster, asynchronous copies).
-        prefetch_factor: batches each worker loads ahead (torch's default, 2, when None); only
-            with ``num_workers > 0``.
+        sampling: how training tile places are drawn: ``uniform`` (every place equally likely) or
+            ``balanced`` (places holding rare classes more often; see
+            :func:`geobp.data.classbalance.balance_factors`). ``balanced`` reads the masks once
+            (cached) for their class histograms.
+        balance_power: how far ``balanced`` goes, from 0 (uniform) to 1 (a place holding a class
+            k times rarer is drawn k times as often, up to a cap).
+        max_nodata_fraction: training tiles with more nodata than this are skipped.
+        augment: random flips and 90-degree rotations of training tiles.
         split: ``scene`` (whole scenes per split) or ``blocks`` (square blocks within every scene,
             so that correlated neighbouring pixels do not leak from train to validation).
         val_fraction: share of scenes (or blocks) for validation.
         test_fraction: share of scenes (or blocks) for testing.
         split_block_size: block size for ``split: blocks``, in pixels (at least ``tile_size``).
-        seed: seed of the split and of the random tiles.
         normalization: ``meanstd`` or ``percentile`` (2nd to 98th percentile scaled to [0, 1]);
             None (the default): the pretrained weights' own normalisation when
             ``pretrained_weights`` names torchgeo weights, ``meanstd`` otherwise.
         nodata: image nodata value; the files' nodata tag when None.
-        max_nodata_fraction: training tiles with more nodata than this are skipped.
-        augment: random flips and 90-degree rotations of training tiles.
-        cache_dir: where band statistics are cached; ``root`` when None.
-        on_read_error: a block that fails to decode during training either stops the run
-            (``stop``, naming the scene and window) or is skipped with a warning and counted in
-            ``train/skipped_tiles`` (``skip``).
         stats_budget: pixels read for the band statistics, as whole file blocks drawn across the
             training scenes (:mod:`geobp.data.bandstats`); training data with fewer pixels is
             read whole (exact statistics); 0 reads everything.
@@ -113,18 +128,15 @@ class GeoTiffDataModule(L.LightningDataModule):
             ``auto`` scans while those scenes hold at most 1 GiB of decoded pixels
             (:mod:`geobp.data.validity`). Under ``at_read``, evaluation tiles are not screened:
             all-nodata ones are read and count for nothing.
-        band_names: one name per band of the files (before ``bands`` selects some), for files
-            without band descriptions; overrides the descriptions when given.
-        pretrained_weights: the encoder's torchgeo weights name (the CLI links it from
-            ``model.weights``; a local file path is ignored): its bands are matched with
-            :attr:`band_names` and its normalisation is the default. The data module reads the
-            weights' metadata only (:mod:`geobp.pretrained`), never the model.
-        sampling: how training tile places are drawn: ``uniform`` (every place equally likely) or
-            ``balanced`` (places holding rare classes more often; see
-            :func:`geobp.data.classbalance.balance_factors`). ``balanced`` reads the masks once
-            (cached) for their class histograms.
-        balance_power: how far ``balanced`` goes, from 0 (uniform) to 1 (a place holding a class
-            k times rarer is drawn k times as often, up to a cap).
+        batch_size: tiles per batch, per rank.
+        num_workers: DataLoader worker processes per rank (kept alive between epochs). Batches
+            are put in pinned memory when the trainer runs on CUDA (faster, asynchronous copies).
+        prefetch_factor: batches each worker loads ahead (torch's default, 2, when None); only
+            with ``num_workers > 0``.
+        on_read_error: a block that fails to decode during training either stops the run
+            (``stop``, naming the scene and window) or is skipped with a warning and counted in
+            ``train/skipped_tiles`` (``skip``).
+        seed: seed of the split, of the random tiles and of the band-statistics sample.
     """
 
     def __init__(
