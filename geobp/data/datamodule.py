@@ -191,11 +191,14 @@ class GeoTiffDataModule(L.LightningDataModule):
         self.label_options = LabelOptions.from_config(
             dict(num_classes=num_classes, class_names=class_names, ignore_index=ignore_index, label_map=label_map,
                  label_field=label_field, label_background=label_background, all_touched=all_touched))
-        self.tiling_options = TilingOptions(tile_size, overlap)
-        self.sampling_options = SamplingOptions(tiles_per_epoch, sampling, balance_power, max_nodata_fraction, augment)
-        self.split_options = SplitOptions(split, val_fraction, test_fraction, split_block_size)
-        self.stats_options = StatsOptions(normalization, nodata, stats_budget, validity)
-        self.loader_options = LoaderOptions(batch_size, num_workers, prefetch_factor, on_read_error)
+        self.tiling_options = TilingOptions(tile_size=tile_size, overlap=overlap)
+        self.sampling_options = SamplingOptions(tiles_per_epoch=tiles_per_epoch, sampling=sampling, balance_power=balance_power,
+                                                max_nodata_fraction=max_nodata_fraction, augment=augment)
+        self.split_options = SplitOptions(split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                                          split_block_size=split_block_size)
+        self.stats_options = StatsOptions(normalization=normalization, nodata=nodata, stats_budget=stats_budget, validity=validity)
+        self.loader_options = LoaderOptions(batch_size=batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                                            on_read_error=on_read_error)
         check_split_tiles(self.split_options, self.tiling_options)
         self.seed = seed
         self.class_names: list[str] = list(self.label_options.class_names or ())
