@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from rasterio.transform import from_origin
 
+from geobp.data.alignment import align_labels
 from geobp.data.datamodule import GeoTiffDataModule
-from geobp.data.labels import VectorInfo, find_label_sources, read_label_source
+from geobp.data.labels import LabelOptions, VectorInfo, find_label_sources, read_label_source
 from geobp.errors import DataNotFoundError
-from geobp.raster import RasterInfo
+from geobp.raster import RasterInfo, read_info
 from tests.conftest import write_tif
 
 CRS = "EPSG:32633"
@@ -36,10 +38,10 @@ def sparse_training_raster(size: int = 64) -> np.ndarray:
     return raw
 
 
-def write_raster(path: Path, data: np.ndarray, driver: str) -> Path:
-    """``data`` [H, W] on the scene's grid, written by ``driver`` whatever the file's suffix."""
+def write_raster(path: Path, data: np.ndarray, driver: str, **options: str) -> Path:
+    """``data`` [H, W] on the scene's grid, written by ``driver`` (with creation ``options``) whatever the file's suffix."""
     profile = dict(driver=driver, width=data.shape[1], height=data.shape[0], count=1, dtype=str(data.dtype),
-                   crs=CRS, transform=TRANSFORM)
+                   crs=CRS, transform=TRANSFORM, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
@@ -95,3 +97,20 @@ def test_a_folder_of_labels_lists_gtif_and_img_rasters(tmp_path):
     (tmp_path / "labels" / "notes.txt").write_text("not a label")
     sources = find_label_sources(tmp_path / "labels")
     assert sorted(Path(r.path).name for r in sources.rasters) == ["a.gtif", "b.img"] and sources.vector is None
+
+
+@pytest.mark.parametrize("name,driver", [("truth.jp2", "JP2OpenJPEG"), ("truth.nc", "netCDF"), ("truth.vrt", "VRT")])
+def test_jp2_netcdf_and_vrt_label_rasters_align_onto_the_image(tmp_path, name, driver):
+    image = landsat_scene(tmp_path / "scene.tif")
+    raw = sparse_training_raster()
+    if driver in ("VRT", "netCDF"):  # copies of a GeoTIFF (named like anything, for the VRT to point to)
+        rasterio.shutil.copy(write_raster(tmp_path / "truth_data.bin", raw, "GTiff"), tmp_path / name, driver=driver)
+        labels = tmp_path / name
+    else:
+        lossless = {"QUALITY": "100", "REVERSIBLE": "YES"} if driver == "JP2OpenJPEG" else {}
+        labels = write_raster(tmp_path / name, raw, driver, **lossless)
+    sources = find_label_sources(labels)
+    assert [Path(r.path).name for r in sources.rasters] == [name] and sources.vector is None
+    mask, report = align_labels(read_info(image), sources, LabelOptions(num_classes=5, label_map=LABEL_MAP))
+    np.testing.assert_array_equal(mask, np.vectorize(LABEL_MAP.get)(raw).astype(np.uint8))
+    assert report.coverage == pytest.approx((raw > 0).mean())
