@@ -6,7 +6,7 @@ draw the tile places that hold them more often). Both come from the *cell histog
 for each cell of :data:`HISTOGRAM_CELL` x :data:`HISTOGRAM_CELL` pixels, the pixel count of every class
 ``0..num_classes-1`` (other values, such as the ignore index, are not counted). Masks are single
 band and cheap to decode, so the histograms are built by reading the mask once, in strips of whole
-blocks; it is cached per scene in ``<cache>/.geobp_cache/labels.<stem>.<key>.npz``, keyed by the
+blocks; they are cached per scene in ``<cache>/.geobp_cache/labels.<stem>.<key>.npz``, keyed by the
 mask's path, size, modification time and the class count, and only built when something asks for
 it (``data.sampling: balanced`` or ``model.class_weights: auto``). Processes of a node split the
 scenes and read each other's files (:mod:`geobp.data.ranks`).
@@ -81,7 +81,7 @@ def cell_histograms(path: str | Path, num_classes: int, factor: int = HISTOGRAM_
 
 
 def histogram_cache_file(path: str | Path, num_classes: int, cache_root: str | Path, factor: int = HISTOGRAM_CELL) -> Path:
-    """Where the cell histograms of ``path`` is cached (keyed by its resolved path, size, mtime, classes and cell size)."""
+    """Where the cell histograms of ``path`` are cached (keyed by its resolved path, size, mtime, classes and cell size)."""
     path = Path(path)
     st = path.stat()
     key = hashlib.sha1(
