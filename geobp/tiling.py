@@ -2,6 +2,8 @@
 
 Nothing here opens a file. Windows are rasterio :class:`~rasterio.windows.Window` values in pixel
 coordinates of one scene; every function is deterministic given its arguments (and ``rng``).
+Tile sizes and overlaps are checked once, by :class:`TilingOptions`, where the configuration
+enters; the functions take plain integers that passed it (``tile >= 1``, ``0 <= overlap < tile``).
 """
 
 from __future__ import annotations
@@ -16,22 +18,36 @@ from rasterio.windows import Window
 from geobp.errors import ConfigError, format_error
 
 
-def check_tile_args(tile: int, overlap: int = 0) -> None:
-    """Validate a tile size and overlap.
+@dataclass(frozen=True)
+class TilingOptions:
+    """Tile size and overlap, checked once when made (the ``data.tile_size`` and ``data.overlap`` options).
+
+    The one place where a tile size and an overlap are checked: the window math below takes
+    plain integers and assumes values that passed here. Inference makes one with its own
+    values (its tiles are larger by default).
+
+    Args:
+        tile_size: tile side in pixels (tiles are square), at least 1.
+        overlap: pixels shared by neighbouring grid tiles, in ``[0, tile_size)``.
 
     Raises:
-        ConfigError: tile < 1, overlap < 0 or overlap >= tile.
+        ConfigError: ``tile_size < 1``, or ``overlap`` outside ``[0, tile_size)``.
     """
-    if tile < 1:
-        raise ConfigError(format_error(None, f"tile size must be positive (found {tile})", "set tile_size >= 1"))
-    if overlap < 0 or overlap >= tile:
-        raise ConfigError(
-            format_error(
-                None,
-                f"overlap must be in [0, tile size) (tile {tile}, found overlap {overlap})",
-                "set overlap smaller than tile_size",
+
+    tile_size: int = 256
+    overlap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ConfigError(format_error(None, f"tile size must be positive (found {self.tile_size})", "set tile_size >= 1"))
+        if self.overlap < 0 or self.overlap >= self.tile_size:
+            raise ConfigError(
+                format_error(
+                    None,
+                    f"overlap must be in [0, tile size) (tile {self.tile_size}, found overlap {self.overlap})",
+                    "set overlap smaller than tile_size",
+                )
             )
-        )
 
 
 def grid_offsets(length: int, tile: int, stride: int, start: int = 0) -> list[int]:
@@ -65,7 +81,6 @@ def grid_windows(
     Returns:
         Windows in row-major order.
     """
-    check_tile_args(tile, overlap)
     if region is None:
         region = Window(0, 0, width, height)
     r0, c0 = int(region.row_off), int(region.col_off)
@@ -165,8 +180,6 @@ def split_blocks(
     Returns:
         One list of windows per split, each in row-major order.
     """
-    if block < 1:
-        raise ConfigError(format_error(None, f"split block size must be positive (found {block})", "set split_block_size >= tile_size"))
     windows = [
         Window(c, r, min(block, width - c), min(block, height - r))
         for r in range(0, height, block)
@@ -230,7 +243,6 @@ def blend_weights(tile: int, overlap: int) -> np.ndarray:
         float32 [tile, tile], smooth, strictly positive (at least BLEND_EPS**2, in the corners),
         symmetric, 1 in the centre.
     """
-    check_tile_args(tile, overlap)
     w = blend_weights_1d(tile, overlap)
     return np.outer(w, w)
 
@@ -243,7 +255,6 @@ def spread_offsets(length: int, tile: int, overlap: int) -> list[int]:
     by at most one pixel, and every tile lies inside the raster. A length shorter than one tile
     gives ``[0]``.
     """
-    check_tile_args(tile, overlap)
     if length <= tile:
         return [0]
     n = -(-(length - tile) // (tile - overlap)) + 1
@@ -309,8 +320,7 @@ class TileGrid:
     def build(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
         """Grid of ``tile``-sized windows overlapping by at least ``overlap`` pixels.
 
-        Raises:
-            ConfigError: invalid tile size or overlap.
+        ``tile`` and ``overlap`` are as :class:`TilingOptions` checks them.
         """
         rows, row_w = axis_blend_weights(height, tile, overlap)
         cols, col_w = axis_blend_weights(width, tile, overlap)

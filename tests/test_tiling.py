@@ -5,7 +5,9 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 
 from geobp.errors import ConfigError
-from geobp.tiling import cell_window, draw_origin, grid_offsets, grid_windows, origin_cells, origin_ranges, split_blocks
+from geobp.tiling import (
+    TilingOptions, cell_window, draw_origin, grid_offsets, grid_windows, origin_cells, origin_ranges, split_blocks,
+)
 
 
 def as_tuples(windows):
@@ -34,10 +36,19 @@ def test_grid_windows_region_stays_inside_region():
     assert got == {(r, c, 4, 4) for r in (20, 22) for c in (10, 14, 15)}
 
 
-@pytest.mark.parametrize("tile,overlap,match", [(0, 0, "tile size must be positive"), (4, 4, "overlap must be in")])
-def test_bad_tile_args(tile, overlap, match):
+@pytest.mark.parametrize("tile,overlap,match", [
+    (0, 0, r"tile size must be positive \(found 0\)\. Fix: set tile_size >= 1"),
+    (4, 4, r"overlap must be in \[0, tile size\) \(tile 4, found overlap 4\)\. Fix: set overlap smaller than tile_size"),
+    (4, -1, r"overlap must be in \[0, tile size\) \(tile 4, found overlap -1\)"),
+])
+def test_bad_tile_options(tile, overlap, match):
     with pytest.raises(ConfigError, match=match):
-        grid_windows(10, 10, tile, overlap)
+        TilingOptions(tile, overlap)
+
+
+def test_tile_options_keep_good_values_and_one_default():
+    assert TilingOptions(4, 3) == TilingOptions(tile_size=4, overlap=3)
+    assert (TilingOptions().tile_size, TilingOptions().overlap) == (256, 0)
 
 
 @settings(max_examples=200, deadline=None)

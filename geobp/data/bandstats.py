@@ -1,8 +1,8 @@
 """Band statistics from a fixed budget of file blocks: start-up time that does not grow with the data.
 
 Normalisation needs each band's mean and spread (or percentiles) over the training scenes, not
-every pixel of them: a few tens of millions of pixels drawn across scenes and within them give
-the same numbers to a fraction of a percent. :func:`sample_band_stats` reads whole internal blocks
+every pixel of them: a sample of pixels drawn across scenes and within them estimates them, at
+a cost set by the budget rather than by the data's size. :func:`sample_band_stats` reads whole internal blocks
 (a block decodes once; a window straddling blocks would decode several), drawn uniformly without
 replacement from all blocks of the training scenes, up to ``budget`` pixels. A dataset with
 fewer pixels than the budget is read whole, so its statistics are exact. The draw depends only on

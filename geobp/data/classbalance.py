@@ -2,11 +2,11 @@
 
 Rare classes need two numbers from the training labels: how many pixels each class covers (for
 class weights and the start-up report) and where they are (so that ``sampling: balanced`` can
-draw the tile places that hold them more often). Both come from one *label map* per scene: for
-each cell of :data:`LABEL_FACTOR` x :data:`LABEL_FACTOR` pixels, the pixel count of every class
+draw the tile places that hold them more often). Both come from the *cell histograms* of each scene:
+for each cell of :data:`HISTOGRAM_CELL` x :data:`HISTOGRAM_CELL` pixels, the pixel count of every class
 ``0..num_classes-1`` (other values, such as the ignore index, are not counted). Masks are single
-band and cheap to decode, so the map is built by reading the mask once, in strips of whole
-blocks; it is cached per scene in ``<cache>/.geobp_cache/labels.<stem>.<key>.npz``, keyed by the
+band and cheap to decode, so the histograms are built by reading the mask once, in strips of whole
+blocks; they are cached per scene in ``<cache>/.geobp_cache/labels.<stem>.<key>.npz``, keyed by the
 mask's path, size, modification time and the class count, and only built when something asks for
 it (``data.sampling: balanced`` or ``model.class_weights: auto``). Processes of a node split the
 scenes and read each other's files (:mod:`geobp.data.ranks`).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
@@ -34,18 +35,21 @@ from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.raster import RasterInfo, open_raster, read_window
 
-#: Pixels per side of a label-map cell.
-LABEL_FACTOR = 32
+if TYPE_CHECKING:
+    from geobp.data.samplers import SceneCells
+
+#: Pixels per side of a histogram cell.
+HISTOGRAM_CELL = 32
 #: Under ``balanced`` sampling, a tile place's rarity (frequency of the most common class over
 #: that of the rarest class it holds) is capped here, so that a class of a few pixels does not
 #: take over the epoch.
 BALANCE_CAP = 100.0
-LABELS_VERSION = 1
-#: Rows decoded at a time when building a label map (rounded to whole blocks and cells).
+HISTOGRAMS_VERSION = 1
+#: Rows decoded at a time when building the cell histograms (rounded to whole blocks and cells).
 STRIP_ROWS = 1024
 
 
-def label_map(path: str | Path, num_classes: int, factor: int = LABEL_FACTOR) -> np.ndarray:
+def cell_histograms(path: str | Path, num_classes: int, factor: int = HISTOGRAM_CELL) -> np.ndarray:
     """Pixel counts of classes ``0..num_classes-1`` per ``factor`` x ``factor`` cell of a mask.
 
     Args:
@@ -76,21 +80,21 @@ def label_map(path: str | Path, num_classes: int, factor: int = LABEL_FACTOR) ->
     return out
 
 
-def label_cache_file(path: str | Path, num_classes: int, cache_root: str | Path, factor: int = LABEL_FACTOR) -> Path:
-    """Where the label map of ``path`` is cached (keyed by its resolved path, size, mtime, classes and cell size)."""
+def histogram_cache_file(path: str | Path, num_classes: int, cache_root: str | Path, factor: int = HISTOGRAM_CELL) -> Path:
+    """Where the cell histograms of ``path`` are cached (keyed by its resolved path, size, mtime, classes and cell size)."""
     path = Path(path)
     st = path.stat()
     key = hashlib.sha1(
-        f"{LABELS_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}|{factor}".encode()
+        f"{HISTOGRAMS_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}|{factor}".encode()
     ).hexdigest()[:16]
     return Path(cache_root) / CACHE_DIR / f"labels.{path.stem}.{key}.npz"
 
 
-def load_label_maps(
+def load_cell_histograms(
     masks: Sequence[RasterInfo], num_classes: int, cache_root: str | Path, progress: bool = False
 ) -> list[np.ndarray]:
-    """:func:`label_map` of every mask, cached; with several processes on a node (``LOCAL_RANK``),
-    process r builds the maps of masks r, r + n, ... and reads the others' from the cache.
+    """:func:`cell_histograms` of every mask, cached; with several processes on a node (``LOCAL_RANK``),
+    process r builds the histograms of masks r, r + n, ... and reads the others' from the cache.
 
     Raises:
         RasterReadError: a mask cannot be decoded.
@@ -105,7 +109,7 @@ def load_label_maps(
     maps: dict[int, np.ndarray] = {}
     for i in order:
         path = masks[i].path
-        cache_file = label_cache_file(path, num_classes, cache_root)
+        cache_file = histogram_cache_file(path, num_classes, cache_root)
 
         def load(f: Path = cache_file) -> np.ndarray | None:
             try:
@@ -115,7 +119,7 @@ def load_label_maps(
                 return None  # missing or broken: rebuilt
 
         def compute(p: str = path, f: Path = cache_file) -> np.ndarray:
-            counts = label_map(p, num_classes)
+            counts = cell_histograms(p, num_classes)
             try:
                 with atomic_path(f, suffix=".npz") as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, counts=counts)
@@ -136,11 +140,11 @@ def _axis_weights(lo: int, hi: int, length: int, factor: int) -> tuple[int, np.n
     return first, np.clip(inside, 0, None) / np.maximum(ends - starts, 1)
 
 
-def window_class_counts(counts: np.ndarray, window: Window, height: int, width: int, factor: int = LABEL_FACTOR) -> np.ndarray:
-    """Pixels per class inside ``window`` of a scene from its label map (area-weighted at cut cells).
+def window_class_counts(counts: np.ndarray, window: Window, height: int, width: int, factor: int = HISTOGRAM_CELL) -> np.ndarray:
+    """Pixels per class inside ``window`` of a scene from its cell histograms (area-weighted at cut cells).
 
     Args:
-        counts: the scene's label map [K, rows, cols].
+        counts: the scene's cell histograms [K, rows, cols].
         window: pixel window inside the scene.
         height, width: the scene's size in pixels.
 
@@ -182,6 +186,28 @@ def balance_factors(cell_counts: np.ndarray, power: float, cap: float = BALANCE_
     return np.minimum(rarest, cap) ** power
 
 
+def place_class_counts(
+    histograms: Sequence[np.ndarray], cells: Sequence[SceneCells], windows: Sequence[Sequence[Window]], num_classes: int
+) -> np.ndarray:
+    """[N, K] pixels per class under the tiles of every origin cell, scene after scene.
+
+    Args:
+        histograms: per scene, its cell histograms (:func:`load_cell_histograms`).
+        cells: the training origin cells per scene (:func:`geobp.data.places.train_places`).
+        windows: per scene, the window each of its cells' tiles cover.
+        num_classes: K.
+    """
+    counts = [window_class_counts(histograms[sc.scene], w, sc.height, sc.width) for sc, ws in zip(cells, windows) for w in ws]
+    return np.array(counts).reshape(len(counts), num_classes)
+
+
+def balanced_weights(cells: Sequence[SceneCells], counts: np.ndarray, power: float) -> np.ndarray:
+    """The origin cells' weights under ``sampling: balanced``, flat: their uniform weights times
+    :func:`balance_factors` of their class counts."""
+    uniform = np.array([w for sc in cells for w in sc.weights])
+    return uniform * balance_factors(counts, power)
+
+
 def expected_shares(cell_counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Expected share of each class among the labelled pixels drawn when place i is picked with
     probability proportional to ``weights[i]`` (each place contributing its classes' mix).
@@ -204,5 +230,5 @@ def class_counts(masks: Sequence[str | Path], num_classes: int) -> list[int]:
     """
     total = np.zeros(num_classes, np.int64)
     for path in masks:
-        total += label_map(path, num_classes).sum(axis=(1, 2))
+        total += cell_histograms(path, num_classes).sum(axis=(1, 2))
     return total.tolist()

@@ -8,6 +8,11 @@ Forms accepted (``data.labels``):
 - a vector file (``.gpkg``, ``.geojson``, ``.shp``, ``.fgb`` ... anything OGR reads) in any CRS,
   with the class in ``label_field`` (an integer id or a class name).
 
+A file's kind is decided by opening it, not by its name: what GDAL opens as a raster (any raster
+driver: GeoTIFF named ``.gtif``, Erdas Imagine ``.img``, JPEG 2000, VRT, netCDF ...) is a label
+raster, else what OGR opens as a vector layer is a vector file (:func:`read_label_source`). A
+folder lists the files with :data:`LABEL_FOLDER_SUFFIXES`.
+
 Raw values go through ``label_map`` (raw value -> class id or the ignore index); a value that is
 neither mapped nor a class id is an error naming the file and the values. Bringing the sources
 onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
@@ -27,23 +32,28 @@ from typing import Any
 import numpy as np
 from rasterio.crs import CRS
 
-from geobp.classes import invalid_labels
-from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, format_error
+from geobp.classes import check_num_classes, class_names_for, invalid_labels
+from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
 from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, project_bounds, read_info
 
-#: Suffixes read as label rasters; any other single file is read as a vector file with OGR.
-LABEL_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
+#: Files listed when ``data.labels`` names a folder (label rasters of common raster formats). A
+#: file named directly or by a glob is taken whatever its suffix.
+LABEL_FOLDER_SUFFIXES = (".tif", ".tiff", ".gtif", ".vrt", ".img", ".jp2", ".nc")
 
 RawKey = int | str
 
 
 @dataclass(frozen=True)
 class LabelOptions:
-    """How raw labels become class ids (the ``data.label_*`` options).
+    """How raw labels become class ids (the ``data.label_*`` options, with the classes).
+
+    Built once where the configuration enters, by :meth:`from_config` from a ``data:`` section;
+    the field defaults are the options' one default (the data module's signature refers to them).
 
     Args:
-        num_classes: class ids are ``0..num_classes-1``.
-        ignore_index: the label of pixels that count nowhere (and of pixels no label covers).
+        num_classes: class ids are ``0..num_classes-1``; at least 2.
+        ignore_index: the label of pixels that count nowhere (and of pixels no label covers), in
+            ``[num_classes, 255]`` (aligned labels are uint8).
         class_names: class names; a vector's string labels are looked up here.
         label_map: raw value (number or string) -> class id or ``ignore_index``; applied first.
         label_field: the vector attribute holding the class; None burns every feature as class 1.
@@ -51,16 +61,49 @@ class LabelOptions:
         all_touched: rasterize every pixel a feature touches, not only those whose centre it covers.
 
     Raises:
-        ConfigError: a mapped value or the background is neither a class id nor the ignore index.
+        ConfigError: fewer than two classes, an ignore index outside ``[num_classes, 255]``, or a
+            mapped value or the background that is neither a class id nor the ignore index.
     """
 
     num_classes: int
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
-    label_map: Mapping[RawKey, int] | None = field(default_factory=dict)
+    label_map: Mapping[RawKey, int] | None = None
     label_field: str | None = None
     label_background: int | None = None
     all_touched: bool = False
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> LabelOptions:
+        """The label options of a ``data:`` section (a mapping of ``data.<name>`` options).
+
+        Reads ``num_classes`` (required), ``ignore_index``, ``class_names`` (``class_<i>`` when
+        missing or empty), ``label_map``, ``label_field``, ``label_background`` and
+        ``all_touched``; a missing or null key takes the field's default. Other keys are ignored.
+
+        Raises:
+            ConfigError: ``num_classes`` is not set, ``class_names`` has not one name per class,
+                or a value fails the checks of the class.
+        """
+        num_classes = data.get("num_classes")
+        if num_classes is None:
+            raise ConfigError(format_error(None, "num_classes is not set", "set data.num_classes"))
+        num_classes = int(num_classes)
+        check_num_classes(num_classes)
+
+        def get(name: str) -> Any:
+            value = data.get(name)
+            return getattr(cls, name) if value is None else value
+
+        return cls(
+            num_classes=num_classes,
+            ignore_index=int(get("ignore_index")),
+            class_names=tuple(class_names_for(data.get("class_names"), num_classes)),
+            label_map=data.get("label_map"),
+            label_field=get("label_field"),
+            label_background=get("label_background"),
+            all_touched=bool(get("all_touched")),
+        )
 
     def __post_init__(self) -> None:
         # the option values as configs give them (a list of names, None for no map) in one form
@@ -68,6 +111,15 @@ class LabelOptions:
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
         object.__setattr__(self, "all_touched", bool(self.all_touched))
+        check_num_classes(self.num_classes)
+        if not 0 <= self.ignore_index < 256 or self.ignore_index < self.num_classes:
+            raise ConfigError(
+                format_error(
+                    None,
+                    f"ignore_index must be in [num_classes, 255] (found {self.ignore_index} with {self.num_classes} classes)",
+                    "use 255 unless your masks use another value for unlabelled pixels",
+                )
+            )
         bad = {k: v for k, v in self.label_map.items() if not self.is_label(v)}
         if bad:
             raise ConfigError(
@@ -87,6 +139,21 @@ class LabelOptions:
                     "set it to a class id, or leave it unset to ignore pixels outside every feature",
                 )
             )
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """How raw labels were turned into classes, JSON-able (stored in checkpoints as ``label_options``).
+
+        Returns:
+            ``{"label_map": {raw: class} (keys as text, as JSON holds them), "label_field": str | None,
+            "label_background": int | None, "all_touched": bool}``.
+        """
+        return {
+            "label_map": {str(k): int(v) for k, v in self.label_map.items()},  # type: ignore[union-attr]
+            "label_field": self.label_field,
+            "label_background": self.label_background,
+            "all_touched": self.all_touched,
+        }
 
     def is_label(self, value: int) -> bool:
         """True for a class id or the ignore index (the rule of :func:`geobp.classes.invalid_labels`)."""
@@ -228,28 +295,60 @@ def read_vector_info(path: str | Path) -> VectorInfo:
     return VectorInfo(str(path), str(info["crs"]), bounds, tuple(str(f) for f in info["fields"]))  # type: ignore[arg-type]
 
 
+def read_label_source(path: str | Path) -> RasterInfo | VectorInfo:
+    """The header of one label file, its kind found by opening it (never by its name).
+
+    GDAL's raster drivers are tried first (:func:`geobp.raster.read_info`), then OGR's vector
+    drivers (:func:`read_vector_info`).
+
+    Returns:
+        A :class:`RasterInfo` for a raster, a :class:`VectorInfo` for a vector file.
+
+    Raises:
+        DataNotFoundError: the file does not exist, or neither GDAL nor OGR can open it.
+        GeoreferenceError: a vector layer has no CRS.
+    """
+    try:
+        return read_info(path)
+    except RasterReadError as raster_err:
+        try:
+            return read_vector_info(path)
+        except DataNotFoundError:
+            raise DataNotFoundError(
+                format_error(
+                    path,
+                    "neither a raster GDAL can open nor a vector file OGR can open (expected a label raster or vector layer)",
+                    "pass a label raster (GeoTIFF, .img, .jp2, .vrt, netCDF ...) or a vector file "
+                    "(GeoPackage, GeoJSON, Shapefile, FlatGeobuf), or re-export the file if it is damaged",
+                )
+            ) from raster_err
+
+
 def find_label_sources(spec: str | Path | Sequence[str | Path], label_field: str | None = None) -> LabelSources:
     """Read the headers of ``data.labels``: label rasters, or a single vector file.
 
+    Each file is opened to tell a raster from a vector (:func:`read_label_source`).
+
     Raises:
-        DataNotFoundError: a path is missing or unreadable.
+        DataNotFoundError: a path is missing or neither a raster nor a vector file.
         ConfigError: a vector file mixed with others, or ``label_field`` is not one of its attributes.
         GeoreferenceError: a label has no CRS.
     """
-    paths = expand_paths(spec, LABEL_RASTER_SUFFIXES, "labels")
-    vectors = [p for p in paths if p.suffix.lower() not in LABEL_RASTER_SUFFIXES]
+    paths = expand_paths(spec, LABEL_FOLDER_SUFFIXES, "labels")
+    headers = [read_label_source(p) for p in paths]
+    vectors = [h for h in headers if isinstance(h, VectorInfo)]
     if vectors:
         if len(paths) > 1:
             raise ConfigError(
-                format_error(vectors[0], "a vector label file must be the only label source", "merge the layers into one file")
+                format_error(vectors[0].path, "a vector label file must be the only label source", "merge the layers into one file")
             )
-        info = read_vector_info(vectors[0])
+        info = vectors[0]
         if label_field is not None and label_field not in info.fields:
             raise ConfigError(
                 format_error(info.path, f"attribute {label_field!r} not found (attributes: {', '.join(info.fields)})", "set data.label_field")
             )
         return LabelSources(vector=info)
-    rasters = [read_info(p) for p in paths]
+    rasters = [h for h in headers if isinstance(h, RasterInfo)]
     for r in rasters:
         if r.crs is None:
             raise GeoreferenceError(format_error(r.path, "label raster has no CRS", "assign one, e.g. `gdal_edit.py -a_srs EPSG:XXXX FILE`"))

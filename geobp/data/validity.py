@@ -17,7 +17,7 @@ from, in order:
 
 Which of the last two a scene without a cheap source gets is ``mode``: ``scan``, ``at_read``,
 or ``auto``: scan while those scenes hold at most :data:`SCAN_BUDGET_BYTES` of decoded pixels
-(a start-up of seconds, once: the scans are cached), read-time rejection beyond.
+(decoded once: the scans are cached), read-time rejection beyond.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ ValiditySource = Literal["all_valid", "mask", "overview", "scan", "at_read"]
 ValidityMode = Literal["auto", "scan", "at_read"]
 
 #: Under ``auto``, scenes without a cheap validity source are scanned while they hold at most
-#: this many bytes of decoded pixels in all (about 20 s of DEFLATE decoding on one core at the
-#: 56 MB/s measured for #16); larger datasets get read-time rejection instead.
+#: this many bytes of decoded pixels in all (a scan decodes every pixel, so its start-up cost grows
+#: with this); larger datasets get read-time rejection instead.
 SCAN_BUDGET_BYTES = 2**30
 
 

@@ -8,7 +8,7 @@ import torch
 from rasterio.windows import Window
 
 from geobp.data import GeoTiffDataModule
-from geobp.data.classbalance import balance_factors, expected_shares, label_cache_file, label_map, window_class_counts
+from geobp.data.classbalance import balance_factors, expected_shares, histogram_cache_file, cell_histograms, window_class_counts
 from geobp.data.samplers import RandomTileSampler
 from geobp.errors import ConfigError
 from geobp.losses import class_weights_from_counts
@@ -102,15 +102,15 @@ def test_class_pixels_match_the_masks_counted_by_hand(rare_data):
     w = 1 / np.sqrt(freq)
     assert class_weights_from_counts(dm.class_pixels) == pytest.approx((w / w.mean()).tolist())
     # cached per mask under the cache folder; a second data module reads the cache
-    cached = label_cache_file(dm.scenes[0].mask.path, 3, root)
+    cached = histogram_cache_file(dm.scenes[0].mask.path, 3, root)
     assert cached.exists() and cached.parent.name == ".geobp_cache"
     assert make_dm(root).class_pixels == by_hand
 
 
-def test_label_map_and_window_counts_are_exact_on_and_off_the_grid(tmp_path):
+def test_cell_histograms_and_window_counts_are_exact_on_and_off_the_grid(tmp_path):
     mask = rare_masks(7)
     path = write_tif(tmp_path / "m.tif", mask[:100, :90])  # not a multiple of the cell size
-    counts = label_map(path, 3, factor=32)
+    counts = cell_histograms(path, 3, factor=32)
     assert counts.shape == (3, 4, 3)
     sub = mask[:100, :90]
     assert counts.sum(axis=(1, 2)).tolist() == [int((sub == k).sum()) for k in range(3)]
@@ -153,39 +153,39 @@ def test_uniform_sampling_reads_no_mask(rare_data, monkeypatch):
     import geobp.data.datamodule as dmod
 
     def boom(*a, **k):
-        raise AssertionError("label maps built under uniform sampling")
+        raise AssertionError("cell histograms built under uniform sampling")
 
-    monkeypatch.setattr(dmod, "load_label_maps", boom)
+    monkeypatch.setattr(dmod, "load_cell_histograms", boom)
     dm = make_dm(rare_data[0])
     assert sum(len(sc.cells) for sc in dm.train_cells()) > 0
-    with pytest.raises(AssertionError, match="label maps built"):
+    with pytest.raises(AssertionError, match="cell histograms built"):
         make_dm(rare_data[0], sampling="balanced").train_cells()
 
 
-def test_label_map_leaves_out_negative_and_ignored_values(tmp_path):
+def test_cell_histograms_leave_out_negative_and_ignored_values(tmp_path):
     mask = np.zeros((40, 40), np.int16)
     mask[:10] = -1
     mask[10:20] = 2
     mask[20:22] = 300
-    counts = label_map(write_tif(tmp_path / "m16.tif", mask), 3, factor=32)
+    counts = cell_histograms(write_tif(tmp_path / "m16.tif", mask), 3, factor=32)
     assert counts.sum(axis=(1, 2)).tolist() == [18 * 40, 0, 10 * 40]
 
 
-def test_label_maps_are_cached_and_split_between_the_processes_of_a_node(rare_data, monkeypatch):
+def test_cell_histograms_are_cached_and_split_between_the_processes_of_a_node(rare_data, monkeypatch):
     import geobp.data.classbalance as cb
-    from geobp.data.classbalance import load_label_maps
+    from geobp.data.classbalance import load_cell_histograms
     from geobp.raster import read_info
 
     root, masks = rare_data
     infos = [read_info(root / "masks" / f"s{i}.tif") for i in range(len(masks))]
-    first = load_label_maps(infos, 3, root)
-    label_cache_file(infos[1].path, 3, root).unlink()
+    first = load_cell_histograms(infos, 3, root)
+    histogram_cache_file(infos[1].path, 3, root).unlink()
     built: list[str] = []
-    real = cb.label_map
-    monkeypatch.setattr(cb, "label_map", lambda path, n, factor=cb.LABEL_FACTOR: built.append(str(path)) or real(path, n, factor))
+    real = cb.cell_histograms
+    monkeypatch.setattr(cb, "cell_histograms", lambda path, n, factor=cb.HISTOGRAM_CELL: built.append(str(path)) or real(path, n, factor))
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    again = load_label_maps(infos, 3, root)
+    again = load_cell_histograms(infos, 3, root)
     # process 1 of 2 builds its own share (masks 1, 3) where not cached, and reads the rest
     assert built == [str(infos[1].path)]
     assert all((a == b).all() for a, b in zip(first, again))
