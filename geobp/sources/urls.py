@@ -53,8 +53,10 @@ NETWORK_VSI = ("/vsicurl/", "/vsicurl?", "/vsis3/", "/vsigs/", "/vsiaz/", "/vsia
 READ_OPTIONS: dict[str, str] = {
     # opening a COG must not list its "folder" (one LIST or HTML request per file, slow on buckets)
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    # no probing for side-car files (.aux.xml, .ovr, .msk) that object stores answer with 404s
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt",
+    # belt and braces beside EMPTY_DIR: no probing for side-car files (.aux.xml, .ovr, .msk); {noext}
+    # keeps extension-less hrefs readable. Any other ending is refused by GDAL without a request
+    # (check_remote says so): set the variable to add one
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt,{noext}",
     # one request for adjacent byte ranges (the tiles of one window are often contiguous)
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     # several ranges in flight on one HTTP/2 connection where the server offers it
@@ -334,9 +336,26 @@ def check_remote(path: str | Path) -> dict[str, Any]:
             return dict(src.profile)
     except RasterioIOError as error:
         said = str(error)
+        refused = _refused_extension(vsi)
+        if refused and "does not exist in the file system" in said:
+            allowed = os.environ.get("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", READ_OPTIONS["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"])
+            raise RasterReadError(format_error(redact(str(path)), f"GDAL opens only files ending in {allowed} over "
+                                               f"the network here (CPL_VSIL_CURL_ALLOWED_EXTENSIONS), found {refused!r}",
+                                               f"set CPL_VSIL_CURL_ALLOWED_EXTENSIONS={allowed},{refused}")) from None
         if "response code" not in said and not any(p.search(said) for p in (_UNREACHABLE, _NOT_FOUND, _DENIED)):
             said = _probe(vsi) or said  # GDAL said "not recognized as a supported format": ask the server
         raise _remote_error(str(path), said) from None
+
+
+def _refused_extension(vsi: str) -> str | None:
+    """The file's extension when CPL_VSIL_CURL_ALLOWED_EXTENSIONS (ours or the user's) leaves it out."""
+    if not any(vsi.startswith(prefix) for prefix in NETWORK_VSI):
+        return None
+    allowed = os.environ.get("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", READ_OPTIONS["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"])
+    name = vsi.split("?", 1)[0].rsplit("/", 1)[-1]
+    ext = "." + name.rsplit(".", 1)[1] if "." in name else "{noext}"
+    listed = [e.strip().lower() for e in allowed.split(",")]
+    return None if ext.lower() in listed or not allowed.strip() else ext
 
 
 def _probe(vsi: str) -> str | None:

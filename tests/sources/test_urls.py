@@ -187,12 +187,37 @@ def test_vsicurl_read_equals_local_read(http_server: ServerProcess, stac_tree: S
     stats = http_server.stats()
     assert stats["requests"][f"/{rel}"] >= 1
     assert stats["ranges"].get(f"/{rel}", 0) >= 1  # GDAL read byte ranges, not the file
+    assert set(stats["requests"]) == {f"/{rel}"}  # no folder listing, no .aux.xml/.msk probes
     # a window reads fewer bytes than the file holds
     http_server.reset()
     rel8 = f"{stac_tree.ids[0]}/B08.tif"
     with rasterio.Env(**gdal_read_options()), rasterio.open(gdal_path(f"{http_server.url}/{rel8}")) as src:
         window = src.read(1, window=rasterio.windows.Window(0, 0, 32, 32))
     np.testing.assert_array_equal(window, stac_tree.array(0, "B08")[0, :32, :32])
+
+
+def test_without_the_options_gdal_probes_side_car_files(http_server: ServerProcess, stac_tree: StacTree) -> None:
+    """The counterpart of the test above: what GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR saves."""
+    rel = f"{stac_tree.ids[1]}/B03.tif"
+    http_server.reset()
+    with rasterio.Env(), rasterio.open(gdal_path(f"{http_server.url}/{rel}")) as src:
+        src.read()
+    requested = set(http_server.stats()["requests"])
+    assert f"/{rel}.aux.xml" in requested and f"/{stac_tree.ids[1]}/" in requested
+
+
+def test_extension_filter_is_reported(http_server: ServerProcess, stac_tree: StacTree,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", raising=False)
+    url = f"{http_server.url}/{stac_tree.ids[0]}/{unique('B04.img')}?sig=hunter2"
+    with pytest.raises(RasterReadError, match=r"^http://.*\.img\?sig=REDACTED: GDAL opens only files ending in "
+                                              r"\.tif,.*,\{noext\} over the network here \(CPL_VSIL_CURL_ALLOWED_"
+                                              r"EXTENSIONS\), found '\.img'\. Fix: set CPL_VSIL_CURL_ALLOWED_"
+                                              r"EXTENSIONS=\.tif,.*,\{noext\},\.img\.$"):
+        check_remote(url)
+    # a file without an extension is allowed ({noext}): here it is simply missing
+    with pytest.raises(DataNotFoundError, match=r"not found \(HTTP response code: 404\)"):
+        check_remote(f"{http_server.url}/{stac_tree.ids[0]}/{unique('B04')}")
 
 
 def test_multirange_get_through_the_server(http_server: ServerProcess, stac_tree: StacTree) -> None:
