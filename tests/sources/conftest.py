@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,19 @@ def build_stac_tree(root: Path) -> StacTree:
         doc["collection"] = "sentinel-2-l2a"
         _write(root / "catalog" / "sentinel-2-l2a" / item_id / f"{item_id}.json", doc)
     return tree
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python-side guard: a connection to anything but 127.0.0.1 fails the test (GDAL's curl is not covered)."""
+    connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"a test tried to reach {address}: tests stay on 127.0.0.1")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture(scope="session")

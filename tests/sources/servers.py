@@ -10,8 +10,8 @@ The HTTP server:
 - answers ``Range: bytes=a-b`` with 206 and ``bytes=a-b,c-d`` with ``multipart/byteranges``;
 - counts requests and bytes sent per path, read back as JSON from ``GET /__stats__``
   (``POST /__reset__`` zeroes them); control paths are not counted;
-- with ``--fail-every N`` answers 503 to every Nth data request (a shared counter, so it is
-  deterministic for a single client);
+- with ``--fail-every N`` answers 503 to data requests 1, N+1, 2N+1 ... (a shared counter, so it
+  is deterministic for a single client; the first request always fails, even for a one-range read);
 - with ``--latency S`` sleeps S seconds before every data answer;
 - answers ``/status/CODE/...`` with that HTTP status (403, 500 ...) whatever the path, to test how
   errors are reported.
@@ -140,7 +140,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
             count = stats.count
         if self.server.latency:
             time.sleep(self.server.latency)
-        if self.server.fail_every and count % self.server.fail_every == 0:
+        if self.server.fail_every and (count - 1) % self.server.fail_every == 0:
             self._count(path, 503, 0, None)
             self._send_bytes(503, b"slow down", "text/plain", head)
             return

@@ -255,6 +255,17 @@ def test_retries_503_every_other_request(start_http, stac_tree: StacTree, monkey
     assert stats["statuses"]["503"] >= 1  # failures happened and were retried
 
 
+def test_vsis3_retries_503_too(start_http, stac_tree: StacTree, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto cannot fail on purpose, so the HTTP server plays an S3 endpoint (path style: /bucket/key)."""
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
+    server = start_http("--fail-every", "2")
+    monkeypatch.setenv("AWS_S3_ENDPOINT", f"127.0.0.1:{server.port}")
+    remote = read_all(gdal_path(f"s3://{stac_tree.ids[1]}/B11.tif"))  # the scene folder is the "bucket"
+    np.testing.assert_array_equal(remote, stac_tree.array(1, "B11"))
+    stats = server.stats()
+    assert stats["statuses"]["503"] >= 1 and set(stats["requests"]) == {f"/{stac_tree.ids[1]}/B11.tif"}
+
+
 def test_retries_give_up_with_a_one_line_error(start_http, stac_tree: StacTree,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
@@ -400,3 +411,10 @@ def test_read_bytes_local_http_s3_with_retries(start_http, s3_bucket: str, stac_
         read_bytes(f"{server.url}/{stac_tree.item}")
     with pytest.raises(DataNotFoundError, match=r"^s3://geobp-s2/nope\.json: not found \(NoSuchKey"):
         read_bytes(f"s3://{BUCKET}/nope.json")
+
+
+def test_the_loopback_guard_stops_outside_connections() -> None:
+    import socket
+
+    with pytest.raises(AssertionError, match=r"tests stay on 127\.0\.0\.1"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never sent
