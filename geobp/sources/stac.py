@@ -29,7 +29,7 @@ from typing import Any
 import pystac
 from pystac.utils import make_absolute_href
 
-from geobp.errors import ConfigError, DataNotFoundError, format_error
+from geobp.errors import ConfigError, DataNotFoundError, GeobpError, format_error
 from geobp.sources.bandref import BandRef
 from geobp.sources.urls import check_remote, gdal_path, is_url, read_bytes, redact
 
@@ -133,6 +133,9 @@ def load_items(source: str | Path) -> list[pystac.Item]:
     except (pystac.STACError, KeyError, TypeError, ValueError) as error:
         if isinstance(error, ConfigError):
             raise
+        cause = _geobp_cause(error)
+        if cause is not None:  # pystac wrapped our reader's error (a linked document missing, denied ...)
+            raise cause from None
         raise ConfigError(format_error(where, f"not a valid STAC {kind} ({type(error).__name__}: {error})",
                                        "check the document against the STAC specification")) from None
     for item in items:
@@ -143,6 +146,16 @@ def load_items(source: str | Path) -> list[pystac.Item]:
         raise DataNotFoundError(format_error(where, f"the STAC {kind} holds no items",
                                              "choose a search or catalog with items (check its filters and dates)"))
     return items
+
+
+def _geobp_cause(error: BaseException) -> GeobpError | None:
+    """The geobp error that caused ``error``, if any (pystac re-raises reader errors as STACError)."""
+    seen = error.__cause__ or error.__context__
+    while seen is not None:
+        if isinstance(seen, GeobpError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_raster(asset: pystac.Asset) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,15 @@ def test_load_errors_are_one_line(stac_tree: StacTree, tmp_path: Path, http_serv
     assert SECRET not in str(info.value)
 
 
+def test_catalog_with_a_missing_child_names_it(tmp_path: Path) -> None:
+    catalog = write_json(tmp_path / "catalog.json", {
+        "type": "Catalog", "stac_version": "1.0.0", "id": "c", "description": "d",
+        "links": [{"rel": "child", "href": "./gone/collection.json", "type": "application/json"}]})
+    with pytest.raises(DataNotFoundError, match=rf"^{tmp_path}/gone/collection\.json: file not found\. "
+                                                r"Fix: check the path\.$"):
+        load_items(catalog)
+
+
 # --- choosing bands ------------------------------------------------------------------------------
 
 
@@ -249,6 +259,17 @@ def test_jp2_copies_categorical_assets_and_multiband(stac_tree: StacTree, tmp_pa
     assert select_bands(item, ["red"])[0].resampling == "bilinear"
     assert [(r.name, r.band) for r in select_bands(item, ["visual"])] == [
         ("visual_B04", 1), ("visual_B03", 2), ("visual_B02", 3)]
+
+
+def test_nodata_forms(tmp_path: Path) -> None:
+    doc = item_dict("S2N", {n: f"./{n}.tif" for n in S2_BANDS}, "pc")
+    doc["assets"]["B02"]["raster:bands"] = [{"nodata": "nan", "data_type": "float32"}]
+    doc["assets"]["B03"].pop("raster:bands")
+    doc["assets"]["B03"]["nodata"] = -9999  # STAC 1.1 common field on the asset
+    doc["assets"]["B04"].pop("raster:bands")
+    (item,) = load_items(write_json(tmp_path / "item.json", doc))
+    blue, green, red = select_bands(item, ["blue", "green", "red"])
+    assert math.isnan(blue.nodata) and green.nodata == -9999.0 and red.nodata is None
 
 
 def test_item_without_band_assets(tmp_path: Path) -> None:
