@@ -61,8 +61,9 @@ READ_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     # several ranges in flight on one HTTP/2 connection where the server offers it
     "GDAL_HTTP_MULTIPLEX": "YES",
-    # retry 429 and 5xx (and connection resets/timeouts): GDAL waits RETRY_DELAY seconds, then
-    # multiplies the wait by about 2 to 2.5 each time (measured: 0.1, 0.25, 0.57, 1.41 s)
+    # GDAL itself retries 429, 500, 502, 503 and 504 (and connection resets/timeouts), not 401/403/404:
+    # it waits RETRY_DELAY seconds, then multiplies the wait by 2 plus jitter each time (5 retries
+    # from 1 s: about a minute at most); GDAL_HTTP_RETRY_CODES (GDAL >= 3.10) changes the codes
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "1",
     # a dead host fails after 30 s instead of curl's 300 s
@@ -75,8 +76,7 @@ READ_OPTIONS: dict[str, str] = {
 # of _SECRET_SUFFIXES): AWS SigV4 and SigV2, GCS V4 and V2, Azure SAS, OAuth-style tokens, API keys
 _SECRET_KEYS = frozenset({
     "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-    "x-goog-credential", "signature", "sig", "token", "access_token", "api_key", "apikey", "key",
-    "password", "secret", "client_secret",
+    "x-goog-credential", "sig", "api_key", "apikey", "key", "code",
 })
 _SECRET_SUFFIXES = ("token", "signature", "secret", "password")
 # parameters that change when a signature is refreshed (dropped by stable_key), beside the secrets

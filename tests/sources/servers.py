@@ -12,6 +12,7 @@ The HTTP server:
   (``POST /__reset__`` zeroes them); control paths are not counted;
 - with ``--fail-every N`` answers 503 to data requests 1, N+1, 2N+1 ... (a shared counter, so it
   is deterministic for a single client; the first request always fails, even for a one-range read);
+  ``--fail-status CODE`` answers CODE instead of 503;
 - with ``--latency S`` sleeps S seconds before every data answer;
 - answers ``/status/CODE/...`` with that HTTP status (403, 500 ...) whatever the path, to test how
   errors are reported.
@@ -141,8 +142,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if self.server.latency:
             time.sleep(self.server.latency)
         if self.server.fail_every and (count - 1) % self.server.fail_every == 0:
-            self._count(path, 503, 0, None)
-            self._send_bytes(503, b"slow down", "text/plain", head)
+            self._count(path, self.server.fail_status, 0, None)
+            self._send_bytes(self.server.fail_status, b"slow down", "text/plain", head)
             return
         forced = _STATUS.match(path)
         if forced:
@@ -190,10 +191,11 @@ class RangeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root: Path, fail_every: int = 0, latency: float = 0.0) -> None:
+    def __init__(self, root: Path, fail_every: int = 0, latency: float = 0.0, fail_status: int = 503) -> None:
         super().__init__(("127.0.0.1", 0), RangeHandler)
         self.root = root.resolve()
         self.fail_every = fail_every
+        self.fail_status = fail_status
         self.latency = latency
         self.stats = Stats()
 
@@ -261,10 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     http.add_argument("root", type=Path)
     http.add_argument("--fail-every", type=int, default=0)
     http.add_argument("--latency", type=float, default=0.0)
+    http.add_argument("--fail-status", type=int, default=503)
     sub.add_parser("moto")
     args = parser.parse_args(argv)
     if args.kind == "http":
-        server = RangeServer(args.root, args.fail_every, args.latency)
+        server = RangeServer(args.root, args.fail_every, args.latency, args.fail_status)
         print(server.server_address[1], flush=True)
         server.serve_forever()
     else:

@@ -255,6 +255,24 @@ def test_retries_503_every_other_request(start_http, stac_tree: StacTree, monkey
     assert stats["statuses"]["503"] >= 1  # failures happened and were retried
 
 
+@pytest.mark.parametrize("status", [429, 500, 502, 504])
+def test_gdal_retries_these_codes_itself(status: int, start_http, stac_tree: StacTree,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.02")
+    server = start_http("--fail-every", "2", "--fail-status", str(status))
+    remote = read_all(gdal_path(f"{server.url}/{stac_tree.ids[1]}/B05.tif?t={unique('x')}"))
+    np.testing.assert_array_equal(remote, stac_tree.array(1, "B05"))
+    assert server.stats()["statuses"][str(status)] >= 1
+
+
+def test_a_403_is_not_retried(start_http, stac_tree: StacTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.02")
+    server = start_http("--fail-every", "1", "--fail-status", "403")
+    with pytest.raises(RasterReadError, match=r"access denied \(HTTP response code: 403\)"):
+        check_remote(f"{server.url}/{stac_tree.ids[1]}/B05.tif")
+    assert server.stats()["statuses"] == {"403": 1}
+
+
 def test_vsis3_retries_503_too(start_http, stac_tree: StacTree, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """moto cannot fail on purpose, so the HTTP server plays an S3 endpoint (path style: /bucket/key)."""
     monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
