@@ -234,16 +234,19 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def start(kind: str, *args: str, timeout: float = 60.0) -> ServerProcess:
     """Start ``python -m tests.sources.servers KIND ARGS`` and wait for the port it prints."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    # stdin is a pipe the server watches: when this process dies, the server exits too (no orphans)
     process = subprocess.Popen([sys.executable, "-m", "tests.sources.servers", kind, *args], cwd=repo,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env)
     result: list[str] = []
     reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)
     reader.start()
@@ -253,6 +256,12 @@ def start(kind: str, *args: str, timeout: float = 60.0) -> ServerProcess:
         process.wait()
         raise RuntimeError(f"the {kind} test server did not start (first line: {result[:1]!r})")
     return ServerProcess(process, int(result[0]))
+
+
+def _exit_with_parent() -> None:
+    """Exit when stdin closes: the test process that started this server has ended."""
+    sys.stdin.read()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     http.add_argument("--fail-status", type=int, default=503)
     sub.add_parser("moto")
     args = parser.parse_args(argv)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     if args.kind == "http":
         server = RangeServer(args.root, args.fail_every, args.latency, args.fail_status)
         print(server.server_address[1], flush=True)
