@@ -290,7 +290,7 @@ def _find(item: pystac.Item, name: str) -> list[BandRef]:
 
 def _normal(name: str) -> str:
     """A name without case and leading zeros in numbers (``B04`` and ``b4`` are the same)."""
-    return re.sub(r"0+(\d)", r"\1", name.casefold())
+    return re.sub(r"(?<!\d)0+(?=\d)", "", name.casefold())
 
 
 def _looks_like_band(name: str) -> bool:
