@@ -65,7 +65,6 @@ def test_fixture_items_are_structurally_valid_stac(stac_tree: StacTree) -> None:
     collection = pystac.ItemCollection.from_dict(json.loads((stac_tree.root / stac_tree.collection).read_text()))
     assert [i.id for i in collection] == list(stac_tree.ids[:2])
     catalog = pystac.Catalog.from_file(str(stac_tree.root / stac_tree.catalog))
-    assert catalog.validate_all is not None  # a readable catalog (validation itself needs the schemas online)
     assert len(list(catalog.get_items(recursive=True))) == 3
 
 
