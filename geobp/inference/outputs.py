@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -31,10 +31,10 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from geobp.errors import OutputExistsError, format_error
+from geobp.inference.choices import Probabilities
 from geobp.atomic import atomic_path
 from geobp.raster import derive_profile
 
-Probabilities = Literal["none", "probs", "confidence"]
 
 #: Suffix of the class map written for an input ``<stem>.tif``.
 CLASSES_SUFFIX = "_classes"

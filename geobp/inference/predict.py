@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -56,29 +56,18 @@ from geobp.tiling import Tile, TileGrid
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import check_tile_args
+from geobp.inference.choices import (  # noqa: F401 - PRECISION_ALIASES and normalize_precision: re-exported
+    PRECISION_ALIASES,
+    MatchBands,
+    NormalizeOn,
+    Precision,
+    Reader,
+    check_choice,
+    normalize_precision,
+)
 
-Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
-MatchBands = Literal["names", "order"]
-#: How the input is read: ``threads`` (:class:`PrefetchReader`) or ``processes`` (:class:`ProcessReader`).
-Reader = Literal["threads", "processes"]
-#: Where tiles are normalised: in the ``reader`` (threads or processes), or on the model's ``device``.
-NormalizeOn = Literal["reader", "device"]
-#: Earlier spellings of :data:`Precision`, still accepted.
-PRECISION_ALIASES: dict[str, Precision] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
-
-
-def normalize_precision(precision: str) -> Precision:
-    """Lightning's precision name for ``precision`` (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed`` ...).
-
-    Raises:
-        ConfigError: not a precision inference runs in.
-    """
-    valid = get_args(Precision)
-    if precision in valid:
-        return precision  # type: ignore[return-value]
-    if precision in PRECISION_ALIASES:
-        return PRECISION_ALIASES[precision]
-    raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected {', '.join(valid)})", "pick one of them"))
+#: The tile size of a model that records no training tile size (``hparams["tile_size"]``).
+DEFAULT_TILE_SIZE = 512
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -90,41 +79,34 @@ def reader_kind(reader: Reader | None, device: str | torch.device) -> Reader:
     return "processes" if torch.device(device).type == "cuda" else "threads"
 
 
-def _check_args(
-    tile_size: int, overlap: int, batch_size: int, precision: str, probabilities: str, nodata_value: int,
-    reader: str | None, num_workers: int | None,
-) -> None:
-    check_tile_args(tile_size, overlap)
-    if reader is not None and reader not in get_args(Reader):
-        raise ConfigError(format_error(None, f"unknown reader {reader!r} (expected threads or processes)", "pick one of them"))
-    if num_workers is not None and num_workers < 1:
-        raise ConfigError(format_error(None, f"number of readers must be positive (found {num_workers})",
-                                       "set --readers >= 1, or leave it out for the default"))
-    if batch_size < 1:
-        raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
-    normalize_precision(precision)
-    if probabilities not in ("none", "probs", "confidence"):
-        raise ConfigError(
-            format_error(None, f"unknown probabilities {probabilities!r} (expected none, probs or confidence)", "pick one of them")
-        )
-    if not 0 <= nodata_value <= 255:
-        raise ConfigError(format_error(None, f"nodata value must fit uint8 (found {nodata_value})", "pick one in 0..255"))
+def training_tile_size(model: nn.Module) -> int | None:
+    """The tile size ``model`` was trained with (``model.hparams["tile_size"]``, as a loaded
+    ``SegmentationTask`` records it), or None for a model that records none."""
+    hparams = getattr(model, "hparams", None)
+    value = hparams.get("tile_size") if isinstance(hparams, Mapping) else None
+    return int(value) if value else None
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
-    """How rasters are predicted: one checked value handed down the layers of inference.
+    """How rasters are predicted: the one carrier of prediction options through inference.
+
+    Every value is checked here, once, when the options are made (or changed with
+    ``dataclasses.replace``); the functions that use them do not check them again.
 
     Attributes:
         tile_size: model input size; rasters smaller than a tile are padded by reflection.
+            None (default): the model's training tile size (:func:`training_tile_size`, from the
+            checkpoint), or :data:`DEFAULT_TILE_SIZE` for a model that records none.
         overlap: minimum overlap of neighbouring tiles (at least the model's receptive-field
             radius times four removes tile-edge effects; tile edges get near-zero weight
-            over the outer quarter of the overlap).
+            over the outer quarter of the overlap). None (default): an eighth of the tile size.
         batch_size: tiles per forward pass (the same for every share of a split raster).
         device: torch device for the model.
         precision: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` for autocast (meant for CUDA);
             ``32``, ``bf16`` and ``16`` are accepted and normalised.
-        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
+        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``: the
+            output written beside the class map (a sink of :data:`geobp.inference.sinks.SINKS`).
         cog: write Cloud Optimized GeoTIFFs (with overviews).
         overwrite: replace existing outputs.
         progress: show a progress bar (rich, on stderr).
@@ -135,7 +117,7 @@ class PredictOptions:
             the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
             of this process, which start at once and suffice on the CPU, where the model needs
             the cores anyway. None (default): processes on a GPU, threads on the CPU
-            (:func:`reader_kind`; measurements in BENCHMARKS.md, section 3b).
+            (:func:`reader_kind`).
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.
@@ -144,16 +126,16 @@ class PredictOptions:
             under other band numbers, those bands are read (see :func:`geobp.bands.bands_by_name`);
             ``order``: the training band numbers are read whatever the descriptions say.
         normalize_on: ``reader``: the readers normalise the tiles to float32; ``device``: they
-            hand over the raw pixels (half the bytes for uint16 inputs, a third less reader CPU
-            time per tile) and the model's device normalises them, to the same float32 values.
+            hand over the raw pixels (fewer bytes to move for integer inputs, less reader CPU
+            time) and the model's device normalises them, to the same float32 values.
             None (default): the device on CUDA, the reader elsewhere.
 
     Raises:
         ConfigError: an invalid value (checked when the options are made).
     """
 
-    tile_size: int = 512
-    overlap: int = 64
+    tile_size: int | None = None
+    overlap: int | None = None
     batch_size: int = 8
     device: str | torch.device = "cpu"
     precision: Precision | str = "32-true"
@@ -172,17 +154,62 @@ class PredictOptions:
     normalize_on: NormalizeOn | None = None
 
     def __post_init__(self) -> None:
-        _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value,
-                    self.reader, self.num_workers)
-        if self.normalize_on is not None and self.normalize_on not in get_args(NormalizeOn):
-            raise ConfigError(format_error(None, f"unknown normalize_on {self.normalize_on!r} (expected reader or device)",
-                                           "pick one of them"))
-        if self.match_bands not in get_args(MatchBands):
-            raise ConfigError(format_error(None, f"unknown match_bands {self.match_bands!r} (expected names or order)",
-                                           "pick one of them"))
+        if self.tile_size is not None:
+            check_tile_args(self.tile_size, self.overlap or 0)
+        elif self.overlap is not None and self.overlap < 0:
+            raise ConfigError(format_error(None, f"overlap must not be negative (found {self.overlap})", "set overlap >= 0"))
+        if self.batch_size < 1:
+            raise ConfigError(format_error(None, f"batch size must be positive (found {self.batch_size})", "set batch_size >= 1"))
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(format_error(None, f"number of readers must be positive (found {self.num_workers})",
+                                           "set --readers >= 1, or leave it out for the default"))
+        if not 0 <= self.nodata_value <= 255:
+            raise ConfigError(format_error(None, f"nodata value must fit uint8 (found {self.nodata_value})", "pick one in 0..255"))
+        if self.num_classes is not None and self.nodata_value < self.num_classes:
+            raise ConfigError(format_error(None, f"nodata value {self.nodata_value} is a class id ({self.num_classes} classes)",
+                                           "pick a larger nodata value"))
+        check_choice("probabilities", self.probabilities, Probabilities)
+        if self.reader is not None:
+            check_choice("reader", self.reader, Reader)
+        if self.normalize_on is not None:
+            check_choice("normalize_on", self.normalize_on, NormalizeOn)
+        check_choice("match_bands", self.match_bands, MatchBands)
         if self.band_names is not None:
             object.__setattr__(self, "band_names", tuple(str(n) for n in self.band_names))
         object.__setattr__(self, "precision", normalize_precision(self.precision))
+
+    def for_model(self, model: nn.Module) -> PredictOptions:
+        """These options with the tile size and overlap settled for ``model`` (see :attr:`tile_size`).
+
+        Raises:
+            ConfigError: the overlap does not fit the tile size.
+        """
+        tile = self.tile_size or training_tile_size(model) or DEFAULT_TILE_SIZE
+        overlap = tile // 8 if self.overlap is None else self.overlap
+        if (tile, overlap) == (self.tile_size, self.overlap):
+            return self
+        return dataclasses.replace(self, tile_size=tile, overlap=overlap)
+
+
+def predict_options(options: PredictOptions | None = None, **overrides: Any) -> PredictOptions:
+    """``options`` (the defaults when None) with the fields named in ``overrides`` replaced.
+
+    The keyword path of :func:`predict_raster` and :func:`~geobp.inference.batch.predict_many`:
+    ``predict_raster(model, src, dst, pre, tile_size=256)`` is
+    ``predict_raster(model, src, dst, pre, PredictOptions(tile_size=256))``.
+
+    Raises:
+        ConfigError: a name that is not a field of :class:`PredictOptions`, or an invalid value.
+    """
+    base = options if options is not None else PredictOptions()
+    if not overrides:
+        return base
+    fields = [f.name for f in dataclasses.fields(PredictOptions)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(format_error(None, f"unknown prediction option(s) {unknown} (expected some of {fields})",
+                                       "pass the fields of PredictOptions"))
+    return dataclasses.replace(base, **overrides)
 
 
 def _check_input(src: rasterio.DatasetReader, preprocessing: Preprocessing, expected_dtype: str | None) -> None:
@@ -281,23 +308,8 @@ def predict_raster(
     src: str | Path,
     dst: str | Path,
     preprocessing: Preprocessing,
-    *,
-    tile_size: int = 512,
-    overlap: int = 64,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    precision: Precision | str = "32-true",
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    probabilities: Probabilities = "none",
-    cog: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    nodata_value: int = 255,
-    expected_dtype: str | None = None,
-    num_workers: int | None = None,
-    reader: Reader | None = None,
-    normalize_on: NormalizeOn | None = None,
+    options: PredictOptions | None = None,
+    **overrides: Any,
 ) -> Path:
     """Predict a class map for one raster with sliding, overlapping, smoothly blended tiles.
 
@@ -315,7 +327,9 @@ def predict_raster(
         dst: class map to write (``<stem>_classes.tif`` by convention).
         preprocessing: band selection, nodata and normalization used in training. The input
             file's own nodata tag, when it has one, takes precedence for masking.
-        tile_size ... normalize_on: the fields of :class:`PredictOptions`.
+        options: how to predict (:class:`PredictOptions`; its defaults when None).
+        **overrides: fields of :class:`PredictOptions` replacing those of ``options``
+            (:func:`predict_options`), e.g. ``tile_size=256, probabilities="probs"``.
 
     Returns:
         ``dst``.
@@ -324,19 +338,9 @@ def predict_raster(
         DataNotFoundError, RasterReadError: the input cannot be opened or read.
         BandMismatchError: too few bands, or a dtype other than ``expected_dtype``.
         OutputExistsError: an output exists and ``overwrite`` is False.
-        ConfigError: invalid arguments, or model output that does not fit them.
+        ConfigError: invalid options, or model output that does not fit them.
     """
-    opts = PredictOptions(
-        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
-        probabilities=probabilities, cog=cog, overwrite=overwrite, progress=progress, nodata_value=nodata_value,
-        num_workers=num_workers, num_classes=num_classes, class_names=class_names, expected_dtype=expected_dtype,
-        reader=reader, normalize_on=normalize_on,
-    )
-    return predict_with(model, src, dst, preprocessing, opts)
-
-
-def predict_with(model: nn.Module, src: str | Path, dst: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Path:
-    """:func:`predict_raster` with its options as one :class:`PredictOptions`."""
+    opts = predict_options(options, **overrides).for_model(model)
     src, dst = Path(src), Path(dst)
     paths = check_paths(src, dst, opts.probabilities, opts.overwrite)
     job = open_job(src, preprocessing, opts)
@@ -384,6 +388,8 @@ class Job:
 def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Job:
     """Check an input raster against the model's preprocessing and lay out its tiles.
 
+    ``opts`` has its tile size and overlap settled (:meth:`PredictOptions.for_model`).
+
     Raises:
         DataNotFoundError, RasterReadError, GeoreferenceError, BandMismatchError, ConfigError:
             as :func:`predict_raster`.
@@ -399,9 +405,7 @@ def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions
         height, width, file_nodata = ds.height, ds.width, ds.nodata
     if file_nodata is not None:
         preprocessing = dataclasses.replace(preprocessing, nodata=file_nodata)
-    if opts.num_classes is not None and opts.nodata_value < opts.num_classes:
-        raise ConfigError(format_error(None, f"nodata value {opts.nodata_value} is a class id ({opts.num_classes} classes)",
-                                       "pick a larger nodata value"))
+    assert opts.tile_size is not None and opts.overlap is not None, "open_job takes options settled by for_model"
     return Job(src, profile, preprocessing, TileGrid.build(height, width, opts.tile_size, opts.overlap))
 
 

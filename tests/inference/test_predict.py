@@ -380,3 +380,38 @@ def test_decoding_threads_are_set_for_the_reads(tmp_path, monkeypatch):
     assert seen and all(o == {"NUM_THREADS": "3"} for o in seen)
     classes, _ = reference(conv_model(), tmp_path / "in.tif")
     assert np.array_equal(read(dst)[0], classes)
+
+
+def test_options_object_and_keyword_overrides_give_one_set_of_options(tmp_path):
+    from geobp.inference import PredictOptions, predict_options
+
+    base = PredictOptions(tile_size=16, overlap=8, progress=False)
+    assert predict_options(base) is base
+    assert predict_options(base, probabilities="confidence") == PredictOptions(tile_size=16, overlap=8, progress=False,
+                                                                               probabilities="confidence")
+    with pytest.raises(ConfigError, match=r"unknown prediction option\(s\) \['tile'\] \(expected some of \['tile_size', "):
+        predict_options(base, tile=16)
+    with pytest.raises(ConfigError, match="overlap must be in"):
+        predict_options(base, overlap=16)  # checked by PredictOptions, whichever way it is given
+    src = make_image(tmp_path / "a.tif")
+    out = predict_raster(conv_model(), src, tmp_path / "a_classes.tif", PRE, base, probabilities="confidence")
+    assert read(output_paths(out, "confidence")["confidence"]).shape == (1, 50, 70)
+
+
+def test_tile_size_defaults_to_the_training_tile_size_and_overlap_to_an_eighth():
+    from geobp.inference.predict import DEFAULT_TILE_SIZE, PredictOptions
+
+    class Trained(torch.nn.Module):
+        hparams = {"tile_size": 48}
+
+    assert (PredictOptions().for_model(Trained()).tile_size, PredictOptions().for_model(Trained()).overlap) == (48, 6)
+    bare = PredictOptions().for_model(conv_model())
+    assert (bare.tile_size, bare.overlap) == (DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE // 8)
+    assert PredictOptions(overlap=0).for_model(Trained()).overlap == 0
+    assert PredictOptions(tile_size=32).for_model(Trained()).tile_size == 32
+    with pytest.raises(ConfigError, match=r"overlap must be in \[0, tile size\) \(tile 48, found overlap 50\)"):
+        PredictOptions(overlap=50).for_model(Trained())
+    with pytest.raises(ConfigError, match="overlap must not be negative"):
+        PredictOptions(overlap=-1)
+    with pytest.raises(ConfigError, match="nodata value 2 is a class id"):
+        PredictOptions(num_classes=4, nodata_value=2)
