@@ -9,11 +9,22 @@ Output naming and format: see :mod:`geobp.inference.outputs`; to add an output f
 :mod:`geobp.inference.sinks`.
 """
 
-from geobp.inference.batch import InferenceSummary, class_map_path, expand_inputs, predict_many
-from geobp.inference.outputs import output_paths
-from geobp.inference.predict import PredictOptions, predict_options, predict_raster
+from __future__ import annotations
 
-__all__ = [
-    "InferenceSummary", "PredictOptions", "class_map_path", "expand_inputs", "output_paths", "predict_many", "predict_options",
-    "predict_raster",
-]
+import importlib
+from typing import Any
+
+#: public name -> the module defining it; imported on first use, so that the torch-free
+#: :mod:`geobp.inference.choices` can be imported (by the CLI's parsers) without torch
+_EXPORTS = {
+    "InferenceSummary": "batch", "class_map_path": "batch", "expand_inputs": "batch", "predict_many": "batch",
+    "output_paths": "outputs",
+    "PredictOptions": "predict", "predict_options": "predict", "predict_raster": "predict",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'geobp.inference' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"geobp.inference.{_EXPORTS[name]}"), name)

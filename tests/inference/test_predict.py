@@ -415,3 +415,13 @@ def test_tile_size_defaults_to_the_training_tile_size_and_overlap_to_an_eighth()
         PredictOptions(overlap=-1)
     with pytest.raises(ConfigError, match="nodata value 2 is a class id"):
         PredictOptions(num_classes=4, nodata_value=2)
+
+
+def test_choices_import_without_torch():
+    # the CLI's parsers take their choices from here; `geobp infer --help` must not load torch
+    import subprocess
+    import sys
+
+    code = "import sys, geobp.inference.choices; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
