@@ -24,10 +24,13 @@ class InferenceSummary:
     Attributes:
         succeeded: (input, class map written) per raster that finished.
         failed: (input, one-line error message) per raster that did not.
+        class_names: the model's classes, one name per class id (what scoring needs for its
+            :class:`~geobp.data.labels.LabelOptions`); empty before the checkpoint is loaded.
     """
 
     succeeded: list[tuple[Path, Path]] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -128,7 +131,7 @@ def predict_many(
         expected_dtype=pre.dtype, band_names=hp.get("in_band_names"), progress=opts.progress and ranks.rank == 0,
     )
     rasters, failed = expand_inputs(inputs)
-    summary = InferenceSummary(failed=failed)
+    summary = InferenceSummary(failed=failed, class_names=list(opts.class_names or []))
     seen: dict[Path, Path] = {}
     for src in rasters:
         dst = class_map_path(src, out_dir)
