@@ -117,7 +117,7 @@ class PredictOptions:
             the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
             of this process, which start at once and suffice on the CPU, where the model needs
             the cores anyway. None (default): processes on a GPU, threads on the CPU
-            (:func:`reader_kind`).
+            (:func:`reader_kind`; BENCHMARKS.md holds the measurements behind it).
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.
@@ -515,7 +515,7 @@ def _run(
                         probs[n].mul_(row_w[i][:, None]).mul_(col_w[j])
                     if len(keep) < len(batch.tiles):  # a share's first or last batch holds other shares' tiles
                         probs, valid = probs[keep], valid[keep]
-                    if dev.type == "cpu":  # numpy blending is faster than torch on CPU
+                    if dev.type == "cpu":  # numpy blending on the CPU (the faster there: BENCHMARKS.md)
                         writer.put((tiles, probs.numpy(), valid.numpy()))
                     else:  # blend on the device; only uint8 strips come back
                         writer.put((tiles, probs, valid.to(dev, non_blocking=True)))
