@@ -18,7 +18,7 @@ from typing import Any
 #: :mod:`geobp.inference.choices` can be imported (by the CLI's parsers) without torch
 _EXPORTS = {
     "InferenceSummary": "batch", "class_map_path": "batch", "expand_inputs": "batch", "predict_many": "batch",
-    "output_paths": "outputs",
+    "output_paths": "sinks",
     "PredictOptions": "predict", "predict_options": "predict", "predict_raster": "predict",
 }
 __all__ = sorted(_EXPORTS)

@@ -11,9 +11,10 @@ from geobp.classes import class_names_for
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
-from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
+from geobp.inference.parts import remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, check_paths, open_job, predict_options, predict_raster, predict_share
 from geobp.task import SegmentationTask
+from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.raster import list_rasters
 
 
@@ -183,13 +184,14 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, o
     bad raster cannot leave the others waiting. Returns the error message (on rank 0), or None.
     """
     error, job, shares = None, None, []
+    sinks = output_sinks(dst, opts)
     try:
-        check_paths(src, dst, opts.probabilities, opts.overwrite)
+        check_paths(src, sinks, opts.overwrite)
         job = open_job(src, task.preprocessing, opts)
         shares = share_rows(job.grid, ranks.world)
         mine = [s for s in shares if s.rank == ranks.rank]
         if mine:
-            predict_share(task, job, mine[0], part_path(dst, ranks.rank), opts)
+            predict_share(task, job, mine[0], sinks, opts)
     except Exception as err:  # noqa: BLE001 - reported by rank 0 after the exchange
         error = _message(src, err)
     errors = [e for e in ranks.all_gather(error) if e is not None]
@@ -198,11 +200,10 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, o
     try:
         if errors:
             return errors[0]
-        assert job is not None
-        write_from_parts(dst, job.grid, shares, job.profile, opts.class_names,
-                         probabilities=opts.probabilities, cog=opts.cog, overwrite=opts.overwrite)
+        assert job is not None and opts.class_names is not None
+        write_from_parts(output_sinks(dst, opts), job.grid, shares, OutputLayout(job.profile, opts.class_names))
     except Exception as err:  # noqa: BLE001
         return _message(src, err)
     finally:
-        remove_parts(dst, ranks.world)
+        remove_parts([sink.path for sink in sinks], ranks.world)
     return None
