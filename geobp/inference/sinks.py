@@ -38,7 +38,7 @@ and are Cloud Optimized GeoTIFFs on request.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -191,8 +191,8 @@ class BlockRows:
         self._pending_rows = 0
         self.peak_pending_rows = 0
 
-    def add(self, row: int, block: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Queue ``block`` (rows ``row`` onwards) and yield ``(row, data)`` for the whole block rows now ready.
+    def add(self, row: int, block: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Queue ``block`` (rows ``row`` onwards); return ``(row, data)`` of the whole block rows now ready (none or one).
 
         Raises:
             RuntimeError: the block does not start where the last one ended.
@@ -210,7 +210,8 @@ class BlockRows:
             self._pending = [rest.copy()] if rest.shape[1] else []
             start, self._row = self._row, self._row + ready
             self._pending_rows -= ready
-            yield start, data[:, :ready]
+            return [(start, data[:, :ready])]
+        return []
 
     @property
     def complete(self) -> bool:

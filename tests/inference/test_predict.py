@@ -14,7 +14,7 @@ from rasterio.transform import Affine
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, OutputExistsError
 from geobp.inference import output_paths, predict_raster
-from geobp.inference import outputs as outputs_mod
+from geobp.inference import sinks as sinks_mod
 from tests.conftest import write_tif
 
 K = 4
@@ -194,13 +194,13 @@ def test_cog_output_keeps_colours_and_tags(tmp_path):
 def test_block_aligned_writes_over_several_block_rows(tmp_path, monkeypatch):
     src = make_image(tmp_path / "a.tif", size=(600, 40))
     windows = []
-    original = outputs_mod.StripWriter._write
+    original = sinks_mod.GeoTiffSink.write_rows
 
-    def spy(self, row, data):
-        windows.append((row, data.shape[1]))
-        original(self, row, data)
+    def spy(self, window, data):
+        windows.append((window.row_off, data.shape[1]))
+        original(self, window, data)
 
-    monkeypatch.setattr(outputs_mod.StripWriter, "_write", spy)
+    monkeypatch.setattr(sinks_mod.GeoTiffSink, "write_rows", spy)
     model = conv_model(1)
     out = run(src, tmp_path / "a_classes.tif", model, tile_size=40, overlap=8)
     assert windows[0][0] == 0 and all(row % 256 == 0 for row, _ in windows)
@@ -238,13 +238,13 @@ def test_model_failure_mid_raster_leaves_nothing(tmp_path, cog):
 def test_writer_failure_leaves_nothing(tmp_path, monkeypatch):
     src = make_image(tmp_path / "a.tif", size=(600, 70))
 
-    def broken(self, row, data):
-        if row > 0:
+    def broken(self, window, data):
+        if window.row_off > 0:
             raise OSError("disk full")
-        original(self, row, data)
+        original(self, window, data)
 
-    original = outputs_mod.StripWriter._write
-    monkeypatch.setattr(outputs_mod.StripWriter, "_write", broken)
+    original = sinks_mod.GeoTiffSink.write_rows
+    monkeypatch.setattr(sinks_mod.GeoTiffSink, "write_rows", broken)
     with pytest.raises(OSError, match="disk full"):
         run(src, tmp_path / "a_classes.tif", batch_size=2)
     assert_only_input_left(tmp_path)
