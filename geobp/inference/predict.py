@@ -3,9 +3,9 @@
 Three stages overlap: readers read and preprocess batches of tiles (threads,
 :class:`~geobp.inference.reader.PrefetchReader`, or processes,
 :class:`~geobp.inference.procreader.ProcessReader`: ``PredictOptions.reader``), the calling
-thread runs the model, and a
-writer thread blends the tiles and writes finished strips
-(:class:`~geobp.inference.blend.TileBlender`, :class:`~geobp.inference.outputs.StripWriter`).
+thread runs the model, and a writer thread blends the tiles and hands the finished strips to
+the outputs (:class:`~geobp.inference.blend.TileBlender`,
+:class:`~geobp.inference.writer.BlendWriter`, the sinks of :mod:`geobp.inference.sinks`).
 Peak memory is bounded by the tile size, the batch size, the overlap band of one tile row
 and GDAL's block cache (sized by :func:`~geobp.inference.blockcache.block_cache_bytes` from
 the raster's width and blocks), not by the raster's height.
