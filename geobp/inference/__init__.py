@@ -5,21 +5,26 @@
   (or its fields as keywords, :func:`predict_options`).
 - :func:`predict_many`: many rasters (or folders) with one checkpoint; failures are collected.
 
-Output naming and format: see :mod:`geobp.inference.outputs`; to add an output format, see
-:mod:`geobp.inference.sinks`.
+The outputs (naming, format) and the place to add an output format: :mod:`geobp.inference.sinks`.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from geobp.inference.batch import InferenceSummary, class_map_path, expand_inputs, predict_many
+    from geobp.inference.options import PredictOptions, predict_options
+    from geobp.inference.predict import predict_raster
+    from geobp.inference.sinks import output_paths
 
 #: public name -> the module defining it; imported on first use, so that the torch-free
 #: :mod:`geobp.inference.choices` can be imported (by the CLI's parsers) without torch
 _EXPORTS = {
     "InferenceSummary": "batch", "class_map_path": "batch", "expand_inputs": "batch", "predict_many": "batch",
     "output_paths": "sinks",
-    "PredictOptions": "predict", "predict_options": "predict", "predict_raster": "predict",
+    "PredictOptions": "options", "predict_options": "options", "predict_raster": "predict",
 }
 __all__ = sorted(_EXPORTS)
 
