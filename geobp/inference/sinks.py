@@ -252,8 +252,9 @@ class GeoTiffSink:
 
     def open(self, layout: OutputLayout) -> None:
         """Create the temporary file (beside :attr:`path`) with :meth:`profile` and :meth:`describe` it."""
-        self._atomic = atomic_output(self.path, self.cog)
-        tmp = self._atomic.__enter__()
+        atomic = atomic_output(self.path, self.cog)
+        tmp = atomic.__enter__()
+        self._atomic = atomic
         try:
             self.dataset = rasterio.open(tmp, "w", **self.profile(layout))
             self.describe(self.dataset, layout)

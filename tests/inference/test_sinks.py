@@ -138,3 +138,35 @@ def test_every_output_name_has_a_sink_and_a_file_name():
         assert [s.path for s in sinks] == list(paths.values())
         assert all(isinstance(s, OutputSink) for s in sinks)
     assert output_paths("out/a_classes.tif", "confidence")["confidence"] == Path("out/a_confidence.tif")
+
+
+@pytest.mark.parametrize("name", sorted(SINKS))
+def test_a_geotiff_sink_missing_rows_refuses_to_commit_and_leaves_nothing(tmp_path, name):
+    import rasterio.transform
+
+    profile = {"driver": "GTiff", "height": 300, "width": 20, "count": 3, "dtype": "uint16", "crs": "EPSG:32633",
+               "transform": rasterio.transform.from_origin(500000.0, 5000000.0, 10.0, 10.0)}
+    layout = OutputLayout(profile, ["a", "b", "c"])
+    sink = SINKS[name].make(tmp_path / f"x_{name}.tif", PredictOptions(cog=True))
+    sink.open(layout)
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 280, 20)).astype(np.float32)
+    sink.write(0, sink.encode(probs / probs.sum(0), np.ones((280, 20), bool)))
+    with pytest.raises(RuntimeError, match=rf"x_{name}\.tif: prediction ended before every row was written"):
+        sink.commit()
+    assert list(tmp_path.iterdir()) == []
+    sink.abort()  # safe after the failure
+
+
+def test_a_part_missing_rows_refuses_to_commit_and_is_deleted(tmp_path):
+    src = make_image(tmp_path / "in.tif", size=(64, 40))
+    job = open_job(src, PRE, PredictOptions(tile_size=16, overlap=4))
+    share = share_rows(job.grid, 2)[1]
+    part = PartSink(ChecksumSink(tmp_path / "out" / "x.bin"), job.grid, share)
+    part.open(OutputLayout(job.profile, ["a", "b"]))
+    first, _ = share.rows(job.grid)
+    part.write(first, np.zeros((2, 4, 40), np.uint8))
+    assert part.path.exists()
+    with pytest.raises(RuntimeError, match=r"x\.rank1\.part\.npy: the share ended before every row was written"):
+        part.commit()
+    assert not part.path.exists()
