@@ -42,10 +42,10 @@ CLASSES = 5
 
 def _inference_api() -> tuple[Any, str]:
     try:
-        from geobp.inference import predict_raster
+        from geobp.inference import PredictOptions, predict_raster
     except Exception as err:  # not written yet, or broken
         return None, f"geobp.inference.predict_raster not available ({type(err).__name__}: {err})"
-    return predict_raster, ""
+    return (predict_raster, PredictOptions), ""
 
 
 def preprocessing(bands: int) -> Any:
@@ -58,12 +58,14 @@ def preprocessing(bands: int) -> Any:
 def predict(model: torch.nn.Module, src: Path, dst: Path, bands: int, tile: int, overlap: int, batch: int,
             workers: int) -> float:
     """Seconds for one ``predict_raster`` call (class map only, overwritten each time)."""
-    predict_raster, why = _inference_api()
-    if predict_raster is None:
+    api, why = _inference_api()
+    if api is None:
         raise RuntimeError(why)
+    predict_raster, PredictOptions = api
+    options = PredictOptions(tile_size=tile, overlap=overlap, batch_size=batch, device="cpu", progress=False, overwrite=True,
+                             num_workers=workers or None)
     start = time.perf_counter()
-    predict_raster(model, src, dst, preprocessing(bands), tile_size=tile, overlap=overlap, batch_size=batch,
-                   device="cpu", progress=False, overwrite=True, num_workers=workers or None)
+    predict_raster(model, src, dst, preprocessing(bands), options)
     return time.perf_counter() - start
 
 
@@ -134,9 +136,9 @@ def _memory_run(src: Path, dst: Path, cfg: Config) -> dict[str, float]:
 def run(cfg: Config) -> dict[str, Any]:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    predict_raster, why = _inference_api()
+    api, why = _inference_api()
     res = SectionResult(section="inference", title="Inference")
-    if predict_raster is None:
+    if api is None:
         res.skipped = f"{why}; rerun this section once it exists."
         return res.to_dict()
     from geobp.models import create_model
@@ -217,8 +219,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     res.setup = [
         f"Throughput: a {cfg.infer_size} x {cfg.infer_size} px, {BANDS}-band uint16 raster (DEFLATE, predictor 2, "
-        f"{block} px blocks); `predict_raster(model, src, dst, preprocessing, tile_size={cfg.infer_tile}, "
-        f"overlap={cfg.infer_overlap}, batch_size={cfg.infer_batch}, device='cpu')` with the default reader threads "
+        f"{block} px blocks); `predict_raster(model, src, dst, preprocessing, PredictOptions(tile_size={cfg.infer_tile}, "
+        f"overlap={cfg.infer_overlap}, batch_size={cfg.infer_batch}, device='cpu'))` with the default reader threads "
         f"({default_workers('cpu')} here), "
         f"class map only. The limit runs the same model on the same {cfg.infer_tile} px tiles of the same grid, "
         f"read and normalised beforehand, in batches of {cfg.infer_batch} under `torch.inference_mode()`.",

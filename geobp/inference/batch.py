@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from geobp.classes import class_names_for
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
-from geobp.inference.outputs import CLASSES_SUFFIX, Probabilities
+from geobp.inference.outputs import CLASSES_SUFFIX
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
-from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
-from geobp.inference.predict import (
-    MatchBands, PredictOptions, Precision, Reader, check_paths, open_job, predict_share, predict_with,
-)
+from geobp.inference.parts import remove_parts, share_rows, write_from_parts
+from geobp.inference.predict import PredictOptions, check_paths, open_job, predict_options, predict_raster, predict_share
 from geobp.task import SegmentationTask
+from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.raster import list_rasters
-from geobp.tiling import check_tile_args
-
 
 
 @dataclass
@@ -26,10 +25,13 @@ class InferenceSummary:
     Attributes:
         succeeded: (input, class map written) per raster that finished.
         failed: (input, one-line error message) per raster that did not.
+        class_names: the model's classes, one name per class id (what scoring needs for its
+            :class:`~geobp.data.labels.LabelOptions`); empty before the checkpoint is loaded.
     """
 
     succeeded: list[tuple[Path, Path]] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -79,65 +81,58 @@ def predict_many(
     ckpt_or_task: str | Path | SegmentationTask,
     inputs: list[str | Path],
     out_dir: str | Path,
+    options: PredictOptions | None = None,
     *,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    batch_size: int = 8,
-    device: str = "cpu",
-    precision: Precision | str = "32-true",
-    probabilities: Probabilities = "none",
-    cog: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    num_workers: int | None = None,
-    reader: Reader | None = None,
     ranks: Ranks | None = None,
-    match_bands: MatchBands = "names",
+    **overrides: Any,
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
 
-    The checkpoint is loaded once; bands, normalization, class names and the default tile size
-    come from it. An input that fails (unreadable, wrong bands, existing output ...) is recorded
-    with its one-line message and the others still run.
+    The checkpoint is loaded once; bands, normalization, class names, the input dtype and the
+    default tile size come from it (they replace those of ``options``). An input that fails
+    (unreadable, wrong bands, existing output ...) is recorded with its one-line message and the
+    others still run.
 
     Args:
         ckpt_or_task: path of a ``geobp fit`` checkpoint, or a loaded :class:`SegmentationTask`.
         inputs: GeoTIFFs and/or folders of them.
         out_dir: output folder (created if needed).
-        tile_size: tile size; the checkpoint's training tile size when None (512 if unrecorded).
-        overlap: tile overlap; an eighth of the tile size when None (64 for 512).
-        batch_size, device, precision, probabilities, cog, overwrite, progress,
-        num_workers, reader: as in :func:`predict_raster`.
+        options: how to predict (:class:`PredictOptions`; its defaults when None). Its
+            ``device`` is also where the checkpoint is loaded; with several processes only
+            rank 0 shows progress bars.
         ranks: this process's rank among several (see :mod:`geobp.inference.distributed`);
             by default those of the initialized process group, or a single process. With
             several, each call must get the same arguments; every process returns the same
-            summary, and only rank 0 shows progress bars.
-        match_bands: how the model's bands are found in each raster (see :class:`PredictOptions`);
-            the model's band names come from the checkpoint.
+            summary.
+        **overrides: fields of :class:`PredictOptions` replacing those of ``options``
+            (:func:`~geobp.inference.predict.predict_options`), e.g. ``tile_size=256, device="cuda"``.
 
     Returns:
         An :class:`InferenceSummary`; its ``exit_code`` is non-zero when any input failed.
 
     Raises:
         DataNotFoundError, CheckpointError: the checkpoint cannot be loaded.
-        ConfigError: invalid tile size or overlap, or two inputs share a file name (their
-            outputs would collide).
+        ConfigError: invalid options (an overlap that does not fit the tile size included), or
+            two inputs share a file name (their outputs would collide).
     """
+    opts = predict_options(options, **overrides)
     task = ckpt_or_task
     if not isinstance(task, SegmentationTask):
-        task = SegmentationTask.from_checkpoint(ckpt_or_task, map_location=device)
+        task = SegmentationTask.from_checkpoint(ckpt_or_task, map_location=opts.device)
     pre = task.preprocessing
     if pre is None:
         raise CheckpointError(format_error(ckpt_or_task if not isinstance(ckpt_or_task, SegmentationTask) else None,
                                            "model has no preprocessing (band statistics)", "train with `geobp fit`, which stores them"))
     hp = task.hparams
     k = int(hp["num_classes"])
-    names = class_names_for(hp.get("class_names"), k)
-    tile = int(tile_size or hp.get("tile_size") or 512)
-    overlap = tile // 8 if overlap is None else overlap
-    check_tile_args(tile, overlap)  # before any raster is listed (PredictOptions checks it again)
+    ranks = ranks or Ranks.current()
+    # the checkpoint's own values, and the tile size and overlap settled, before any raster is listed
+    opts = dataclasses.replace(
+        opts.for_model(task), num_classes=k, class_names=class_names_for(hp.get("class_names"), k),
+        expected_dtype=pre.dtype, band_names=hp.get("in_band_names"), progress=opts.progress and ranks.rank == 0,
+    )
     rasters, failed = expand_inputs(inputs)
-    summary = InferenceSummary(failed=failed)
+    summary = InferenceSummary(failed=failed, class_names=list(opts.class_names or []))
     seen: dict[Path, Path] = {}
     for src in rasters:
         dst = class_map_path(src, out_dir)
@@ -146,14 +141,7 @@ def predict_many(
                 format_error(src, f"same file name as {seen[dst]}: both would write {dst}", "predict them into separate output folders")
             )
         seen[dst] = src
-    ranks = ranks or Ranks.current()
     owners = plan(rasters, ranks.world) if ranks.world > 1 else [0] * len(rasters)
-    opts = PredictOptions(
-        tile_size=tile, overlap=overlap, batch_size=batch_size, device=device, precision=precision, num_classes=k,
-        class_names=names, probabilities=probabilities, cog=cog, overwrite=overwrite,
-        progress=progress and ranks.rank == 0, num_workers=num_workers, expected_dtype=pre.dtype,
-        band_names=hp.get("in_band_names"), match_bands=match_bands, reader=reader,
-    )
     # (input index, input, error message or None) of the rasters this process reports
     results: list[tuple[int, Path, str | None]] = []
     for n, src in enumerate(rasters):
@@ -183,7 +171,7 @@ def _message(src: Path, err: Exception) -> str:
 def _predict_whole(task: SegmentationTask, src: Path, dst: Path, opts: PredictOptions) -> str | None:
     """Predict one raster in this process; the error message, or None on success."""
     try:
-        predict_with(task, src, dst, task.preprocessing, opts)
+        predict_raster(task, src, dst, task.preprocessing, opts)
     except Exception as err:  # noqa: BLE001 - one bad raster must not stop the others
         return _message(src, err)
     return None
@@ -196,13 +184,14 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, o
     bad raster cannot leave the others waiting. Returns the error message (on rank 0), or None.
     """
     error, job, shares = None, None, []
+    sinks = output_sinks(dst, opts)
     try:
-        check_paths(src, dst, opts.probabilities, opts.overwrite)
+        check_paths(src, sinks, opts.overwrite)
         job = open_job(src, task.preprocessing, opts)
         shares = share_rows(job.grid, ranks.world)
         mine = [s for s in shares if s.rank == ranks.rank]
         if mine:
-            predict_share(task, job, mine[0], part_path(dst, ranks.rank), opts)
+            predict_share(task, job, mine[0], sinks, opts)
     except Exception as err:  # noqa: BLE001 - reported by rank 0 after the exchange
         error = _message(src, err)
     errors = [e for e in ranks.all_gather(error) if e is not None]
@@ -211,11 +200,10 @@ def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, o
     try:
         if errors:
             return errors[0]
-        assert job is not None
-        write_from_parts(dst, job.grid, shares, job.profile, opts.class_names,
-                         probabilities=opts.probabilities, cog=opts.cog, overwrite=opts.overwrite)
+        assert job is not None and opts.class_names is not None
+        write_from_parts(output_sinks(dst, opts), job.grid, shares, OutputLayout(job.profile, opts.class_names))
     except Exception as err:  # noqa: BLE001
         return _message(src, err)
     finally:
-        remove_parts(dst, ranks.world)
+        remove_parts([sink.path for sink in sinks], ranks.world)
     return None

@@ -10,8 +10,9 @@ overlap band under the current tile row (``overlap x width x classes`` floats) p
 ``tile x overlap`` column piece: the memory does not depend on the raster's height, and only
 that thin band depends on its width.
 
-Finished cells are encoded (argmax, nodata, uint8 probabilities) at once, and a full-width
-uint8 strip is handed out each time a tile row is complete.
+Finished cells are encoded at once by each output's encoder (argmax and nodata for the class
+map, uint8 probabilities ...: :meth:`geobp.inference.sinks.OutputSink.encode`), each into its
+own bands of a full-width uint8 strip, which is handed out each time a tile row is complete.
 
 The blender works on numpy arrays (CPU inference) or on torch tensors on the model's device
 (GPU inference: blending stays on the GPU and only uint8 strips travel to the host).
@@ -20,7 +21,7 @@ The blender works on numpy arrays (CPU inference) or on torch tensors on the mod
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,9 @@ class TileBlender:
 
     Args:
         grid: the tile grid (its weights must already be applied to the probabilities).
-        encode: turns the blended probabilities and validity of a finished cell into uint8 bands.
-        out_bands: number of bands ``encode`` returns.
+        encoders: ``(encode, bands)`` per output: ``encode`` turns the blended probabilities and
+            validity of a finished cell into ``bands`` uint8 bands; the strips hold the bands of
+            every output, in this order.
         first_row, stop_row: tile rows to expect (all of them by default). A blender that starts
             after row 0 lacks the contributions of earlier rows: the strips of its first rows are
             incomplete and only prime the overlap band of the later ones (distributed inference
@@ -71,13 +73,19 @@ class TileBlender:
         peak_buffered: the most ever held (for memory checks).
     """
 
-    def __init__(self, grid: TileGrid, encode: Encoder, out_bands: int, first_row: int = 0, stop_row: int | None = None) -> None:
+    def __init__(
+        self, grid: TileGrid, encoders: Sequence[tuple[Encoder, int]], first_row: int = 0, stop_row: int | None = None
+    ) -> None:
         self.grid = grid
         self.stop_row = len(grid.row_offsets) if stop_row is None else stop_row
         if not 0 <= first_row < self.stop_row <= len(grid.row_offsets):
             raise ValueError(f"tile rows [{first_row}, {stop_row}) are not inside the grid's {len(grid.row_offsets)} rows")
-        self.encode = encode
-        self.out_bands = out_bands
+        self.encoders = list(encoders)
+        #: first band of each output's bands in a strip, then the total
+        self.band_offsets = [0]
+        for _, bands in self.encoders:
+            self.band_offsets.append(self.band_offsets[-1] + bands)
+        self.out_bands = self.band_offsets[-1]
         self._row_cells = _cells(grid.row_offsets, grid.height, grid.tile_h)
         self._col_cells = _cells(grid.col_offsets, grid.width, grid.tile_w)
         self._row_edges = [*grid.row_offsets, grid.height]
@@ -125,15 +133,16 @@ class TileBlender:
             self.buffered -= _size(piece)
         r1 = self._row_cells[i][0][2]
         c1 = self._col_cells[j][0][2]
-        encoded = self.encode(own, valid[:r1, :c1])
+        cell_valid = valid[:r1, :c1]
         if j == 0:
             shape = (self.out_bands, r1, self.grid.width)
-            if isinstance(encoded, torch.Tensor):
-                self._strip = encoded.new_empty(shape)
+            if isinstance(own, torch.Tensor):
+                self._strip = torch.empty(shape, dtype=torch.uint8, device=own.device)
             else:
                 self._strip = np.empty(shape, np.uint8)
         col = self._col_edges[j]
-        self._strip[:, :, col : col + c1] = encoded
+        for (encode, _), b0, b1 in zip(self.encoders, self.band_offsets, self.band_offsets[1:]):
+            self._strip[b0:b1, :, col : col + c1] = encode(own, cell_valid)
         if j + 1 < n_cols:
             return None
         strip, self._strip = self._strip, None

@@ -8,8 +8,9 @@ used block first: a cache a little too small loses every block just before it is
 
 A fixed cache cannot suit every raster: 32 MiB holds one block row of a 3,072 px wide 6-band
 uint16 scene with 512 px blocks (19 MB), not the two a tile row can span, and a 16,384 px wide
-one needs 100 MB per block row (reading it went 1.6 to 2.4 times faster once the cache held
-them: BENCHMARKS.md, section 3b). GDAL's own default (5% of RAM) grows with the file instead.
+one needs 100 MB per block row; a cache that cannot hold them decodes every block again
+(BENCHMARKS.md holds the measurements). GDAL's own default (a share of RAM) grows with the file
+instead.
 Here the cache is sized from the raster's header, per reading process: the block rows one tile
 row spans, for the columns the process reads, within a share of the available memory.
 """

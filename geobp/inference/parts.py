@@ -1,9 +1,11 @@
 """One raster predicted by several processes: shares of tile rows, part files, and their assembly.
 
 A raster is cut into contiguous runs of tile rows, one per process (:func:`share_rows`). A
-process predicts its rows and writes the finished, encoded uint8 strips to a part file
-(:class:`PartSink`, a ``.npy`` file beside the outputs); rank 0 then writes the outputs from the
-parts (:func:`write_from_parts`), strip by strip in the order a single process writes them.
+process predicts its rows and writes each output's finished, encoded uint8 strips to a part file
+(:class:`PartSink`: an :class:`~geobp.inference.sinks.OutputSink` that encodes as the output it
+stands for and keeps its rows in a ``.npy`` file beside it); rank 0 then writes the outputs from
+the parts (:func:`write_from_parts`), strip by strip in the order a single process writes them.
+Any sink works in shares, with no code of its own for it.
 
 To give the same bytes as a single process:
 
@@ -20,20 +22,14 @@ half a tile).
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from geobp.inference.outputs import (
-    OutputFiles,
-    Probabilities,
-    atomic_output,
-    check_outputs_free,
-    output_paths,
-)
+from geobp.inference.sinks import Array, OutputLayout, OutputSink
 from geobp.tiling import TileGrid
 
 
@@ -78,94 +74,110 @@ def share_rows(grid: TileGrid, world: int) -> list[RowShare]:
     return shares
 
 
-def part_path(dst: str | Path, rank: int) -> Path:
-    """Part file of process ``rank`` for class map ``dst`` (hidden, beside it)."""
-    dst = Path(dst)
-    return dst.with_name(f".{dst.stem}.rank{rank}.part.npy")
+def part_path(output: str | Path, rank: int) -> Path:
+    """Part file of process ``rank`` for the output file ``output`` (hidden, beside it)."""
+    output = Path(output)
+    return output.with_name(f".{output.stem}.rank{rank}.part.npy")
 
 
 class PartSink:
-    """Writes the strips of one share to a ``.npy`` part file (uint8 [bands, rows, width]).
+    """One output's rows of one share, kept in a ``.npy`` part file (uint8 [bands, rows, width]).
 
-    Strips of warm-up rows are dropped. The file is complete when every row of the share has
-    been written; :attr:`complete` says so.
+    Encodes as ``sink`` does (whose file it stands for; ``sink`` itself is not opened). Strips
+    of warm-up rows are dropped. :meth:`commit` keeps the part when every row of the share came;
+    :meth:`abort` deletes it.
+
+    Args:
+        sink: the output.
+        grid: the raster's tile grid.
+        share: the tile rows of this process.
     """
 
-    def __init__(self, path: Path, grid: TileGrid, share: RowShare, bands: int) -> None:
-        self.path = Path(path)
+    def __init__(self, sink: OutputSink, grid: TileGrid, share: RowShare) -> None:
+        self.sink = sink
+        self.path = part_path(sink.path, share.rank)
         self.first, self.end = share.rows(grid)
-        self.bands = bands
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._data = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=(bands, self.end - self.first, grid.width))
+        self.width = grid.width
+        self._data: Any = None
         self._next = self.first
 
-    def write(self, row: int, strip: np.ndarray) -> None:
-        """Store ``strip`` (uint8 [bands, rows, width]) starting at ``row``, unless it is a warm-up row."""
+    def bands(self, layout: OutputLayout) -> int:
+        """The bands of ``sink``."""
+        return self.sink.bands(layout)
+
+    def encode(self, probs: Array, valid: Array) -> Array:
+        """As ``sink`` encodes."""
+        return self.sink.encode(probs, valid)
+
+    def open(self, layout: OutputLayout) -> None:
+        """Create the part file for the share's rows."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._data = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8,
+                                               shape=(self.bands(layout), self.end - self.first, self.width))
+
+    def write(self, row: int, block: np.ndarray) -> None:
+        """Store ``block`` (uint8 [bands, rows, width]) starting at ``row``, unless it is a warm-up row."""
         if row < self.first:
             return
-        if row != self._next or row + strip.shape[1] > self.end:
+        if row != self._next or row + block.shape[1] > self.end:
             raise RuntimeError(f"{self.path}: strip at row {row} out of order (expected {self._next}, share ends at {self.end})")
-        self._data[:, row - self.first : row - self.first + strip.shape[1]] = strip
-        self._next = row + strip.shape[1]
+        self._data[:, row - self.first : row - self.first + block.shape[1]] = block
+        self._next = row + block.shape[1]
 
-    @property
-    def complete(self) -> bool:
-        """True when every row of the share has been written."""
-        return self._next == self.end
+    def commit(self) -> None:
+        """Flush the part to disk.
 
-    def close(self) -> None:
-        """Flush the part to disk."""
-        if self._data is not None:
-            self._data.flush()
-            self._data = None
+        Raises:
+            RuntimeError: rows of the share are missing (the part is deleted).
+        """
+        if self._data is None or self._next != self.end:
+            self.abort()
+            raise RuntimeError(f"{self.path}: the share ended before every row was written")
+        self._data.flush()
+        self._data = None
+
+    def abort(self) -> None:
+        """Delete the part file."""
+        self._data = None
+        self.path.unlink(missing_ok=True)
 
 
-def write_from_parts(
-    dst: Path,
-    grid: TileGrid,
-    shares: list[RowShare],
-    profile: dict[str, Any],
-    class_names: list[str],
-    *,
-    probabilities: Probabilities = "none",
-    nodata_value: int = 255,
-    cog: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Write the outputs of ``dst`` from the part files of ``shares`` (run by rank 0).
+def write_from_parts(sinks: Sequence[OutputSink], grid: TileGrid, shares: list[RowShare], layout: OutputLayout) -> None:
+    """Write the outputs ``sinks`` from the part files of ``shares`` (run by rank 0).
 
-    The strips go to the files one tile row at a time, as a single process writes them, so the
-    files are the same. Outputs are written under temporary names and renamed when complete.
-    The part files are left for the caller to remove (:func:`remove_parts`).
+    The strips go to the sinks one tile row at a time, as a single process writes them, so the
+    files are the same; every output is committed once all are written, and on an error none is
+    left. The part files are left for the caller to remove (:func:`remove_parts`).
 
     Raises:
-        OutputExistsError: an output exists and ``overwrite`` is False.
-        RuntimeError: a part file is missing or does not cover its rows.
+        FileNotFoundError: a part file is missing.
+        RuntimeError: a part file does not cover its rows.
     """
-    paths = output_paths(dst, probabilities)
-    check_outputs_free(paths, overwrite)
     edges = [*grid.row_offsets, grid.height]
-    with contextlib.ExitStack() as stack:
-        tmps = {key: stack.enter_context(atomic_output(path, cog)) for key, path in paths.items()}
-        files = OutputFiles(tmps, profile, class_names, probabilities, nodata_value)
-        try:
-            for share in shares:
-                data = np.load(part_path(dst, share.rank), mmap_mode="r")
-                first, end = share.rows(grid)
-                if data.shape != (files.bands, end - first, grid.width):
-                    raise RuntimeError(f"{part_path(dst, share.rank)}: part has shape {data.shape}, "
-                                       f"expected {(files.bands, end - first, grid.width)}")
+    try:
+        for sink in sinks:
+            sink.open(layout)
+        for share in shares:
+            first, end = share.rows(grid)
+            for sink in sinks:
+                path = part_path(sink.path, share.rank)
+                data = np.load(path, mmap_mode="r")
+                want = (sink.bands(layout), end - first, grid.width)
+                if data.shape != want:
+                    raise RuntimeError(f"{path}: part has shape {data.shape}, expected {want}")
                 for i in range(share.start, share.stop):
-                    files.write(edges[i], np.array(data[:, edges[i] - first : edges[i + 1] - first]))
+                    sink.write(edges[i], np.array(data[:, edges[i] - first : edges[i + 1] - first]))
                 del data
-            if not files.complete:
-                raise RuntimeError(f"{dst}: the parts do not cover every row")
-        finally:
-            files.close()
-    return dst
+        for sink in sinks:
+            sink.commit()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
 
 
-def remove_parts(dst: Path, world: int) -> None:
-    """Delete the part files of ``dst`` left by up to ``world`` processes."""
-    for rank in range(world):
-        part_path(dst, rank).unlink(missing_ok=True)
+def remove_parts(outputs: Iterable[Path], world: int) -> None:
+    """Delete the part files of the output files ``outputs`` left by up to ``world`` processes."""
+    for output in outputs:
+        for rank in range(world):
+            part_path(output, rank).unlink(missing_ok=True)

@@ -3,9 +3,9 @@
 Three stages overlap: readers read and preprocess batches of tiles (threads,
 :class:`~geobp.inference.reader.PrefetchReader`, or processes,
 :class:`~geobp.inference.procreader.ProcessReader`: ``PredictOptions.reader``), the calling
-thread runs the model, and a
-writer thread blends the tiles and writes finished strips
-(:class:`~geobp.inference.blend.TileBlender`, :class:`~geobp.inference.outputs.StripWriter`).
+thread runs the model, and a writer thread blends the tiles and hands the finished strips to
+the outputs (:class:`~geobp.inference.blend.TileBlender`,
+:class:`~geobp.inference.writer.BlendWriter`, the sinks of :mod:`geobp.inference.sinks`).
 Peak memory is bounded by the tile size, the batch size, the overlap band of one tile row
 and GDAL's block cache (sized by :func:`~geobp.inference.blockcache.block_cache_bytes` from
 the raster's width and blocks), not by the raster's height.
@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-import numpy as np
 import rasterio
 import torch
 from rich.console import Console
@@ -38,47 +37,24 @@ from geobp.bands import bands_by_name
 from geobp.classes import class_names_for
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, SharedMemoryError, format_error
-from geobp.inference.blend import Encoder, TileBlender
+from geobp.inference.blend import TileBlender
 from geobp.inference.blockcache import block_cache_bytes
-from geobp.inference.outputs import (
-    OutputFiles,
-    Probabilities,
-    atomic_output,
-    check_outputs_free,
-    output_bands,
-    output_paths,
-)
 from geobp.inference.parts import PartSink, RowShare
 from geobp.inference.procreader import ProcessReader
 from geobp.inference.reader import PrefetchReader, raw_dtype
+from geobp.inference.sinks import OutputLayout, OutputSink, check_outputs_free, output_sinks
 from geobp.inference.threads import decode_threads, default_processes, default_workers
-from geobp.tiling import Tile, TileGrid
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
-from geobp.tiling import check_tile_args
-
-Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
-MatchBands = Literal["names", "order"]
-#: How the input is read: ``threads`` (:class:`PrefetchReader`) or ``processes`` (:class:`ProcessReader`).
-Reader = Literal["threads", "processes"]
-#: Where tiles are normalised: in the ``reader`` (threads or processes), or on the model's ``device``.
-NormalizeOn = Literal["reader", "device"]
-#: Earlier spellings of :data:`Precision`, still accepted.
-PRECISION_ALIASES: dict[str, Precision] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
-
-
-def normalize_precision(precision: str) -> Precision:
-    """Lightning's precision name for ``precision`` (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed`` ...).
-
-    Raises:
-        ConfigError: not a precision inference runs in.
-    """
-    valid = get_args(Precision)
-    if precision in valid:
-        return precision  # type: ignore[return-value]
-    if precision in PRECISION_ALIASES:
-        return PRECISION_ALIASES[precision]
-    raise ConfigError(format_error(None, f"unknown precision {precision!r} (expected {', '.join(valid)})", "pick one of them"))
+from geobp.tiling import Tile, TileGrid
+from geobp.inference.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Reader  # noqa: F401 - re-exported
+from geobp.inference.options import (  # noqa: F401 - re-exported: predict is where users look for them
+    DEFAULT_TILE_SIZE,
+    PredictOptions,
+    normalize_precision,
+    predict_options,
+    training_tile_size,
+)
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -88,101 +64,6 @@ def reader_kind(reader: Reader | None, device: str | torch.device) -> Reader:
     if reader is not None:
         return reader
     return "processes" if torch.device(device).type == "cuda" else "threads"
-
-
-def _check_args(
-    tile_size: int, overlap: int, batch_size: int, precision: str, probabilities: str, nodata_value: int,
-    reader: str | None, num_workers: int | None,
-) -> None:
-    check_tile_args(tile_size, overlap)
-    if reader is not None and reader not in get_args(Reader):
-        raise ConfigError(format_error(None, f"unknown reader {reader!r} (expected threads or processes)", "pick one of them"))
-    if num_workers is not None and num_workers < 1:
-        raise ConfigError(format_error(None, f"number of readers must be positive (found {num_workers})",
-                                       "set --readers >= 1, or leave it out for the default"))
-    if batch_size < 1:
-        raise ConfigError(format_error(None, f"batch size must be positive (found {batch_size})", "set batch_size >= 1"))
-    normalize_precision(precision)
-    if probabilities not in ("none", "probs", "confidence"):
-        raise ConfigError(
-            format_error(None, f"unknown probabilities {probabilities!r} (expected none, probs or confidence)", "pick one of them")
-        )
-    if not 0 <= nodata_value <= 255:
-        raise ConfigError(format_error(None, f"nodata value must fit uint8 (found {nodata_value})", "pick one in 0..255"))
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictOptions:
-    """How rasters are predicted: one checked value handed down the layers of inference.
-
-    Attributes:
-        tile_size: model input size; rasters smaller than a tile are padded by reflection.
-        overlap: minimum overlap of neighbouring tiles (at least the model's receptive-field
-            radius times four removes tile-edge effects; tile edges get near-zero weight
-            over the outer quarter of the overlap).
-        batch_size: tiles per forward pass (the same for every share of a split raster).
-        device: torch device for the model.
-        precision: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` for autocast (meant for CUDA);
-            ``32``, ``bf16`` and ``16`` are accepted and normalised.
-        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``.
-        cog: write Cloud Optimized GeoTIFFs (with overviews).
-        overwrite: replace existing outputs.
-        progress: show a progress bar (rich, on stderr).
-        nodata_value: class-map value at nodata pixels; must not be a class id.
-        num_workers: readers (threads or processes, each with its own file handle); None: see
-            :func:`default_workers` (threads) and :func:`default_processes` (processes).
-        reader: ``processes`` decodes and preprocesses in worker processes, which do not share
-            the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
-            of this process, which start at once and suffice on the CPU, where the model needs
-            the cores anyway. None (default): processes on a GPU, threads on the CPU
-            (:func:`reader_kind`; measurements in BENCHMARKS.md, section 3b).
-        num_classes: expected number of classes (checked against the model output), or None.
-        class_names: one name per class for the tags and colours; ``class_<i>`` when None.
-        expected_dtype: training data type, when known; a different input dtype is refused.
-        band_names: the model's input band names (in its input order), when known.
-        match_bands: ``names``: where the raster's band descriptions hold the model's band names
-            under other band numbers, those bands are read (see :func:`geobp.bands.bands_by_name`);
-            ``order``: the training band numbers are read whatever the descriptions say.
-        normalize_on: ``reader``: the readers normalise the tiles to float32; ``device``: they
-            hand over the raw pixels (half the bytes for uint16 inputs, a third less reader CPU
-            time per tile) and the model's device normalises them, to the same float32 values.
-            None (default): the device on CUDA, the reader elsewhere.
-
-    Raises:
-        ConfigError: an invalid value (checked when the options are made).
-    """
-
-    tile_size: int = 512
-    overlap: int = 64
-    batch_size: int = 8
-    device: str | torch.device = "cpu"
-    precision: Precision | str = "32-true"
-    probabilities: Probabilities = "none"
-    cog: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    nodata_value: int = 255
-    num_workers: int | None = None
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-    expected_dtype: str | None = None
-    band_names: tuple[str, ...] | None = None
-    match_bands: MatchBands = "names"
-    reader: Reader | None = None
-    normalize_on: NormalizeOn | None = None
-
-    def __post_init__(self) -> None:
-        _check_args(self.tile_size, self.overlap, self.batch_size, self.precision, self.probabilities, self.nodata_value,
-                    self.reader, self.num_workers)
-        if self.normalize_on is not None and self.normalize_on not in get_args(NormalizeOn):
-            raise ConfigError(format_error(None, f"unknown normalize_on {self.normalize_on!r} (expected reader or device)",
-                                           "pick one of them"))
-        if self.match_bands not in get_args(MatchBands):
-            raise ConfigError(format_error(None, f"unknown match_bands {self.match_bands!r} (expected names or order)",
-                                           "pick one of them"))
-        if self.band_names is not None:
-            object.__setattr__(self, "band_names", tuple(str(n) for n in self.band_names))
-        object.__setattr__(self, "precision", normalize_precision(self.precision))
 
 
 def _check_input(src: rasterio.DatasetReader, preprocessing: Preprocessing, expected_dtype: str | None) -> None:
@@ -231,41 +112,6 @@ def _check_output(logits: torch.Tensor, batch: int, tile: int, num_classes: int 
     return k
 
 
-def make_encoder(probabilities: Probabilities, nodata_value: int) -> Encoder:
-    """The cell encoder for :class:`TileBlender`: class ids, then uint8 probabilities or confidence.
-
-    Works on numpy arrays and on torch tensors (on any device), returning the same kind.
-    """
-
-    def encode_numpy(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        out = np.empty((output_bands(probabilities, probs.shape[0]), *probs.shape[1:]), np.uint8)
-        out[0] = probs.argmax(axis=0)
-        invalid = ~valid
-        out[0][invalid] = nodata_value
-        if probabilities == "probs":
-            out[1:] = np.clip(np.rint(probs * 255.0), 0, 255)
-            out[1:, invalid] = 0
-        elif probabilities == "confidence":
-            out[1] = np.clip(np.rint(probs.max(axis=0) * 255.0), 0, 255)
-            out[1][invalid] = 0
-        return out
-
-    def encode_torch(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        invalid = ~valid
-        bands = [probs.argmax(dim=0).to(torch.uint8).masked_fill_(invalid, nodata_value)[None]]
-        if probabilities == "probs":
-            bands.append((probs * 255.0).round_().clamp_(0, 255).to(torch.uint8).masked_fill_(invalid, 0))
-        elif probabilities == "confidence":
-            conf = (probs.amax(dim=0) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-            bands.append(conf.masked_fill_(invalid, 0)[None])
-        return torch.cat(bands) if len(bands) > 1 else bands[0]
-
-    def encode(probs: Any, valid: Any) -> Any:
-        return encode_torch(probs, valid) if isinstance(probs, torch.Tensor) else encode_numpy(probs, valid)
-
-    return encode
-
-
 def _progress(enabled: bool, name: str, total: int) -> tuple[Any, Any]:
     if not enabled:
         return contextlib.nullcontext(), None
@@ -281,23 +127,10 @@ def predict_raster(
     src: str | Path,
     dst: str | Path,
     preprocessing: Preprocessing,
+    options: PredictOptions | None = None,
     *,
-    tile_size: int = 512,
-    overlap: int = 64,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    precision: Precision | str = "32-true",
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    probabilities: Probabilities = "none",
-    cog: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    nodata_value: int = 255,
-    expected_dtype: str | None = None,
-    num_workers: int | None = None,
-    reader: Reader | None = None,
-    normalize_on: NormalizeOn | None = None,
+    extra_sinks: Sequence[OutputSink] = (),
+    **overrides: Any,
 ) -> Path:
     """Predict a class map for one raster with sliding, overlapping, smoothly blended tiles.
 
@@ -305,9 +138,8 @@ def predict_raster(
     [B, K, tile, tile]; softmax probabilities of overlapping tiles are averaged with smooth
     weights (:func:`geobp.tiling.axis_blend_weights`) that sum to 1 at every pixel, so a
     translation-equivariant model gives the same result whatever the tile size. The model is
-    moved to ``device`` and put in eval mode. Outputs are described in
-    :mod:`geobp.inference.outputs`; they are written under temporary names and renamed only
-    when complete.
+    moved to ``device`` and put in eval mode. The outputs (:mod:`geobp.inference.sinks`) are
+    written under temporary names and renamed only when complete.
 
     Args:
         model: any module mapping tiles to logits (e.g. a loaded ``SegmentationTask``).
@@ -315,7 +147,12 @@ def predict_raster(
         dst: class map to write (``<stem>_classes.tif`` by convention).
         preprocessing: band selection, nodata and normalization used in training. The input
             file's own nodata tag, when it has one, takes precedence for masking.
-        tile_size ... normalize_on: the fields of :class:`PredictOptions`.
+        options: how to predict (:class:`PredictOptions`; its defaults when None).
+        extra_sinks: outputs written besides those of ``options`` (the class map and the
+            probabilities or confidence), e.g. a format of one's own
+            (:class:`~geobp.inference.sinks.OutputSink`).
+        **overrides: fields of :class:`PredictOptions` replacing those of ``options``
+            (:func:`predict_options`), e.g. ``tile_size=256, probabilities="probs"``.
 
     Returns:
         ``dst``.
@@ -324,44 +161,28 @@ def predict_raster(
         DataNotFoundError, RasterReadError: the input cannot be opened or read.
         BandMismatchError: too few bands, or a dtype other than ``expected_dtype``.
         OutputExistsError: an output exists and ``overwrite`` is False.
-        ConfigError: invalid arguments, or model output that does not fit them.
+        ConfigError: invalid options, or model output that does not fit them.
     """
-    opts = PredictOptions(
-        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
-        probabilities=probabilities, cog=cog, overwrite=overwrite, progress=progress, nodata_value=nodata_value,
-        num_workers=num_workers, num_classes=num_classes, class_names=class_names, expected_dtype=expected_dtype,
-        reader=reader, normalize_on=normalize_on,
-    )
-    return predict_with(model, src, dst, preprocessing, opts)
-
-
-def predict_with(model: nn.Module, src: str | Path, dst: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Path:
-    """:func:`predict_raster` with its options as one :class:`PredictOptions`."""
+    opts = predict_options(options, **overrides).for_model(model)
     src, dst = Path(src), Path(dst)
-    paths = check_paths(src, dst, opts.probabilities, opts.overwrite)
+    sinks = [*output_sinks(dst, opts), *extra_sinks]
+    check_paths(src, sinks, opts.overwrite)
     job = open_job(src, preprocessing, opts)
-    with contextlib.ExitStack() as stack:
-        tmps = {key: stack.enter_context(atomic_output(path, opts.cog)) for key, path in paths.items()}
-
-        def open_sink(names: list[str]) -> OutputFiles:
-            return OutputFiles(tmps, job.profile, names, opts.probabilities, opts.nodata_value)
-
-        _run(model, job, open_sink, (0, len(job.grid.row_offsets)), opts)
+    _run(model, job, sinks, (0, len(job.grid.row_offsets)), opts)
     return dst
 
 
-def check_paths(src: Path, dst: Path, probabilities: Probabilities, overwrite: bool) -> dict[str, Path]:
-    """The output paths of ``dst`` (see :func:`output_paths`), checked before any work.
+def check_paths(src: Path, sinks: Sequence[OutputSink], overwrite: bool) -> None:
+    """Check the outputs' paths before any work.
 
     Raises:
         ConfigError: an output would replace the input.
         OutputExistsError: an output exists and ``overwrite`` is False.
     """
-    paths = output_paths(dst, probabilities)
-    if src.resolve() in {p.resolve() for p in paths.values()}:
+    paths = [sink.path for sink in sinks]
+    if src.resolve() in {p.resolve() for p in paths}:
         raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
     check_outputs_free(paths, overwrite)
-    return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +205,8 @@ class Job:
 def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions) -> Job:
     """Check an input raster against the model's preprocessing and lay out its tiles.
 
+    ``opts`` has its tile size and overlap settled (:meth:`PredictOptions.for_model`).
+
     Raises:
         DataNotFoundError, RasterReadError, GeoreferenceError, BandMismatchError, ConfigError:
             as :func:`predict_raster`.
@@ -399,32 +222,23 @@ def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions
         height, width, file_nodata = ds.height, ds.width, ds.nodata
     if file_nodata is not None:
         preprocessing = dataclasses.replace(preprocessing, nodata=file_nodata)
-    if opts.num_classes is not None and opts.nodata_value < opts.num_classes:
-        raise ConfigError(format_error(None, f"nodata value {opts.nodata_value} is a class id ({opts.num_classes} classes)",
-                                       "pick a larger nodata value"))
+    assert opts.tile_size is not None and opts.overlap is not None, "open_job takes options settled by for_model"
     return Job(src, profile, preprocessing, TileGrid.build(height, width, opts.tile_size, opts.overlap))
 
 
-def predict_share(model: nn.Module, job: Job, share: RowShare, part: str | Path, opts: PredictOptions) -> Path:
-    """Predict one process's share of a raster's tile rows into a part file (see :mod:`geobp.inference.parts`).
+def predict_share(model: nn.Module, job: Job, share: RowShare, sinks: Sequence[OutputSink], opts: PredictOptions) -> list[Path]:
+    """Predict one process's share of a raster's tile rows into a part file per output (see
+    :mod:`geobp.inference.parts`); ``sinks`` are the outputs (they are not opened here).
 
     ``opts`` as for the whole raster; ``batch_size`` must be the same for every share (the
-    shares run the single-process batches). On failure the part file is removed.
+    shares run the single-process batches). On failure no part file is left.
 
     Returns:
-        ``part``.
+        The part files, one per sink.
     """
-    part = Path(part)
-
-    def open_sink(names: list[str]) -> PartSink:
-        return PartSink(part, job.grid, share, output_bands(opts.probabilities, len(names)))
-
-    try:
-        _run(model, job, open_sink, (share.warmup, share.stop), opts)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    return part
+    parts = [PartSink(sink, job.grid, share) for sink in sinks]
+    _run(model, job, parts, (share.warmup, share.stop), opts)
+    return [part.path for part in parts]
 
 
 def normalized_on(opts: PredictOptions, dtype: str) -> NormalizeOn:
@@ -459,11 +273,10 @@ def _open_reader(job: Job, batches: list[list[Tile]], opts: PredictOptions) -> P
                           pin_memory=dev.type == "cuda", decode_threads=decode_threads(dev, num_workers), raw=raw)
 
 
-def _run(
-    model: nn.Module, job: Job, open_sink: Callable[[list[str]], Any], rows: tuple[int, int], opts: PredictOptions
-) -> None:
-    """Predict the tiles of tile rows ``rows`` and hand the finished strips to ``open_sink(class names)``."""
-    device, precision, probabilities, nodata_value = opts.device, opts.precision, opts.probabilities, opts.nodata_value
+def _run(model: nn.Module, job: Job, sinks: Sequence[OutputSink], rows: tuple[int, int], opts: PredictOptions) -> None:
+    """Predict the tiles of tile rows ``rows`` and write the finished strips to ``sinks``: committed
+    when every row is written, aborted on any error."""
+    device, precision, nodata_value = opts.device, opts.precision, opts.nodata_value
     num_classes, class_names = opts.num_classes, opts.class_names
     grid = job.grid
     th, tw, tile_size = grid.tile_h, grid.tile_w, grid.tile
@@ -495,10 +308,9 @@ def _run(
                             raise ConfigError(
                                 format_error(None, f"nodata value {nodata_value} is a class id ({k} classes)", "pick a larger nodata value")
                             )
-                        names = class_names_for(class_names, k)
-                        blender = TileBlender(grid, make_encoder(probabilities, nodata_value), output_bands(probabilities, k),
-                                              first, stop)
-                        writer = BlendWriter(blender, lambda names=names: open_sink(names))
+                        layout = OutputLayout(job.profile, class_names_for(class_names, k))
+                        blender = TileBlender(grid, [(sink.encode, sink.bands(layout)) for sink in sinks], first, stop)
+                        writer = BlendWriter(blender, sinks, layout)
                     # softmax in place on the model's output: one [B, K, tile, tile] buffer per batch
                     probs = logits.float()
                     probs = probs.sub_(probs.amax(dim=1, keepdim=True)).exp_()
@@ -511,7 +323,7 @@ def _run(
                         probs[n].mul_(row_w[i][:, None]).mul_(col_w[j])
                     if len(keep) < len(batch.tiles):  # a share's first or last batch holds other shares' tiles
                         probs, valid = probs[keep], valid[keep]
-                    if dev.type == "cpu":  # numpy blending is faster than torch on CPU
+                    if dev.type == "cpu":  # blend with numpy on the CPU
                         writer.put((tiles, probs.numpy(), valid.numpy()))
                     else:  # blend on the device; only uint8 strips come back
                         writer.put((tiles, probs, valid.to(dev, non_blocking=True)))

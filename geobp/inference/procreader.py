@@ -12,8 +12,8 @@ Choices, and why:
 
 - Start method: ``forkserver`` (``spawn`` where there is none), never ``fork``: the parent runs
   torch, GDAL and writer threads, and a child forked beside them can inherit a held lock and
-  hang. The fork server imports this module once (a preload), so that each later worker starts
-  in milliseconds instead of paying an interpreter start and the imports of torch and geobp.
+  hang. The fork server imports this module once (a preload), so that each later worker is a
+  fork of it instead of paying an interpreter start and the imports of torch and geobp.
 - The ring is one torch shared tensor. With torch's ``file_descriptor`` sharing strategy (the
   default on Linux) its segment is unlinked from ``/dev/shm`` as soon as it is mapped and lives
   on only as open descriptors, so nothing is left behind however the processes end (even
@@ -326,7 +326,7 @@ class ProcessReader:
         image_v, valid_v = self.layout.views(self._buf, slot, len(tiles))
         image = torch.from_numpy(np.empty(0, image_v.dtype)).new_empty(image_v.shape, pin_memory=self.pin_memory)
         # numpy's copy: one thread, where torch's copy_ would wake its intra-op pool, whose
-        # spinning threads take the cores from the workers (measured: a third fewer tiles/s on 2 cores)
+        # spinning threads take the cores from the workers
         np.copyto(image.numpy(), image_v)
         if valid_v is None:  # raw tiles: normalised on the device (TileBatch.on_device)
             return TileBatch(tiles, image, None)

@@ -1,8 +1,8 @@
 """Scoring class maps against ground truth: the accuracy assessment of a land-cover map.
 
 The labels come in any form :mod:`geobp.data.labels` accepts (label rasters on other grids, a
-land-cover map, a vector file; with ``label_map`` and friends) and are aligned onto each input
-raster's grid through the same cache as training. The confusion matrix is accumulated in pixel
+land-cover map, a vector file; read as a :class:`~geobp.data.labels.LabelOptions` says) and are
+aligned onto each input raster's grid through the same cache as training. The confusion matrix is accumulated in pixel
 counts over row strips (one ``numpy.bincount`` per strip, so a raster of any size is scored in
 bounded memory); ignored labels and nodata predictions count nowhere. From it: per-class IoU,
 F1, precision and recall, and overall accuracy.
@@ -183,13 +183,8 @@ def score_raster(class_map: str | Path, labels: str | Path, num_classes: int) ->
 def score_predictions(
     pairs: Sequence[tuple[Path, Path]],
     labels: str | Path | Sequence[str | Path],
-    options: LabelOptions | None = None,
+    options: LabelOptions,
     out_dir: str | Path | None = None,
-    label_map: dict[int | str, int] | None = None,
-    label_field: str | None = None,
-    label_background: int | None = None,
-    all_touched: bool = False,
-    ignore_index: int = 255,
 ) -> ScoreSummary:
     """Score class maps against ground truth in any label form; write ``metrics.json`` into ``out_dir``.
 
@@ -200,22 +195,25 @@ def score_predictions(
     Args:
         pairs: (input raster, its class map) per prediction, as in ``InferenceSummary.succeeded``.
         labels: the label sources (folder, glob, list, one map, or a vector file).
-        options: the label options; built from the keyword options below when None.
+        options: how raw labels become class ids (the ``data.label_*`` options); its classes
+            must be those of the class maps (:func:`class_map_classes`).
         out_dir: where ``metrics.json`` goes (and the cache); nothing is written when None.
-        label_map, label_field, label_background, all_touched, ignore_index: as the ``data.label_*`` options.
 
     Returns:
         The :class:`ScoreSummary`.
 
     Raises:
-        ConfigError: no class map to score, or class maps with different classes.
+        ConfigError: no class map to score, class maps with different classes, or ``options``
+            for other classes.
         DataNotFoundError: the label sources cannot be found.
     """
     if not pairs:
         raise ConfigError(format_error(None, "no class map to score", "fix the inputs that failed"))
     names = class_map_classes(pairs[0][1])
-    if options is None:
-        options = LabelOptions(len(names), ignore_index, names, label_map, label_field, label_background, all_touched)
+    if options.num_classes != len(names) or options.class_names not in (None, tuple(names)):
+        theirs = list(options.class_names) if options.class_names is not None else f"{options.num_classes} classes"
+        raise ConfigError(format_error(pairs[0][1], f"the label options are for other classes (expected {names}, found {theirs})",
+                                       "build the LabelOptions from the class maps' classes (class_map_classes)"))
     sources = find_label_sources(labels, options.label_field)
     summary = ScoreSummary(names)
     cache = Path(out_dir) if out_dir is not None else Path(pairs[0][1]).parent

@@ -13,7 +13,7 @@ import torch
 from geobp.bands import bands_by_name, canonical_band, default_band_name, is_default_name
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError
-from geobp.inference.predict import PredictOptions, predict_with
+from geobp.inference.predict import PredictOptions, predict_raster
 from tests.conftest import write_tif
 
 S2 = ["B2", "B3", "B4", "B8"]
@@ -76,11 +76,11 @@ def test_infer_reads_a_reordered_raster_as_trained(tmp_path):
     order = [3, 0, 2, 1]  # the same bands, stored as B8, B2, B4, B3
     shuffled = _write(tmp_path / "shuffled.tif", data[order], [S2[i] for i in order])
 
-    want = predict_with(_model(), trained, tmp_path / "out" / "trained.tif", pre, PredictOptions(**opts))
+    want = predict_raster(_model(), trained, tmp_path / "out" / "trained.tif", pre, PredictOptions(**opts))
     with pytest.warns(UserWarning, match=r"bands \[2, 4, 3\] hold the model's bands"):
-        got = predict_with(_model(), shuffled, tmp_path / "out" / "by_name.tif", pre, PredictOptions(**opts))
-    as_numbered = predict_with(_model(), shuffled, tmp_path / "out" / "as_numbered.tif", pre,
-                               PredictOptions(**opts, match_bands="order"))
+        got = predict_raster(_model(), shuffled, tmp_path / "out" / "by_name.tif", pre, PredictOptions(**opts))
+    as_numbered = predict_raster(_model(), shuffled, tmp_path / "out" / "as_numbered.tif", pre,
+                                 PredictOptions(**opts, match_bands="order"))
     with rasterio.open(want) as a, rasterio.open(got) as b, rasterio.open(as_numbered) as c:
         assert np.array_equal(a.read(), b.read())
         assert not np.array_equal(a.read(), c.read())
@@ -92,7 +92,7 @@ def test_infer_refuses_a_raster_without_the_training_bands(tmp_path):
     pre = Preprocessing(bands=[1, 2, 3], nodata=0, mean=[0.0] * 3, std=[1.0] * 3)
     opts = PredictOptions(tile_size=16, overlap=8, progress=False, band_names=("B2", "B3", "B4"))
     with pytest.raises(BandMismatchError, match=r"other\.tif: the raster's bands are \['VV', 'VH', 'ratio'\]"):
-        predict_with(_model(), src, tmp_path / "out.tif", pre, opts)
+        predict_raster(_model(), src, tmp_path / "out.tif", pre, opts)
     assert not (tmp_path / "out.tif").exists()
 
 

@@ -104,3 +104,35 @@ def test_folder_inputs_skip_hidden_files_as_the_data_module_does(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     found, missing = expand_inputs([tmp_path])
     assert [p.name for p in found] == ["B.TIFF", "a.tif"] and missing == []
+
+
+def test_normalize_on_reaches_the_readers_through_predict_many(tmp_path, make_scene, ckpt, monkeypatch):
+    from geobp.inference import predict as predict_mod
+
+    a, _ = make_scene("a", size=(40, 36), root=tmp_path)
+    seen = []
+    original = predict_mod.normalized_on
+
+    def spy(opts, dtype):
+        seen.append(opts.normalize_on)
+        return original(opts, dtype)
+
+    monkeypatch.setattr(predict_mod, "normalized_on", spy)
+    for where in ("reader", "device"):
+        assert predict_many(ckpt, [a], tmp_path / where, progress=False, normalize_on=where).ok
+    assert seen == ["reader", "device"]
+    with rasterio.open(tmp_path / "reader" / "a_classes.tif") as x, rasterio.open(tmp_path / "device" / "a_classes.tif") as y:
+        assert np.array_equal(x.read(), y.read())
+
+
+def test_predict_many_takes_an_options_object_and_the_checkpoint_fills_in_the_rest(tmp_path, make_scene, ckpt, monkeypatch):
+    from geobp.inference import PredictOptions
+    from geobp.inference import batch as batch_mod
+
+    a, _ = make_scene("a", size=(40, 36), root=tmp_path)
+    got = []
+    monkeypatch.setattr(batch_mod, "predict_raster", lambda task, src, dst, pre, opts: got.append(opts))
+    assert predict_many(ckpt, [a], tmp_path / "out", PredictOptions(batch_size=2, progress=False), overwrite=True).ok
+    (opts,) = got
+    assert (opts.batch_size, opts.overwrite, opts.tile_size, opts.overlap) == (2, True, 32, 4)  # the checkpoint's tile size
+    assert (opts.num_classes, opts.class_names) == (3, NAMES)

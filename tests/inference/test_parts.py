@@ -11,6 +11,7 @@ import torch
 from geobp.inference import output_paths, predict_raster
 from geobp.inference.parts import part_path, remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, open_job, predict_share
+from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.tiling import TileGrid
 from tests.inference.test_predict import PRE, conv_model, make_image
 
@@ -27,11 +28,10 @@ def predict_in_shares(model, src: Path, dst: Path, world: int, **kw) -> list:
                           probabilities=kw.get("probabilities", "none"))
     job = open_job(src, PRE, opts)
     shares = share_rows(job.grid, world)
-    for share in shares:
-        predict_share(model, job, share, part_path(dst, share.rank), opts)
-    write_from_parts(dst, job.grid, shares, job.profile, [f"class_{i}" for i in range(4)],
-                     probabilities=kw.get("probabilities", "none"))
-    remove_parts(dst, world)
+    for share in shares:  # each process makes its own sinks
+        predict_share(model, job, share, output_sinks(dst, opts), opts)
+    write_from_parts(output_sinks(dst, opts), job.grid, shares, OutputLayout(job.profile, [f"class_{i}" for i in range(4)]))
+    remove_parts(output_paths(dst, opts.probabilities).values(), world)
     return shares
 
 
@@ -76,19 +76,28 @@ def test_share_rows_cover_every_tile_row_once_with_warmup_for_the_overlap():
 
 def test_failed_share_leaves_no_part(tmp_path):
     src = make_image(tmp_path / "in.tif", size=(64, 40))
-    opts = PredictOptions(tile_size=16, overlap=4, progress=False)
+    opts = PredictOptions(tile_size=16, overlap=4, batch_size=2, progress=False)
     job = open_job(src, PRE, opts)
     share = share_rows(job.grid, 2)[1]
 
     class Boom(torch.nn.Module):
-        def forward(self, x):
-            raise RuntimeError("boom")
+        """Fails on its third batch, once the part file holds rows."""
 
-    part = part_path(tmp_path / "out" / "in_classes.tif", 1)
-    part.parent.mkdir()
+        def __init__(self):
+            super().__init__()
+            self.conv, self.calls = conv_model(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return self.conv(x)
+
+    dst = tmp_path / "out" / "in_classes.tif"
+    dst.parent.mkdir()
     with pytest.raises(RuntimeError, match="boom"):
-        predict_share(Boom(), job, share, part, opts)
-    assert not part.exists()
+        predict_share(Boom(), job, share, output_sinks(dst, opts), opts)
+    assert list(dst.parent.iterdir()) == []
 
 
 def test_missing_part_is_an_error_and_writes_nothing(tmp_path):
@@ -98,8 +107,8 @@ def test_missing_part_is_an_error_and_writes_nothing(tmp_path):
     shares = share_rows(job.grid, 2)
     dst = tmp_path / "out" / "in_classes.tif"
     dst.parent.mkdir()
-    predict_share(conv_model(), job, shares[0], part_path(dst, 0), opts)
+    assert predict_share(conv_model(), job, shares[0], output_sinks(dst, opts), opts) == [part_path(dst, 0)]
     with pytest.raises(FileNotFoundError):
-        write_from_parts(dst, job.grid, shares, job.profile, ["a", "b", "c", "d"])
+        write_from_parts(output_sinks(dst, opts), job.grid, shares, OutputLayout(job.profile, ["a", "b", "c", "d"]))
     assert [p.name for p in dst.parent.iterdir()] == [part_path(dst, 0).name]
     np.load(part_path(dst, 0))  # the part that was written is a readable array

@@ -14,7 +14,7 @@ from rasterio.transform import Affine
 from geobp.data.preprocessing import Preprocessing
 from geobp.errors import BandMismatchError, ConfigError, OutputExistsError
 from geobp.inference import output_paths, predict_raster
-from geobp.inference import outputs as outputs_mod
+from geobp.inference import sinks as sinks_mod
 from tests.conftest import write_tif
 
 K = 4
@@ -194,13 +194,13 @@ def test_cog_output_keeps_colours_and_tags(tmp_path):
 def test_block_aligned_writes_over_several_block_rows(tmp_path, monkeypatch):
     src = make_image(tmp_path / "a.tif", size=(600, 40))
     windows = []
-    original = outputs_mod.StripWriter._write
+    original = sinks_mod.GeoTiffSink.write_rows
 
-    def spy(self, row, data):
-        windows.append((row, data.shape[1]))
-        original(self, row, data)
+    def spy(self, window, data):
+        windows.append((window.row_off, data.shape[1]))
+        original(self, window, data)
 
-    monkeypatch.setattr(outputs_mod.StripWriter, "_write", spy)
+    monkeypatch.setattr(sinks_mod.GeoTiffSink, "write_rows", spy)
     model = conv_model(1)
     out = run(src, tmp_path / "a_classes.tif", model, tile_size=40, overlap=8)
     assert windows[0][0] == 0 and all(row % 256 == 0 for row, _ in windows)
@@ -238,13 +238,13 @@ def test_model_failure_mid_raster_leaves_nothing(tmp_path, cog):
 def test_writer_failure_leaves_nothing(tmp_path, monkeypatch):
     src = make_image(tmp_path / "a.tif", size=(600, 70))
 
-    def broken(self, row, data):
-        if row > 0:
+    def broken(self, window, data):
+        if window.row_off > 0:
             raise OSError("disk full")
-        original(self, row, data)
+        original(self, window, data)
 
-    original = outputs_mod.StripWriter._write
-    monkeypatch.setattr(outputs_mod.StripWriter, "_write", broken)
+    original = sinks_mod.GeoTiffSink.write_rows
+    monkeypatch.setattr(sinks_mod.GeoTiffSink, "write_rows", broken)
     with pytest.raises(OSError, match="disk full"):
         run(src, tmp_path / "a_classes.tif", batch_size=2)
     assert_only_input_left(tmp_path)
@@ -380,3 +380,48 @@ def test_decoding_threads_are_set_for_the_reads(tmp_path, monkeypatch):
     assert seen and all(o == {"NUM_THREADS": "3"} for o in seen)
     classes, _ = reference(conv_model(), tmp_path / "in.tif")
     assert np.array_equal(read(dst)[0], classes)
+
+
+def test_options_object_and_keyword_overrides_give_one_set_of_options(tmp_path):
+    from geobp.inference import PredictOptions, predict_options
+
+    base = PredictOptions(tile_size=16, overlap=8, progress=False)
+    assert predict_options(base) is base
+    assert predict_options(base, probabilities="confidence") == PredictOptions(tile_size=16, overlap=8, progress=False,
+                                                                               probabilities="confidence")
+    with pytest.raises(ConfigError, match=r"unknown prediction option\(s\) \['tile'\] \(expected some of \['tile_size', "):
+        predict_options(base, tile=16)
+    with pytest.raises(ConfigError, match="overlap must be in"):
+        predict_options(base, overlap=16)  # checked by PredictOptions, whichever way it is given
+    src = make_image(tmp_path / "a.tif")
+    out = predict_raster(conv_model(), src, tmp_path / "a_classes.tif", PRE, base, probabilities="confidence")
+    assert read(output_paths(out, "confidence")["confidence"]).shape == (1, 50, 70)
+
+
+def test_tile_size_defaults_to_the_training_tile_size_and_overlap_to_an_eighth():
+    from geobp.inference.predict import DEFAULT_TILE_SIZE, PredictOptions
+
+    class Trained(torch.nn.Module):
+        hparams = {"tile_size": 48}
+
+    assert (PredictOptions().for_model(Trained()).tile_size, PredictOptions().for_model(Trained()).overlap) == (48, 6)
+    bare = PredictOptions().for_model(conv_model())
+    assert (bare.tile_size, bare.overlap) == (DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE // 8)
+    assert PredictOptions(overlap=0).for_model(Trained()).overlap == 0
+    assert PredictOptions(tile_size=32).for_model(Trained()).tile_size == 32
+    with pytest.raises(ConfigError, match=r"overlap must be in \[0, tile size\) \(tile 48, found overlap 50\)"):
+        PredictOptions(overlap=50).for_model(Trained())
+    with pytest.raises(ConfigError, match="overlap must not be negative"):
+        PredictOptions(overlap=-1)
+    with pytest.raises(ConfigError, match="nodata value 2 is a class id"):
+        PredictOptions(num_classes=4, nodata_value=2)
+
+
+def test_choices_import_without_torch():
+    # the CLI's parsers take their choices from here; `geobp infer --help` must not load torch
+    import subprocess
+    import sys
+
+    code = "import sys, geobp.inference.choices; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"

@@ -121,3 +121,27 @@ def test_infer_labels_from_polygons_in_another_crs(tmp_path, make_scene, ckpt):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["total"]["confusion"] == hand and metrics["total"]["pixels"] == 32 * 24
     assert metrics["rasters"][str(img)]["label_coverage"] == pytest.approx(0.75)
+
+
+def test_score_predictions_takes_label_options_for_the_class_maps_classes(tmp_path):
+    from geobp.data.labels import LabelOptions
+    from geobp.errors import ConfigError
+    from geobp.inference.scoring import score_predictions
+
+    transform = from_origin(500000.0, 5000000.0, 10.0, 10.0)
+    img = write_tif(tmp_path / "a.tif", np.ones((1, 4, 4), "uint16"), transform=transform)
+    pred = np.array([[0, 1, 2, 255]] * 4, np.uint8)
+    cmap = write_tif(tmp_path / "out" / "a_classes.tif", pred, transform=transform)
+    with rasterio.open(cmap, "r+") as ds:
+        ds.update_tags(CLASS_NAMES=",".join(NAMES))
+    truth = write_tif(tmp_path / "truth" / "a.tif", np.array([[11, 11, 21, 11]] * 4, np.uint8), transform=transform)
+    options = LabelOptions(3, class_names=NAMES, label_map={11: 0, 21: 2})
+    summary = score_predictions([(img, cmap)], truth, options, out_dir=tmp_path / "out")
+    # truth water, water, urban, water; predicted water, forest, urban, nodata: the nodata column counts nowhere
+    assert summary.total.tolist() == [[4, 4, 0], [0, 0, 0], [0, 0, 4]] and not summary.failed
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["total"]["pixels"] == 12
+    with pytest.raises(ConfigError, match=r"a_classes\.tif: the label options are for other classes \(expected \['water', "
+                                          r"'forest', 'urban'\], found 2 classes\)"):
+        score_predictions([(img, cmap)], truth, LabelOptions(2))
+    with pytest.raises(ConfigError, match="no class map to score"):
+        score_predictions([], truth, options)

@@ -9,9 +9,11 @@ import torch
 from geobp.data.preprocessing import Preprocessing
 from geobp.inference import predict as predict_mod
 from geobp.inference.blend import TileBlender
-from geobp.inference.outputs import StripWriter
-from geobp.inference.predict import make_encoder, predict_raster
+from geobp.inference import sinks as sinks_mod
+from geobp.inference.options import PredictOptions
+from geobp.inference.predict import predict_raster
 from geobp.inference.reader import PrefetchReader
+from geobp.inference.sinks import SINKS, BlockRows, OutputLayout, output_sinks
 from geobp.tiling import TileGrid
 from tests.conftest import write_tif
 
@@ -28,13 +30,20 @@ def dense_blend(grid: TileGrid, tile_probs: dict) -> np.ndarray:
     return acc
 
 
+def encoders(probabilities: str, height: int = 1, width: int = 1) -> list:
+    """``(encode, bands)`` of the sinks of ``probabilities``, as predict_raster gives the blender."""
+    layout = OutputLayout({"height": height, "width": width}, [f"c{k}" for k in range(K)])
+    return [(s.encode, s.bands(layout)) for s in output_sinks("x_classes.tif", PredictOptions(probabilities=probabilities))]
+
+
 def stream(grid: TileGrid, tile_probs: dict, valid_fn=None, backend="numpy"):
     """Feed the blender in row-major order; return the assembled uint8 output and the blender.
 
-    backend "torch" feeds torch tensors, as on a GPU (here on the CPU).
+    The bands: the class ids, K probabilities, their mask. backend "torch" feeds torch
+    tensors, as on a GPU (here on the CPU).
     """
-    blender = TileBlender(grid, make_encoder("probs", 255), 1 + K)
-    out = np.zeros((1 + K, grid.height, grid.width), np.uint8)
+    blender = TileBlender(grid, encoders("probs"))
+    out = np.zeros((2 + K, grid.height, grid.width), np.uint8)
     next_row = 0
     for i, j in grid.tiles():
         p = tile_probs[(i, j)] * np.outer(grid.row_weights[i], grid.col_weights[j])
@@ -78,7 +87,8 @@ def test_blender_equals_dense_blend(h, w, tile, overlap, backend):
     out, _ = stream(grid, tiles, backend=backend)
     want = dense_blend(grid, tiles)
     np.testing.assert_array_equal(out[0], want.argmax(0))
-    assert np.abs(out[1:].astype(int) - np.rint(want * 255)).max() <= 1
+    assert np.abs(out[1:-1].astype(int) - np.rint(want * 255)).max() <= 1
+    assert (out[-1] == 255).all()
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -94,6 +104,7 @@ def test_blender_applies_validity_per_cell(backend):
     out, _ = stream(grid, random_tiles(grid), valid_fn, backend=backend)
     assert (out[0][invalid] == 255).all() and (out[0][~invalid] < K).all()
     assert (out[1:, invalid] == 0).all()
+    assert (out[-1][~invalid] == 255).all()  # the mask
 
 
 def test_blender_memory_does_not_grow_with_height_and_stays_below_one_band():
@@ -123,13 +134,13 @@ def test_memory_bound_in_an_instrumented_run(tmp_path, monkeypatch):
     """A real run over a tall raster: the accumulator holds far less than (tile + stride) rows."""
     monkeypatch.setattr(predict_mod, "TileBlender", _RecordingBlender)
     written = []
-    original = StripWriter.write
+    original = sinks_mod.GeoTiffSink.write
 
     def spy(self, row, strip):
         original(self, row, strip)
-        written.append(self.peak_pending_rows)
+        written.append(self.rows.peak_pending_rows)
 
-    monkeypatch.setattr(StripWriter, "write", spy)
+    monkeypatch.setattr(sinks_mod.GeoTiffSink, "write", spy)
     tile, overlap, height, width = 32, 8, 700, 200
     rng = np.random.default_rng(0)
     src = write_tif(tmp_path / "tall.tif", rng.integers(1, 1000, (3, height, width)).astype("uint16"), nodata=0)
@@ -147,20 +158,20 @@ def test_memory_bound_in_an_instrumented_run(tmp_path, monkeypatch):
     assert max(written) < 256 + stride
 
 
-def test_strip_writer_refuses_out_of_order(tmp_path):
-    import rasterio
-
-    profile = dict(driver="GTiff", width=8, height=32, count=1, dtype="uint8", tiled=True, blockxsize=16, blockysize=16)
-    with rasterio.open(tmp_path / "o.tif", "w", **profile) as ds:
-        writer = StripWriter(ds, None, 255)
-        writer.write(0, np.zeros((1, 5, 8), np.uint8))
-        with pytest.raises(RuntimeError, match="strips out of order: expected row 5, got 6"):
-            writer.write(6, np.zeros((1, 5, 8), np.uint8))
+def test_block_rows_hand_out_whole_block_rows_in_order():
+    rows = BlockRows(block_height=16, height=40)
+    assert list(rows.add(0, np.zeros((1, 5, 8), np.uint8))) == []
+    with pytest.raises(RuntimeError, match="strips out of order: expected row 5, got 6"):
+        list(rows.add(6, np.zeros((1, 5, 8), np.uint8)))
+    got = list(rows.add(5, np.arange(1 * 20 * 8, dtype=np.uint8).reshape(1, 20, 8)))
+    assert [(r, d.shape[1]) for r, d in got] == [(0, 16)] and not rows.complete
+    got = list(rows.add(25, np.zeros((1, 15, 8), np.uint8)))  # the last rows go out whole or not
+    assert [(r, d.shape[1]) for r, d in got] == [(16, 24)] and rows.complete
 
 
 def test_blender_refuses_out_of_order():
     grid = TileGrid.build(32, 32, 16, 4)
-    blender = TileBlender(grid, make_encoder("none", 255), 1)
+    blender = TileBlender(grid, encoders("none"))
     with pytest.raises(RuntimeError, match=r"tiles out of order: expected \(0, 0\), got \(0, 1\)"):
         blender.add(0, 1, np.zeros((K, 16, 16), np.float32), np.ones((16, 16), bool))
 
@@ -186,15 +197,23 @@ def test_reader_batches_in_order_with_padding_and_validity(tmp_path):
     np.testing.assert_array_equal(first.image[1, 1, :10].numpy(), img[0, :, 12:28])
 
 
-@pytest.mark.parametrize("mode", ["none", "probs", "confidence"])
-def test_numpy_and_torch_encoders_agree(mode):
+@pytest.mark.parametrize("name", sorted(SINKS))
+def test_numpy_and_torch_encodings_agree(name, tmp_path):
     rng = np.random.default_rng(3)
     p = rng.random((K, 9, 11)).astype(np.float32)
     p /= p.sum(0)
+    p[:, 0, 0] = [0.5 / 255, 1.5 / 255, 1 - 2 / 255]  # halves: both round them to even
     valid = rng.random((9, 11)) > 0.2
-    encode = make_encoder(mode, 255)
-    a = encode(p, valid)
-    b = encode(torch.from_numpy(p), torch.from_numpy(valid)).numpy()
-    assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == ({"none": 1, "probs": 1 + K, "confidence": 2}[mode], 9, 11)
+    sink = SINKS[name].make(tmp_path / "x.tif", PredictOptions())
+    layout = OutputLayout({"height": 9, "width": 11}, [f"c{k}" for k in range(K)])
+    before = p.copy()
+    a = sink.encode(p, valid)
+    b = sink.encode(torch.from_numpy(p), torch.from_numpy(valid)).numpy()
+    np.testing.assert_array_equal(p, before)  # the other sinks encode the same cell
+    assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == (sink.bands(layout), 9, 11)
+    assert sink.bands(layout) == {"classes": 1, "probs": K + 1, "confidence": 2}[name]
     np.testing.assert_array_equal(a, b)
-    assert (a[0][~valid] == 255).all() and (a[1:, ~valid] == 0).all()
+    if name == "classes":
+        assert (a[0][~valid] == 255).all() and (a[0][valid] == p.argmax(0)[valid]).all()
+    else:
+        assert (a[:-1, ~valid] == 0).all() and (a[-1] == np.where(valid, 255, 0)).all()
