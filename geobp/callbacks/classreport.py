@@ -51,7 +51,7 @@ class ClassFrequencyReport(L.Callback):
         dm: Any = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "class_summary"):
             return
-        if not (self.always or dm.hparams.get("sampling") == "balanced" or dm.label_maps_loaded):
+        if not (self.always or dm.sampling_options.sampling == "balanced" or dm.cell_histograms_loaded):
             return
         summary = dm.class_summary()
         criterion = getattr(pl_module, "criterion", None)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from geobp.errors import ConfigError, format_error
 from geobp.inference.choices import MatchBands, NormalizeOn, Precision, Probabilities, Reader, check_choice, normalize_precision
-from geobp.tiling import check_tile_args
+from geobp.tiling import TilingOptions
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +98,7 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if self.tile_size is not None:
-            check_tile_args(self.tile_size, self.overlap or 0)
+            TilingOptions(self.tile_size, self.overlap or 0)  # the one check of a tile size and its overlap
         elif self.overlap is not None and self.overlap < 0:
             raise ConfigError(format_error(None, f"overlap must not be negative (found {self.overlap})", "set overlap >= 0"))
         if self.batch_size < 1:

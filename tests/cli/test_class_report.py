@@ -86,9 +86,9 @@ def test_class_report_reads_masks_only_when_needed_or_always(scenes, capsys):
     trainer = SimpleNamespace(datamodule=dm, loggers=[logger], is_global_zero=True)
     module = SimpleNamespace(criterion=SimpleNamespace(weight=None))
     ClassFrequencyReport().on_fit_start(trainer, module)  # uniform sampling, no auto weights: nothing read
-    assert not dm.label_maps_loaded and logger.logged == [] and "Training classes" not in capsys.readouterr().err
+    assert not dm.cell_histograms_loaded and logger.logged == [] and "Training classes" not in capsys.readouterr().err
     ClassFrequencyReport(always=True).on_fit_start(trainer, module)
-    assert dm.label_maps_loaded and "Training classes (sampling: uniform)" in capsys.readouterr().err
+    assert dm.cell_histograms_loaded and "Training classes (sampling: uniform)" in capsys.readouterr().err
     (metrics, step), = logger.logged
     share = [metrics[f"classes/pixel_share/class_{i}"] for i in range(3)]
     assert step == 0 and sum(share) == pytest.approx(1.0) and "classes/loss_weight/class_0" not in metrics

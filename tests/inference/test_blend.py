@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geobp.errors import ConfigError
 from geobp.tiling import BLEND_EPS, axis_blend_weights, blend_weights, blend_weights_1d, grid_offsets, spread_offsets
 
 
@@ -32,11 +31,6 @@ def test_blend_weights_1d_untapered_ends_are_flat():
     w = blend_weights_1d(16, 8, taper_start=False, taper_end=True)
     assert (w[:8] == 1).all() and w[-1] < 1e-3
     assert (blend_weights_1d(16, 0) == 1).all()
-
-
-def test_blend_weights_rejects_bad_overlap():
-    with pytest.raises(ConfigError, match="overlap must be in"):
-        blend_weights(16, 16)
 
 
 @settings(max_examples=60, deadline=None)
