@@ -95,7 +95,7 @@ def test_a_mistyped_option_gets_one_usage_line_and_the_closest_names(capsys, tmp
 
 
 def test_suggestions():
-    from geobp.cliparser import suggest
+    from geobp.cli.common import suggest
 
     options = ["data.tile_size", "data.tiles_per_epoch", "model.encoder", "model.lr", "trainer.max_epochs"]
     assert suggest("trainer.max_epoch", options) == " Did you mean --trainer.max_epochs?"
