@@ -102,3 +102,24 @@ def test_suggestions():
     assert suggest("model.encodr", options) == " Did you mean --model.encoder?"
     assert suggest("model.backbone", options) == " The options of model are: encoder, lr."
     assert suggest("nothing", options) == ""
+
+
+def test_sigterm_in_a_lightning_verb_exits_143_and_other_exits_pass_through(monkeypatch):
+    """Lightning stops on SIGTERM with a SystemExit(None), which would read as success; main returns 128 + 15."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import geobp.cli.train as train
+
+    def stopped(argv):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(train, "lightning", stopped)
+    assert main(["fit", "--config", "x.yaml"]) == 143
+
+    def usage_error(argv):
+        raise SystemExit(2)
+
+    monkeypatch.setattr(train, "lightning", usage_error)
+    with pytest.raises(SystemExit) as stop:
+        main(["validate"])
+    assert stop.value.code == 2
