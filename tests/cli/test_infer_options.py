@@ -167,3 +167,40 @@ def test_fit_links_the_data_label_options_into_the_model(tmp_path):
                      "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs")], run=False)
     assert cli.model.hparams["label_options"] == {"label_map": {7: 1, -1: 255}, "label_field": None,
                                                   "label_background": None, "all_touched": True}
+
+
+def test_infer_scores_with_the_label_options_fit_trained_with(tmp_path, capsys):
+    """fit on raw codes with data.label_map, then `geobp infer --labels` with no --label_* option: scored as trained.
+
+    Needs ``SegmentationTask(label_options=...)`` (the training branch).
+    """
+    import yaml
+
+    from geobp.data.synth import write_scenes
+
+    write_scenes(tmp_path / "s", scenes=3, size=64, bands=3, classes=3, block_size=32)
+    codes = np.arange(256, dtype=np.uint8)  # the ignore index (the scenes' nodata borders) stays 255
+    codes[:3] = list(CODES)
+    for mask in sorted((tmp_path / "s" / "masks").glob("*.tif")):
+        with rasterio.open(mask) as src:
+            raw = codes[src.read(1)]
+            write_tif(tmp_path / "truth" / mask.name, raw, transform=src.transform, crs=src.crs.to_string())
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_val_batches": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False, "default_root_dir": str(tmp_path / "runs")},
+        "model": {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [32, 16, 16, 8, 8]}},
+        "data": {"root": str(tmp_path / "s"), "images": str(tmp_path / "s" / "images"), "labels": str(tmp_path / "truth"),
+                 "label_map": CODES, "num_classes": 3, "tile_size": 32, "tiles_per_epoch": 4, "batch_size": 4,
+                 "val_fraction": 0.34},
+    }))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    capsys.readouterr()
+    img = tmp_path / "s" / "images" / "scene_000.tif"
+    assert main(["infer", "--ckpt", str(last), "--out", str(tmp_path / "pred"), "--device", "cpu",
+                 "--labels", str(tmp_path / "truth"), str(img)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"label options from the checkpoint {last}: label_map {{11: 0, 21: 2, 41: 1}}" in err  # (the config's order)
+    assert json.loads((tmp_path / "pred" / "metrics.json").read_text())["total"]["pixels"] > 0
