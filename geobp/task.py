@@ -83,6 +83,8 @@ class SegmentationTask(L.LightningModule):
             :meth:`from_checkpoint` (inference runs the plain model).
         fused: AdamW's fused implementation: ``null`` (auto: on CUDA, unless ``16-mixed`` and
             gradient clipping run together), ``true`` or ``false`` (:mod:`geobp.optim`).
+        label_options: how the data read its labels (``label_map``, ``label_field``,
+            ``label_background``, ``all_touched``; linked by the CLI), stored for ``geobp infer --labels``.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class SegmentationTask(L.LightningModule):
         encoder_lr_mult: float = 1.0,
         compile: bool | CompileMode = False,
         fused: bool | None = None,
+        label_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -144,9 +144,11 @@ def test_check_with_data_options_reports_label_sources_coverage_histogram_and_un
     assert "2 scenes, 0 unusable" in " ".join(captured.err.split())
     assert main(["check", "--data.images", str(tmp_path / "img"), "--data.labels", str(tmp_path / "wc.tif"),
                  "--data.num_classes", "3", "--data.label_map={10: 0, 20: 1, 80: 2}"]) == 0
-    with pytest.raises(SystemExit):  # argparse: not an option of geobp check
-        main(["check", "--data.images", str(tmp_path / "img"), "--trainer.max_epochs", "1"])
-    assert "unrecognized arguments: --trainer.max_epochs" in capsys.readouterr().err
+    capsys.readouterr()
+    # not an option of geobp check: jsonargparse's error, as one line, exit 2
+    assert main(["check", "--data.images", str(tmp_path / "img"), "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.max_epochs" in err and len(err.strip().splitlines()) == 1
     assert main(["check", "--data.images", str(tmp_path / "img"), "--data.num_classes", "3"]) == 2
     assert "data.images and data.labels are both needed" in " ".join(capsys.readouterr().err.split())
 
@@ -161,3 +163,30 @@ def test_check_reads_scenes_in_several_processes_with_the_same_reports(tmp_path)
     assert [(r.name, r.labels, r.valid_fraction, [p.message for p in r.problems]) for r in two] == \
         [(r.name, r.labels, r.valid_fraction, [p.message for p in r.problems]) for r in one]
     assert any(r.fatal for r in two) and all(r.labels is not None for r in two)
+
+
+def test_check_data_options_are_the_data_modules_typed_options(tmp_path, capsys):
+    """--data.* goes through jsonargparse and the data module's signature: typed values, one-line errors."""
+    import yaml
+
+    from geobp.cli.check import parse_check_args
+
+    a = parse_check_args(["--data.images", "img", "--data.labels", "wc.tif", "--data.label_map", "{-1: 255, 11: 0}",
+                          "--data.num_classes", "3"])
+    assert a.data.label_map == {-1: 255, 11: 0} and a.data.num_classes == 3 and a.data.tile_size == 256  # a default
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"max_epochs": 1}, "model": {"encoder": "resnet18"},
+                                   "data": {"images": "img", "labels": "wc.tif", "num_classes": 3, "label_field": "code"}}))
+    a = parse_check_args(["--config", str(cfg), "--data.num_classes", "4"])  # the command line over the config
+    assert (a.data.images, a.data.label_field, a.data.num_classes) == ("img", "code", 4)
+    for argv, expected in (
+        (["--data.lable_map", "{1: 2}"], "unrecognized arguments: --data.lable_map. Did you mean --data.label_map?"),
+        (["--data.num_classes", "three"], 'Parser key "data.num_classes":'),
+        (["--data.label_map", "[1, 2]"], 'Parser key "data.label_map":'),
+    ):
+        assert main(["check", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Fix:" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    cfg.write_text(yaml.safe_dump({"data": {"images": "img", "tiles_sise": 3}}))
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert "does not accept option 'tiles_sise'" in capsys.readouterr().err

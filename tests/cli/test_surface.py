@@ -95,10 +95,31 @@ def test_a_mistyped_option_gets_one_usage_line_and_the_closest_names(capsys, tmp
 
 
 def test_suggestions():
-    from geobp.cliparser import suggest
+    from geobp.cli.common import suggest
 
     options = ["data.tile_size", "data.tiles_per_epoch", "model.encoder", "model.lr", "trainer.max_epochs"]
     assert suggest("trainer.max_epoch", options) == " Did you mean --trainer.max_epochs?"
     assert suggest("model.encodr", options) == " Did you mean --model.encoder?"
     assert suggest("model.backbone", options) == " The options of model are: encoder, lr."
     assert suggest("nothing", options) == ""
+
+
+def test_sigterm_in_a_lightning_verb_exits_143_and_other_exits_pass_through(monkeypatch):
+    """Lightning stops on SIGTERM with a SystemExit(None), which would read as success; main returns 128 + 15."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import geobp.cli.train as train
+
+    def stopped(argv):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(train, "lightning", stopped)
+    assert main(["fit", "--config", "x.yaml"]) == 143
+
+    def usage_error(argv):
+        raise SystemExit(2)
+
+    monkeypatch.setattr(train, "lightning", usage_error)
+    with pytest.raises(SystemExit) as stop:
+        main(["validate"])
+    assert stop.value.code == 2
