@@ -112,9 +112,7 @@ def run(argv: Sequence[str]) -> int:
     summary = predict_many(
         a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
-        num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands,
-        # given only when asked for: predict_many's default (device on a GPU, reader on the CPU) otherwise
-        **({"normalize_on": a.normalize_on} if a.normalize_on is not None else {}),
+        num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands, normalize_on=a.normalize_on,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code

@@ -15,7 +15,7 @@ with 255 (the ignore index) under nodata, and no nodata tag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import rasterio
@@ -24,6 +24,7 @@ from rasterio.errors import CRSError
 from rasterio.transform import Affine
 from rich.progress import track
 
+from geobp.choices import SynthDType
 from geobp.atomic import atomic_path
 from geobp.errors import ConfigError, format_error
 
@@ -31,7 +32,7 @@ CLASS_NAMES: tuple[str, ...] = (
     "water", "forest", "cropland", "urban", "bare_soil", "grassland", "wetland", "snow",
 )
 IGNORE_INDEX = 255
-DType = Literal["uint8", "uint16", "int16", "float32"]
+DType = SynthDType
 DTYPES: tuple[str, ...] = get_args(DType)
 NODATA: dict[str, float] = {"uint8": 0, "uint16": 0, "int16": 0, "float32": -9999.0}
 _SCALE: dict[str, float] = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0, "float32": 1.0}

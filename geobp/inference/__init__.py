@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from geobp.inference.sinks import output_paths
 
 #: public name -> the module defining it; imported on first use, so that the torch-free
-#: :mod:`geobp.inference.choices` can be imported (by the CLI's parsers) without torch
+#: :mod:`geobp.inference.options` can be imported without torch
 _EXPORTS = {
     "InferenceSummary": "batch", "class_map_path": "batch", "expand_inputs": "batch", "predict_many": "batch",
     "output_paths": "sinks",

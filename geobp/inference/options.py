@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from geobp.errors import ConfigError, format_error
-from geobp.inference.choices import MatchBands, NormalizeOn, Precision, Probabilities, Reader, check_choice, normalize_precision
+from geobp.choices import MatchBands, NormalizeOn, Precision, Probabilities, Reader, check_choice, normalize_precision
 from geobp.tiling import TilingOptions
 
 if TYPE_CHECKING:

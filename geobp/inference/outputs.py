@@ -15,7 +15,7 @@ from typing import Any
 import rasterio
 import rasterio.shutil
 
-from geobp.inference.choices import Probabilities  # noqa: F401 - re-exported for the CLI
+from geobp.choices import Probabilities  # noqa: F401 - re-exported for the CLI
 from geobp.atomic import atomic_path
 from geobp.raster import derive_profile
 

@@ -47,7 +47,7 @@ from geobp.inference.threads import decode_threads, default_processes, default_w
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.tiling import Tile, TileGrid
-from geobp.inference.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Reader  # noqa: F401 - re-exported
+from geobp.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Reader  # noqa: F401 - re-exported
 from geobp.inference.options import (  # noqa: F401 - re-exported: predict is where users look for them
     DEFAULT_TILE_SIZE,
     PredictOptions,

@@ -2,7 +2,7 @@
 
 **To add an output format**, write one class here that implements :class:`OutputSink` and add it
 to :data:`SINKS` under its name (the name also goes into
-:data:`geobp.inference.choices.Probabilities`, where the command line finds its choices; a test
+:data:`geobp.choices.Probabilities`, where the command line finds its choices; a test
 checks that the two agree). Nothing else changes: the streaming writer, the distributed part
 files (:mod:`geobp.inference.parts`) and the atomic, all-or-nothing writes serve every sink.
 
@@ -49,7 +49,7 @@ import torch
 from rasterio.windows import Window
 
 from geobp.errors import OutputExistsError, format_error
-from geobp.inference.choices import Probabilities
+from geobp.choices import Probabilities
 from geobp.inference.options import PredictOptions
 from geobp.inference.outputs import CLASSES_SUFFIX, atomic_output, aux_profile, classes_profile, colour_table
 

@@ -59,23 +59,6 @@ def test_help_pages_of_the_argparse_verbs_do_not_import_torch(tmp_path):
     assert "`geobp fit --help`" in proc.stdout  # check's page points to the data options
 
 
-def test_choices_are_those_inference_and_synth_take():
-    """geobp.choices is the one spelling; the modules that act on the values agree with it."""
-    from typing import get_args
-
-    from geobp import choices
-    from geobp.data import synth
-    from geobp.inference import outputs, predict
-
-    assert get_args(predict.Precision) == get_args(choices.Precision)
-    assert predict.PRECISION_ALIASES == choices.PRECISION_ALIASES
-    assert get_args(predict.MatchBands) == get_args(choices.MatchBands)
-    assert get_args(predict.Reader) == get_args(choices.Reader)
-    assert get_args(predict.NormalizeOn) == get_args(choices.NormalizeOn)
-    assert get_args(outputs.Probabilities) == get_args(choices.Probabilities)
-    assert synth.DTYPES == get_args(choices.SynthDType)
-
-
 @pytest.mark.slow
 def test_fit_help_is_cached_and_the_second_call_imports_no_torch(tmp_path):
     code = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -89,8 +88,6 @@ def test_normalize_on_is_handed_to_predict_many(tmp_path, monkeypatch):
     assert seen["normalize_on"] == "reader"
 
 
-@pytest.mark.skipif("normalize_on" not in inspect.signature(__import__("geobp.inference", fromlist=["x"]).predict_many).parameters,
-                    reason="needs predict_many(normalize_on=...) (the inference branch)")
 def test_a_cpu_run_with_normalize_on_reader_predicts(tmp_path, scene, monkeypatch):
     from geobp.inference.predict import PredictOptions
 

@@ -422,6 +422,6 @@ def test_choices_import_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, geobp.inference.choices; print('torch' in sys.modules)"
+    code = "import sys, geobp.choices; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"

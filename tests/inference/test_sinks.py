@@ -12,7 +12,7 @@ import rasterio
 import torch
 
 from geobp.inference import predict_raster
-from geobp.inference.choices import Probabilities
+from geobp.choices import Probabilities
 from geobp.inference.options import PredictOptions
 from geobp.inference.parts import PartSink, remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import open_job, predict_share
