@@ -181,13 +181,10 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     from geobp.data.alignment import check_labelled_dataset
     from geobp.data.labels import LabelOptions
 
-    num_classes = a.num_classes or data.get("num_classes")
-    if num_classes is None:
-        raise ConfigError(format_error(None, "num_classes is not set", "pass --data.num_classes (or --num-classes)"))
-    names = data.get("class_names") or [f"class_{i}" for i in range(num_classes)]
-    ignore = int(a.ignore_index if a.ignore_index is not None else data["ignore_index"])
-    options = LabelOptions(int(num_classes), ignore, names, data.get("label_map"), data.get("label_field"),
-                           data.get("label_background"), data.get("all_touched", False))
+    options = LabelOptions.from_config({
+        **data, "num_classes": a.num_classes or data.get("num_classes"),
+        "ignore_index": a.ignore_index if a.ignore_index is not None else data.get("ignore_index")})
+    names = list(options.class_names or ())
     root = data.get("root")
     images = data.get("images") or (str(Path(root) / "images") if root else None)
     labels = data.get("labels") or (str(Path(root) / "masks") if root else None)

@@ -143,7 +143,6 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     Raises:
         ConfigError: a label option is invalid for the checkpoint's classes.
     """
-    from geobp.classes import class_names_for
     from geobp.data.labels import LabelOptions
 
     chosen = given_label_options(a)
@@ -154,11 +153,9 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     else:
         chosen = {"label_map": {}, "label_field": None, "label_background": None, "all_touched": False}
         where = f"the defaults (the checkpoint {a.ckpt} holds none)"
-    num_classes = int(hparams["num_classes"])
-    options = LabelOptions(
-        num_classes, int(hparams.get("ignore_index", 255)), class_names_for(hparams.get("class_names"), num_classes),
-        chosen.get("label_map"), chosen.get("label_field"), chosen.get("label_background"), bool(chosen.get("all_touched")),
-    )
+    options = LabelOptions.from_config({
+        "num_classes": hparams["num_classes"], "ignore_index": hparams.get("ignore_index"),
+        "class_names": hparams.get("class_names"), **chosen})
     described = ", ".join(f"{name} {getattr(options, name)!r}" for name in LABEL_OPTION_NAMES)
     return options, f"label options from {where}: {described}"
 
