@@ -14,10 +14,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
+from geobp.checkpoint import read_task_checkpoint, rebuild_kwargs
 from geobp.classes import class_names_for
 from geobp.compiled import CompiledForward, CompileMode, compile_mode
 from geobp.data.preprocessing import Preprocessing
-from geobp.checkpoint import read_task_checkpoint, rebuild_kwargs
 from geobp.errors import ConfigError, format_error
 from geobp.losses import class_weights_from_counts, create_loss
 from geobp.models import EncoderName, ModelName, create_model
