@@ -1,4 +1,9 @@
-"""Segmentation losses that honour an ignore index: cross-entropy, soft Dice, focal.
+"""Segmentation losses that honour an ignore index, and their registry (``model.loss``).
+
+To add a loss, define ``fn(logits, target, ignore_index, weight=None, **options)`` here (or
+anywhere imported before the task is built) and decorate it with ``@register_loss("name")``;
+``model.loss: name`` then selects it, and :func:`create_loss` checks its options against its
+signature. Built in: ``ce``, ``dice``, ``focal``, ``ce+dice``.
 
 Cross-entropy is PyTorch's. Dice and focal are written here because neither torch nor
 torchmetrics ships a differentiable multi-class version with an ignore index.
@@ -6,12 +11,17 @@ torchmetrics ships a differentiable multi-class version with an ignore index.
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geobp.errors import ConfigError, format_error
+
+#: The built-in losses (:data:`LOSSES` may hold more).
 LossName = Literal["ce", "dice", "focal", "ce+dice"]
 
 
@@ -56,26 +66,126 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, weight: Ten
     return total / denom.clamp(min=torch.finfo(total.dtype).tiny)
 
 
-class SegmentationLoss(nn.Module):
-    """One of ``ce``, ``dice``, ``focal`` or ``ce+dice``, with class weights and an ignore index."""
+#: The contract of a registered loss: ``fn(logits, target, *, ignore_index, weight, **options)``
+#: returns a scalar; ``logits`` is [B, K, H, W], ``target`` [B, H, W] int64, ``weight`` the
+#: per-class weights [K] or None; pixels labelled ``ignore_index`` count nowhere.
+LossFn = Callable[..., Tensor]
 
-    def __init__(self, name: LossName = "ce", ignore_index: int = 255, class_weights: list[float] | None = None, gamma: float = 2.0) -> None:
+#: Loss name -> loss function (see :data:`LossFn`); :func:`register_loss` adds one.
+LOSSES: dict[str, LossFn] = {}
+
+#: The parameters every loss receives from :class:`SegmentationLoss`; the others are its options.
+_FIXED = ("logits", "target", "ignore_index", "weight")
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator that registers a loss function under ``name`` (usable as ``model.loss: <name>``).
+
+    The function is called as ``fn(logits, target, ignore_index=..., weight=..., **options)``
+    (see :data:`LossFn`); its other keyword parameters, with defaults, are its options.
+
+    Raises:
+        ConfigError: ``name`` is taken, or the function lacks a parameter of the contract.
+    """
+
+    def add(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ConfigError(format_error(None, f"loss {name!r} is registered already (by {LOSSES[name].__qualname__})",
+                                           "register the new loss under another name"))
+        params = inspect.signature(fn).parameters
+        missing = [p for p in _FIXED if p not in params]
+        if missing:
+            raise ConfigError(format_error(
+                None, f"loss {name!r}: {fn.__qualname__} lacks the parameter(s) {missing} of the loss contract",
+                "define it as fn(logits, target, ignore_index, weight=None, **options)"))
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def loss_options(name: str) -> list[str]:
+    """The option names of the registered loss ``name`` (its parameters beyond the contract's)."""
+    return [p for p in inspect.signature(LOSSES[name]).parameters if p not in _FIXED]
+
+
+@register_loss("ce")
+def _ce(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None) -> Tensor:
+    return cross_entropy(logits, target, ignore_index, weight)
+
+
+@register_loss("dice")
+def _dice(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None) -> Tensor:
+    return dice_loss(logits, target, ignore_index)  # unweighted: Dice averages over classes already
+
+
+@register_loss("focal")
+def _focal(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None, gamma: float = 2.0) -> Tensor:
+    return focal_loss(logits, target, ignore_index, gamma, weight)
+
+
+@register_loss("ce+dice")
+def _ce_dice(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None) -> Tensor:
+    return cross_entropy(logits, target, ignore_index, weight) + dice_loss(logits, target, ignore_index)
+
+
+class SegmentationLoss(nn.Module):
+    """A registered loss (:data:`LOSSES`) with its class weights, ignore index and options.
+
+    Args:
+        name: a key of :data:`LOSSES` (``ce``, ``dice``, ``focal``, ``ce+dice`` or a registered one).
+        ignore_index: the label of pixels that count nowhere.
+        class_weights: per-class weights (passed to the loss as ``weight``), or None.
+        **options: the loss's own options (e.g. ``gamma`` for ``focal``).
+
+    Raises:
+        ConfigError: unknown loss name (the message lists the valid ones), or an option the loss
+            does not take.
+    """
+
+    def __init__(self, name: str = "ce", ignore_index: int = 255, class_weights: list[float] | None = None,
+                 **options: Any) -> None:
         super().__init__()
+        if name not in LOSSES:
+            raise ConfigError(format_error(
+                None, f"unknown loss (expected one of {sorted(LOSSES)}, found {name!r})",
+                f"set model.loss to one of {', '.join(sorted(LOSSES))}, or register the loss with "
+                "geobp.losses.register_loss"))
+        valid = loss_options(name)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(format_error(
+                None, f"unknown option for loss {name!r} (expected some of {valid}, found {unknown})",
+                f"remove {', '.join(unknown)} or use one of {', '.join(valid) or 'no options'}"))
         self.name = name
         self.ignore_index = ignore_index
-        self.gamma = gamma
+        self.options = dict(options)
+        self.fn = LOSSES[name]
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.name == "focal":
-            return focal_loss(logits, target, self.ignore_index, self.gamma, self.weight)
-        if self.name == "dice":
-            return dice_loss(logits, target, self.ignore_index)
-        ce = cross_entropy(logits, target, self.ignore_index, self.weight)
-        if self.name == "ce+dice":
-            return ce + dice_loss(logits, target, self.ignore_index)
-        return ce
+        """The loss of logits [B, K, H, W] against target [B, H, W] (a scalar)."""
+        return self.fn(logits, target, ignore_index=self.ignore_index, weight=self.weight, **self.options)
+
+
+def create_loss(name: str, *, ignore_index: int = 255, class_weights: list[float] | None = None,
+                **options: Any) -> SegmentationLoss:
+    """Build the registered loss ``name`` (see :class:`SegmentationLoss`).
+
+    Args:
+        name: a key of :data:`LOSSES`.
+        ignore_index: the label of pixels that count nowhere.
+        class_weights: per-class weights, or None.
+        **options: the loss's own options, checked against its signature.
+
+    Returns:
+        The loss module.
+
+    Raises:
+        ConfigError: unknown name (the valid ones are listed) or option.
+    """
+    return SegmentationLoss(name, ignore_index, class_weights, **options)
 
 
 def class_weights_from_counts(counts: list[int] | list[float]) -> list[float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
+from geobp.checkpoint import read_task_checkpoint, rebuild_kwargs
 from geobp.classes import class_names_for
 from geobp.compiled import CompiledForward, CompileMode, compile_mode
 from geobp.data.preprocessing import Preprocessing
-from geobp.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError, format_error
-from geobp.losses import LossName, SegmentationLoss, class_weights_from_counts
+from geobp.errors import ConfigError, format_error
+from geobp.losses import class_weights_from_counts, create_loss
 from geobp.models import EncoderName, ModelName, create_model
-from geobp.nonfinite import DeviceSkip, applies as device_skip_applies
+from geobp.nonfinite_protocol import NonFiniteProtocol
 from geobp.optim import build_adamw, clip_gradients, keep_implementation, unscales_in_step, use_fused
 
 Stage = Literal["train", "val", "test"]
@@ -47,7 +47,8 @@ class SegmentationTask(L.LightningModule):
         in_channels: input bands (linked from the data module by the CLI).
         num_classes: classes (linked from the data module by the CLI).
         ignore_index: label excluded from loss and metrics.
-        loss: ``ce``, ``dice``, ``focal`` or ``ce+dice``.
+        loss: a loss of the registry :data:`geobp.losses.LOSSES`: ``ce``, ``dice``, ``focal``,
+            ``ce+dice``, or one added with :func:`geobp.losses.register_loss`.
         class_weights: per-class loss weights, None, or ``auto``: from the training label frequencies
             (inverse square root, normalised to mean 1), which :meth:`setup` asks the trainer's data
             module for (its ``class_pixels``) and records in the hyperparameters (so in the checkpoint).
@@ -72,9 +73,10 @@ class SegmentationTask(L.LightningModule):
         model_kwargs: extra options of the model class (e.g. ``decoder_channels``).
         nonfinite: what a NaN/Inf training loss does: ``skip`` the step (counted in
             ``train/nonfinite_steps``) or ``stop`` with an error naming the step, the batch's tiles
-            and the first module whose output went non-finite. Checking costs one device-to-host
-            sync per step, except on one CUDA device with the fused AdamW and no loss scaler, where
-            ``skip`` is decided on the device (:mod:`geobp.nonfinite`); ``ignore`` turns it off.
+            and the first module whose output went non-finite (:mod:`geobp.nonfinite_protocol`).
+            Checking costs one device-to-host sync per step, except on one CUDA device with the
+            fused AdamW and no loss scaler, where ``skip`` is decided on the device
+            (:mod:`geobp.nonfinite`); ``ignore`` turns it off.
         compile: run the model's forward through ``torch.compile``: ``false``, ``true`` (mode
             ``default``) or a mode (``reduce-overhead``, ``max-autotune``,
             ``max-autotune-no-cudagraphs``). Layer names, hooks and checkpoints stay those of the
@@ -83,8 +85,15 @@ class SegmentationTask(L.LightningModule):
             :meth:`from_checkpoint` (inference runs the plain model).
         fused: AdamW's fused implementation: ``null`` (auto: on CUDA, unless ``16-mixed`` and
             gradient clipping run together), ``true`` or ``false`` (:mod:`geobp.optim`).
-        label_options: how the data read its labels (``label_map``, ``label_field``,
-            ``label_background``, ``all_touched``; linked by the CLI), stored for ``geobp infer --labels``.
+        label_options: how raw labels became class ids in training (linked from the data
+            options by the CLI; stored for ``geobp infer --labels``): ``{"label_map": {raw: class},
+            "label_field": str | None, "label_background": int | None, "all_touched": bool}``.
+            None when not given (checkpoints from before the option lack it).
+
+    Raises:
+        ConfigError: a negative ``freeze_encoder_epochs`` or ``encoder_lr_mult``, an unknown
+            model, encoder or loss (the message lists the valid ones), or ``label_options`` with
+            keys other than those above.
     """
 
     def __init__(
@@ -95,7 +104,7 @@ class SegmentationTask(L.LightningModule):
         in_channels: int = 3,
         num_classes: int = 2,
         ignore_index: int = 255,
-        loss: LossName = "ce",
+        loss: str = "ce",
         class_weights: list[float] | Literal["auto"] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -115,6 +124,7 @@ class SegmentationTask(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_label_options(label_options)
         if freeze_encoder_epochs < 0 or encoder_lr_mult < 0:
             raise ConfigError(format_error(
                 None, f"freeze_encoder_epochs and encoder_lr_mult must be >= 0 (found {freeze_encoder_epochs}, {encoder_lr_mult})",
@@ -128,13 +138,11 @@ class SegmentationTask(L.LightningModule):
         mode = compile_mode(compile)
         # a plain attribute, no child module: state_dict and module names stay the model's own
         self._compiled = CompiledForward(self.model, mode) if mode else None
-        self.criterion = SegmentationLoss(loss, ignore_index, None if class_weights == "auto" else class_weights)
+        self.criterion = create_loss(loss, ignore_index=ignore_index,
+                                     class_weights=None if class_weights == "auto" else class_weights)
         self.class_names = class_names_for(class_names, num_classes)
-        self.nonfinite_steps = 0
-        self._skipping = False
-        self._scaler_state: dict[str, Any] | None = None
-        self._bad_loss = float("nan")
-        self._device_skip: DeviceSkip | None = None
+        # the NaN/Inf step protocol (skip agreed over ranks, or decided on the device; or stop)
+        self.nonfinite_protocol = NonFiniteProtocol(nonfinite, ignore_index)
         self.loss_means = torch.nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
@@ -168,9 +176,9 @@ class SegmentationTask(L.LightningModule):
     def _metrics(num_classes: int, ignore_index: int, validate: bool) -> MetricCollection:
         """mIoU, per-class IoU, macro F1 and pixel accuracy, without the ignored pixels.
 
-        ``validate=False`` skips torchmetrics' checks of the label values, which cost as much as
-        the update itself on every training step; the training labels have been checked already
-        (by the tile dataset, and by the loss), and validation and test keep the checks.
+        ``validate=False`` skips torchmetrics' checks of the label values, a cost paid on every
+        training step otherwise: the training labels have been checked already (by the tile
+        dataset, and by the loss), and validation and test keep the checks.
         """
         kw = {"ignore_index": ignore_index, "validate_args": validate}
         return MetricCollection(
@@ -212,15 +220,12 @@ class SegmentationTask(L.LightningModule):
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["mask"])
         mask, value = batch["mask"], loss.detach()
-        if stage == "train" and self._device_skip is not None:
+        protocol = self.nonfinite_protocol
+        if stage == "train" and protocol.device_skip is not None:
             # decided on the device: a non-finite step's loss and pixels count nowhere, and the
             # fused AdamW skips its update (geobp.nonfinite)
-            bad = self._device_skip.decide(loss)
-            mask = torch.where(bad, self.hparams["ignore_index"], mask)
-            value = torch.where(bad, 0.0, value)
-            self.log("train/nonfinite_steps", self._device_skip.count.float(), on_step=True, on_epoch=False)
-        elif stage == "train" and self.hparams["nonfinite"] != "ignore" and not bool(torch.isfinite(loss)):
-            self._bad_loss = float(loss.detach())
+            mask, value = protocol.mask_on_device(self, loss, mask, value)
+        elif stage == "train" and protocol.host_rejects(loss):
             return None
         size = batch["image"].shape[0]
         # Epoch means (over labelled pixels) through a torchmetrics MeanMetric, which all-reduces its state once per epoch
@@ -234,32 +239,20 @@ class SegmentationTask(L.LightningModule):
         else:
             self.log(f"{stage}/loss", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, prog_bar=stage != "test",
                      batch_size=size)
-        # max(dim).indices is argmax (the first maximum), several times faster than argmax over
-        # the class dimension on CPUs
+        # max(dim).indices is argmax (the first maximum), taken for its speed over the class
+        # dimension on CPUs (timing in BENCHMARKS.md)
         self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, mask)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """The batch's loss, or, when any rank cannot train on its batch, a step every rank skips.
+        """The batch's loss, or, when any rank cannot train on its batch, a zero loss every rank
+        returns and whose step updates nothing (:mod:`geobp.nonfinite_protocol`).
 
-        A batch is unusable when its loss is NaN/Inf (``nonfinite``) or all its tiles failed to
-        read (``data.on_read_error: skip``). The ranks agree on one flag (one all-reduce under DDP;
-        the check is one device-to-host sync per step, none with ``nonfinite: ignore``), and on a
-        skip every rank returns :meth:`_zero_loss`, so DDP's gradient all-reduce still pairs up;
-        :meth:`on_after_backward` then drops the gradients, the optimizer updates nothing and the
-        loss scaler of ``16-mixed`` is left as it was (:meth:`optimizer_step`). Lightning's own
-        skip (returning None) is refused under DDP.
+        Raises:
+            NonFiniteError: under ``nonfinite: stop``, a NaN/Inf loss on some rank.
         """
         loss = self._shared_step(batch, "train")
-        if loss is not None and self._device_skip is not None:
-            return loss  # decided on the device
-        unusable = loss is None
-        trainer = self._trainer_or_none()
-        if trainer is None or (self.hparams["nonfinite"] == "ignore" and trainer.world_size == 1 and not unusable):
-            return loss  # type: ignore[return-value]  # (a bare call, as in tests: nothing to agree with)
-        if not trainer.strategy.reduce_boolean_decision(unusable, all=False):
-            return loss  # type: ignore[return-value]
-        return self._skip_step(batch, local_nonfinite="image" in batch and unusable)
+        return self.nonfinite_protocol.training_loss(self, self._trainer_or_none(), batch, loss)  # type: ignore[return-value]
 
     def _trainer_or_none(self) -> L.Trainer | None:
         try:
@@ -267,64 +260,17 @@ class SegmentationTask(L.LightningModule):
         except RuntimeError:  # not attached to a Trainer
             return None
 
-    def _skip_step(self, batch: dict[str, Any], local_nonfinite: bool) -> Tensor:
-        """Count and report a step some rank cannot train on (or stop, under ``nonfinite: stop``)."""
-        flags = self.all_gather(torch.tensor(local_nonfinite, device=self.device)).reshape(-1).tolist()
-        nonfinite_anywhere = any(flags)
-        if nonfinite_anywhere:
-            self.nonfinite_steps += 1
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        if nonfinite_anywhere and self.hparams["nonfinite"] == "stop":
-            if not local_nonfinite:
-                raise NonFiniteError(format_error(
-                    None, f"step {self.global_step}: training loss is not finite on another process (rank)",
-                    "see that rank's error; lower model.lr, set trainer.gradient_clip_val, or set model.nonfinite: skip"))
-            where = first_nonfinite_module(self.model, batch["image"])
-            raise NonFiniteError(
-                format_error(
-                    None,
-                    f"step {self.global_step}: training loss is {self._bad_loss} on tiles {describe_tiles(batch)}; "
-                    f"first non-finite output: {where or 'none in forward (inputs or loss)'}",
-                    "check those tiles with `geobp check`, lower model.lr, set trainer.gradient_clip_val, "
-                    "or set model.nonfinite: skip; see the gradient-flow report of the run",
-                )
-            )
-        # one warning a run, from the lowest rank affected
-        if nonfinite_anywhere and self.nonfinite_steps == 1 and flags.index(True) == self.global_rank:
-            rank = f"rank {self.global_rank}: " if self.trainer.world_size > 1 else ""
-            warnings.warn(
-                f"{rank}step {self.global_step}: loss is {self._bad_loss}; step skipped ({describe_tiles(batch)}). "
-                "Later skips are counted in train/nonfinite_steps, not warned again",
-                UserWarning, stacklevel=2,
-            )
-        self._skipping = True
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._scaler_state = scaler.state_dict() if scaler is not None else None
-        return self._zero_loss()
-
-    def _zero_loss(self) -> Tensor:
-        """A loss of 0 whose gradient is exactly 0 for every trainable parameter, NaN-free whatever
-        the batch held (it reads one element of each parameter, not the model's output)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+    @property
+    def nonfinite_steps(self) -> int:
+        """Training steps skipped for a NaN/Inf loss so far (device skips counted at epoch ends)."""
+        return self.nonfinite_protocol.steps
 
     def on_after_backward(self) -> None:
-        # On a skipped step (gradients all-reduced by now under DDP) the optimizer gets no
-        # gradient: AdamW then leaves every parameter and its moments as they are.
-        if self._skipping:
-            for p in self.parameters():
-                p.grad = None
+        self.nonfinite_protocol.drop_gradients(self)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self._device_skip is not None:
-            self._device_skip.after_step()
-        if self._skipping:
-            self._skipping = False
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            if scaler is not None and self._scaler_state is not None:
-                scaler.load_state_dict(self._scaler_state)  # a skipped step does not grow or shrink the loss scale
-            self._scaler_state = None
+        self.nonfinite_protocol.after_optimizer_step(self.trainer)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -380,31 +326,14 @@ class SegmentationTask(L.LightningModule):
         opt = trainer.optimizers[0] if trainer.optimizers else None
         if opt is not None:  # a resumed optimizer state must not bring back another implementation
             keep_implementation(opt)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if opt is not None and device_skip_applies(self.hparams["nonfinite"], trainer.world_size, self.device, opt, scaler):
-            self._device_skip = DeviceSkip(opt, self.device)
-
-    def _read_device_skips(self) -> None:
-        """Count the steps skipped on the device since the last read (one host read); warn the first time."""
-        if self._device_skip is None:
-            return
-        _, new = self._device_skip.read()
-        if new and self.nonfinite_steps == 0:
-            warnings.warn(
-                f"the training loss was not finite on {new} step(s) by step {self.global_step}; skipped. Decided on the "
-                "device, so the tiles are not named: set model.nonfinite: stop to stop at the first and name them. "
-                "Later skips are counted in train/nonfinite_steps, not warned again", UserWarning, stacklevel=2)
-        self.nonfinite_steps += new
+        self.nonfinite_protocol.start(trainer, self.device)
 
     def on_train_epoch_end(self) -> None:
-        self._read_device_skips()
+        self.nonfinite_protocol.read_device_skips(self.global_step)
         self._log_metrics("train")
 
     def on_train_end(self) -> None:
-        self._read_device_skips()
-        if self._device_skip is not None:
-            DeviceSkip.detach(self.trainer.optimizers[0])
-            self._device_skip = None
+        self.nonfinite_protocol.end(self.trainer)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -462,86 +391,30 @@ class SegmentationTask(L.LightningModule):
             DataNotFoundError: the file does not exist.
             CheckpointError: the file is not a geobp checkpoint or lacks its preprocessing.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise DataNotFoundError(format_error(path, "checkpoint not found", "pass the .ckpt written by `geobp fit` (see its checkpoints/ folder)"))
-        ckpt = load_checkpoint_data(path)
-        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-        if not hp or "state_dict" not in ckpt or "in_channels" not in hp:
-            raise CheckpointError(format_error(path, "not a geobp checkpoint (no geobp hyperparameters)", "pass a .ckpt written by `geobp fit`"))
-        if not hp.get("preprocessing"):
-            raise CheckpointError(
-                format_error(path, "checkpoint has no preprocessing (band statistics)", "train with `geobp fit`, which stores them")
-            )
-        # LightningCLI adds private keys (_class_path, _instantiator); keep the constructor's own
-        accepted = inspect.signature(cls.__init__).parameters
-        # training-only settings stay behind: no start weights, no compile
-        task = cls(**{k: v for k, v in hp.items() if k in accepted and k not in ("weights", "compile")})
+        ckpt = read_task_checkpoint(path)
+        task = cls(**rebuild_kwargs(ckpt["hyper_parameters"], inspect.signature(cls.__init__).parameters))
         task.load_state_dict(ckpt["state_dict"])
         return task.to(map_location).eval()
 
 
-def describe_tiles(batch: dict[str, Any], limit: int = 4) -> str:
-    """``scene (row, col)`` of the first tiles of a batch, for messages."""
-    scenes, windows = batch.get("scene"), batch.get("window")
-    if scenes is None or windows is None:
-        return "unknown tiles"
-    parts = [f"{s} (row {int(w[0])}, col {int(w[1])})" for s, w in zip(scenes[:limit], windows[:limit])]
-    more = len(scenes) - limit
-    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+#: The keys of ``label_options`` (see :class:`SegmentationTask`).
+LABEL_OPTION_KEYS = ("label_map", "label_field", "label_background", "all_touched")
 
 
-@torch.no_grad()
-def first_nonfinite_module(model: torch.nn.Module, x: Tensor) -> str | None:
-    """Re-run the forward pass and return the name of the first module whose output is NaN/Inf.
-
-    Modules finish in forward order, children before their parent, so the first hit is the
-    innermost module where the values went bad.
-    """
-    if not bool(torch.isfinite(x).all()):
-        return "the input image"
-    found: list[str] = []
-    hooks = []
-
-    def hook(name: str) -> Any:
-        def fn(_m: torch.nn.Module, _i: Any, out: Any) -> None:
-            if not found and isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
-                found.append(name)
-
-        return fn
-
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(module.register_forward_hook(hook(name)))
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found[0] if found else None
-
-
-def load_checkpoint_data(path: Path) -> Any:
-    """Read a checkpoint as data: ``torch.load(weights_only=True)``, which unpickles tensors,
-    containers and plain values only, so a file from someone else cannot run code on load.
+def check_label_options(options: dict[str, Any] | None) -> None:
+    """Check the keys of ``model.label_options`` (None passes).
 
     Raises:
-        CheckpointError: the file is unreadable, or it holds Python objects that loading would
-            have to construct (refused, and nothing of it runs).
+        ConfigError: not a mapping, or a key other than :data:`LABEL_OPTION_KEYS`.
     """
-    import pickle
-    import re
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle torch can read at all
-            raise CheckpointError(format_error(path, "cannot read the checkpoint (not a PyTorch checkpoint file)",
-                                               "pass a .ckpt written by `geobp fit`")) from None
-        raise CheckpointError(format_error(
-            path, f"refused: the checkpoint holds Python objects that loading would have to run ({found.group(1)})",
-            "use a checkpoint written by `geobp fit` (plain tensors and values); never load files you do not trust "
-            "with weights_only=False")) from None
-    except Exception as err:  # torch raises many types for a bad file
-        raise CheckpointError(format_error(path, f"cannot read the checkpoint ({err})", "pass a .ckpt written by `geobp fit`")) from err
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(format_error(
+            None, f"model.label_options must be a mapping (found {type(options).__name__})",
+            f"give a mapping with some of the keys {', '.join(LABEL_OPTION_KEYS)}, or null"))
+    unknown = sorted(str(k) for k in set(options) - set(LABEL_OPTION_KEYS))
+    if unknown:
+        raise ConfigError(format_error(
+            None, f"model.label_options has unknown keys (expected some of {list(LABEL_OPTION_KEYS)}, found {unknown})",
+            f"remove {', '.join(unknown)}"))

@@ -5,7 +5,12 @@ as a dict; non-finite numbers may appear as floats or as the strings ``"nan"``/`
 
 A condition *persists* from recording ``i`` when it holds at ``i`` and in at least
 ``Thresholds.persist`` of the recordings from ``i`` on, and in at least ``min_recordings`` of them;
-a finding's ``step`` is the first such ``i``'s step. Findings are sorted by kind, then step.
+a finding's ``step`` is the first such ``i``'s step. Findings are sorted by their rule's order,
+then step.
+
+Each rule is declared once, with ``@register_rule(kind, order=..., figure=..., thresholds=...)``
+(:mod:`geobp.callbacks.rules`): :func:`diagnose` runs every registered rule, and the report reads
+each rule's figure from the registry. To add a rule, write it here with that decorator.
 
 The thresholds, the :class:`Finding` type and the number helpers live in
 :mod:`geobp.callbacks.findings` (re-exported here); the rules on the optimizer's steps
@@ -23,7 +28,6 @@ import numpy as np
 
 from geobp.bands import default_band_name
 from geobp.callbacks.findings import (
-    KIND_ORDER,
     Finding,
     FindingKind,
     GradientFlowWarning,
@@ -35,6 +39,7 @@ from geobp.callbacks.findings import (
     encode_float,
     persistent_start,
 )
+from geobp.callbacks.rules import order_of, register_rule, rules_in_order, unknown_extra_thresholds
 from geobp.callbacks.update_rules import find_loss_scale, find_stalled, find_unstable_updates
 
 __all__ = [
@@ -46,21 +51,24 @@ __all__ = [
 
 
 def diagnose(data: Mapping[str, Any], thresholds: Thresholds | None = None) -> list[Finding]:
-    """Run every rule over a recorded series.
+    """Run every registered rule (:data:`geobp.callbacks.rules.RULES`) over a recorded series.
 
     Args:
         data: the ``gradflow.json`` document.
-        thresholds: rule thresholds (defaults when None).
+        thresholds: rule thresholds (defaults when None). Names in ``extra`` that no registered
+            rule declares are warned about (:class:`GradientFlowWarning`) and otherwise unused.
 
     Returns:
-        The findings, sorted by kind (nonfinite, loss_scale, exploding, unstable_updates,
-        vanishing, stalled, dead_branch, dead_band, band_scale) then step.
+        The findings, sorted by their rule's order (built in: nonfinite, loss_scale, exploding,
+        unstable_updates, vanishing, stalled, dead_branch, dead_band, band_scale), then step.
     """
     t = thresholds or Thresholds()
-    findings = [*find_nonfinite(data, t), *find_loss_scale(data, t), *find_exploding(data, t),
-                *find_unstable_updates(data, t), *find_vanishing(data, t), *find_stalled(data, t),
-                *find_dead_branches(data, t), *find_dead_bands(data, t), *find_band_scale(data, t)]
-    return sorted(findings, key=lambda f: (KIND_ORDER.index(f.kind), f.step, f.where))
+    unknown = unknown_extra_thresholds(t)
+    if unknown:
+        warnings.warn(f"gradflow.thresholds.extra: no registered diagnosis rule declares {unknown}; ignored",
+                      GradientFlowWarning, stacklevel=2)
+    findings = [f for rule in rules_in_order() for f in rule.check(data, t)]
+    return sorted(findings, key=lambda f: (order_of(f.kind), f.step, f.where))
 
 
 def early_head_ratios(layers: Sequence[Mapping[str, Any]], layer_norm: Sequence[Any] | None) -> np.ndarray:
@@ -94,6 +102,7 @@ def early_head_ratios(layers: Sequence[Mapping[str, Any]], layer_norm: Sequence[
     return np.where((early == 0) & (head > 0), 0.0, ratio)
 
 
+@register_rule("vanishing", order=50, figure="flow")
 def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """Early layers' per-element RMS gradient orders of magnitude below the head's, persisting."""
     layers = data.get("layers") or []
@@ -114,6 +123,7 @@ def find_vanishing(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         "with ReLU/GELU, or use a variance-preserving init (kaiming)")]
 
 
+@register_rule("exploding", order=30, figure="clip")
 def find_exploding(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """Total norm above a bound or growing without bound (persisting), or clipping on most steps."""
     out: list[Finding] = []
@@ -172,6 +182,7 @@ def find_exploding(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     return out
 
 
+@register_rule("nonfinite", order=10, figure="nonfinite")
 def find_nonfinite(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """NaN/Inf gradients: any without a loss scaler; with one, a collapsed scale or a non-finite loss."""
     events = data.get("nonfinite") or []
@@ -261,6 +272,7 @@ def _input_bands(max_abs: np.ndarray, names: Sequence[str], extreme: float) -> s
     return f" [{'; '.join(found)}]" if found else ""
 
 
+@register_rule("dead_branch", order=70, figure="skips")
 def find_dead_branches(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """A skip path carrying almost nothing compared with its other path, persisting."""
     out = []
@@ -320,6 +332,7 @@ def _band_runs(data: Mapping[str, Any], t: Thresholds, others_only: bool,
                 yield int(steps[keep[start]]), float(np.median(ratio[start:])), names[b], layer
 
 
+@register_rule("dead_band", order=80, figure="bands")
 def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """An input band whose first-convolution gradient is far below the median band's, persisting."""
     return [
@@ -333,6 +346,7 @@ def find_dead_bands(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     ]
 
 
+@register_rule("band_scale", order=90, figure="bands")
 def find_band_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """An input band whose first-convolution gradient is orders of magnitude above the others', persisting.
 

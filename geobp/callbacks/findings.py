@@ -1,8 +1,10 @@
 """What the diagnosis works with: thresholds, findings, and reading the document's numbers.
 
-The bottom of the diagnosis: :mod:`geobp.callbacks.diagnosis` (the gradient rules and
+The bottom of the diagnosis: :mod:`geobp.callbacks.rules` (the rule registry),
+:mod:`geobp.callbacks.diagnosis` (the gradient rules and
 :func:`~geobp.callbacks.diagnosis.diagnose`) and :mod:`geobp.callbacks.update_rules` (the
-optimizer-step rules) build on it.
+optimizer-step rules) build on it. The order of the kinds and the figure of each are declared
+with the rules (:mod:`geobp.callbacks.rules`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import numpy as np
 from geobp.bands import default_band_name
 from geobp.errors import ConfigError, format_error
 
+#: The kinds of the built-in rules (a registered rule may add others: a finding's kind is a str).
 FindingKind = Literal["vanishing", "exploding", "nonfinite", "dead_branch", "dead_band", "band_scale", "stalled",
                       "unstable_updates", "loss_scale"]
-#: The order of the findings' kinds in a diagnosis (the most urgent first).
-KIND_ORDER = ("nonfinite", "loss_scale", "exploding", "unstable_updates", "vanishing", "stalled", "dead_branch",
-              "dead_band", "band_scale")
 
 
 class GradientFlowWarning(UserWarning):
@@ -60,6 +60,8 @@ class Thresholds:
             largest absolute normalised value is above this.
         persist: fraction of recordings, from its start, in which a condition must hold.
         min_recordings: fewest recordings in which a condition must hold.
+        extra: values of the thresholds that registered rules declare beyond these fields
+            (:func:`geobp.callbacks.rules.threshold`), by name; a rule's default where absent.
 
     Raises:
         ConfigError: a value is out of its range (the message names the key and the range).
@@ -79,11 +81,24 @@ class Thresholds:
     extreme_input: float = 100.0
     persist: float = 0.8
     min_recordings: int = 3
+    extra: dict[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         fractions = ("clip_fraction", "persist", "skip_fraction")
+        if not isinstance(self.extra, Mapping):
+            raise ConfigError(format_error(
+                None, f"gradflow.thresholds.extra must be a mapping of threshold names to numbers (found {self.extra!r})",
+                "set gradflow.thresholds.extra to {name: value}, or leave it out"))
+        object.__setattr__(self, "extra", dict(self.extra))
+        for name, value in self.extra.items():
+            if not (_is_number(value) and 0 < value < math.inf):
+                raise ConfigError(format_error(
+                    None, f"gradflow.thresholds.extra.{name} must be a finite number > 0 (found {value!r})",
+                    f"set gradflow.thresholds.extra.{name} to a finite number > 0, or remove it for the rule's default"))
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
             if f.name == "min_recordings":
                 ok, valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
             elif f.name in fractions:
@@ -105,8 +120,9 @@ class Finding:
     """One diagnosis.
 
     Attributes:
-        kind: ``vanishing``, ``exploding``, ``nonfinite``, ``dead_branch``, ``dead_band``,
-            ``band_scale``, ``stalled``, ``unstable_updates`` or ``loss_scale``.
+        kind: the kind of its rule (:mod:`geobp.callbacks.rules`): ``vanishing``, ``exploding``,
+            ``nonfinite``, ``dead_branch``, ``dead_band``, ``band_scale``, ``stalled``,
+            ``unstable_updates``, ``loss_scale``, or a registered rule's.
         where: the layer, skip (``<module> <path>``) or band (``<band name> (<conv>)``) concerned.
         step: first optimizer step at which it was seen.
         value: the measured quantity (a ratio, a norm, a fraction or a count; see ``message``).
@@ -114,7 +130,7 @@ class Finding:
         fix: one line saying what to try.
     """
 
-    kind: FindingKind
+    kind: str
     where: str
     step: int
     value: float

@@ -120,8 +120,9 @@ def grad_max_abs(grads: Sequence[Tensor]) -> Tensor:
     """Largest absolute value of each gradient, as one float32 vector (NaN where a NaN is present).
 
     On CUDA this is one fused ``torch._foreach_norm(ord=inf)``; on CPU, where that kernel is slow
-    (about 100x an L2 norm), one ``aminmax`` per tensor is used instead, over the tensor's memory
-    in storage order (a strided reduction over a channels-last gradient is about 10x slower).
+    next to an L2 norm, one ``aminmax`` per tensor is used instead, over the tensor's memory in
+    storage order (a strided reduction over a channels-last gradient is slower; timings in
+    BENCHMARKS.md).
 
     Args:
         grads: gradient tensors, all on one device.

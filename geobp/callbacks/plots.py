@@ -3,8 +3,9 @@
 Each builder takes the document and its recording steps and returns a figure, or None when the
 document has nothing to show for it (no skips, no bands, no recordings). Figures are made with
 ``matplotlib.figure.Figure`` directly (no pyplot state, safe in a background thread). Each has
-a key (:data:`FIGURES`), the page anchor of its section, to which findings link
-(:data:`FIGURE_OF_KIND`).
+a key (:data:`FIGURES`), the page anchor of its section, to which findings link: each diagnosis
+rule names its figure where it is registered (:mod:`geobp.callbacks.rules`), and a rule may bring
+a figure of its own, shown after these.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from geobp.callbacks.diagnosis import as_array, band_names
+from geobp.callbacks.rules import rules_in_order
 
 
 def figures(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[tuple[str, str, Figure]]:
@@ -28,8 +30,8 @@ def figures(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[
 
     Args:
         data: the gradflow document.
-        keys: the keys of :data:`FIGURES` to build (all when None); figures with nothing to
-            show are left out.
+        keys: the keys of :data:`FIGURES`, or of registered rules' own figures, to build (all
+            when None); figures with nothing to show are left out.
     """
     figs: list[tuple[str, str, Figure]] = []
     steps = np.asarray(data.get("steps") or [], dtype=np.float64)
@@ -37,7 +39,9 @@ def figures(data: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[
         return figs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for key, (title, build) in FIGURES.items():
+        rule_figures = {r.figure: (r.title or r.figure, r.plot) for r in rules_in_order()
+                        if r.plot is not None and r.figure not in FIGURES}
+        for key, (title, build) in {**FIGURES, **rule_figures}.items():
             if keys is not None and key not in keys:
                 continue
             fig = build(data, steps)
@@ -305,18 +309,4 @@ FIGURES: dict[str, tuple[str, Builder]] = {
     "bands": ("Input bands: first-convolution gradient", _bands_figure),
     "clip": ("Total norm, clipping and loss scale", _clip_figure),
     "metrics": ("Loss and metrics", _metrics_figure),
-}
-
-#: The figure (key of :data:`FIGURES`, or ``nonfinite`` for the table of non-finite steps) that
-#: shows what each kind of finding is about.
-FIGURE_OF_KIND: dict[str, str] = {
-    "vanishing": "flow",
-    "exploding": "clip",
-    "nonfinite": "nonfinite",
-    "loss_scale": "clip",
-    "unstable_updates": "updates",
-    "stalled": "updates",
-    "dead_branch": "skips",
-    "dead_band": "bands",
-    "band_scale": "bands",
 }

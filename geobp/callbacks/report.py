@@ -18,7 +18,8 @@ import numpy as np
 
 from geobp.callbacks.diagnosis import Thresholds, as_array, band_names, decode_float, diagnose, describe_tiles
 from geobp.callbacks.jsonfile import JSON_NAME, REPORT_DIR, atomic_write_text, read_json
-from geobp.callbacks.plots import FIGURE_OF_KIND, figures, png_base64
+from geobp.callbacks.plots import figures, png_base64
+from geobp.callbacks.rules import figure_of
 from geobp.errors import DataNotFoundError, format_error
 
 HTML_NAME = "report.html"
@@ -173,7 +174,7 @@ def diagnoses_table(diagnoses: list[Mapping[str, Any]], anchors: set[str] | froz
 
     def kind(d: Mapping[str, Any]) -> str:
         name = esc(str(d.get("kind")))
-        target = FIGURE_OF_KIND.get(str(d.get("kind")))
+        target = figure_of(str(d.get("kind")))
         return f"<a href='#{prefix}{target}'>{name}</a>" if target in anchors else name
 
     rows = "".join(

@@ -2,8 +2,8 @@
 
 They read the update ratios (``update_ratio``: ``||dw|| / ||w||`` of each layer over the
 optimizer step of each recording) and, under fp16, the loss scale and skipped steps. Pure
-functions from the ``gradflow.json`` document to findings, called by
-:func:`~geobp.callbacks.diagnosis.diagnose`.
+functions from the ``gradflow.json`` document to findings, registered as rules
+(:mod:`geobp.callbacks.rules`) and run by :func:`~geobp.callbacks.diagnosis.diagnose`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from geobp.callbacks.findings import Finding, Thresholds, as_array, persistent_start
+from geobp.callbacks.rules import register_rule
 
 #: A ``stalled`` stretch must cover at least this share of the usable recordings: a schedule that
 #: anneals the learning rate to zero stalls every layer over the last few recordings by design.
@@ -36,6 +37,7 @@ def _frozen_note(data: Mapping[str, Any]) -> str:
     return f"; {len(frozen)} frozen layer(s) (requires_grad=False) are not checked" if frozen else ""
 
 
+@register_rule("stalled", order=60, figure="updates")
 def find_stalled(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """Layers receiving gradients whose weights do not change, persisting over a tenth of the run or more.
 
@@ -79,6 +81,7 @@ def find_stalled(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
         "not cancel the updates; freeze them (requires_grad=False) if that is the intent")]
 
 
+@register_rule("unstable_updates", order=40, figure="updates")
 def find_unstable_updates(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """The median layer's update ratio far above the healthy ~1e-3 on most recordings."""
     upd, _, layers = _update_rows(data)
@@ -106,6 +109,7 @@ def find_unstable_updates(data: Mapping[str, Any], t: Thresholds) -> list[Findin
         "and that the loss is averaged, not summed, over pixels")]
 
 
+@register_rule("loss_scale", order=20, figure="clip")
 def find_loss_scale(data: Mapping[str, Any], t: Thresholds) -> list[Finding]:
     """Under fp16 with a loss scaler: the scale driven below ``min_loss_scale`` with most steps skipped."""
     if not (data.get("meta") or {}).get("loss_scaler"):

@@ -143,13 +143,14 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     Raises:
         ConfigError: a label option is invalid for the checkpoint's classes.
     """
+    from geobp.checkpoint import label_options_of
     from geobp.data.labels import LabelOptions
 
     chosen = given_label_options(a)
     if chosen is not None:
         where = "the command line"
-    elif hparams.get("label_options"):
-        chosen, where = dict(hparams["label_options"]), f"the checkpoint {a.ckpt}"
+    elif (trained := label_options_of(hparams)) is not None:
+        chosen, where = trained, f"the checkpoint {a.ckpt}"
     else:
         chosen = {"label_map": {}, "label_field": None, "label_background": None, "all_touched": False}
         where = f"the defaults (the checkpoint {a.ckpt} holds none)"
@@ -166,7 +167,7 @@ def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
     from rich.console import Console
 
     from geobp.inference.scoring import score_predictions
-    from geobp.task import load_checkpoint_data
+    from geobp.checkpoint import load_checkpoint_data
 
     if not pairs:
         console.print("NOT SCORED: no class map was written (every input failed)", highlight=False)

@@ -47,14 +47,6 @@ class GeobpArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
-def label_options(label_map: dict[Any, int] | None, label_field: str | None, label_background: int | None,
-                  all_touched: bool) -> dict[str, Any]:
-    """The data's label options as the model saves them (``hyper_parameters["label_options"]``),
-    so that ``geobp infer --labels`` reads the labels as training did."""
-    return {"label_map": dict(label_map or {}), "label_field": label_field, "label_background": label_background,
-            "all_touched": bool(all_touched)}
-
-
 class GeobpCLI(LightningCLI):
     """LightningCLI with geobp's links: the data decides the model's bands, classes and preprocessing.
 
@@ -84,11 +76,12 @@ class GeobpCLI(LightningCLI):
         parser.link_arguments("data.ignore_index", "model.ignore_index")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.class_names", "model.class_names")
-        parser.link_arguments(("data.label_map", "data.label_field", "data.label_background", "data.all_touched"),
-                              "model.label_options", compute_fn=label_options)
         parser.link_arguments("data.num_bands", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.band_names", "model.in_band_names", apply_on="instantiate")
+        # the label options as the data module built and checked them, saved for `geobp infer --labels`
+        parser.link_arguments("data.label_options", "model.label_options", compute_fn=lambda o: o.settings,
+                              apply_on="instantiate")
         # the other way round: torchgeo weights decide the data's default normalisation
         parser.link_arguments("model.weights", "data.pretrained_weights")
         parser.link_arguments(

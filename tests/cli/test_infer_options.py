@@ -151,10 +151,7 @@ def test_nothing_predicted_means_nothing_scored_and_exit_1(tmp_path, scene, caps
 
 
 def test_fit_links_the_data_label_options_into_the_model(tmp_path):
-    """model.label_options is linked from data.label_* at parse time, so every checkpoint holds them.
-
-    Needs ``SegmentationTask(label_options=...)`` (the training branch).
-    """
+    """model.label_options is linked from the data module's LabelOptions, so every checkpoint holds them."""
     from geobp.cli.train import build_cli
     from geobp.data.synth import write_scenes
 
@@ -162,15 +159,12 @@ def test_fit_links_the_data_label_options_into_the_model(tmp_path):
     cli = build_cli(["--data.root", str(tmp_path / "s"), "--data.num_classes", "3", "--data.tile_size", "16",
                      "--data.label_map", "{7: 1, -1: 255}", "--data.all_touched", "true",
                      "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs")], run=False)
-    assert cli.model.hparams["label_options"] == {"label_map": {7: 1, -1: 255}, "label_field": None,
+    assert cli.model.hparams["label_options"] == {"label_map": {"7": 1, "-1": 255}, "label_field": None,
                                                   "label_background": None, "all_touched": True}
 
 
 def test_infer_scores_with_the_label_options_fit_trained_with(tmp_path, capsys):
-    """fit on raw codes with data.label_map, then `geobp infer --labels` with no --label_* option: scored as trained.
-
-    Needs ``SegmentationTask(label_options=...)`` (the training branch).
-    """
+    """fit on raw codes with data.label_map, then `geobp infer --labels` with no --label_* option: scored as trained."""
     import yaml
 
     from geobp.data.synth import write_scenes

@@ -13,7 +13,8 @@ from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.data import GeoTiffDataModule
 from geobp.data.dataset import TileSpec, collate_tiles
 from geobp.errors import NonFiniteError, RasterReadError
-from geobp.task import SegmentationTask, first_nonfinite_module
+from geobp.nonfinite_protocol import first_nonfinite_module
+from geobp.task import SegmentationTask
 
 SMALL = {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
 

@@ -63,7 +63,7 @@ def test_nonfinite_skip_is_decided_on_the_device(tmp_path):
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(pl_module._device_skip is not None)
+            seen.append(pl_module.nonfinite_protocol.device_skip is not None)
 
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=4, accelerator="cuda", devices=1, precision="bf16-mixed",
                         gradient_clip_val=1.0, logger=False, enable_progress_bar=False, enable_model_summary=False,
