@@ -113,7 +113,7 @@ def _enum_member(name: str) -> Any:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(format_error(
             None, f"unknown torchgeo weights {name!r}",
-            f"{hint}run `geobp weights` or see README 'Pretrained encoders' for the names")) from None
+            f"{hint}run `geobp weights` for the names (docs/training.md, 'Pretrained encoders')")) from None
 
 
 def resolve_pretrained(name: str) -> PretrainedWeights:

@@ -1,5 +1,6 @@
 """Faults during training: corrupt blocks, non-finite losses, interrupts."""
 
+import dataclasses
 import os
 import signal
 
@@ -50,7 +51,7 @@ def test_corrupt_block_stop_names_scene_and_window(dm, tmp_path):
 
 
 def test_corrupt_block_skip_warns_and_counts(dm, tmp_path):
-    dm.hparams["on_read_error"] = "skip"
+    dm.loader_options = dataclasses.replace(dm.loader_options, on_read_error="skip")
     ds = dm._dataset(False)
     corrupt(tmp_path / "data" / "images" / "s0.tif", tmp_path)
     with pytest.warns(RuntimeWarning, match=r"skipping tile of scene s0: .*s0.tif: failed to read window"):

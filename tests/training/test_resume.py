@@ -12,7 +12,7 @@ What is equal, bit for bit, to a run that was never interrupted (``augment: true
 ``num_workers: 0``): the tiles of every step, their flips and rotations, the global step, the
 weights, AdamW's state and the OneCycle scheduler's state. Four things make that so:
 
-- the training DataLoader is resumable (:class:`~geobp.data.datamodule.ResumableTileLoader`): a
+- the training DataLoader is resumable (:class:`~geobp.data.loader.ResumableTileLoader`): a
   plain DataLoader restarts the epoch's iterator and the resumed run trains on the epoch's first
   batches a second time (Lightning warns about it);
 - tiles are drawn from (seed, epoch) alone, with the trainer's ``current_epoch``: after resuming
