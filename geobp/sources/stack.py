@@ -1,0 +1,604 @@
+"""``SceneStack``: the bands of several sources, each in its own CRS, resolution, dtype and nodata,
+read as one window on a reference grid.
+
+A scene is a reference grid and an ordered list of bands. :func:`build_stack` makes one from
+:class:`~geobp.sources.bandref.BandRef` lists:
+
+- the reference source (e.g. a Sentinel-2 item, one file per band at 10, 20 and 60 m) gives the
+  grid: that of its finest-resolution file (ties: the first listed);
+- every other source (Sentinel-1, a DEM, ...) lists its files in any CRS and resolution; those
+  whose footprint does not overlap the reference scene are dropped, so one list of DEM tiles
+  serves every scene. A source with no file over the scene leaves the scene out (``missing="skip"``,
+  the default, with a warning naming the source) or is read as nodata (``missing="fill"``).
+
+Bands are named ``<source>:<band>`` when a scene has several sources (``s2:B04``, ``s1:VV``,
+``dem:elevation``), else by the band name alone. Several BandRefs of one source under one name
+are the tiles of one band: a **mosaic** in which the first file (in the order given) with a valid
+pixel wins. Tiles on one pixel lattice are read as one mosaic VRT (so a seam is interpolated as in
+a merged file); tiles on different lattices are warped each and the mosaic holding the earlier
+file wins.
+
+:meth:`SceneStack.read` reads a window of every band onto the reference grid: a plain windowed
+read when the band's file is on the reference pixel lattice (same CRS and pixel size, origin an
+integer number of pixels away), otherwise through a :class:`rasterio.vrt.WarpedVRT` onto the
+reference grid with the band's resampling (the same values as :func:`rasterio.warp.reproject` of
+the band onto the reference grid). A pixel is **valid** when every band has data there: not its
+nodata value, not NaN, inside a file. So a pixel is invalid where the reference source has no
+data, or where any other source has none.
+
+File handles are opened lazily, in the process that reads, and kept in a per-process cache of
+bounded size (a DataLoader worker, forked or spawned, opens its own).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from geobp.errors import ConfigError, RasterReadError, format_error
+from geobp.handles import default_capacity
+from geobp.raster import RasterInfo, check_georeferenced, describe, open_reader
+from geobp.sources.bandref import BandRef
+from geobp.sources.grid import Grid, coverage, overlaps
+
+__all__ = ["Grid", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks"]
+
+#: What to do with a source that has no file over a scene: leave the scene out, or read the source as nodata.
+Missing = Literal["skip", "fill"]
+
+
+# ----- opening files ------------------------------------------------------------------------
+
+
+def _is_virtual(path: str) -> bool:
+    """A GDAL virtual path (``/vsicurl/...``) or an inline VRT: no local file to check first."""
+    return path.startswith("/vsi") or path.lstrip().startswith("<VRTDataset")
+
+
+def open_band_file(path: str) -> rasterio.DatasetReader:
+    """Open a BandRef's file: :func:`geobp.raster.open_reader` for a local path, rasterio for a GDAL
+    virtual path (errors in geobp's one-line form either way).
+
+    Raises:
+        DataNotFoundError: a local file does not exist.
+        RasterReadError: GDAL cannot open it.
+    """
+    if not _is_virtual(path):
+        return open_reader(path)
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as err:
+        name = path if not path.lstrip().startswith("<") else "mosaic VRT"
+        raise RasterReadError(format_error(name, f"GDAL cannot open it ({err})",
+                                           "check the URL or path and that the file is a raster")) from err
+
+
+def read_header(path: str) -> RasterInfo:
+    """The :class:`~geobp.raster.RasterInfo` of a BandRef's file, checked to be georeferenced and north-up.
+
+    Raises:
+        DataNotFoundError, RasterReadError: as :func:`open_band_file`.
+        GeoreferenceError: no CRS, or a rotated or not north-up transform.
+    """
+    src = open_band_file(path)
+    try:
+        info = describe(src)
+    finally:
+        src.close()
+    info = RasterInfo(**{**info.__dict__, "path": path})
+    check_georeferenced(info)
+    return info
+
+
+class _OpenDatasets:
+    """This process's open datasets (files and warped VRTs), least recently used closed first.
+
+    Keyed by what the dataset is (file, or file warped onto a grid with a resampling); emptied
+    (without touching the parent's handles) when first used in a new process, and never pickled.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._open: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
+        self.capacity = 0
+
+    def get(self, key: tuple[Any, ...], opener: Callable[[], tuple[Any, ...]]) -> Any:
+        """The dataset of ``key`` (the first of the handles ``opener`` returns; the others are kept open with it)."""
+        if self._pid != os.getpid():  # a new process (a forked worker): its parent's handles are not its own
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+            self.capacity = max(2, default_capacity() // 2)  # a warped dataset holds two handles
+        handles = self._open.pop(key, None)
+        if handles is None:
+            while len(self._open) >= self.capacity:
+                self._close(self._open.popitem(last=False)[1])
+            handles = opener()
+        self._open[key] = handles
+        return handles[0]
+
+    @staticmethod
+    def _close(handles: tuple[Any, ...]) -> None:
+        for h in handles:
+            h.close()
+
+    def close(self) -> None:
+        """Close every dataset this process holds."""
+        if self._pid == os.getpid():
+            while self._open:
+                self._close(self._open.popitem(last=False)[1])
+
+
+_DATASETS = _OpenDatasets()
+
+
+def close_datasets() -> None:
+    """Close the files and warped datasets that stacks hold open in this process."""
+    _DATASETS.close()
+
+
+# ----- the stack ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Files of one band on one pixel lattice, read as one dataset (the file, or a mosaic VRT of them)."""
+
+    path: str  # the file, or the mosaic VRT's XML
+    band: int  # band index in ``path``
+    grid: Grid
+    offset: tuple[int, int] | None  # the reference origin's (row, col) on this lattice; None: warped
+    src_nodata: float | None
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StackBand:
+    """One band of a scene: its name, source, how it is resampled, its dtype and nodata, and its files.
+
+    ``dtype`` and ``nodata`` are what :meth:`SceneStack.read` gives with ``out_dtype=None``: the
+    file's, except that an integer band with no nodata value that must be warped is read as
+    float32 with NaN for nodata (to tell pixels outside its files from data).
+    """
+
+    name: str
+    source: str
+    resampling: str
+    dtype: str
+    nodata: float | None
+    parts: tuple[_Part, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The band's files over the scene, in mosaic order."""
+        return tuple(f for p in self.parts for f in p.files)
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """One source of a scene, for ``geobp check``: CRSs, pixel sizes, bands, files, and how much of the
+    reference footprint its files cover (0 to 1)."""
+
+    source: str
+    crs: tuple[str, ...]
+    res: tuple[tuple[float, float], ...]
+    bands: tuple[str, ...]
+    files: tuple[str, ...]
+    coverage: float
+
+
+def _valid(values: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """Where ``values`` hold data (None: everywhere)."""
+    if values.dtype.kind == "f":
+        if nodata is None or math.isnan(nodata):
+            return ~np.isnan(values)
+        return (values != nodata) & ~np.isnan(values)
+    if nodata is None:
+        return None
+    return values != nodata
+
+
+class SceneStack:
+    """A scene: a reference grid and bands from one or several sources, read as windows of that grid.
+
+    Built by :func:`build_stack`. Holds no open file: datasets are opened on the first read in each
+    process (see the module docstring).
+
+    Args:
+        grid: the reference grid.
+        bands: the bands, in the order :meth:`read` stacks them.
+        summaries: one per source, reference first (:meth:`describe`).
+    """
+
+    def __init__(self, grid: Grid, bands: Sequence[StackBand], summaries: Sequence[SourceSummary]) -> None:
+        if not bands:
+            raise ConfigError(format_error(None, "a scene stack needs at least one band", "list the reference's bands"))
+        self.grid = grid
+        self.bands = tuple(bands)
+        self._summaries = tuple(summaries)
+
+    def __repr__(self) -> str:
+        return f"SceneStack({self.grid.width}x{self.grid.height} {self.grid.crs}, bands={list(self.band_names)})"
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        """``<source>:<band>`` when the scene has several sources, else the band names."""
+        return tuple(b.name for b in self.bands)
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """Each band's dtype as :meth:`read` gives it with ``out_dtype=None``."""
+        return tuple(b.dtype for b in self.bands)
+
+    @property
+    def nodata(self) -> tuple[float | None, ...]:
+        """Each band's nodata value (NaN for float sources without one; None: every pixel inside its files is data)."""
+        return tuple(b.nodata for b in self.bands)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources, reference first."""
+        return tuple(s.source for s in self._summaries)
+
+    def describe(self) -> tuple[SourceSummary, ...]:
+        """One :class:`SourceSummary` per source, reference first."""
+        return self._summaries
+
+    def read(self, window: Window, out_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Every band's pixels in ``window`` of the reference grid.
+
+        Args:
+            window: integer window of the reference grid; parts outside it read as invalid.
+            out_dtype: the output dtype (float32 by default); None: the bands' common dtype
+                (:func:`numpy.result_type` of :attr:`dtypes`: uint16 for Sentinel-2 alone).
+
+        Returns:
+            (array [C, h, w], valid [h, w] bool). A band's pixels where it has no data hold its
+            nodata value (0 in an integer output where that value is NaN); ``valid`` is False
+            wherever any band has no data.
+
+        Raises:
+            RasterReadError: a file cannot be opened or a block cannot be decoded.
+        """
+        dtype = np.result_type(*self.dtypes) if out_dtype is None else np.dtype(out_dtype)
+        row, col, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + h, self.grid.height), min(col + w, self.grid.width)
+        inside = r1 > r0 and c1 > c0
+        whole = (r0, c0, r1, c1) == (row, col, row + h, col + w)
+        out = np.empty((len(self.bands), h, w), dtype)
+        valid = np.zeros((h, w), bool)
+        if not whole:
+            for i, band in enumerate(self.bands):
+                out[i] = _fill_value(band.nodata, dtype)
+        if not inside:
+            return out, valid
+        inner = Window(c0, r0, c1 - c0, r1 - r0)
+        rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+        ok = np.ones((r1 - r0, c1 - c0), bool)
+        for i, band in enumerate(self.bands):
+            values, band_valid = self._read_band(band, inner)
+            if values.dtype.kind == "f" and dtype.kind != "f":  # NaN has no integer value
+                values = np.where(np.isnan(values), 0, values)
+            out[i, rows, cols] = values
+            if band_valid is not None:
+                ok &= band_valid
+        valid[rows, cols] = ok
+        return out, valid
+
+    def _read_band(self, band: StackBand, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        """One band in ``window`` (inside the reference grid): (values, valid or None for all valid)."""
+        shape = (int(window.height), int(window.width))
+        if not band.parts:  # a source with no file over the scene, read as nodata (missing="fill")
+            return np.full(shape, _fill_value(band.nodata, np.dtype(band.dtype)), band.dtype), np.zeros(shape, bool)
+        values, valid = self._read_part(band, band.parts[0], window)
+        for part in band.parts[1:]:  # the mosaic: the first part with data wins
+            if valid is None or valid.all():  # None: every pixel has data
+                break
+            more, more_valid = self._read_part(band, part, window)
+            take = ~valid if more_valid is None else more_valid & ~valid
+            values[take] = more[take]
+            valid = valid | take
+        return values, valid
+
+    def _read_part(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        if part.offset is not None:
+            return self._read_lattice(band, part, window)
+        vrt = _DATASETS.get(("warp", part.path, self.grid, band.resampling, _key(part.src_nodata), band.dtype,
+                             _key(band.nodata)), lambda: self._open_warped(band, part))
+        try:
+            values = vrt.read(part.band, window=window)
+        except RasterioIOError as err:
+            raise _read_error(part, window, err) from err
+        return values, _valid(values, band.nodata)
+
+    def _open_warped(self, band: StackBand, part: _Part) -> tuple[Any, ...]:
+        src = _open_part(part)
+        try:
+            # the reference grid exactly: reading a window of it is reading that window of the
+            # reprojected band (GDAL's warper, as in rasterio.warp.reproject)
+            vrt = WarpedVRT(
+                src, crs=self.grid.crs, transform=self.grid.affine, width=self.grid.width, height=self.grid.height,
+                resampling=rasterio.enums.Resampling[band.resampling], src_nodata=part.src_nodata,
+                nodata=band.nodata if band.nodata is not None else math.nan, dtype=band.dtype,
+            )
+        except Exception:
+            src.close()
+            raise
+        return vrt, src
+
+    def _read_lattice(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        """A plain windowed read of a file on the reference lattice (padded where the window leaves it)."""
+        src = _DATASETS.get(("file", part.path), lambda: (_open_part(part),))
+        assert part.offset is not None
+        row, col = int(window.row_off) + part.offset[0], int(window.col_off) + part.offset[1]
+        h, w = int(window.height), int(window.width)
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + h, part.grid.height), min(col + w, part.grid.width)
+        try:
+            if (r0, c0, r1, c1) == (row, col, row + h, col + w):
+                values = src.read(part.band, window=Window(col, row, w, h))
+                return _as_band(values, band), _part_valid(values, part, band)
+            values = np.full((h, w), _fill_value(band.nodata, np.dtype(band.dtype)), band.dtype)
+            valid = np.zeros((h, w), bool)
+            if r1 > r0 and c1 > c0:
+                inner = src.read(part.band, window=Window(c0, r0, c1 - c0, r1 - r0))
+                values[r0 - row : r1 - row, c0 - col : c1 - col] = inner
+                inner_valid = _part_valid(inner, part, band)
+                valid[r0 - row : r1 - row, c0 - col : c1 - col] = True if inner_valid is None else inner_valid
+        except RasterioIOError as err:
+            raise _read_error(part, window, err) from err
+        return values, valid
+
+
+def _key(value: float | None) -> Any:
+    """A nodata value as a dict key (NaN != NaN)."""
+    return "nan" if value is not None and math.isnan(value) else value
+
+
+def _fill_value(nodata: float | None, dtype: np.dtype) -> float:
+    """What fills a band where it has no data in an output of ``dtype``."""
+    if nodata is None or (math.isnan(nodata) and dtype.kind != "f"):
+        return 0
+    return nodata
+
+
+def _as_band(values: np.ndarray, band: StackBand) -> np.ndarray:
+    return values if values.dtype == band.dtype else values.astype(band.dtype)
+
+
+def _part_valid(values: np.ndarray, part: _Part, band: StackBand) -> np.ndarray | None:
+    """Where a part's raw values hold data: not its own nodata (which may differ from the band's)."""
+    nodata = part.src_nodata
+    if values.dtype.kind == "f" and nodata is None:
+        nodata = math.nan
+    return _valid(values, nodata)
+
+
+def _open_part(part: _Part) -> Any:
+    try:
+        return open_band_file(part.path)
+    except RasterReadError:
+        raise
+    except RasterioIOError as err:  # pragma: no cover - open_band_file wraps GDAL's errors
+        raise RasterReadError(format_error(part.files[0], f"cannot open ({err})", "check the file")) from err
+
+
+def _read_error(part: _Part, window: Window, err: Exception) -> RasterReadError:
+    files = ", ".join(part.files)
+    return RasterReadError(format_error(
+        files, f"failed to read window (row {int(window.row_off)}, col {int(window.col_off)}, "
+               f"{int(window.height)}x{int(window.width)}): {err}",
+        "the file is probably truncated, corrupt or unreachable; re-download it or remove the scene"))
+
+
+# ----- building a stack ---------------------------------------------------------------------
+
+#: GDAL's names of numpy dtypes, for the mosaic VRT.
+_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
+
+
+def _mosaic_vrt(refs: Sequence[BandRef], infos: Sequence[RasterInfo], nodata: Sequence[float | None]) -> tuple[str, Grid]:
+    """A VRT (XML) mosaicking one band of files on one pixel lattice; first file wins where they overlap.
+
+    Written by hand: rasterio has no ``gdalbuildvrt``. GDAL paints a VRT's sources in order, later
+    ones over earlier ones except where a source's NODATA is, so the files are listed last first.
+    """
+    first = Grid.from_info(infos[0])
+    a, _, c, _, e, f = first.transform
+    offsets = [first.lattice_offset(Grid.from_info(i)) for i in infos]  # first's origin on each file
+    cols = [-o[1] for o in offsets if o is not None]
+    rows = [-o[0] for o in offsets if o is not None]
+    col0, row0 = min(cols), min(rows)
+    col1 = max(cl + i.width for cl, i in zip(cols, infos))
+    row1 = max(rw + i.height for rw, i in zip(rows, infos))
+    grid = Grid(first.crs, (a, 0.0, c + a * col0, 0.0, e, f + e * row0), col1 - col0, row1 - row0)
+    band_nodata = nodata[0]
+    sources = []
+    for ref, info, cl, rw, nd in reversed(list(zip(refs, infos, cols, rows, nodata))):
+        nd_xml = "" if nd is None else f"<NODATA>{nd!r}</NODATA>"
+        sources.append(
+            f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(os.path.abspath(ref.path) if not _is_virtual(ref.path) else ref.path)}'
+            f"</SourceFilename><SourceBand>{ref.band}</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{info.width}" ySize="{info.height}"/>'
+            f'<DstRect xOff="{cl - col0}" yOff="{rw - row0}" xSize="{info.width}" ySize="{info.height}"/>{nd_xml}</ComplexSource>'
+        )
+    nd_band = "" if band_nodata is None else f"<NoDataValue>{band_nodata!r}</NoDataValue>"
+    gt = ", ".join(repr(v) for v in (grid.transform[2], a, 0.0, grid.transform[5], 0.0, e))
+    xml = (
+        f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
+        f"<SRS>{escape(rasterio.crs.CRS.from_user_input(first.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
+        f'<VRTRasterBand dataType="{_GDAL_TYPES[infos[0].dtype]}" band="1">{nd_band}{"".join(sources)}</VRTRasterBand>'
+        "</VRTDataset>"
+    )
+    return xml, grid
+
+
+def _parts(reference: Grid, refs: Sequence[BandRef], infos: Sequence[RasterInfo],
+           nodata: Sequence[float | None]) -> tuple[_Part, ...]:
+    """A band's files grouped by pixel lattice (in the order of each group's first file), each group one part."""
+    groups: list[list[int]] = []
+    for i, info in enumerate(infos):
+        grid = Grid.from_info(info)
+        for g in groups:
+            if Grid.from_info(infos[g[0]]).lattice_offset(grid) is not None:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    parts = []
+    for g in groups:
+        if len(g) == 1:
+            path, band, grid = refs[g[0]].path, refs[g[0]].band, Grid.from_info(infos[g[0]])
+        else:
+            path, grid = _mosaic_vrt([refs[i] for i in g], [infos[i] for i in g], [nodata[i] for i in g])
+            band = 1
+        parts.append(_Part(path, band, grid, reference.lattice_offset(grid), nodata[g[0]],
+                           tuple(refs[i].path for i in g)))
+    return tuple(parts)
+
+
+def _finest(infos: Sequence[RasterInfo]) -> int:
+    """Index of the finest-resolution file (smallest pixel area); the first on ties."""
+    areas = [abs(i.transform[0] * i.transform[4]) for i in infos]
+    return min(range(len(infos)), key=lambda k: (round(areas[k] / min(areas), 9), k))
+
+
+def _group_by_name(source: str, refs: Sequence[BandRef]) -> dict[str, list[int]]:
+    names: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        if ref.source and source and ref.source != source:
+            raise ConfigError(format_error(ref.path, f"band {ref.name!r} is listed under source {source!r} but "
+                                                     f"names source {ref.source!r}", "list it under its own source"))
+        names.setdefault(ref.name, []).append(i)
+    return names
+
+
+def _band_name(source: str, name: str, several: bool) -> str:
+    if not several or name.startswith(f"{source}:"):
+        return name
+    return f"{source}:{name}"
+
+
+def build_stack(
+    reference: Sequence[BandRef],
+    others: Mapping[str, Sequence[BandRef]] | None = None,
+    *,
+    missing: Missing = "skip",
+    headers: dict[str, RasterInfo] | None = None,
+) -> SceneStack | None:
+    """One scene: the reference source's bands and every other source's bands over it.
+
+    Args:
+        reference: the reference source's bands, one BandRef per file band (several under one name:
+            the tiles of a mosaic). The finest-resolution file gives the reference grid (ties: the
+            first listed). Their ``source`` names the reference source (``s2``).
+        others: source name -> its BandRefs, in any CRS and resolution: the files of every scene
+            may be listed; those not overlapping this scene are dropped. BandRefs under one name are
+            the tiles of one band (first valid pixel wins); bands keep the order of first mention.
+        missing: a source with no file over the scene: ``"skip"`` (default) returns None with a
+            warning naming the source (every pixel would be invalid); ``"fill"`` reads it as nodata.
+        headers: a cache of file headers by path, shared across calls (see :func:`build_stacks`).
+
+    Returns:
+        The :class:`SceneStack`, or None when ``missing="skip"`` and a source has no file over the scene.
+
+    Raises:
+        ConfigError: no reference band, a source without a name or without files, a band listed
+            under another source, or an unknown ``missing``.
+        DataNotFoundError, RasterReadError: a file is missing or unreadable (the message names it).
+        GeoreferenceError: a file has no CRS or is not north-up.
+    """
+    if missing not in ("skip", "fill"):
+        raise ConfigError(format_error(None, f"unknown missing={missing!r} (expected 'skip' or 'fill')",
+                                       "use 'skip' to leave such scenes out, 'fill' to read the source as nodata"))
+    if not reference:
+        raise ConfigError(format_error(None, "no reference band given", "list the reference source's BandRefs"))
+    others = dict(others or {})
+    headers = {} if headers is None else headers
+
+    def info(path: str) -> RasterInfo:
+        if path not in headers:
+            headers[path] = read_header(path)
+        return headers[path]
+
+    ref_source = reference[0].source
+    several = bool(others)
+    if several and not ref_source:
+        raise ConfigError(format_error(reference[0].path, "the reference source has no name while other sources are "
+                                       f"given ({', '.join(others)})", "set BandRef.source on the reference's bands (e.g. 's2')"))
+    if ref_source in others:
+        raise ConfigError(format_error(None, f"source {ref_source!r} is both the reference and another source",
+                                       "give each source its own name"))
+    ref_infos = [info(r.path) for r in reference]
+    grid = Grid.from_info(ref_infos[_finest(ref_infos)])
+
+    bands: list[StackBand] = []
+    summaries: list[SourceSummary] = []
+    for source, refs in [(ref_source, list(reference)), *others.items()]:
+        if not source and several:
+            raise ConfigError(format_error(None, "a source has an empty name", "name every source (e.g. 's1', 'dem')"))
+        if not refs:
+            raise ConfigError(format_error(None, f"source {source!r} lists no file", f"list its BandRefs or remove {source!r}"))
+        infos = [info(r.path) for r in refs]
+        if source == ref_source:
+            keep = list(range(len(refs)))
+        else:
+            keep = [i for i, inf in enumerate(infos) if overlaps(grid, Grid.from_info(inf))]
+        if not keep and missing == "skip":
+            warnings.warn(format_error(
+                reference[0].path, f"source {source!r} has no file over this scene ({len(refs)} file(s) listed, "
+                                   "none overlaps it): the scene is left out",
+                f"add {source!r} files that cover it, or set missing='fill' to read {source!r} as nodata"), stacklevel=2)
+            return None
+        for name, members in _group_by_name(source, refs).items():
+            first = infos[members[0]]
+            nodata = [refs[i].nodata if refs[i].nodata is not None else infos[i].nodata for i in members]
+            used = [i for i in members if i in keep]
+            parts = _parts(grid, [refs[i] for i in used], [infos[i] for i in used],
+                           [nodata[members.index(i)] for i in used])
+            dtype, band_nodata = first.dtype, nodata[0]
+            if band_nodata is None and np.dtype(dtype).kind == "f":
+                band_nodata = math.nan
+            if band_nodata is None and any(p.offset is None for p in parts):
+                dtype, band_nodata = "float32", math.nan  # warped without nodata: NaN marks where no file reaches
+            bands.append(StackBand(_band_name(source, name, several), source, refs[members[0]].resampling,
+                                   dtype, band_nodata, parts))
+        kept = [Grid.from_info(infos[i]) for i in keep]
+        summaries.append(SourceSummary(
+            source=source,
+            crs=tuple(dict.fromkeys(g.crs for g in kept)),
+            res=tuple(dict.fromkeys(g.res for g in kept)),
+            bands=tuple(_band_name(source, n, several) for n in _group_by_name(source, refs)),
+            files=tuple(dict.fromkeys(refs[i].path for i in keep)),
+            coverage=coverage(grid, kept) if kept else 0.0,
+        ))
+    return SceneStack(grid, bands, summaries)
+
+
+def build_stacks(
+    references: Sequence[Sequence[BandRef]],
+    others: Mapping[str, Sequence[BandRef]] | None = None,
+    *,
+    missing: Missing = "skip",
+) -> list[SceneStack]:
+    """:func:`build_stack` for every reference scene against the same other sources' files.
+
+    Each file's header is read once, whatever the number of scenes. Scenes left out
+    (``missing="skip"``) are warned about and absent from the list.
+    """
+    headers: dict[str, RasterInfo] = {}
+    stacks = [build_stack(ref, others, missing=missing, headers=headers) for ref in references]
+    return [s for s in stacks if s is not None]
