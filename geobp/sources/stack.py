@@ -43,6 +43,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -227,6 +229,7 @@ class SceneStack:
         self.grid = grid
         self.bands = tuple(bands)
         self._summaries = tuple(summaries)
+        self._plan = _warp_groups(self.bands)
 
     def __repr__(self) -> str:
         return f"SceneStack({self.grid.width}x{self.grid.height} {self.grid.crs}, bands={list(self.band_names)})"
@@ -287,13 +290,17 @@ class SceneStack:
         inner = Window(c0, r0, c1 - c0, r1 - r0)
         rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
         ok = np.ones((r1 - r0, c1 - c0), bool)
-        for i, band in enumerate(self.bands):
-            values, band_valid = self._read_band(band, inner)
-            if values.dtype.kind == "f" and dtype.kind != "f":  # NaN has no integer value
-                values = np.where(np.isnan(values), 0, values)
-            out[i, rows, cols] = values
-            if band_valid is not None:
-                ok &= band_valid
+        for group in self._plan:
+            if len(group) == 1:
+                results = [self._read_band(self.bands[group[0]], inner)]
+            else:  # single-file bands on one grid: warped together
+                results = self._warp([self.bands[i] for i in group], [self.bands[i].parts[0] for i in group], inner)
+            for i, (values, band_valid) in zip(group, results):
+                if values.dtype.kind == "f" and dtype.kind != "f":  # NaN has no integer value
+                    values = np.where(np.isnan(values), 0, values)
+                out[i, rows, cols] = values
+                if band_valid is not None:
+                    ok &= band_valid
         valid[rows, cols] = ok
         return out, valid
 
@@ -315,23 +322,34 @@ class SceneStack:
     def _read_part(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         if part.offset is not None:
             return self._read_lattice(band, part, window)
-        vrt = _DATASETS.get(("warp", part.path, self.grid, band.resampling, _key(part.src_nodata), band.dtype,
-                             _key(band.nodata)), lambda: self._open_warped(band, part))
-        try:
-            values = vrt.read(part.band, window=window)
-        except RasterioIOError as err:
-            raise _read_error(part, window, err) from err
-        return values, _valid(values, band.nodata)
+        return self._warp([band], [part], window)[0]
 
-    def _open_warped(self, band: StackBand, part: _Part) -> tuple[Any, ...]:
-        src = _open_part(part)
+    def _warp(self, bands: Sequence[StackBand], parts: Sequence[_Part], window: Window) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Bands whose files share one grid, read as ``window`` of one ``WarpedVRT`` onto the reference grid.
+
+        The VRT is the reference grid exactly (CRS, transform, size), so a window of it holds the
+        values of ``rasterio.warp.reproject`` of the bands onto that grid (GDAL's warper in both).
+        Several bands share one VRT (over a VRT stacking their files), so the pixel mapping is
+        computed once for all of them; each band keeps its own nodata (``UNIFIED_SRC_NODATA=NO``).
+        """
+        band = bands[0]
+        nodata = band.nodata if band.nodata is not None else math.nan
+        key = ("warp", tuple((p.path, p.band) for p in parts), self.grid, band.resampling, band.dtype, _key(nodata),
+               _key(parts[0].src_nodata))
+        vrt = _DATASETS.get(key, lambda: self._open_warped(band, parts, nodata))
         try:
-            # the reference grid exactly: reading a window of it is reading that window of the
-            # reprojected band (GDAL's warper, as in rasterio.warp.reproject)
+            data = vrt.read(list(range(1, len(parts) + 1)), window=window)
+        except RasterioIOError as err:
+            raise _read_error(parts[0], window, err) from err
+        return [(values, _valid(values, nodata)) for values in data]
+
+    def _open_warped(self, band: StackBand, parts: Sequence[_Part], nodata: float) -> tuple[Any, ...]:
+        src = _open_part(parts[0]) if len(parts) == 1 else open_band_file(_stack_vrt(parts))
+        try:
             vrt = WarpedVRT(
                 src, crs=self.grid.crs, transform=self.grid.affine, width=self.grid.width, height=self.grid.height,
-                resampling=rasterio.enums.Resampling[band.resampling], src_nodata=part.src_nodata,
-                nodata=band.nodata if band.nodata is not None else math.nan, dtype=band.dtype,
+                resampling=Resampling[band.resampling], src_nodata=parts[0].src_nodata, nodata=nodata,
+                dtype=band.dtype, UNIFIED_SRC_NODATA="NO",
             )
         except Exception:
             src.close()
@@ -360,6 +378,20 @@ class SceneStack:
         except RasterioIOError as err:
             raise _read_error(part, window, err) from err
         return values, valid
+
+
+def _warp_groups(bands: Sequence[StackBand]) -> list[tuple[int, ...]]:
+    """Band indices in read order: bands from one file each on one warped grid (same resampling, dtype
+    and nodata) are grouped, to be warped together; every other band alone."""
+    groups: dict[Any, list[int]] = {}
+    for i, b in enumerate(bands):
+        if len(b.parts) == 1 and b.parts[0].offset is None and not _is_virtual(b.parts[0].path):
+            p = b.parts[0]
+            key: Any = (p.grid, b.resampling, b.dtype, _key(b.nodata), _key(p.src_nodata))
+        else:
+            key = i
+        groups.setdefault(key, []).append(i)
+    return [tuple(g) for g in groups.values()]
 
 
 def _key(value: float | None) -> Any:
@@ -430,7 +462,7 @@ def _mosaic_vrt(refs: Sequence[BandRef], infos: Sequence[RasterInfo], nodata: Se
     for ref, info, cl, rw, nd in reversed(list(zip(refs, infos, cols, rows, nodata))):
         nd_xml = "" if nd is None else f"<NODATA>{nd!r}</NODATA>"
         sources.append(
-            f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(os.path.abspath(ref.path) if not _is_virtual(ref.path) else ref.path)}'
+            f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(_local(ref.path))}'
             f"</SourceFilename><SourceBand>{ref.band}</SourceBand>"
             f'<SrcRect xOff="0" yOff="0" xSize="{info.width}" ySize="{info.height}"/>'
             f'<DstRect xOff="{cl - col0}" yOff="{rw - row0}" xSize="{info.width}" ySize="{info.height}"/>{nd_xml}</ComplexSource>'
@@ -439,11 +471,38 @@ def _mosaic_vrt(refs: Sequence[BandRef], infos: Sequence[RasterInfo], nodata: Se
     gt = ", ".join(repr(v) for v in (grid.transform[2], a, 0.0, grid.transform[5], 0.0, e))
     xml = (
         f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
-        f"<SRS>{escape(rasterio.crs.CRS.from_user_input(first.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
+        f"<SRS>{escape(CRS.from_user_input(first.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
         f'<VRTRasterBand dataType="{_GDAL_TYPES[infos[0].dtype]}" band="1">{nd_band}{"".join(sources)}</VRTRasterBand>'
         "</VRTDataset>"
     )
     return xml, grid
+
+
+def _local(path: str) -> str:
+    """A path as a VRT names its source: absolute for a local file (the VRT lives in memory)."""
+    return path if _is_virtual(path) else os.path.abspath(path)
+
+
+def _stack_vrt(parts: Sequence[_Part]) -> str:
+    """A VRT (XML) with one band per part, all files on one grid: warped together, they share the
+    warper's pixel mapping. Written by hand: rasterio has no ``gdalbuildvrt -separate``."""
+    grid = parts[0].grid
+    a, _, c, _, e, f = grid.transform
+    bands = []
+    with rasterio.open(_local(parts[0].path)) as src:
+        gdal_type = _GDAL_TYPES[src.dtypes[parts[0].band - 1]]
+    for i, p in enumerate(parts, start=1):
+        nd = "" if p.src_nodata is None else f"<NoDataValue>{p.src_nodata!r}</NoDataValue>"
+        bands.append(
+            f'<VRTRasterBand dataType="{gdal_type}" band="{i}">{nd}<SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{escape(_local(p.path))}</SourceFilename><SourceBand>{p.band}</SourceBand>'
+            f'<SrcRect xOff="0" yOff="0" xSize="{grid.width}" ySize="{grid.height}"/>'
+            f'<DstRect xOff="0" yOff="0" xSize="{grid.width}" ySize="{grid.height}"/></SimpleSource></VRTRasterBand>'
+        )
+    gt = ", ".join(repr(v) for v in (c, a, 0.0, f, 0.0, e))
+    return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
+            f"<SRS>{escape(CRS.from_user_input(grid.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
+            f'{"".join(bands)}</VRTDataset>')
 
 
 def _parts(reference: Grid, refs: Sequence[BandRef], infos: Sequence[RasterInfo],

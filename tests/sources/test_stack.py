@@ -31,15 +31,17 @@ WINDOWS = [Window(0, 0, 32, 32), Window(24, 40, 32, 32), Window(64, 64, 32, 32),
 
 
 def s2_item(root: Path, seed: int = 0) -> list[BandRef]:
-    """An S2-like item: B02 and B04 at 10 m, B11 at 20 m, B01 at 60 m, uint16, nodata 0; a nodata hole in B04."""
+    """An S2-like item: B02 and B04 at 10 m, B11 and B12 at 20 m, B01 at 60 m, uint16, nodata 0; holes in B04 and B12."""
     rng = np.random.default_rng(seed)
     refs = []
     for name, res, method in (("B01", 60, "nearest"), ("B02", 10, "bilinear"), ("B04", 10, "bilinear"),
-                              ("B11", 20, "bilinear")):
+                              ("B11", 20, "bilinear"), ("B12", 20, "bilinear")):
         n = SIZE * 10 // res
         data = rng.integers(100, 5000, (n, n), dtype=np.uint16)
         if name == "B04":
             data[10:14, 50:60] = 0
+        if name == "B12":  # B11 has data there: B12's own nodata must still count (bands warped together)
+            data[30:34, 5:9] = 0
         write_tif(root / f"{name}.tif", data, crs=UTM, transform=from_origin(X0, Y0, res, res), nodata=0)
         refs.append(BandRef(name, str(root / f"{name}.tif"), resampling=method, source="s2"))
     return refs
@@ -97,19 +99,22 @@ def test_s2_reference_is_the_finest_band_and_every_band_equals_reproject(s2: lis
     stack = build_stack(s2)
     assert stack is not None
     assert stack.grid == reference_grid()  # the 10 m file's grid, though B01 (60 m) is listed first
-    assert stack.band_names == ("B01", "B02", "B04", "B11")  # one source: the bare names
-    assert stack.dtypes == ("uint16",) * 4 and stack.nodata == (0,) * 4
+    assert stack.band_names == ("B01", "B02", "B04", "B11", "B12")  # one source: the bare names
+    assert stack.dtypes == ("uint16",) * 5 and stack.nodata == (0,) * 5
     assert stack.bands[1].parts[0].offset == (0, 0) and stack.bands[3].parts[0].offset is None  # copy vs warp
+    assert (3, 4) in stack._plan  # B11 and B12 share a grid: warped together
     # warped in the band's dtype (uint16, as reproject onto a uint16 array), then given as float32
     expected = np.stack([projected(r.path, stack.grid, r.resampling, "uint16") for r in s2]).astype(np.float32)
     for window in WINDOWS:
         arr, valid = stack.read(window)
         sl = window.toslices()
-        assert arr.dtype == np.float32 and arr.shape == (4, window.height, window.width)
+        assert arr.dtype == np.float32 and arr.shape == (5, window.height, window.width)
         np.testing.assert_array_equal(arr, expected[(slice(None), *sl)], err_msg=str(window))
         assert (valid == (expected[(slice(None), *sl)] != 0).all(0)).all()
     _, valid = stack.read(Window(48, 8, 16, 8))
     assert not valid[2:6, 2:12].any() and valid[0].all()  # B04's hole (rows 10-13, cols 50-59)
+    _, valid = stack.read(Window(0, 56, 24, 16))
+    assert not valid[4:12, 10:18].all() and valid[:, 20:].all()  # B12's hole (20 m rows 30-33, cols 5-8)
 
 
 def test_raw_dtype_read_keeps_uint16(s2: list[BandRef]) -> None:
@@ -147,7 +152,7 @@ def test_window_reaching_outside_the_reference_is_invalid_there(s2: list[BandRef
 def test_s1_in_another_crs_with_nan_nodata_equals_reproject_and_its_hole_is_invalid(tmp_path: Path, s2) -> None:
     vv = s1_file(tmp_path)
     stack = build_stack(s2, {"s1": [BandRef("VV", str(vv))]})
-    assert stack.band_names == ("s2:B01", "s2:B02", "s2:B04", "s2:B11", "s1:VV")
+    assert stack.band_names == ("s2:B01", "s2:B02", "s2:B04", "s2:B11", "s2:B12", "s1:VV")
     assert stack.dtypes[-1] == "float32" and math.isnan(stack.nodata[-1])
     expected = projected(str(vv), stack.grid, "bilinear")
     hole = np.isnan(expected)
@@ -155,8 +160,7 @@ def test_s1_in_another_crs_with_nan_nodata_equals_reproject_and_its_hole_is_inva
     for window in [*WINDOWS, Window(0, 0, SIZE, SIZE)]:
         arr, valid = stack.read(window)
         sl = window.toslices()
-        np.testing.assert_allclose(arr[4], expected[sl], rtol=0, atol=1e-4, err_msg=str(window))
-        assert (np.isnan(arr[4]) == hole[sl]).all()
+        np.testing.assert_array_equal(arr[5], expected[sl], err_msg=str(window))
         assert not valid[hole[sl]].any()
     _, valid = stack.read(Window(0, 0, SIZE, SIZE))
     s2_only = build_stack(s2).read(Window(0, 0, SIZE, SIZE))[1]
@@ -193,7 +197,7 @@ def test_dem_mosaic_of_two_tiles_equals_reproject_of_the_merged_dem(tmp_path: Pa
     assert (expected != -9999).all()
     for window in [*WINDOWS, Window(0, 0, SIZE, SIZE)]:
         arr, valid = stack.read(window)
-        np.testing.assert_allclose(arr[-1], expected[window.toslices()], rtol=0, atol=1e-3, err_msg=str(window))
+        np.testing.assert_array_equal(arr[-1], expected[window.toslices()], err_msg=str(window))
     summary = {s.source: s for s in stack.describe()}["dem"]
     assert summary.coverage == 1.0 and summary.crs == ("EPSG:3035",) and summary.res == ((30.0, 30.0),)
     assert summary.files == tuple(str(p) for p in tiles)
@@ -286,15 +290,15 @@ def test_three_sources_band_names_and_description(tmp_path: Path, s2) -> None:
     vv = s1_file(tmp_path)
     _, tiles = dem_tiles(tmp_path)
     stack = build_stack(s2, {"s1": [BandRef("VV", str(vv))], "dem": [BandRef("elevation", str(p)) for p in tiles]})
-    assert stack.band_names == ("s2:B01", "s2:B02", "s2:B04", "s2:B11", "s1:VV", "dem:elevation")
+    assert stack.band_names == ("s2:B01", "s2:B02", "s2:B04", "s2:B11", "s2:B12", "s1:VV", "dem:elevation")
     assert stack.sources == ("s2", "s1", "dem")
-    assert stack.dtypes == ("uint16",) * 4 + ("float32", "float32")
+    assert stack.dtypes == ("uint16",) * 5 + ("float32", "float32")
     s2d, s1d, demd = stack.describe()
     assert s2d.crs == (UTM,) and s2d.res == ((60.0, 60.0), (10.0, 10.0), (20.0, 20.0)) and s2d.coverage == 1.0
     assert s1d.crs == ("EPSG:4326",) and s1d.bands == ("s1:VV",) and s1d.coverage == 1.0
     assert demd.bands == ("dem:elevation",) and len(demd.files) == 2
     arr, valid = stack.read(Window(32, 32, 32, 32))
-    assert arr.shape == (6, 32, 32) and np.isfinite(arr[:, valid]).all()
+    assert arr.shape == (7, 32, 32) and np.isfinite(arr[:, valid]).all()
 
 
 def test_bad_path_is_a_one_line_error_naming_it(tmp_path: Path, s2) -> None:
