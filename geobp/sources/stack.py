@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -221,12 +222,19 @@ class SceneStack:
         grid: the reference grid.
         bands: the bands, in the order :meth:`read` stacks them.
         summaries: one per source, reference first (:meth:`describe`).
+        warp_block: block size (px) of the warped bands' virtual rasters: warped and cached a block
+            at a time, so the tile size (windows aligned to it warp no pixel twice).
     """
 
-    def __init__(self, grid: Grid, bands: Sequence[StackBand], summaries: Sequence[SourceSummary]) -> None:
+    def __init__(self, grid: Grid, bands: Sequence[StackBand], summaries: Sequence[SourceSummary],
+                 warp_block: int = 256) -> None:
         if not bands:
             raise ConfigError(format_error(None, "a scene stack needs at least one band", "list the reference's bands"))
+        if warp_block < 16:
+            raise ConfigError(format_error(None, f"warp_block {warp_block} is too small (expected at least 16 px)",
+                                           "set it to the tile size"))
         self.grid = grid
+        self.warp_block = warp_block
         self.bands = tuple(bands)
         self._summaries = tuple(summaries)
         self._plan = _warp_groups(self.bands)
@@ -334,8 +342,8 @@ class SceneStack:
         """
         band = bands[0]
         nodata = band.nodata if band.nodata is not None else math.nan
-        key = ("warp", tuple((p.path, p.band) for p in parts), self.grid, band.resampling, band.dtype, _key(nodata),
-               _key(parts[0].src_nodata))
+        key = ("warp", tuple((p.path, p.band) for p in parts), self.grid, self.warp_block, band.resampling, band.dtype,
+               _key(nodata), _key(parts[0].src_nodata))
         vrt = _DATASETS.get(key, lambda: self._open_warped(band, parts, nodata))
         try:
             data = vrt.read(list(range(1, len(parts) + 1)), window=window)
@@ -346,15 +354,21 @@ class SceneStack:
     def _open_warped(self, band: StackBand, parts: Sequence[_Part], nodata: float) -> tuple[Any, ...]:
         src = _open_part(parts[0]) if len(parts) == 1 else open_band_file(_stack_vrt(parts))
         try:
-            vrt = WarpedVRT(
+            with WarpedVRT(
                 src, crs=self.grid.crs, transform=self.grid.affine, width=self.grid.width, height=self.grid.height,
                 resampling=Resampling[band.resampling], src_nodata=parts[0].src_nodata, nodata=nodata,
                 dtype=band.dtype, UNIFIED_SRC_NODATA="NO",
-            )
-        except Exception:
+            ) as vrt:
+                xml = vrt.tags(ns="xml:VRT")["xml:VRT"]
+        finally:
             src.close()
-            raise
-        return vrt, src
+        # rasterio's WarpedVRT has GDAL's fixed 512 x 128 blocks: a 256 px tile would warp twice its
+        # pixels, and the extra blocks crowd the block cache. Its VRT (GDAL's own XML) is reopened
+        # with blocks of `warp_block` px, a tile's size (changing the block size is not in rasterio).
+        bx, by = min(self.warp_block, self.grid.width), min(self.warp_block, self.grid.height)
+        xml = re.sub(r"<BlockXSize>\d+</BlockXSize>", f"<BlockXSize>{bx}</BlockXSize>", xml)
+        xml = re.sub(r"<BlockYSize>\d+</BlockYSize>", f"<BlockYSize>{by}</BlockYSize>", xml)
+        return (open_band_file(xml),)
 
     def _read_lattice(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         """A plain windowed read of a file on the reference lattice (padded where the window leaves it)."""
@@ -556,6 +570,7 @@ def build_stack(
     others: Mapping[str, Sequence[BandRef]] | None = None,
     *,
     missing: Missing = "skip",
+    warp_block: int = 256,
     headers: dict[str, RasterInfo] | None = None,
 ) -> SceneStack | None:
     """One scene: the reference source's bands and every other source's bands over it.
@@ -569,6 +584,7 @@ def build_stack(
             the tiles of one band (first valid pixel wins); bands keep the order of first mention.
         missing: a source with no file over the scene: ``"skip"`` (default) returns None with a
             warning naming the source (every pixel would be invalid); ``"fill"`` reads it as nodata.
+        warp_block: block size of the warped bands (see :class:`SceneStack`): the tile size.
         headers: a cache of file headers by path, shared across calls (see :func:`build_stacks`).
 
     Returns:
@@ -644,7 +660,7 @@ def build_stack(
             files=tuple(dict.fromkeys(refs[i].path for i in keep)),
             coverage=coverage(grid, kept) if kept else 0.0,
         ))
-    return SceneStack(grid, bands, summaries)
+    return SceneStack(grid, bands, summaries, warp_block)
 
 
 def build_stacks(
@@ -652,6 +668,7 @@ def build_stacks(
     others: Mapping[str, Sequence[BandRef]] | None = None,
     *,
     missing: Missing = "skip",
+    warp_block: int = 256,
 ) -> list[SceneStack]:
     """:func:`build_stack` for every reference scene against the same other sources' files.
 
@@ -659,5 +676,5 @@ def build_stacks(
     (``missing="skip"``) are warned about and absent from the list.
     """
     headers: dict[str, RasterInfo] = {}
-    stacks = [build_stack(ref, others, missing=missing, headers=headers) for ref in references]
+    stacks = [build_stack(ref, others, missing=missing, warp_block=warp_block, headers=headers) for ref in references]
     return [s for s in stacks if s is not None]

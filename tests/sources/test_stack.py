@@ -111,6 +111,9 @@ def test_s2_reference_is_the_finest_band_and_every_band_equals_reproject(s2: lis
         assert arr.dtype == np.float32 and arr.shape == (5, window.height, window.width)
         np.testing.assert_array_equal(arr, expected[(slice(None), *sl)], err_msg=str(window))
         assert (valid == (expected[(slice(None), *sl)] != 0).all(0)).all()
+    small = build_stack(s2, warp_block=16)  # warped in 16 px blocks: the same values
+    for window in WINDOWS:
+        np.testing.assert_array_equal(small.read(window)[0], stack.read(window)[0])
     _, valid = stack.read(Window(48, 8, 16, 8))
     assert not valid[2:6, 2:12].any() and valid[0].all()  # B04's hole (rows 10-13, cols 50-59)
     _, valid = stack.read(Window(0, 56, 24, 16))
