@@ -22,7 +22,9 @@ file wins.
 read when the band's file is on the reference pixel lattice (same CRS and pixel size, origin an
 integer number of pixels away), otherwise through a :class:`rasterio.vrt.WarpedVRT` onto the
 reference grid with the band's resampling (the same values as :func:`rasterio.warp.reproject` of
-the band onto the reference grid). A pixel is **valid** when every band has data there: not its
+the band onto the reference grid). Bands of one source whose files share a grid (Sentinel-2's 20 m
+bands, Sentinel-1's VV and VH) are warped together, each with its own nodata; the warped rasters
+are computed in blocks of ``warp_block`` px (the tile size) and cached in GDAL's block cache. A pixel is **valid** when every band has data there: not its
 nodata value, not NaN, inside a file. So a pixel is invalid where the reference source has no
 data, or where any other source has none.
 
@@ -108,39 +110,36 @@ def read_header(path: str) -> RasterInfo:
 class _OpenDatasets:
     """This process's open datasets (files and warped VRTs), least recently used closed first.
 
-    Keyed by what the dataset is (file, or file warped onto a grid with a resampling); emptied
-    (without touching the parent's handles) when first used in a new process, and never pickled.
+    Keyed by what the dataset is (a file, or files warped onto a grid with a resampling). A new
+    process (a forked DataLoader worker) starts empty: the handles its parent left in its memory
+    are dropped, never read. Capacity: half of :func:`geobp.handles.default_capacity` (a warped VRT
+    keeps its source open too).
     """
 
     def __init__(self) -> None:
         self._pid = -1
-        self._open: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
+        self._open: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.capacity = 0
 
-    def get(self, key: tuple[Any, ...], opener: Callable[[], tuple[Any, ...]]) -> Any:
-        """The dataset of ``key`` (the first of the handles ``opener`` returns; the others are kept open with it)."""
-        if self._pid != os.getpid():  # a new process (a forked worker): its parent's handles are not its own
+    def get(self, key: tuple[Any, ...], opener: Callable[[], Any]) -> Any:
+        """The open dataset of ``key``, opened by ``opener`` when this process has none."""
+        if self._pid != os.getpid():
             self._open = OrderedDict()
             self._pid = os.getpid()
-            self.capacity = max(2, default_capacity() // 2)  # a warped dataset holds two handles
-        handles = self._open.pop(key, None)
-        if handles is None:
+            self.capacity = max(2, default_capacity() // 2)
+        dataset = self._open.pop(key, None)
+        if dataset is None:
             while len(self._open) >= self.capacity:
-                self._close(self._open.popitem(last=False)[1])
-            handles = opener()
-        self._open[key] = handles
-        return handles[0]
-
-    @staticmethod
-    def _close(handles: tuple[Any, ...]) -> None:
-        for h in handles:
-            h.close()
+                self._open.popitem(last=False)[1].close()
+            dataset = opener()
+        self._open[key] = dataset
+        return dataset
 
     def close(self) -> None:
         """Close every dataset this process holds."""
         if self._pid == os.getpid():
             while self._open:
-                self._close(self._open.popitem(last=False)[1])
+                self._open.popitem(last=False)[1].close()
 
 
 _DATASETS = _OpenDatasets()
@@ -351,7 +350,7 @@ class SceneStack:
             raise _read_error(parts[0], window, err) from err
         return [(values, _valid(values, nodata)) for values in data]
 
-    def _open_warped(self, band: StackBand, parts: Sequence[_Part], nodata: float) -> tuple[Any, ...]:
+    def _open_warped(self, band: StackBand, parts: Sequence[_Part], nodata: float) -> Any:
         src = _open_part(parts[0]) if len(parts) == 1 else open_band_file(_stack_vrt(parts))
         try:
             with WarpedVRT(
@@ -368,11 +367,11 @@ class SceneStack:
         bx, by = min(self.warp_block, self.grid.width), min(self.warp_block, self.grid.height)
         xml = re.sub(r"<BlockXSize>\d+</BlockXSize>", f"<BlockXSize>{bx}</BlockXSize>", xml)
         xml = re.sub(r"<BlockYSize>\d+</BlockYSize>", f"<BlockYSize>{by}</BlockYSize>", xml)
-        return (open_band_file(xml),)
+        return open_band_file(xml)
 
     def _read_lattice(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         """A plain windowed read of a file on the reference lattice (padded where the window leaves it)."""
-        src = _DATASETS.get(("file", part.path), lambda: (_open_part(part),))
+        src = _DATASETS.get(("file", part.path), lambda: _open_part(part))
         assert part.offset is not None
         row, col = int(window.row_off) + part.offset[0], int(window.col_off) + part.offset[1]
         h, w = int(window.height), int(window.width)
@@ -433,12 +432,8 @@ def _part_valid(values: np.ndarray, part: _Part, band: StackBand) -> np.ndarray 
 
 
 def _open_part(part: _Part) -> Any:
-    try:
-        return open_band_file(part.path)
-    except RasterReadError:
-        raise
-    except RasterioIOError as err:  # pragma: no cover - open_band_file wraps GDAL's errors
-        raise RasterReadError(format_error(part.files[0], f"cannot open ({err})", "check the file")) from err
+    """A part's dataset: its file (by absolute path, as a warped VRT names its source), or its mosaic VRT."""
+    return open_band_file(_local(part.path))
 
 
 def _read_error(part: _Part, window: Window, err: Exception) -> RasterReadError:

@@ -350,3 +350,17 @@ def test_grid_window_bounds_overlap_and_coverage() -> None:
     west = Grid(UTM, (10.0, 0.0, X0, 0.0, -10.0, Y0), 48, 96)
     assert overlaps(grid, west) and coverage(grid, [west]) == pytest.approx(0.5)
     assert not overlaps(grid, Grid(UTM, (10.0, 0.0, X0 + 955, 0.0, -10.0, Y0), 10, 10))  # a sliver of half a pixel
+
+
+def test_open_datasets_stay_within_capacity(tmp_path: Path, s2, monkeypatch: pytest.MonkeyPatch) -> None:
+    from geobp.sources import stack as stack_module
+
+    vv = s1_file(tmp_path)
+    stack = build_stack(s2, {"s1": [BandRef("VV", str(vv))]})
+    before = [stack.read(w)[0] for w in WINDOWS]
+    assert len(stack_module._DATASETS._open) == 5  # 2 files on the lattice, 3 warped VRTs (B01, B11 + B12, VV)
+    close_datasets()
+    monkeypatch.setattr(stack_module._DATASETS, "capacity", 2)  # fewer than one read needs: files reopened
+    for w, want in zip(WINDOWS, before):
+        np.testing.assert_array_equal(stack.read(w)[0], want)
+        assert len(stack_module._DATASETS._open) <= 2
