@@ -24,9 +24,11 @@ integer number of pixels away), otherwise through a :class:`rasterio.vrt.WarpedV
 reference grid with the band's resampling (the same values as :func:`rasterio.warp.reproject` of
 the band onto the reference grid). Bands of one source whose files share a grid (Sentinel-2's 20 m
 bands, Sentinel-1's VV and VH) are warped together, each with its own nodata; the warped rasters
-are computed in blocks of ``warp_block`` px (the tile size) and cached in GDAL's block cache. A pixel is **valid** when every band has data there: not its
-nodata value, not NaN, inside a file. So a pixel is invalid where the reference source has no
-data, or where any other source has none.
+are computed in blocks of ``warp_block`` px (the tile size) and cached in GDAL's block cache.
+
+A pixel is **valid** when every band has data there: not its nodata value, not NaN, inside a
+file. So a pixel is invalid where the reference source has no data, or where any other source
+has none (a scene's valid pixels are those a model can use: every input is known).
 
 File handles are opened lazily, in the process that reads, and kept in a per-process cache of
 bounded size (a DataLoader worker, forked or spawned, opens its own).
@@ -69,7 +71,12 @@ Missing = Literal["skip", "fill"]
 
 def _is_virtual(path: str) -> bool:
     """A GDAL virtual path (``/vsicurl/...``) or an inline VRT: no local file to check first."""
-    return path.startswith("/vsi") or path.lstrip().startswith("<VRTDataset")
+    return path.startswith("/vsi") or _is_xml(path)
+
+
+def _is_xml(path: str) -> bool:
+    """An inline VRT (a mosaic), which cannot be named as another VRT's source file."""
+    return path.lstrip().startswith("<")
 
 
 def open_band_file(path: str) -> rasterio.DatasetReader:
@@ -85,7 +92,7 @@ def open_band_file(path: str) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioIOError as err:
-        name = path if not path.lstrip().startswith("<") else "mosaic VRT"
+        name = "mosaic VRT" if _is_xml(path) else path
         raise RasterReadError(format_error(name, f"GDAL cannot open it ({err})",
                                            "check the URL or path and that the file is a raster")) from err
 
@@ -110,7 +117,8 @@ def read_header(path: str) -> RasterInfo:
 class _OpenDatasets:
     """This process's open datasets (files and warped VRTs), least recently used closed first.
 
-    Keyed by what the dataset is (a file, or files warped onto a grid with a resampling). A new
+    Not thread-safe (rasterio's handles are not either). Keyed by what the dataset is (a file, or
+    files warped onto a grid with a resampling). A new
     process (a forked DataLoader worker) starts empty: the handles its parent left in its memory
     are dropped, never read. Capacity: half of :func:`geobp.handles.default_capacity` (a warped VRT
     keeps its source open too).
@@ -162,6 +170,7 @@ class _Part:
     grid: Grid
     offset: tuple[int, int] | None  # the reference origin's (row, col) on this lattice; None: warped
     src_nodata: float | None
+    dtype: str  # of the file
     files: tuple[str, ...]
 
 
@@ -398,9 +407,9 @@ def _warp_groups(bands: Sequence[StackBand]) -> list[tuple[int, ...]]:
     and nodata) are grouped, to be warped together; every other band alone."""
     groups: dict[Any, list[int]] = {}
     for i, b in enumerate(bands):
-        if len(b.parts) == 1 and b.parts[0].offset is None and not _is_virtual(b.parts[0].path):
+        if len(b.parts) == 1 and b.parts[0].offset is None and not _is_xml(b.parts[0].path):
             p = b.parts[0]
-            key: Any = (p.grid, b.resampling, b.dtype, _key(b.nodata), _key(p.src_nodata))
+            key: Any = (p.grid, b.resampling, b.dtype, p.dtype, _key(b.nodata), _key(p.src_nodata))
         else:
             key = i
         groups.setdefault(key, []).append(i)
@@ -498,8 +507,7 @@ def _stack_vrt(parts: Sequence[_Part]) -> str:
     grid = parts[0].grid
     a, _, c, _, e, f = grid.transform
     bands = []
-    with rasterio.open(_local(parts[0].path)) as src:
-        gdal_type = _GDAL_TYPES[src.dtypes[parts[0].band - 1]]
+    gdal_type = _GDAL_TYPES[parts[0].dtype]
     for i, p in enumerate(parts, start=1):
         nd = "" if p.src_nodata is None else f"<NoDataValue>{p.src_nodata!r}</NoDataValue>"
         bands.append(
@@ -533,7 +541,7 @@ def _parts(reference: Grid, refs: Sequence[BandRef], infos: Sequence[RasterInfo]
         else:
             path, grid = _mosaic_vrt([refs[i] for i in g], [infos[i] for i in g], [nodata[i] for i in g])
             band = 1
-        parts.append(_Part(path, band, grid, reference.lattice_offset(grid), nodata[g[0]],
+        parts.append(_Part(path, band, grid, reference.lattice_offset(grid), nodata[g[0]], infos[g[0]].dtype,
                            tuple(refs[i].path for i in g)))
     return tuple(parts)
 
