@@ -16,7 +16,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from geobp.errors import ConfigError, DataNotFoundError
+from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, RasterReadError
 from geobp.raster import project_bounds
 from geobp.sources.bandref import BandRef
 from geobp.sources.grid import Grid, coverage, overlaps
@@ -302,6 +302,10 @@ def test_three_sources_band_names_and_description(tmp_path: Path, s2) -> None:
     assert demd.bands == ("dem:elevation",) and len(demd.files) == 2
     arr, valid = stack.read(Window(32, 32, 32, 32))
     assert arr.shape == (7, 32, 32) and np.isfinite(arr[:, valid]).all()
+    raw, raw_valid = stack.read(Window(32, 32, 32, 32), out_dtype=None)  # uint16 and float32: float32
+    assert raw.dtype == np.float32 and (raw_valid == valid).all()
+    as_int, _ = stack.read(Window(0, 0, SIZE, SIZE), out_dtype=np.int32)
+    assert as_int.dtype == np.int32 and (as_int[5][~np.isfinite(stack.read(Window(0, 0, SIZE, SIZE))[0][5])] == 0).all()
 
 
 def test_bad_path_is_a_one_line_error_naming_it(tmp_path: Path, s2) -> None:
@@ -309,6 +313,14 @@ def test_bad_path_is_a_one_line_error_naming_it(tmp_path: Path, s2) -> None:
     with pytest.raises(DataNotFoundError) as err:
         build_stack(s2, {"s1": [BandRef("VV", str(missing))]})
     assert str(err.value).startswith(f"{missing}: file not found. Fix: ") and "\n" not in str(err.value)
+
+
+def test_unreadable_and_unreferenced_files_are_one_line_errors(tmp_path: Path, s2) -> None:
+    with pytest.raises(RasterReadError, match=r"^/vsimem/geobp-none\.tif: GDAL cannot open it .*\. Fix: check the URL"):
+        build_stack(s2, {"s1": [BandRef("VV", "/vsimem/geobp-none.tif")]})
+    bare = write_tif(tmp_path / "bare.tif", np.ones((8, 8), np.float32), crs=None)
+    with pytest.raises(GeoreferenceError, match=r"bare\.tif: raster has no CRS\. Fix: "):
+        build_stack(s2, {"s1": [BandRef("VV", str(bare))]})
 
 
 def test_source_names_are_checked(tmp_path: Path, s2) -> None:
@@ -364,3 +376,12 @@ def test_open_datasets_stay_within_capacity(tmp_path: Path, s2, monkeypatch: pyt
     for w, want in zip(WINDOWS, before):
         np.testing.assert_array_equal(stack.read(w)[0], want)
         assert len(stack_module._DATASETS._open) <= 2
+
+
+def test_benchmark_section_runs_quick(tmp_path: Path) -> None:
+    from benchmarks.common import Config
+    from benchmarks.sources import run
+
+    result = run(Config.quick_config(cache_dir=str(tmp_path), tiles=8, warmup_tiles=2))
+    assert set(result["metrics"]["tiles_per_s"]) == {"stack_16", "stacked_16", "stack_64", "stacked_64"}
+    assert result["targets"][0]["name"].startswith("sources: SceneStack / pre-stacked file")
