@@ -37,125 +37,27 @@ bounded size (a DataLoader worker, forked or spawned, opens its own).
 from __future__ import annotations
 
 import math
-import os
-import re
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-from xml.sax.saxutils import escape
 
 import numpy as np
-import rasterio
-from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
-from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geobp.errors import ConfigError, RasterReadError, format_error
-from geobp.handles import default_capacity
-from geobp.raster import RasterInfo, check_georeferenced, describe, open_reader
+from geobp.raster import RasterInfo
 from geobp.sources.bandref import BandRef
+from geobp.sources.files import DATASETS, close_datasets, is_inline_vrt, local_path, open_band_file, read_header
 from geobp.sources.grid import Grid, coverage, overlaps
+from geobp.sources.vrt import mosaic_vrt, stack_vrt, warped_vrt
 
-__all__ = ["Grid", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks"]
+__all__ = ["Grid", "Missing", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks", "close_datasets",
+           "read_header"]
 
 #: What to do with a source that has no file over a scene: leave the scene out, or read the source as nodata.
 Missing = Literal["skip", "fill"]
-
-
-# ----- opening files ------------------------------------------------------------------------
-
-
-def _is_virtual(path: str) -> bool:
-    """A GDAL virtual path (``/vsicurl/...``) or an inline VRT: no local file to check first."""
-    return path.startswith("/vsi") or _is_xml(path)
-
-
-def _is_xml(path: str) -> bool:
-    """An inline VRT (a mosaic), which cannot be named as another VRT's source file."""
-    return path.lstrip().startswith("<")
-
-
-def open_band_file(path: str) -> rasterio.DatasetReader:
-    """Open a BandRef's file: :func:`geobp.raster.open_reader` for a local path, rasterio for a GDAL
-    virtual path (errors in geobp's one-line form either way).
-
-    Raises:
-        DataNotFoundError: a local file does not exist.
-        RasterReadError: GDAL cannot open it.
-    """
-    if not _is_virtual(path):
-        return open_reader(path)
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as err:
-        name = "mosaic VRT" if _is_xml(path) else path
-        raise RasterReadError(format_error(name, f"GDAL cannot open it ({err})",
-                                           "check the URL or path and that the file is a raster")) from err
-
-
-def read_header(path: str) -> RasterInfo:
-    """The :class:`~geobp.raster.RasterInfo` of a BandRef's file, checked to be georeferenced and north-up.
-
-    Raises:
-        DataNotFoundError, RasterReadError: as :func:`open_band_file`.
-        GeoreferenceError: no CRS, or a rotated or not north-up transform.
-    """
-    src = open_band_file(path)
-    try:
-        info = describe(src)
-    finally:
-        src.close()
-    info = RasterInfo(**{**info.__dict__, "path": path})
-    check_georeferenced(info)
-    return info
-
-
-class _OpenDatasets:
-    """This process's open datasets (files and warped VRTs), least recently used closed first.
-
-    Not thread-safe (rasterio's handles are not either). Keyed by what the dataset is (a file, or
-    files warped onto a grid with a resampling). A new
-    process (a forked DataLoader worker) starts empty: the handles its parent left in its memory
-    are dropped, never read. Capacity: half of :func:`geobp.handles.default_capacity` (a warped VRT
-    keeps its source open too).
-    """
-
-    def __init__(self) -> None:
-        self._pid = -1
-        self._open: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self.capacity = 0
-
-    def get(self, key: tuple[Any, ...], opener: Callable[[], Any]) -> Any:
-        """The open dataset of ``key``, opened by ``opener`` when this process has none."""
-        if self._pid != os.getpid():
-            self._open = OrderedDict()
-            self._pid = os.getpid()
-            self.capacity = max(2, default_capacity() // 2)
-        dataset = self._open.pop(key, None)
-        if dataset is None:
-            while len(self._open) >= self.capacity:
-                self._open.popitem(last=False)[1].close()
-            dataset = opener()
-        self._open[key] = dataset
-        return dataset
-
-    def close(self) -> None:
-        """Close every dataset this process holds."""
-        if self._pid == os.getpid():
-            while self._open:
-                self._open.popitem(last=False)[1].close()
-
-
-_DATASETS = _OpenDatasets()
-
-
-def close_datasets() -> None:
-    """Close the files and warped datasets that stacks hold open in this process."""
-    _DATASETS.close()
 
 
 # ----- the stack ----------------------------------------------------------------------------
@@ -352,7 +254,7 @@ class SceneStack:
         nodata = band.nodata if band.nodata is not None else math.nan
         key = ("warp", tuple((p.path, p.band) for p in parts), self.grid, self.warp_block, band.resampling, band.dtype,
                _key(nodata), _key(parts[0].src_nodata))
-        vrt = _DATASETS.get(key, lambda: self._open_warped(band, parts, nodata))
+        vrt = DATASETS.get(key, lambda: self._open_warped(band, parts, nodata))
         try:
             data = vrt.read(list(range(1, len(parts) + 1)), window=window)
         except RasterioIOError as err:
@@ -360,27 +262,20 @@ class SceneStack:
         return [(values, _valid(values, nodata)) for values in data]
 
     def _open_warped(self, band: StackBand, parts: Sequence[_Part], nodata: float) -> Any:
-        src = _open_part(parts[0]) if len(parts) == 1 else open_band_file(_stack_vrt(parts))
+        if len(parts) == 1:
+            src = _open_part(parts[0])
+        else:
+            src = open_band_file(stack_vrt([(p.path, p.band) for p in parts], parts[0].grid,
+                                           [p.src_nodata for p in parts], parts[0].dtype))
         try:
-            with WarpedVRT(
-                src, crs=self.grid.crs, transform=self.grid.affine, width=self.grid.width, height=self.grid.height,
-                resampling=Resampling[band.resampling], src_nodata=parts[0].src_nodata, nodata=nodata,
-                dtype=band.dtype, UNIFIED_SRC_NODATA="NO",
-            ) as vrt:
-                xml = vrt.tags(ns="xml:VRT")["xml:VRT"]
+            xml = warped_vrt(src, self.grid, band.resampling, parts[0].src_nodata, nodata, band.dtype, self.warp_block)
         finally:
             src.close()
-        # rasterio's WarpedVRT has GDAL's fixed 512 x 128 blocks: a 256 px tile would warp twice its
-        # pixels, and the extra blocks crowd the block cache. Its VRT (GDAL's own XML) is reopened
-        # with blocks of `warp_block` px, a tile's size (changing the block size is not in rasterio).
-        bx, by = min(self.warp_block, self.grid.width), min(self.warp_block, self.grid.height)
-        xml = re.sub(r"<BlockXSize>\d+</BlockXSize>", f"<BlockXSize>{bx}</BlockXSize>", xml)
-        xml = re.sub(r"<BlockYSize>\d+</BlockYSize>", f"<BlockYSize>{by}</BlockYSize>", xml)
-        return open_band_file(xml)
+        return open_band_file(xml)  # opens its own source
 
     def _read_lattice(self, band: StackBand, part: _Part, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
         """A plain windowed read of a file on the reference lattice (padded where the window leaves it)."""
-        src = _DATASETS.get(("file", part.path), lambda: _open_part(part))
+        src = DATASETS.get(("file", part.path), lambda: _open_part(part))
         assert part.offset is not None
         row, col = int(window.row_off) + part.offset[0], int(window.col_off) + part.offset[1]
         h, w = int(window.height), int(window.width)
@@ -407,7 +302,7 @@ def _warp_groups(bands: Sequence[StackBand]) -> list[tuple[int, ...]]:
     and nodata) are grouped, to be warped together; every other band alone."""
     groups: dict[Any, list[int]] = {}
     for i, b in enumerate(bands):
-        if len(b.parts) == 1 and b.parts[0].offset is None and not _is_xml(b.parts[0].path):
+        if len(b.parts) == 1 and b.parts[0].offset is None and not is_inline_vrt(b.parts[0].path):
             p = b.parts[0]
             key: Any = (p.grid, b.resampling, b.dtype, p.dtype, _key(b.nodata), _key(p.src_nodata))
         else:
@@ -442,7 +337,7 @@ def _part_valid(values: np.ndarray, part: _Part, band: StackBand) -> np.ndarray 
 
 def _open_part(part: _Part) -> Any:
     """A part's dataset: its file (by absolute path, as a warped VRT names its source), or its mosaic VRT."""
-    return open_band_file(_local(part.path))
+    return open_band_file(local_path(part.path))
 
 
 def _read_error(part: _Part, window: Window, err: Exception) -> RasterReadError:
@@ -454,73 +349,6 @@ def _read_error(part: _Part, window: Window, err: Exception) -> RasterReadError:
 
 
 # ----- building a stack ---------------------------------------------------------------------
-
-#: GDAL's names of numpy dtypes, for the mosaic VRT.
-_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
-               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
-
-
-def _mosaic_vrt(refs: Sequence[BandRef], infos: Sequence[RasterInfo], nodata: Sequence[float | None]) -> tuple[str, Grid]:
-    """A VRT (XML) mosaicking one band of files on one pixel lattice; first file wins where they overlap.
-
-    Written by hand: rasterio has no ``gdalbuildvrt``. GDAL paints a VRT's sources in order, later
-    ones over earlier ones except where a source's NODATA is, so the files are listed last first.
-    """
-    first = Grid.from_info(infos[0])
-    a, _, c, _, e, f = first.transform
-    offsets = [first.lattice_offset(Grid.from_info(i)) for i in infos]  # first's origin on each file
-    cols = [-o[1] for o in offsets if o is not None]
-    rows = [-o[0] for o in offsets if o is not None]
-    col0, row0 = min(cols), min(rows)
-    col1 = max(cl + i.width for cl, i in zip(cols, infos))
-    row1 = max(rw + i.height for rw, i in zip(rows, infos))
-    grid = Grid(first.crs, (a, 0.0, c + a * col0, 0.0, e, f + e * row0), col1 - col0, row1 - row0)
-    band_nodata = nodata[0]
-    sources = []
-    for ref, info, cl, rw, nd in reversed(list(zip(refs, infos, cols, rows, nodata))):
-        nd_xml = "" if nd is None else f"<NODATA>{nd!r}</NODATA>"
-        sources.append(
-            f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(_local(ref.path))}'
-            f"</SourceFilename><SourceBand>{ref.band}</SourceBand>"
-            f'<SrcRect xOff="0" yOff="0" xSize="{info.width}" ySize="{info.height}"/>'
-            f'<DstRect xOff="{cl - col0}" yOff="{rw - row0}" xSize="{info.width}" ySize="{info.height}"/>{nd_xml}</ComplexSource>'
-        )
-    nd_band = "" if band_nodata is None else f"<NoDataValue>{band_nodata!r}</NoDataValue>"
-    gt = ", ".join(repr(v) for v in (grid.transform[2], a, 0.0, grid.transform[5], 0.0, e))
-    xml = (
-        f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
-        f"<SRS>{escape(CRS.from_user_input(first.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
-        f'<VRTRasterBand dataType="{_GDAL_TYPES[infos[0].dtype]}" band="1">{nd_band}{"".join(sources)}</VRTRasterBand>'
-        "</VRTDataset>"
-    )
-    return xml, grid
-
-
-def _local(path: str) -> str:
-    """A path as a VRT names its source: absolute for a local file (the VRT lives in memory)."""
-    return path if _is_virtual(path) else os.path.abspath(path)
-
-
-def _stack_vrt(parts: Sequence[_Part]) -> str:
-    """A VRT (XML) with one band per part, all files on one grid: warped together, they share the
-    warper's pixel mapping. Written by hand: rasterio has no ``gdalbuildvrt -separate``."""
-    grid = parts[0].grid
-    a, _, c, _, e, f = grid.transform
-    bands = []
-    gdal_type = _GDAL_TYPES[parts[0].dtype]
-    for i, p in enumerate(parts, start=1):
-        nd = "" if p.src_nodata is None else f"<NoDataValue>{p.src_nodata!r}</NoDataValue>"
-        bands.append(
-            f'<VRTRasterBand dataType="{gdal_type}" band="{i}">{nd}<SimpleSource>'
-            f'<SourceFilename relativeToVRT="0">{escape(_local(p.path))}</SourceFilename><SourceBand>{p.band}</SourceBand>'
-            f'<SrcRect xOff="0" yOff="0" xSize="{grid.width}" ySize="{grid.height}"/>'
-            f'<DstRect xOff="0" yOff="0" xSize="{grid.width}" ySize="{grid.height}"/></SimpleSource></VRTRasterBand>'
-        )
-    gt = ", ".join(repr(v) for v in (c, a, 0.0, f, 0.0, e))
-    return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
-            f"<SRS>{escape(CRS.from_user_input(grid.crs).to_wkt())}</SRS><GeoTransform>{gt}</GeoTransform>"
-            f'{"".join(bands)}</VRTDataset>')
-
 
 def _parts(reference: Grid, refs: Sequence[BandRef], infos: Sequence[RasterInfo],
            nodata: Sequence[float | None]) -> tuple[_Part, ...]:
@@ -539,7 +367,7 @@ def _parts(reference: Grid, refs: Sequence[BandRef], infos: Sequence[RasterInfo]
         if len(g) == 1:
             path, band, grid = refs[g[0]].path, refs[g[0]].band, Grid.from_info(infos[g[0]])
         else:
-            path, grid = _mosaic_vrt([refs[i] for i in g], [infos[i] for i in g], [nodata[i] for i in g])
+            path, grid = mosaic_vrt([refs[i] for i in g], [infos[i] for i in g], [nodata[i] for i in g])
             band = 1
         parts.append(_Part(path, band, grid, reference.lattice_offset(grid), nodata[g[0]], infos[g[0]].dtype,
                            tuple(refs[i].path for i in g)))

@@ -365,17 +365,17 @@ def test_grid_window_bounds_overlap_and_coverage() -> None:
 
 
 def test_open_datasets_stay_within_capacity(tmp_path: Path, s2, monkeypatch: pytest.MonkeyPatch) -> None:
-    from geobp.sources import stack as stack_module
+    from geobp.sources import files as stack_module
 
     vv = s1_file(tmp_path)
     stack = build_stack(s2, {"s1": [BandRef("VV", str(vv))]})
     before = [stack.read(w)[0] for w in WINDOWS]
-    assert len(stack_module._DATASETS._open) == 5  # 2 files on the lattice, 3 warped VRTs (B01, B11 + B12, VV)
+    assert len(stack_module.DATASETS._open) == 5  # 2 files on the lattice, 3 warped VRTs (B01, B11 + B12, VV)
     close_datasets()
-    monkeypatch.setattr(stack_module._DATASETS, "capacity", 2)  # fewer than one read needs: files reopened
+    monkeypatch.setattr(stack_module.DATASETS, "capacity", 2)  # fewer than one read needs: files reopened
     for w, want in zip(WINDOWS, before):
         np.testing.assert_array_equal(stack.read(w)[0], want)
-        assert len(stack_module._DATASETS._open) <= 2
+        assert len(stack_module.DATASETS._open) <= 2
 
 
 def test_benchmark_section_runs_quick(tmp_path: Path) -> None:
