@@ -20,6 +20,7 @@ _TITLES = {
     "labels": "4. Labels on another grid",
     "balance": "5. Rare classes: uniform and balanced tile sampling",
     "startup": "1b. Start-up before the first training step",
+    "sources": "4b. Several sources on one grid",
     "help": "5b. Command-line help",
 }
 
