@@ -145,11 +145,12 @@ class LabelOptions:
         """How raw labels were turned into classes, JSON-able (stored in checkpoints as ``label_options``).
 
         Returns:
-            ``{"label_map": {raw: class} (keys as text, as JSON holds them), "label_field": str | None,
+            ``{"label_map": {raw: class} (raw values as given; JSON turns them into text, which
+            :meth:`lookup` reads the same), "label_field": str | None,
             "label_background": int | None, "all_touched": bool}``.
         """
         return {
-            "label_map": {str(k): int(v) for k, v in self.label_map.items()},  # type: ignore[union-attr]
+            "label_map": {k: int(v) for k, v in self.label_map.items()},  # type: ignore[union-attr]
             "label_field": self.label_field,
             "label_background": self.label_background,
             "all_touched": self.all_touched,
