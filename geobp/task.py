@@ -49,6 +49,8 @@ class SegmentationTask(L.LightningModule):
         ignore_index: label excluded from loss and metrics.
         loss: a loss of the registry :data:`geobp.losses.LOSSES`: ``ce``, ``dice``, ``focal``,
             ``ce+dice``, or one added with :func:`geobp.losses.register_loss`.
+        loss_kwargs: the loss's own options (e.g. ``{gamma: 1.5}`` for ``focal``), checked against
+            the loss function's signature.
         class_weights: per-class loss weights, None, or ``auto``: from the training label frequencies
             (inverse square root, normalised to mean 1), which :meth:`setup` asks the trainer's data
             module for (its ``class_pixels``) and records in the hyperparameters (so in the checkpoint).
@@ -105,6 +107,7 @@ class SegmentationTask(L.LightningModule):
         num_classes: int = 2,
         ignore_index: int = 255,
         loss: str = "ce",
+        loss_kwargs: dict[str, Any] | None = None,
         class_weights: list[float] | Literal["auto"] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -139,7 +142,8 @@ class SegmentationTask(L.LightningModule):
         # a plain attribute, no child module: state_dict and module names stay the model's own
         self._compiled = CompiledForward(self.model, mode) if mode else None
         self.criterion = create_loss(loss, ignore_index=ignore_index,
-                                     class_weights=None if class_weights == "auto" else class_weights)
+                                     class_weights=None if class_weights == "auto" else class_weights,
+                                     **(loss_kwargs or {}))
         self.class_names = class_names_for(class_names, num_classes)
         # the NaN/Inf step protocol (skip agreed over ranks, or decided on the device; or stop)
         self.nonfinite_protocol = NonFiniteProtocol(nonfinite, ignore_index)

@@ -64,3 +64,16 @@ def test_unknown_option_and_bad_registration_are_refused(registry):
     with pytest.raises(ConfigError, match=r"lacks the parameter\(s\) \['ignore_index', 'weight'\] of the loss contract"):
         register_loss("bare")(lambda logits, target: logits.sum())
     assert "bare" not in registry
+
+
+def test_loss_options_come_from_model_loss_kwargs_and_are_checked():
+    """``model.loss_kwargs`` reaches the loss (focal's gamma from YAML); an option it lacks is an error."""
+    from geobp.losses import focal_loss
+
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, loss="focal", loss_kwargs={"gamma": 0.5})
+    g = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g)
+    torch.testing.assert_close(task.criterion(logits, target), focal_loss(logits, target, 255, 0.5))
+    assert not torch.allclose(task.criterion(logits, target), focal_loss(logits, target, 255, 2.0))
+    with pytest.raises(ConfigError, match="gama"):
+        SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, loss="focal", loss_kwargs={"gama": 0.5})
