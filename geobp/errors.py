@@ -22,11 +22,14 @@ def format_error(path: str | Path | None, problem: str, fix: str) -> str:
         fix: what the user should do about it.
 
     Returns:
-        ``"PATH: problem. Fix: fix"``.
+        ``"PATH: problem. Fix: fix"``, with the credentials of any URL in it redacted
+        (:func:`geobp.sources.urls.redact`): errors and warnings are logged.
     """
-    head = f"{path}: " if path is not None else ""
-    problem = problem.rstrip(".")
-    fix = fix.rstrip(".")
+    from geobp.sources.urls import redact  # here, not at the top: geobp.sources imports this module
+
+    head = f"{redact(str(path))}: " if path is not None else ""
+    problem = redact(problem).rstrip(".")
+    fix = redact(fix).rstrip(".")
     return f"{head}{problem}. Fix: {fix}."
 
 

@@ -28,6 +28,8 @@ from geobp.errors import (
     TooManyOpenFilesError,
     format_error,
 )
+from geobp.sources.locations import use_read_options
+from geobp.sources.urls import check_remote, gdal_path, is_remote, list_prefix
 
 #: Relative tolerance used when comparing affine transforms of two rasters.
 TRANSFORM_RTOL = 1e-9
@@ -62,9 +64,19 @@ class RasterInfo:
 RASTER_SUFFIXES = (".tif", ".tiff")
 
 
-def list_rasters(folder: str | Path) -> list[Path]:
+def list_rasters(folder: str | Path) -> list[str | Path]:
     """The GeoTIFFs of ``folder``, sorted, not recursive; hidden files (``.name``, e.g. geobp's own
-    temporary files and macOS ``._`` files) are left out."""
+    temporary files and macOS ``._`` files) are left out.
+
+    An ``s3://`` prefix is listed like a folder (:func:`geobp.sources.urls.list_prefix`); its files
+    come back as GDAL paths (``/vsis3/bucket/key``, see :func:`geobp.sources.locations.location`).
+
+    Raises:
+        ConfigError: an HTTP(S), GCS or Azure folder (they cannot be listed).
+        DataNotFoundError, RasterReadError: an S3 prefix that is missing, empty or denied.
+    """
+    if is_remote(folder):
+        return [gdal_path(p) for p in list_prefix(gdal_path(folder), RASTER_SUFFIXES)]
     return [
         p for p in sorted(Path(folder).iterdir())
         if p.suffix.lower() in RASTER_SUFFIXES and p.is_file() and not p.name.startswith(".")
@@ -93,6 +105,8 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
         TooManyOpenFilesError: the process has as many files open as its limit allows.
     """
     path = str(path)
+    if is_remote(path):
+        return _open_remote(path, **options)
     if not os.path.exists(path):
         raise DataNotFoundError(
             format_error(path, "file not found", "check the path, or the dataset's root folder in the config")
@@ -111,6 +125,18 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
         raise RasterReadError(
             format_error(path, f"not a readable raster: {detail}", "re-download or re-export the file as a GeoTIFF")
         ) from err
+
+
+def _open_remote(path: str, **options: str) -> rasterio.DatasetReader:
+    """Open a URL or GDAL network path with the remote-read options in effect; one-line errors."""
+    use_read_options()
+    vsi = gdal_path(path)
+    try:
+        return rasterio.open(vsi, **options)
+    except RasterioIOError as err:
+        check_remote(vsi)  # raises the error that names the cause (not found, denied, unreachable)
+        raise RasterReadError(format_error(path, f"not a readable raster ({err})",
+                                           "check that the URL points to a GeoTIFF/COG")) from None
 
 
 @contextmanager

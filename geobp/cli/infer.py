@@ -107,6 +107,7 @@ def run(argv: Sequence[str]) -> int:
     """``geobp infer``: predict whole rasters with a checkpoint; 1 when any input failed or could not be scored."""
     a = build_parser().parse_args(argv)
     from geobp.inference import predict_many
+    from geobp.sources.urls import redact
 
     ranks, device = infer_processes(torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
@@ -117,7 +118,7 @@ def run(argv: Sequence[str]) -> int:
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code
     for src, dst in summary.succeeded:
-        console.print(f"{src} -> {dst}", highlight=False)
+        console.print(redact(f"{src} -> {dst}"), highlight=False)  # a signed URL's signature is never printed
     for line in summary.lines():
         console.print(line, highlight=False, soft_wrap=True)
     if a.labels is not None:

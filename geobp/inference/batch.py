@@ -16,6 +16,8 @@ from geobp.inference.predict import PredictOptions, check_paths, open_job, predi
 from geobp.task import SegmentationTask
 from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.raster import list_rasters
+from geobp.sources.locations import file_name, file_stem, location
+from geobp.sources.urls import redact
 
 
 @dataclass
@@ -29,8 +31,8 @@ class InferenceSummary:
             :class:`~geobp.data.labels.LabelOptions`); empty before the checkpoint is loaded.
     """
 
-    succeeded: list[tuple[Path, Path]] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    succeeded: list[tuple[str | Path, Path]] = field(default_factory=list)
+    failed: list[tuple[str | Path, str]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
 
     @property
@@ -50,17 +52,29 @@ class InferenceSummary:
         return out
 
 
-def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Replace folders by their ``.tif``/``.tiff`` files (sorted, not recursive).
+def expand_inputs(inputs: list[str | Path]) -> tuple[list[str | Path], list[tuple[str | Path, str]]]:
+    """Replace folders (and ``s3://`` prefixes) by their ``.tif``/``.tiff`` files (sorted, not recursive).
+
+    URLs become GDAL paths (:func:`geobp.sources.locations.location`); a URL whose last segment
+    has no file suffix (``s3://bucket/scenes/``) is listed as a folder.
 
     Returns:
-        (rasters, problems): a folder holding no rasters is a problem, not an error. Paths that
-        do not exist are kept, so that reading them reports the failure with the others.
+        (rasters, problems): a folder holding no rasters (or that cannot be listed) is a problem,
+        not an error. Paths that do not exist are kept, so that reading them reports the failure
+        with the others.
     """
-    rasters: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
+    rasters: list[str | Path] = []
+    problems: list[tuple[str | Path, str]] = []
+    for item in map(location, inputs):
+        if isinstance(item, str):  # remote: a file, or a prefix to list
+            if "." in file_name(item):
+                rasters.append(item)
+                continue
+            try:
+                rasters.extend(list_rasters(item))
+            except GeobpError as err:
+                problems.append((item, str(err)))
+        elif item.is_dir():
             found = list_rasters(item)
             if not found:
                 problems.append(
@@ -74,7 +88,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[tuple[Path
 
 def class_map_path(src: str | Path, out_dir: str | Path) -> Path:
     """Where the class map of ``src`` goes: ``<out_dir>/<stem>_classes.tif``."""
-    return Path(out_dir) / f"{Path(src).stem}{CLASSES_SUFFIX}.tif"
+    return Path(out_dir) / f"{file_stem(src)}{CLASSES_SUFFIX}.tif"
 
 
 def predict_many(
@@ -162,13 +176,13 @@ def predict_many(
     return summary
 
 
-def _message(src: Path, err: Exception) -> str:
+def _message(src: str | Path, err: Exception) -> str:
     """The one-line report of a failed raster."""
     release_cuda_memory(err)
-    return str(err) if isinstance(err, GeobpError) else f"{src}: {type(err).__name__}: {err}"
+    return str(err) if isinstance(err, GeobpError) else redact(f"{src}: {type(err).__name__}: {err}")
 
 
-def _predict_whole(task: SegmentationTask, src: Path, dst: Path, opts: PredictOptions) -> str | None:
+def _predict_whole(task: SegmentationTask, src: str | Path, dst: Path, opts: PredictOptions) -> str | None:
     """Predict one raster in this process; the error message, or None on success."""
     try:
         predict_raster(task, src, dst, task.preprocessing, opts)
@@ -177,7 +191,7 @@ def _predict_whole(task: SegmentationTask, src: Path, dst: Path, opts: PredictOp
     return None
 
 
-def _predict_split(task: SegmentationTask, src: Path, dst: Path, ranks: Ranks, opts: PredictOptions) -> str | None:
+def _predict_split(task: SegmentationTask, src: str | Path, dst: Path, ranks: Ranks, opts: PredictOptions) -> str | None:
     """Predict this process's share of one raster; rank 0 then writes the outputs from every share.
 
     Every process takes part in the exchange of errors even when its share failed, so that one

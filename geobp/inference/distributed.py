@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import rasterio
 import torch
 import torch.distributed as dist
+
+from geobp.raster import open_raster
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,10 @@ class Ranks:
         return out
 
 
-def raster_pixels(path: Path) -> int:
+def raster_pixels(path: str | Path) -> int:
     """Pixels of a raster, for balancing; 0 when it cannot be opened (its failure is reported later)."""
     try:
-        with rasterio.open(path) as ds:
+        with open_raster(path) as ds:  # geobp's opener: URLs with the remote-read options
             return ds.width * ds.height
     except Exception:  # noqa: BLE001 - unreadable inputs are reported by the process that predicts them
         return 0
@@ -77,7 +78,7 @@ def assign_whole(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
-def plan(rasters: list[Path], world: int) -> list[int] | None:
+def plan(rasters: list[str | Path], world: int) -> list[int] | None:
     """Owner rank of each raster, or None when there are fewer rasters than processes (split each)."""
     if len(rasters) < world:
         return None

@@ -46,6 +46,7 @@ from geobp.inference.sinks import OutputLayout, OutputSink, check_outputs_free, 
 from geobp.inference.threads import decode_threads, default_processes, default_workers
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
+from geobp.sources.locations import file_name, location
 from geobp.tiling import Tile, TileGrid
 from geobp.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Reader  # noqa: F401 - re-exported
 from geobp.inference.options import (  # noqa: F401 - re-exported: predict is where users look for them
@@ -164,7 +165,7 @@ def predict_raster(
         ConfigError: invalid options, or model output that does not fit them.
     """
     opts = predict_options(options, **overrides).for_model(model)
-    src, dst = Path(src), Path(dst)
+    src, dst = location(src), Path(dst)
     sinks = [*output_sinks(dst, opts), *extra_sinks]
     check_paths(src, sinks, opts.overwrite)
     job = open_job(src, preprocessing, opts)
@@ -172,7 +173,7 @@ def predict_raster(
     return dst
 
 
-def check_paths(src: Path, sinks: Sequence[OutputSink], overwrite: bool) -> None:
+def check_paths(src: str | Path, sinks: Sequence[OutputSink], overwrite: bool) -> None:
     """Check the outputs' paths before any work.
 
     Raises:
@@ -180,7 +181,7 @@ def check_paths(src: Path, sinks: Sequence[OutputSink], overwrite: bool) -> None
         OutputExistsError: an output exists and ``overwrite`` is False.
     """
     paths = [sink.path for sink in sinks]
-    if src.resolve() in {p.resolve() for p in paths}:
+    if isinstance(src, Path) and src.resolve() in {p.resolve() for p in paths}:
         raise ConfigError(format_error(src, "output would overwrite the input", "write to another folder or name"))
     check_outputs_free(paths, overwrite)
 
@@ -196,7 +197,7 @@ class Job:
         grid: the sliding-window tiles.
     """
 
-    src: Path
+    src: str | Path
     profile: dict[str, Any]
     preprocessing: Preprocessing
     grid: TileGrid
@@ -211,7 +212,7 @@ def open_job(src: str | Path, preprocessing: Preprocessing, opts: PredictOptions
         DataNotFoundError, RasterReadError, GeoreferenceError, BandMismatchError, ConfigError:
             as :func:`predict_raster`.
     """
-    src = Path(src)
+    src = location(src)
     with open_raster(src) as ds:
         _check_input(ds, preprocessing, opts.expected_dtype)
         if opts.match_bands == "names":
@@ -288,7 +289,7 @@ def _run(model: nn.Module, job: Job, sinks: Sequence[OutputSink], rows: tuple[in
     autocast = torch.autocast(dev.type, dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision != "32-true")
     # the single-process batches, also for a share: every tile's logits come from the same forward pass
     batches = [b for b in grid.batches(opts.batch_size) if any(first <= i < stop for i, _ in b)]
-    bar, task_id = _progress(opts.progress, job.src.name, sum(map(len, batches)))
+    bar, task_id = _progress(opts.progress, file_name(job.src), sum(map(len, batches)))
 
     with contextlib.ExitStack() as stack:
         # sized so that a tile row finds the blocks it shares with the one before (reader threads share it)

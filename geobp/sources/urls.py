@@ -342,8 +342,10 @@ def check_remote(path: str | Path) -> dict[str, Any]:
             raise RasterReadError(format_error(redact(str(path)), f"GDAL opens only files ending in {allowed} over "
                                                f"the network here (CPL_VSIL_CURL_ALLOWED_EXTENSIONS), found {refused!r}",
                                                f"set CPL_VSIL_CURL_ALLOWED_EXTENSIONS={allowed},{refused}")) from None
-        if "response code" not in said and not any(p.search(said) for p in (_UNREACHABLE, _NOT_FOUND, _DENIED)):
-            said = _probe(vsi) or said  # GDAL said "not recognized as a supported format": ask the server
+        if "response code" not in said and not any(p.search(said) for p in (_UNREACHABLE, _DENIED)):
+            # GDAL said "not recognized as a supported format", or "does not exist in the file system"
+            # (which it also says of a server that is down): ask the server
+            said = _probe(vsi) or said
         raise _remote_error(str(path), said) from None
 
 

@@ -293,3 +293,15 @@ def scene_copy(stac_tree: StacTree, tmp_path: Path) -> StacTree:
     """A private copy of the scene tree a test may change."""
     shutil.copytree(stac_tree.root, tmp_path / "s2")
     return StacTree(tmp_path / "s2", stac_tree.ids)
+
+
+@pytest.fixture
+def read_options_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDAL's remote-read variables unset for the test and as they were afterwards: geobp sets them as
+    process-wide defaults when it opens a URL (``use_read_options``), and other tests read without them."""
+    from geobp.sources.urls import READ_OPTIONS
+
+    for key in READ_OPTIONS:
+        if key not in os.environ:
+            monkeypatch.setenv(key, "")  # recorded as unset, so the teardown removes what geobp sets
+            monkeypatch.delenv(key)
