@@ -133,10 +133,11 @@ def run(argv: Sequence[str]) -> int:
     if a.classes and a.num_classes is None:
         raise ConfigError(format_error(None, "--classes needs the number of classes", "pass --num-classes N or --data.num_classes N"))
     from geobp.data.scenes import check_dataset
+    from geobp.sources.urls import redact
 
     reports = check_dataset(a.root, a.num_classes, a.ignore_index, a.nodata, full=not a.quick, progress=True,
                             workers=a.workers)
-    table = Table(title=f"geobp check {a.root}", show_lines=True)
+    table = Table(title=f"geobp check {redact(str(a.root))}", show_lines=True)
     for col in ("scene", "size", "bands", "valid", "labels", "status", "problems"):
         table.add_column(col, overflow="fold")
     for r in reports:
@@ -180,18 +181,21 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     """``geobp check`` on ``data.images`` + ``data.labels``: per scene, the label sources and what they give."""
     from geobp.data.alignment import check_labelled_dataset
     from geobp.data.labels import LabelOptions
+    from geobp.sources.locations import file_name, join, location
+    from geobp.sources.urls import is_remote
 
     options = LabelOptions.from_config({
         **data, "num_classes": a.num_classes or data.get("num_classes"),
         "ignore_index": a.ignore_index if a.ignore_index is not None else data.get("ignore_index")})
     names = list(options.class_names or ())
     root = data.get("root")
-    images = data.get("images") or (str(Path(root) / "images") if root else None)
-    labels = data.get("labels") or (str(Path(root) / "masks") if root else None)
+    images = data.get("images") or (str(join(location(root), "images")) if root else None)
+    labels = data.get("labels") or (str(join(location(root), "masks")) if root else None)
     if images is None or labels is None:
         raise ConfigError(format_error(None, "data.images and data.labels are both needed", "pass --data.images and --data.labels"))
     nodata = a.nodata if a.nodata is not None else data.get("nodata")
-    reports = check_labelled_dataset(images, labels, options, data.get("cache_dir") or root, nodata,
+    local_root = root if root and not is_remote(root) else None  # a remote dataset's cache is local
+    reports = check_labelled_dataset(images, labels, options, data.get("cache_dir") or local_root, nodata,
                                      full=not a.quick, progress=True)
     table = Table(title="geobp check (labels aligned onto each image)", show_lines=True)
     for col in ("scene", "image", "label sources", "labels", "coverage", "classes (pixels)", "unmapped", "status", "problems"):
@@ -202,7 +206,7 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
         table.add_row(
             r.name,
             f"{img.height}x{img.width} {img.count} x {img.dtype}\n{img.crs} {img.transform[0]:g} x {-img.transform[4]:g}" if img else "-",
-            "\n".join(Path(s).name for s in rep.sources) if rep else "-",
+            "\n".join(file_name(s) for s in rep.sources) if rep else "-",
             "\n".join(f"{c} {res[0]:g} x {res[1]:g}" if res else str(c) for c, res in zip(rep.source_crs, rep.source_res)) if rep else "-",
             f"{rep.coverage:.1%}" if rep else "-",
             ", ".join(f"{n}: {c}" for n, c in zip(names, rep.histogram)) if rep and rep.histogram else "-",

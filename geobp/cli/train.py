@@ -12,16 +12,30 @@ from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from geobp.callbacks.classreport import ClassFrequencyReport
 from geobp.callbacks.gradflow import GradientFlowMonitor
 from geobp.callbacks.interrupt import CheckpointOnInterrupt
 from geobp.cli.common import known_options, suggest
-from geobp.data.datamodule import GeoTiffDataModule
+from geobp.data.datamodule import PATH_OPTIONS, GeoTiffDataModule
+from geobp.sources.locations import redacted
 from geobp.task import SegmentationTask
 
 _UNKNOWN = re.compile(r"(?:option|key)s? '([\w.\-]+)'|unrecognized arguments: --([\w.\-]+)")
+
+
+class RedactedSaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of the run, with the signatures of signed URLs in ``data.root``,
+    ``data.images`` and ``data.labels`` redacted (the run itself reads the real ones)."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, *args: Any, **kwargs: Any) -> None:
+        config = config.clone()
+        for name in PATH_OPTIONS:
+            key = f"data.{name}"
+            if config.get(key) is not None:
+                config[key] = redacted(config[key])
+        super().__init__(parser, config, *args, **kwargs)
 
 
 class GeobpArgumentParser(LightningArgumentParser):
@@ -96,6 +110,7 @@ def build_cli(args: Sequence[str], run: bool = True) -> GeobpCLI:
         GeoTiffDataModule,
         args=list(args),
         run=run,
+        save_config_callback=RedactedSaveConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [CheckpointOnInterrupt()]},
         parser_kwargs={"prog": "geobp", "description": "Land-cover segmentation of multi-band GeoTIFFs"},

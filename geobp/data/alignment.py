@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
@@ -50,6 +49,9 @@ from geobp.data.scenes import Scene
 from geobp.data.validation import Problem, SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, GeobpError, format_error
 from geobp.raster import RASTER_SUFFIXES, RasterInfo, derive_profile, open_raster, project_bounds, read_info
+from geobp.sources.locations import cache_root as cache_root_for
+from geobp.sources.locations import file_stamp, file_stem
+from geobp.sources.urls import redact
 
 #: Bumped when the aligned rasters' content or the report changes meaning.
 LABEL_CACHE_VERSION = 1
@@ -236,14 +238,10 @@ def align_labels(image: RasterInfo, sources: LabelSources, options: LabelOptions
 # ----- the cache ----------------------------------------------------------------------------
 
 
-def _stamp(path: str | Path) -> str:
-    st = os.stat(path)
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def cache_key(image: RasterInfo, covering: LabelSources, options: LabelOptions) -> str:
-    """Key of an aligned label raster: the image's and labels' paths, sizes and mtimes, and the options."""
-    raw = "\n".join([str(LABEL_CACHE_VERSION), _stamp(image.path), *map(_stamp, covering.paths), options.key()])
+    """Key of an aligned label raster: the image's and labels' :func:`~geobp.sources.locations.file_stamp` (paths,
+    sizes and mtimes; a URL without its signature), and the options."""
+    raw = "\n".join([str(LABEL_CACHE_VERSION), file_stamp(image.path), *map(file_stamp, covering.paths), options.key()])
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -305,7 +303,8 @@ def aligned_labels(
     covering = covering_sources(image, sources)
     key = cache_key(image, covering, options)
     folder = Path(cache_root) / CACHE_DIR / "labels"
-    tif, meta = folder / f"{Path(image.path).stem}.{key}.tif", folder / f"{Path(image.path).stem}.{key}.json"
+    stem = file_stem(image.path)
+    tif, meta = folder / f"{stem}.{key}.tif", folder / f"{stem}.{key}.json"
 
     def load() -> LabelReport | None:
         try:
@@ -324,7 +323,7 @@ def aligned_labels(
         except _Unmapped:  # no raster is written; the report (with the unmapped values) is, for the other processes
             report = alignment.report()
         with atomic_path(meta, suffix=".json") as tmp:
-            tmp.write_text(json.dumps(asdict(report)))
+            tmp.write_text(redact(json.dumps(asdict(report))))  # a cache index: no signature written down
         return report
 
     report = computed_once(meta, load, compute, owner)
@@ -353,7 +352,8 @@ def find_labelled_scenes(
         images: a folder, a glob, a GeoTIFF, or a list of them (one scene per file).
         labels: the label sources (see the module docstring).
         options: value mapping and rasterization options.
-        cache_root: the folder that gets ``.geobp_cache/``; the first image's folder when None.
+        cache_root: the folder that gets ``.geobp_cache/``; when None, the first image's folder, or for
+            remote images the local :func:`~geobp.sources.locations.default_cache_dir`.
         progress: show a progress bar while aligning.
 
     Returns:
@@ -368,19 +368,19 @@ def find_labelled_scenes(
     from rich.progress import track
 
     paths = expand_paths(images, RASTER_SUFFIXES, "images")
-    seen: dict[str, Path] = {}
+    seen: dict[str, str | Path] = {}
     for p in paths:
-        if p.stem in seen:
-            raise ConfigError(format_error(p, f"same file name as {seen[p.stem]} (scene names must be unique)", "rename one of them"))
-        seen[p.stem] = p
-    headers = [check_headers(p.stem, p, None, require_mask=False) for p in paths]
+        if file_stem(p) in seen:
+            raise ConfigError(format_error(p, f"same file name as {seen[file_stem(p)]} (scene names must be unique)", "rename one of them"))
+        seen[file_stem(p)] = p
+    headers = [check_headers(file_stem(p), p, None, require_mask=False) for p in paths]
     check_consistency(headers)
     for h in headers:
         for problem in h.problems:
             if problem.severity == "fatal" and problem.error is not None:
                 raise problem.error
     sources = find_label_sources(labels, options.label_field)
-    root = Path(cache_root) if cache_root is not None else paths[0].parent
+    root = cache_root_for(paths, cache_root)
     # processes of a node split the alignments (process r aligns scenes r, r + n, ... first, then
     # picks up the others' from the cache); a single process aligns them all
     rank, size = local_rank(), local_world_size()
@@ -436,10 +436,10 @@ def check_labelled_dataset(
     from rich.progress import track
 
     paths = expand_paths(images, RASTER_SUFFIXES, "images")
-    reports = [check_headers(p.stem, p, None, require_mask=False) for p in paths]
+    reports = [check_headers(file_stem(p), p, None, require_mask=False) for p in paths]
     check_consistency(reports)
     sources = find_label_sources(labels, options.label_field)
-    root = Path(cache_root) if cache_root is not None else paths[0].parent
+    root = cache_root_for(paths, cache_root)
     for r in track(reports, description="Aligning labels", disable=not progress, transient=True):
         if r.fatal or r.image is None:
             continue

@@ -27,6 +27,7 @@ from geobp.cores import usable_cores
 from geobp.data.preprocessing import CACHE_DIR, PERCENTILE_SAMPLES, SceneStats, valid_pixels
 from geobp.data.ranks import computed_once, local_rank
 from geobp.raster import RasterInfo, open_raster, read_window
+from geobp.sources.locations import file_stamp
 
 #: Pixels read for band statistics when the training scenes hold more (2**25: 33.6 million).
 STATS_BUDGET = 2**25
@@ -155,8 +156,7 @@ def sample_band_stats(
 def _key(infos: Sequence[RasterInfo], nodata: float | None, budget: int, seed: int) -> str:
     h = hashlib.sha1(f"{BANDSTATS_VERSION}|{nodata}|{budget}|{seed}".encode())
     for info in infos:
-        st = Path(info.path).stat()
-        h.update(f"|{Path(info.path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"|{file_stamp(info.path)}".encode())
     return h.hexdigest()[:20]
 
 

@@ -34,6 +34,7 @@ from geobp.atomic import atomic_path
 from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.ranks import computed_once, local_rank, local_world_size
 from geobp.raster import RasterInfo, open_raster, read_window
+from geobp.sources.locations import file_stamp, file_stem
 
 if TYPE_CHECKING:
     from geobp.data.samplers import SceneCells
@@ -82,12 +83,8 @@ def cell_histograms(path: str | Path, num_classes: int, factor: int = HISTOGRAM_
 
 def histogram_cache_file(path: str | Path, num_classes: int, cache_root: str | Path, factor: int = HISTOGRAM_CELL) -> Path:
     """Where the cell histograms of ``path`` are cached (keyed by its resolved path, size, mtime, classes and cell size)."""
-    path = Path(path)
-    st = path.stat()
-    key = hashlib.sha1(
-        f"{HISTOGRAMS_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}|{factor}".encode()
-    ).hexdigest()[:16]
-    return Path(cache_root) / CACHE_DIR / f"labels.{path.stem}.{key}.npz"
+    key = hashlib.sha1(f"{HISTOGRAMS_VERSION}|{file_stamp(path)}|{num_classes}|{factor}".encode()).hexdigest()[:16]
+    return Path(cache_root) / CACHE_DIR / f"labels.{file_stem(path)}.{key}.npz"
 
 
 def load_cell_histograms(

@@ -41,9 +41,14 @@ from geobp.data.transforms import Augment
 from geobp.data.validity import ValidityMode, validity_maps
 from geobp.errors import ConfigError, format_error
 from geobp.pretrained import PretrainedWeights
+from geobp.sources.locations import cache_root, folder_of, join, location, redacted
+from geobp.sources.urls import is_remote
 
 __all__ = ["GeoTiffDataModule", "Split"]
 
+
+#: The options that name files (URLs among them): redacted where they are written down.
+PATH_OPTIONS = ("root", "images", "labels")
 
 class GeoTiffDataModule(L.LightningDataModule):
     """Tiles of multi-band GeoTIFF scenes with label masks, for segmentation.
@@ -88,7 +93,8 @@ class GeoTiffDataModule(L.LightningDataModule):
             ``model.weights``; a local file path is ignored): its bands are matched with
             :attr:`band_names` and its normalisation is the default. The data module reads the
             weights' metadata only (:mod:`geobp.pretrained`), never the model.
-        cache_dir: where statistics, validity maps, class histograms and aligned labels are cached; ``root`` when None.
+        cache_dir: where statistics, validity maps, class histograms and aligned labels are cached; ``root`` when None,
+            or for remote data (URLs) the local ``$XDG_CACHE_HOME/geobp`` (``~/.cache/geobp``).
         num_classes: number of classes (required); mask values are ``0..num_classes-1`` or ``ignore_index``.
         class_names: names for logs and outputs; ``class_<i>`` when None.
         ignore_index: label excluded from loss and metrics (nodata pixels get it too).
@@ -186,7 +192,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # saved in checkpoints and logs: URLs' signatures redacted (the values used below are the real ones)
+        self.save_hyperparameters(ignore=list(PATH_OPTIONS))
+        self.save_hyperparameters({"root": redacted(root), "images": redacted(images), "labels": redacted(labels)})
         # every option checked once, here, by its group
         self.label_options = LabelOptions.from_config(
             dict(num_classes=num_classes, class_names=class_names, ignore_index=ignore_index, label_map=label_map,
@@ -208,18 +216,20 @@ class GeoTiffDataModule(L.LightningDataModule):
         if images is None and labels is None:
             if root is None:
                 raise ConfigError(format_error(None, "no data given", "set data.root, or data.images and data.labels"))
-            self.root = Path(root)
+            self.root: str | Path = location(root)
             self.scenes: list[Scene] = find_scenes(self.root, cache_dir=cache_dir)
         else:
             if labels is None and root is None:
                 raise ConfigError(format_error(None, "data.images is set but not data.labels", "set data.labels (or data.root)"))
-            images_spec = images if images is not None else str(Path(root) / "images")  # type: ignore[arg-type]
-            labels_spec = labels if labels is not None else str(Path(root) / "masks")  # type: ignore[arg-type]
+            images_spec = images if images is not None else str(join(location(root), "images"))  # type: ignore[arg-type]
+            labels_spec = labels if labels is not None else str(join(location(root), "masks"))  # type: ignore[arg-type]
+            local_root = root if root is not None and not is_remote(root) else None
             self.scenes, self.label_reports = find_labelled_scenes(
-                images_spec, labels_spec, self.label_options, cache_dir or root, progress=True
+                images_spec, labels_spec, self.label_options, cache_dir or local_root, progress=True
             )
-            self.root = Path(root) if root is not None else Path(self.scenes[0].image.path).parent
-        self.cache_root = Path(cache_dir) if cache_dir is not None else self.root
+            self.root = location(root) if root is not None else folder_of(self.scenes[0].image.path)
+        #: local: data.cache_dir, or the dataset's root; remote data: data.cache_dir or ~/.cache/geobp
+        self.cache_root = cache_root([s.image.path for s in self.scenes], cache_dir, fallback=self.root)
         first = self.scenes[0].image
         self.bands = resolve_bands(bands, first.count, first.path)
         self.nodata = self.stats_options.nodata if self.stats_options.nodata is not None else next(

@@ -20,18 +20,26 @@ from geobp.atomic import atomic_write_text
 from geobp.cores import usable_cores
 from geobp.errors import GeobpError
 from geobp.raster import RasterInfo, read_info
+from geobp.sources.urls import is_remote, stable_key
 
 HEADERS_FILE = "headers.json"
 #: 2: RasterInfo gained ``descriptions`` (band names); older caches are read again.
 HEADERS_VERSION = 2
 
 
-def _stamp(path: Path) -> list[int] | None:
+def _stamp(path: str) -> list[int] | list[str] | None:
+    if is_remote(path):  # taken as immutable (see geobp.sources.locations.file_stamp)
+        return ["remote"]
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(path: str) -> str:
+    """A file's key in ``headers.json``: its absolute path, or a URL without its signature (never written down)."""
+    return stable_key(path) if is_remote(path) else os.path.abspath(path)
 
 
 def read_headers(
@@ -58,11 +66,11 @@ def read_headers(
                 cached = doc.get("headers", {})
         except (OSError, ValueError):
             cached = {}
-    stamps = {k: _stamp(Path(k)) for k in keys}
+    stamps = {k: _stamp(k) for k in keys}
     out: dict[str, RasterInfo | GeobpError] = {}
     todo = []
     for k in keys:
-        entry = cached.get(os.path.abspath(k))
+        entry = cached.get(_cache_key(k))
         if entry is not None and stamps[k] is not None and entry.get("stamp") == stamps[k]:
             info = dict(entry["info"])
             info["path"] = k
@@ -90,7 +98,7 @@ def read_headers(
             for k in todo:
                 info = out[k]
                 if isinstance(info, RasterInfo) and stamps[k] is not None:
-                    cached[os.path.abspath(k)] = {"stamp": stamps[k], "info": {**asdict(info), "path": os.path.abspath(k)}}
+                    cached[_cache_key(k)] = {"stamp": stamps[k], "info": {**asdict(info), "path": _cache_key(k)}}
             try:
                 atomic_write_text(cache_file, json.dumps({"version": HEADERS_VERSION, "headers": cached}))
             except OSError:

@@ -35,6 +35,8 @@ from rasterio.crs import CRS
 from geobp.classes import check_num_classes, class_names_for, invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
 from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, project_bounds, read_info
+from geobp.sources.locations import is_folder_url
+from geobp.sources.urls import gdal_path, is_remote, list_prefix
 
 #: Files listed when ``data.labels`` names a folder (label rasters of common raster formats). A
 #: file named directly or by a glob is taken whatever its suffix.
@@ -246,17 +248,27 @@ class LabelSources:
 # ----- finding the sources ------------------------------------------------------------------
 
 
-def expand_paths(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...], what: str) -> list[Path]:
+def expand_paths(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...], what: str) -> list[str | Path]:
     """A folder (its files with ``suffixes``, not recursive), a glob, a file, or a list of them.
+
+    A URL (``https://``, ``s3://``, ``gs://``, ``az://``) is a file when its name has a suffix, else
+    a folder: an ``s3://`` prefix is listed (other stores cannot be); globs are local only. URLs come
+    back as GDAL paths (``str``, see :func:`geobp.sources.locations.location`), local files as ``Path``.
 
     Raises:
         DataNotFoundError: a path does not exist, or nothing matches.
+        ConfigError: a folder URL that cannot be listed (HTTP, GCS, Azure).
     """
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    out: list[Path] = []
+    out: list[str | Path] = []
     for item in items:
         text = str(item)
-        if any(c in text for c in "*?["):
+        if is_remote(text):
+            if is_folder_url(text):
+                out += [gdal_path(p) for p in list_prefix(gdal_path(text), suffixes)]
+            else:
+                out.append(gdal_path(text))
+        elif any(c in text for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not found:
                 raise DataNotFoundError(format_error(text, f"no {what} matches this pattern", f"check the data.{what} pattern"))

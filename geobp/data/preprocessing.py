@@ -24,6 +24,8 @@ from geobp.errors import CheckpointError, format_error
 from geobp.atomic import atomic_path
 from geobp.pretrained import PretrainedWeights, match_bands
 from geobp.raster import open_raster, read_window
+from geobp.sources.locations import cache_root as cache_root_for
+from geobp.sources.locations import file_stamp, file_stem, location
 
 NormMethod = Literal["meanstd", "percentile"]
 
@@ -98,16 +100,16 @@ def scan_scene(path: str | Path, nodata: float | None, seed: int = 0, chunk_rows
     return SceneStats(count, total, total_sq, sample, validity)
 
 
-def _cache_key(path: Path, nodata: float | None) -> str:
-    st = path.stat()
-    raw = f"{CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{nodata}"
+def _cache_key(path: str | Path, nodata: float | None) -> str:
+    raw = f"{CACHE_VERSION}|{file_stamp(path)}|{nodata}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
 def scene_cache_file(path: str | Path, nodata: float | None, cache_root: str | Path | None = None) -> Path:
-    """Where :func:`load_scene_stats` keeps the statistics of ``path`` (keyed by size and mtime)."""
-    path = Path(path)
-    return Path(cache_root or path.parent) / CACHE_DIR / f"{path.stem}.{_cache_key(path, nodata)}.npz"
+    """Where :func:`load_scene_stats` keeps the statistics of ``path`` (keyed by its
+    :func:`~geobp.sources.locations.file_stamp`; for remote data in the local cache folder)."""
+    path = location(path)
+    return cache_root_for([path], cache_root) / CACHE_DIR / f"{file_stem(path)}.{_cache_key(path, nodata)}.npz"
 
 
 def load_scene_stats(path: str | Path, nodata: float | None, cache_root: str | Path | None = None) -> SceneStats:
@@ -116,7 +118,7 @@ def load_scene_stats(path: str | Path, nodata: float | None, cache_root: str | P
     The cache file is written to a temporary name and renamed, so concurrent ranks never read a
     half-written cache. A cache folder that is not writable is skipped silently (stats are recomputed).
     """
-    path = Path(path)
+    path = location(path)
     cache_file = scene_cache_file(path, nodata, cache_root)
     if cache_file.exists():
         try:

@@ -12,6 +12,7 @@ from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
 from geobp.errors import ConfigError, DataNotFoundError, format_error
 from geobp.raster import RasterInfo, list_rasters
+from geobp.sources.locations import cache_root, file_stem, join, location
 
 
 @dataclass(frozen=True)
@@ -23,19 +24,30 @@ class Scene:
     mask: RasterInfo | None
 
 
-def rasters_by_stem(folder: Path) -> dict[str, Path]:
+def rasters_by_stem(folder: str | Path) -> dict[str, str | Path]:
     """Map stem to path for every GeoTIFF in ``folder`` (see :func:`geobp.raster.list_rasters`)."""
-    return {p.stem: p for p in list_rasters(folder)}
+    return {file_stem(p): p for p in list_rasters(folder)}
 
 
-def scene_paths(root: Path) -> dict[str, tuple[Path, Path | None]]:
+def scene_paths(root: str | Path) -> dict[str, tuple[str | Path, str | Path | None]]:
     """Pair ``root/images/<name>.tif`` with ``root/masks/<name>.tif`` (None when the mask is missing).
+
+    ``root`` may be an ``s3://`` prefix: its ``images/`` and ``masks/`` are listed like folders.
 
     Raises:
         DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
+        ConfigError: a remote root that cannot be listed (HTTP, GCS, Azure).
     """
-    images_dir, masks_dir = root / "images", root / "masks"
+    root = location(root)
+    images_dir, masks_dir = join(root, "images"), join(root, "masks")
     layout_fix = "put images in ROOT/images/<name>.tif and masks in ROOT/masks/<name>.tif (see data/README.md)"
+    if isinstance(root, str):  # remote: list the prefixes (a missing one holds no file)
+        images = rasters_by_stem(images_dir)
+        try:
+            masks = rasters_by_stem(masks_dir)
+        except DataNotFoundError:
+            masks = {}
+        return {name: (path, masks.get(name)) for name, path in images.items()}
     if not images_dir.is_dir():
         raise DataNotFoundError(format_error(images_dir, "folder not found", layout_fix))
     images = rasters_by_stem(images_dir)
@@ -51,7 +63,8 @@ def find_scenes(root: str | Path, require_masks: bool = True, cache_dir: str | P
     Expected layout: ``root/images/<name>.tif`` (multi-band) and ``root/masks/<name>.tif``
     (single-band class ids), matched by name. Each pair must share CRS, transform and shape;
     all images must have the same band count and dtype. Headers are read in parallel and cached
-    in ``<cache_dir or root>/.geobp_cache/headers.json`` (:func:`geobp.data.headers.read_headers`).
+    in ``<cache_dir or root>/.geobp_cache/headers.json`` (a remote root's in the local
+    :func:`~geobp.sources.locations.default_cache_dir`) (:func:`geobp.data.headers.read_headers`).
 
     Raises:
         DataNotFoundError: the folders are missing or empty, or an image has no mask.
@@ -60,9 +73,9 @@ def find_scenes(root: str | Path, require_masks: bool = True, cache_dir: str | P
         BandMismatchError: band counts or dtypes differ between scenes, or a mask has several bands.
         GeoreferenceError: a raster lacks a CRS or is not north-up.
     """
-    pairs = scene_paths(Path(root))
-    headers = read_headers([p for pair in pairs.values() for p in pair if p is not None],
-                           Path(cache_dir or root) / CACHE_DIR)
+    pairs = scene_paths(root)
+    files = [p for pair in pairs.values() for p in pair if p is not None]
+    headers = read_headers(files, cache_root(files, cache_dir, fallback=root) / CACHE_DIR)
     reports = [check_headers(name, img, msk, require_masks, headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)
     for report in reports:
@@ -95,7 +108,7 @@ def check_dataset(
     Raises:
         DataNotFoundError: ``root/images`` is missing or holds no GeoTIFF.
     """
-    pairs = scene_paths(Path(root))
+    pairs = scene_paths(root)
     headers = read_headers([p for pair in pairs.values() for p in pair if p is not None])  # fresh: no cache
     reports = [check_headers(name, img, msk, headers=headers) for name, (img, msk) in pairs.items()]
     check_consistency(reports)

@@ -20,6 +20,7 @@ from geobp.classes import invalid_labels
 from geobp.data.preprocessing import valid_pixels
 from geobp.errors import BandMismatchError, DataNotFoundError, GeobpError, LabelError, format_error
 from geobp.raster import RasterInfo, check_georeferenced, check_same_grid, open_raster, read_info, read_window
+from geobp.sources.locations import file_name, folder_of, join
 
 if TYPE_CHECKING:
     from geobp.data.labels import LabelReport
@@ -64,13 +65,13 @@ def _guard(report: SceneReport, fn: Callable[[], object]) -> object | None:
 
 
 def check_headers(
-    name: str, image_path: Path, mask_path: Path | None, require_mask: bool = True,
+    name: str, image_path: str | Path, mask_path: str | Path | None, require_mask: bool = True,
     headers: Mapping[str, RasterInfo | GeobpError] | None = None,
 ) -> SceneReport:
     """Header-level checks of one scene (no pixels read); ``headers`` holds headers read before
     (:func:`geobp.data.headers.read_headers`), files missing from it are opened here."""
 
-    def info(path: Path) -> RasterInfo:
+    def info(path: str | Path) -> RasterInfo:
         found = headers.get(str(path)) if headers is not None else None
         if isinstance(found, GeobpError):
             raise found
@@ -84,7 +85,7 @@ def check_headers(
         if require_mask:
             err = DataNotFoundError(
                 format_error(
-                    image_path.parent.parent / "masks" / image_path.name,
+                    join(folder_of(folder_of(image_path)), "masks/" + file_name(image_path)),
                     f"mask for image {image_path} not found",
                     "add the mask with the same file name, or remove the image",
                 )

@@ -137,7 +137,7 @@ def validity_maps(
 
             order = list(track(order, description="Validity of scenes without mask or overviews", transient=True))
         for i in order:
-            path = Path(infos[i].path)
+            path = infos[i].path
             stats = computed_once(scene_cache_file(path, nodata, cache_root), lambda p=path: load_scene_stats(p, nodata, cache_root),
                                   lambda p=path: load_scene_stats(p, nodata, cache_root), owner=i in mine)
             maps[i] = stats.validity

@@ -16,7 +16,7 @@ from geobp.inference.predict import PredictOptions, check_paths, open_job, predi
 from geobp.task import SegmentationTask
 from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.raster import list_rasters
-from geobp.sources.locations import file_name, file_stem, location
+from geobp.sources.locations import file_stem, is_folder_url, location
 from geobp.sources.urls import redact
 
 
@@ -67,7 +67,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[str | Path], list[tupl
     problems: list[tuple[str | Path, str]] = []
     for item in map(location, inputs):
         if isinstance(item, str):  # remote: a file, or a prefix to list
-            if "." in file_name(item):
+            if not is_folder_url(item):
                 rasters.append(item)
                 continue
             try:

@@ -25,6 +25,7 @@ from geobp.data.alignment import aligned_labels
 from geobp.data.labels import LabelOptions, LabelReport, find_label_sources
 from geobp.errors import ConfigError, format_error
 from geobp.raster import check_same_grid, open_raster, read_info, read_window
+from geobp.sources.urls import redact
 
 #: Rows per strip when streaming a class map and its labels.
 STRIP_ROWS = 1024
@@ -85,7 +86,7 @@ def metrics_from_confusion(confusion: np.ndarray, class_names: Sequence[str]) ->
 class RasterScore:
     """The score of one class map."""
 
-    input: Path
+    input: str | Path
     class_map: Path
     confusion: np.ndarray
     report: LabelReport
@@ -97,7 +98,7 @@ class ScoreSummary:
 
     class_names: list[str]
     rasters: list[RasterScore] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[str | Path, str]] = field(default_factory=list)
 
     @property
     def total(self) -> np.ndarray:
@@ -106,17 +107,17 @@ class ScoreSummary:
         return sum((r.confusion for r in self.rasters), np.zeros((k, k), np.int64))
 
     def to_dict(self) -> dict[str, Any]:
-        """What ``metrics.json`` holds."""
+        """What ``metrics.json`` holds (URLs with their signatures redacted)."""
         return {
             "class_names": self.class_names,
             "confusion_axes": "rows: labels (truth), columns: predictions; pixel counts",
             "total": metrics_from_confusion(self.total, self.class_names),
             "rasters": {
-                str(r.input): {"class_map": str(r.class_map), "label_sources": r.report.sources,
+                redact(str(r.input)): {"class_map": str(r.class_map), "label_sources": [redact(s) for s in r.report.sources],
                                "label_coverage": r.report.coverage, **metrics_from_confusion(r.confusion, self.class_names)}
                 for r in self.rasters
             },
-            "failed": {str(p): msg for p, msg in self.failed},
+            "failed": {redact(str(p)): redact(msg) for p, msg in self.failed},
         }
 
     def write(self, path: str | Path) -> Path:
@@ -224,9 +225,9 @@ def score_predictions(
             mask, report = aligned_labels(read_info(src), sources, options, cache)
             if report.coverage == 0:
                 raise ConfigError(format_error(src, "no label covers this raster", "check the --labels sources (paths, CRS, extent)"))
-            summary.rasters.append(RasterScore(Path(src), Path(dst), score_raster(dst, mask.path, len(names)), report))  # type: ignore[union-attr]
+            summary.rasters.append(RasterScore(src, Path(dst), score_raster(dst, mask.path, len(names)), report))  # type: ignore[union-attr]
         except (ConfigError, OSError, ValueError) as err:
-            summary.failed.append((Path(src), str(err)))
+            summary.failed.append((src, str(err)))
     if out_dir is not None:
         summary.write(Path(out_dir) / "metrics.json")
     return summary

@@ -8,12 +8,13 @@ name, an output's stem) come from the last path segment with the query string st
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from geobp.sources.urls import READ_OPTIONS, gdal_path, is_remote, stable_key
+from geobp.errors import ConfigError, format_error
+from geobp.sources.urls import READ_OPTIONS, gdal_path, is_remote, redact, stable_key
 
 
 def location(path: str | Path) -> str | Path:
@@ -29,6 +30,11 @@ def file_name(path: str | Path) -> str:
         return Path(path).name
     text = str(path).split("?", 1)[0].split("#", 1)[0].rstrip("/")
     return text.rsplit("/", 1)[-1]
+
+
+def is_folder_url(url: str | Path) -> bool:
+    """Whether a URL names a folder (a prefix to list): it ends with ``/``, or its last segment has no suffix."""
+    return str(url).split("?", 1)[0].endswith("/") or "." not in file_name(url)
 
 
 def file_stem(path: str | Path) -> str:
@@ -61,25 +67,50 @@ def default_cache_dir() -> Path:
     return Path(base) / "geobp"
 
 
-def remote_cache_root(paths: Sequence[str | Path]) -> Path:
-    """The local cache folder of a remote dataset: one sub-folder of :func:`default_cache_dir` per
-    dataset, named after the :func:`~geobp.sources.urls.stable_key` of its files (so a refreshed
-    signature keeps it)."""
-    digest = hashlib.sha1("\n".join(sorted(stable_key(p) for p in paths)).encode()).hexdigest()[:16]
-    return default_cache_dir() / f"remote-{digest}"
+def folder_of(path: str | Path) -> str | Path:
+    """The folder holding ``path``: a ``Path``, or for a URL or GDAL path the text before its file name."""
+    if not is_remote(path):
+        return Path(path).parent
+    return str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
 
 
-def cache_root(paths: Sequence[str | Path], cache_dir: str | Path | None, fallback: str | Path | None = None) -> Path:
-    """Where a dataset's ``.geobp_cache/`` goes.
+def join(folder: str | Path, name: str) -> str | Path:
+    """``folder / name`` for a local folder, ``folder/name`` for a URL or GDAL path (kept as ``str``)."""
+    if not is_remote(folder):
+        return Path(folder) / name
+    return f"{str(folder).rstrip('/')}/{name}"
 
-    ``cache_dir`` when given; else :func:`remote_cache_root` when any file is remote (an object
-    store is not writable); else ``fallback``, or the first file's folder.
+
+def cache_root(paths: Sequence[str | Path], cache_dir: str | Path | None = None,
+               fallback: str | Path | None = None) -> Path:
+    """The folder that holds a dataset's ``.geobp_cache/``.
+
+    ``cache_dir`` when given; else :func:`default_cache_dir` when the data is remote (any of
+    ``paths``, or ``fallback``: an object store is not writable); else ``fallback``, or the first
+    file's folder. Every cache file is keyed by its files' :func:`file_stamp`, so datasets may
+    share the default folder.
+
+    Raises:
+        ConfigError: ``cache_dir`` is a URL.
     """
     if cache_dir is not None:
+        if is_remote(cache_dir):
+            raise ConfigError(format_error(cache_dir, "the cache folder must be local (geobp writes it while it reads)",
+                                           "set data.cache_dir to a local folder, or leave it out for ~/.cache/geobp"))
         return Path(cache_dir)
-    if any(is_remote(p) for p in paths) or (fallback is not None and is_remote(fallback)):
-        return remote_cache_root(paths)
+    if (fallback is not None and is_remote(fallback)) or any(is_remote(p) for p in paths):
+        return default_cache_dir()
     return Path(fallback) if fallback is not None else Path(paths[0]).parent
+
+
+def redacted(spec: Any) -> Any:
+    """A path, URL or list of them (``data.images``, ``data.labels``) with every signature redacted
+    (:func:`~geobp.sources.urls.redact`), for what is written down: saved hyperparameters and configs."""
+    if isinstance(spec, (str, Path)):
+        return redact(str(spec)) if is_remote(spec) else spec
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(redacted(s) for s in spec)
+    return spec
 
 
 def use_read_options() -> None:
