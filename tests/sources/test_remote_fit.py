@@ -7,6 +7,7 @@ gradient-flow report), not in the caches, not in the output.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,8 @@ def test_fit_with_an_s3_root(scenes, moto_server, s3_env, tmp_path):
     headers = json.loads((tmp_path / "cache" / ".geobp_cache" / "headers.json").read_text())["headers"]
     assert sorted(headers) == [f"/vsis3/geobp-root/ds/{kind}/scene_00{i}.tif" for kind in ("images", "masks")
                                for i in range(3)]
+    # geobp check reads the same root, every pixel, with two reading processes
+    assert main(["check", "s3://geobp-root/ds", "--num-classes", "3", "--workers", "2"]) == 0
 
 
 def test_a_remote_cache_dir_is_refused(scenes, served, tmp_path, capfd):
@@ -142,3 +145,28 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "geobp"
+
+
+def _read_in_worker(url: str) -> tuple[int, str | None]:
+    from geobp.raster import open_reader, read_window
+    from rasterio.windows import Window
+
+    with open_reader(url) as src:
+        read_window(src, Window(0, 0, 32, 32))
+        return src.count, os.environ.get("GDAL_DISABLE_READDIR_ON_OPEN")
+
+
+def test_a_fresh_worker_process_reads_with_the_remote_options(scenes, tmp_path):
+    """What a DataLoader worker or an inference reader process does: no side-car probes, no folder listing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    server = servers.start("http", str(scenes))
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            count, readdir = pool.submit(_read_in_worker, f"{server.url}/images/scene_001.tif{SIGNED}").result()
+        requested = set(server.stats()["requests"])
+    finally:
+        server.stop()
+    assert count == 3 and readdir == "EMPTY_DIR"
+    assert requested == {"/images/scene_001.tif"}, requested
