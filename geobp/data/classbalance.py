@@ -82,7 +82,8 @@ def cell_histograms(path: str | Path, num_classes: int, factor: int = HISTOGRAM_
 
 
 def histogram_cache_file(path: str | Path, num_classes: int, cache_root: str | Path, factor: int = HISTOGRAM_CELL) -> Path:
-    """Where the cell histograms of ``path`` are cached (keyed by its resolved path, size, mtime, classes and cell size)."""
+    """Where the cell histograms of ``path`` are cached (keyed by its
+    :func:`~geobp.sources.locations.file_stamp`, classes and cell size)."""
     key = hashlib.sha1(f"{HISTOGRAMS_VERSION}|{file_stamp(path)}|{num_classes}|{factor}".encode()).hexdigest()[:16]
     return Path(cache_root) / CACHE_DIR / f"labels.{file_stem(path)}.{key}.npz"
 

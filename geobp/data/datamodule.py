@@ -50,6 +50,7 @@ __all__ = ["GeoTiffDataModule", "Split"]
 #: The options that name files (URLs among them): redacted where they are written down.
 PATH_OPTIONS = ("root", "images", "labels")
 
+
 class GeoTiffDataModule(L.LightningDataModule):
     """Tiles of multi-band GeoTIFF scenes with label masks, for segmentation.
 
