@@ -25,6 +25,7 @@ from geobp.data.alignment import aligned_labels
 from geobp.data.labels import LabelOptions, LabelReport, find_label_sources
 from geobp.errors import ConfigError, format_error
 from geobp.raster import check_same_grid, open_raster, read_info, read_window
+from geobp.sources.locations import file_name
 from geobp.sources.urls import redact
 
 #: Rows per strip when streaming a class map and its labels.
@@ -129,7 +130,7 @@ class ScoreSummary:
     def tables(self) -> list[Table]:
         """Rich tables: per-class scores for each raster and in total."""
         out = []
-        for title, conf in [(r.input.name, r.confusion) for r in self.rasters] + [("total", self.total)]:
+        for title, conf in [(file_name(r.input), r.confusion) for r in self.rasters] + [("total", self.total)]:
             m = metrics_from_confusion(conf, self.class_names)
             table = Table(title=f"{title}: overall accuracy {_fmt(m['overall_accuracy'])}, mean IoU {_fmt(m['mean_iou'])}")
             for col in ("class", "IoU", "F1", "precision", "recall", "pixels"):

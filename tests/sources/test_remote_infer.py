@@ -137,3 +137,14 @@ def test_an_http_folder_is_a_one_line_failure(dataset, served, tmp_path, capfd):
     assert _infer(dataset, tmp_path / "out", f"{served.url}/images/") == 1
     failed = [line for line in capfd.readouterr().err.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "cannot be listed" in failed[0]
+
+
+def test_scoring_signed_urls_writes_metrics_without_signatures(dataset, served, tmp_path, capfd):
+    out = tmp_path / "out"
+    code = _infer(dataset, out, "--labels", f"{served.url}/masks/scene_000.tif{SIGNED}",
+                  f"{served.url}/images/scene_000.tif{SIGNED}")
+    said = capfd.readouterr()
+    assert code == 0, said.err
+    metrics = (out / "metrics.json").read_text()
+    assert "scene_000.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=REDACTED" in metrics
+    assert SECRET.encode() not in _all_written(out) and SECRET not in said.out + said.err
