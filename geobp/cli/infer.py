@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict land cover over whole GeoTIFFs of any size with a checkpoint from `geobp fit`. "
         "Writes OUT/<name>_classes.tif (uint8 class ids, colour table, class names, input's CRS and grid).",
     )
-    p.add_argument("inputs", nargs="+", help="GeoTIFFs and/or folders of them")
+    p.add_argument("inputs", nargs="+", help="GeoTIFFs and/or folders of them; URLs too (https://, s3://, gs://, az://; "
+                   "an s3:// prefix is listed like a folder)")
     p.add_argument("--ckpt", "--ckpt_path", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output folder")
     # Spellings follow Lightning and geobp's config (tile_size, batch_size, accelerator, devices,
