@@ -54,9 +54,9 @@ READ_OPTIONS: dict[str, str] = {
     # opening a COG must not list its "folder" (one LIST or HTML request per file, slow on buckets)
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     # belt and braces beside EMPTY_DIR: no probing for side-car files (.aux.xml, .ovr, .msk); {noext}
-    # keeps extension-less hrefs readable. Any other ending is refused by GDAL without a request
-    # (check_remote says so): set the variable to add one
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt,{noext}",
+    # keeps extension-less hrefs readable; GeoPackage, GeoJSON and FlatGeobuf are vector labels. Any
+    # other ending is refused by GDAL without a request (check_remote says so): set the variable to add one
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt,.gpkg,.geojson,.fgb,{noext}",
     # one request for adjacent byte ranges (the tiles of one window are often contiguous)
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     # several ranges in flight on one HTTP/2 connection where the server offers it

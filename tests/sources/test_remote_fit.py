@@ -170,3 +170,28 @@ def test_a_fresh_worker_process_reads_with_the_remote_options(scenes, tmp_path):
         server.stop()
     assert count == 3 and readdir == "EMPTY_DIR"
     assert requested == {"/images/scene_001.tif"}, requested
+
+
+def test_vector_labels_at_a_url(scenes, tmp_path, cache_home, capfd):
+    """A GeoJSON on the server labels the remote images: one polygon per scene, its class in ``cls``."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    features = [{"type": "Feature", "properties": {"cls": i},
+                 "geometry": {"type": "Polygon", "coordinates": [[[x, 5500000], [x + 640, 5500000], [x + 640, 5499360],
+                                                                 [x, 5499360], [x, 5500000]]]}}
+                for i, x in enumerate(400000 + 640 * i for i in range(2))]
+    (folder / "labels.geojson").write_text(json.dumps({
+        "type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}},
+        "features": features}))
+    for i in range(2):
+        (folder / f"scene_00{i}.tif").write_bytes((scenes / "images" / f"scene_00{i}.tif").read_bytes())
+    server = servers.start("http", str(folder))
+    try:
+        cfg = config(tmp_path, images=[f"{server.url}/scene_00{i}.tif{SIGNED}" for i in range(2)],
+                     labels=f"{server.url}/labels.geojson{SIGNED}", label_field="cls")
+        assert main(["check", "--config", str(cfg), "--quick"]) == 0
+    finally:
+        server.stop()
+    said = capfd.readouterr()
+    assert said.out.count("100.0%") == 2, said.out
+    assert SECRET not in said.out + said.err and SECRET.encode() not in _everything_under(cache_home)
