@@ -25,6 +25,77 @@ _TITLES = {
 }
 
 
+#: Measurements made outside ``python -m benchmarks`` (profiling in a commit's own run, the demo from a
+#: clean clone, a lent GPU): section -> notes, each dated, with where and how as recorded then. They live
+#: here, not in ``results/*.json``, so that re-running a section keeps them; BENCHMARKS.md is their one
+#: home, and the docs and docstrings link them.
+ELSEWHERE: dict[str, list[str]] = {
+    "training": [
+        "**2026-12-01 and 2026-11-23, the demo** (`bash scripts/run.sh demo` from a clean clone: 8 synthetic "
+        "6-band scenes, U-Net ResNet-18, 8 epochs on the CPU): 0.984 mean IoU of the best checkpoint in 5 min 42 s "
+        "of training on the otherwise idle 2-core development machine, an Intel Xeon at 2.8 GHz, on 2026-12-01 "
+        "(commit b29ed90); 0.984 mean IoU in 2 min 13 s on the 2-core AMD EPYC development machine on 2026-11-23 "
+        "(commit b80c3e5); a gradient-flow report of 0 findings both times.",
+        "**2026-11-23, the gradient-flow monitor on an H100**, timed by component with "
+        "`tests/callbacks/bench_gradflow_overhead.py` (the method `python -m benchmarks monitor-cost` uses now; "
+        "commit 6eb9990): "
+        "a recording of the ResNet-18 U-Net cost about 6.5 ms, with 25 ms steps of 16 x 6 x 256 x 256: 1.0% of a "
+        "step at every 25 steps, the binding case for the default interval. Before the update ratios of issue 14 "
+        "(2026-11-30).",
+        "**2026-11-23, the gradient-flow monitor on the 2-core CPU** (commit f9ef647), with "
+        "`python -m benchmarks monitor-cost` while other work loaded it (load 1.4-2.4), lower quartiles of 20/15 "
+        "alternating steps: at 4 x 6 x 128 x 128, step 173 ms, per-step check 2.93 ms (1.7%), recording 3.1 ms "
+        "(1.8%; skip taps not resolvable), expected 1.77% at every 25 steps; at 12 x 6 x 128 x 128 (the demo's "
+        "batch), step 439 ms, per-step check 2.96 ms (0.67%), recording 13.1 ms (3.0%, skip taps 8.9 ms of it), "
+        "expected 0.79% at every 25 steps. Before the update ratios of issue 14; the cost-by-component table "
+        "above times the recording with them.",
+        "**2026-11-30, the update ratios of issue 14 under load** (commit 40a3728), with "
+        "`python -m benchmarks monitor-cost --steps 24 --warmup 4` (4 x 6 x 128 x 128, CPU, 2 threads) while other "
+        "work loaded the 2 cores (load average 4.3 at the start, 5.8 at the end; a step took 3,101 ms, 18x a quiet "
+        "step of that time): the monitor's hooks took 15.3 ms on a tracked step (0.49% of a step) and 247 ms on a "
+        "recording step, of which the update ratios after the optimizer step 46.9 ms (1.5% of a step; 0.06% at "
+        "every 25 steps). Under such load the shares are not comparable with a quiet machine's.",
+        "**2026-11-23, the size of the monitor's state** (the recorded series, in `gradflow.json` and in each "
+        "checkpoint; commit 0dd774c, how it was measured not recorded): about 1.7 kB a recording for a ResNet-18 "
+        "U-Net (61 layers, 12 skips) and 2.5 kB for a ResNet-34 one, so about 3.4 MB and 5 MB at the default "
+        "`max_recordings` of 2000, next to checkpoints of 170 MB and 290 MB.",
+        "**2026-11-23, `SegmentationTask`'s per-step train metrics** (commit e7373a9), profiling a CPU step of "
+        "this section's U-Net ResNet-18 at 4 x 6 x 128 x 128: argmax over the class dimension 7.5 ms at 1 thread, "
+        "`max(dim).indices` (the same first-maximum indices) 1.0 ms; torchmetrics' update 6.5 ms with its label "
+        "validation, 2.6 ms without; both scale badly to 2 threads.",
+        "**2026-11-23, `grad_max_abs` on the CPU** (the monitor's per-layer maxima; commit c88d546), ResNet-18 "
+        "U-Net gradients (92 tensors, 14.3M values) on the 2-core CPU, lower of 20: channels-last gradients "
+        "25 ms as a strided `aminmax`, 2.1 ms over their memory in storage order; contiguous ones 1.8 ms and "
+        "1.7 ms. The fused `torch._foreach_norm(ord=inf)` it avoids on the CPU was stated as about 100x an L2 "
+        "norm (how it was measured not recorded).",
+    ],
+    "inference": [
+        "**2026-11-30, logits against the thread count** (commit b8cf68e): the logits of a ResNet-18 U-Net on "
+        "the CPU differed by up to 6e-8 between 1 and 2 torch threads (the thread count changes the order of "
+        "floating-point sums).",
+    ],
+    "readers": [
+        "**2026-11-23, decoding against normalising** (commit cac8b21), on the 2-core development machine: about "
+        "12 ms to decode a 512 x 512 6-band DEFLATE tile on one core, against 1 ms to normalise it.",
+    ],
+    "labels": [
+        "**2026-12-01, projecting bounds** (commit a04cfee): `rasterio.warp.transform_bounds` builds the PROJ "
+        "transformation again on every call, about 20 ms for a datum change such as EPSG:3035 to UTM, which "
+        "label alignment paid per label file, image and strip before `geobp.raster.project_bounds` kept a "
+        "pyproj transformer per pair of CRSs.",
+    ],
+}
+
+
+def _elsewhere(name: str) -> list[str]:
+    """The section's measurements made outside the harness (:data:`ELSEWHERE`), as Markdown lines."""
+    notes = ELSEWHERE.get(name, [])
+    if not notes:
+        return []
+    return ["**Measured elsewhere** (not by `python -m benchmarks`; each note gives its date, machine and "
+            "method as recorded then):", ""] + [f"- {n}" for n in notes] + [""]
+
+
 def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """Latest stored result per section (``loading``, ``training``, ``inference``, ``gpu``)."""
     out = {}
@@ -174,17 +245,17 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
         r = results.get(name)
         if r is None:
             how = f"`{GPU_COMMAND}`" if name == "gpu" else f"`{REGENERATE} --only {name}`"
-            lines += [f"Not measured yet: run {how}.", ""]
+            lines += [f"Not measured yet: run {how}.", ""] + _elsewhere(name)
             continue
         if name == "gpu":
-            lines += _gpu_section(r) + [""]
+            lines += _gpu_section(r) + [""] + _elsewhere(name)
             continue
         m = r["machine"]
         load = f"; load average {m.get('load_1min')} at the start, {m['load_1min_end']} at the end on " \
                f"{m['usable_cores']} cores" if m.get("load_1min_end") is not None else ""
         lines += [f"Measured {m['date']} in {r['elapsed_s']:.0f} s{load}, with `{r['command']}`.", ""]
         if r.get("error"):
-            lines += [f"**The section failed**: `{r['error']}` (log: `{r.get('log', '?')}`).", ""]
+            lines += [f"**The section failed**: `{r['error']}` (log: `{r.get('log', '?')}`).", ""] + _elsewhere(name)
             continue
         lines += [f"- {s}" for s in r.get("setup", [])] + [""]
         for t in r.get("tables", []):
@@ -200,4 +271,5 @@ def render(results: dict[str, dict[str, Any]], quick: bool = False) -> str:
         lines += [f"- {n}" for n in r.get("notes", [])]
         if r.get("notes"):
             lines += [""]
+        lines += _elsewhere(name)
     return "\n".join(lines).rstrip() + "\n"

@@ -304,9 +304,9 @@ def project_bounds(src_crs: Any, dst_crs: Any, left: float, bottom: float, right
     """``(left, bottom, right, top)`` in ``src_crs`` as a bounding box in ``dst_crs``, edges densified.
 
     The same box as ``rasterio.warp.transform_bounds`` (both are PROJ's), through a pyproj
-    transformer kept per pair of CRSs: rasterio builds the transformation again on every call
-    (about 20 ms for a datum change such as EPSG:3035 to UTM), which label alignment pays per
-    label file, image and strip.
+    transformer kept per pair of CRSs: rasterio builds the transformation again on every call,
+    costly for a datum change such as EPSG:3035 to UTM, and label alignment would pay it per label
+    file, image and strip (the timing: BENCHMARKS.md, section 4).
 
     Raises:
         pyproj.exceptions.ProjError: the box cannot be projected (outside the CRS's domain).

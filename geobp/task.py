@@ -181,8 +181,9 @@ class SegmentationTask(L.LightningModule):
         """mIoU, per-class IoU, macro F1 and pixel accuracy, without the ignored pixels.
 
         ``validate=False`` skips torchmetrics' checks of the label values, a cost paid on every
-        training step otherwise: the training labels have been checked already (by the tile
-        dataset, and by the loss), and validation and test keep the checks.
+        training step otherwise (timing: BENCHMARKS.md, section 2): the training labels have been
+        checked already (by the tile dataset, and by the loss), and validation and test keep the
+        checks.
         """
         kw = {"ignore_index": ignore_index, "validate_args": validate}
         return MetricCollection(
@@ -244,7 +245,7 @@ class SegmentationTask(L.LightningModule):
             self.log(f"{stage}/loss", self.loss_means[f"{stage}_loss"], on_step=False, on_epoch=True, prog_bar=stage != "test",
                      batch_size=size)
         # max(dim).indices is argmax (the first maximum), taken for its speed over the class
-        # dimension on CPUs (timing in BENCHMARKS.md)
+        # dimension on CPUs (timing: BENCHMARKS.md, section 2)
         self.metrics[f"{stage}_metrics"].update(logits.detach().max(dim=1).indices, mask)
         return loss
 

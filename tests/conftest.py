@@ -74,3 +74,24 @@ def make_scene(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
         return img, msk
 
     return _make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first: under pytest-xdist (``-n auto``) the long ones then start at once and the
+    short ones fill the workers' gaps at the end, instead of one long test finishing alone.
+
+    The order within each group is kept; tests depend on no order.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on one thread: the workers already take one core
+    each, and torch's default (every core per process) would have them contend for the same cores.
+    Tests that need a thread count set their own (``--threads``, ``torch.set_num_threads``)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

@@ -122,7 +122,7 @@ def grad_max_abs(grads: Sequence[Tensor]) -> Tensor:
     On CUDA this is one fused ``torch._foreach_norm(ord=inf)``; on CPU, where that kernel is slow
     next to an L2 norm, one ``aminmax`` per tensor is used instead, over the tensor's memory in
     storage order (a strided reduction over a channels-last gradient is slower; timings in
-    BENCHMARKS.md).
+    BENCHMARKS.md, section 2).
 
     Args:
         grads: gradient tensors, all on one device.

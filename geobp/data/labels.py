@@ -20,7 +20,6 @@ onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import math
@@ -34,7 +33,8 @@ from rasterio.crs import CRS
 
 from geobp.classes import check_num_classes, class_names_for, invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
-from geobp.raster import ORIGIN_PIXEL_TOL, TRANSFORM_RTOL, RasterInfo, project_bounds, read_info
+from geobp.raster import RasterInfo, read_info
+from geobp.sources.grid import Grid, bounds_in
 from geobp.sources.locations import is_folder_url
 from geobp.sources.urls import gdal_path, is_remote, list_prefix
 
@@ -373,20 +373,7 @@ def find_label_sources(spec: str | Path | Sequence[str | Path], label_field: str
 
 def raster_bounds(info: RasterInfo) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a north-up raster."""
-    a, _, c, _, e, f = info.transform
-    return (c, f + e * info.height, c + a * info.width, f)
-
-
-@functools.lru_cache(maxsize=4096)
-def bounds_in(src_crs: str, dst_crs: str, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-    """``bounds`` (in ``src_crs``) as a bounding box in ``dst_crs`` (None when they cannot be projected there); memoized."""
-    if src_crs == dst_crs:
-        return bounds
-    try:
-        out = project_bounds(src_crs, dst_crs, *bounds)
-    except Exception:  # noqa: BLE001 - PROJ raises several types for points outside a projection's domain
-        return None
-    return out if all(math.isfinite(v) for v in out) else None
+    return Grid.from_info(info).bounds
 
 
 def _overlaps(image: RasterInfo, crs: str, bounds: tuple[float, float, float, float]) -> bool:
@@ -414,16 +401,7 @@ def covering_sources(image: RasterInfo, sources: LabelSources) -> LabelSources:
 
 def same_lattice(image: RasterInfo, label: RasterInfo) -> tuple[int, int] | None:
     """(row, col) offset of the image in the label when both share CRS, pixel size and pixel lattice."""
-    if CRS.from_user_input(image.crs) != CRS.from_user_input(label.crs):
-        return None
-    ia, _, ic, _, ie, if_ = image.transform
-    la, _, lc, _, le, lf = label.transform
-    if not (math.isclose(ia, la, rel_tol=TRANSFORM_RTOL) and math.isclose(ie, le, rel_tol=TRANSFORM_RTOL)):
-        return None
-    col, row = (ic - lc) / la, (if_ - lf) / le
-    if abs(col - round(col)) > ORIGIN_PIXEL_TOL or abs(row - round(row)) > ORIGIN_PIXEL_TOL:
-        return None
-    return int(round(row)), int(round(col))
+    return Grid.from_info(image).lattice_offset(Grid.from_info(label))
 
 
 # ----- value mapping ------------------------------------------------------------------------

@@ -9,8 +9,8 @@ used block first: a cache a little too small loses every block just before it is
 A fixed cache cannot suit every raster: 32 MiB holds one block row of a 3,072 px wide 6-band
 uint16 scene with 512 px blocks (19 MB), not the two a tile row can span, and a 16,384 px wide
 one needs 100 MB per block row; a cache that cannot hold them decodes every block again
-(BENCHMARKS.md holds the measurements). GDAL's own default (a share of RAM) grows with the file
-instead.
+(BENCHMARKS.md, section 3b, holds the measurements). GDAL's own default (a share of RAM) grows
+with the file instead.
 Here the cache is sized from the raster's header, per reading process: the block rows one tile
 row spans, for the columns the process reads, within a share of the available memory.
 """

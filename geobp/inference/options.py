@@ -60,7 +60,8 @@ class PredictOptions:
             the GIL and so use every core given (what a GPU needs); ``threads`` reads in threads
             of this process, which start at once and suffice on the CPU, where the model needs
             the cores anyway. None (default): processes on a GPU, threads on the CPU
-            (:func:`reader_kind`; BENCHMARKS.md holds the measurements behind it).
+            (:func:`reader_kind`; BENCHMARKS.md, sections 3 and 3b, holds the measurements
+            behind it).
         num_classes: expected number of classes (checked against the model output), or None.
         class_names: one name per class for the tags and colours; ``class_<i>`` when None.
         expected_dtype: training data type, when known; a different input dtype is refused.

@@ -65,6 +65,7 @@ def report(root: Path) -> dict[str, Any]:
     # NaN from step 2 on, seen by the checkpoint's read of the ring: one event, not a second one after it
     (lambda: nan_grad_mlp(at=2), TileSet(n=8, size=0, bands=16), "deferred", 3, 3),
 ], ids=["resnet-sync", "resnet-deferred", "nan-event"])
+@pytest.mark.slow
 def test_resumed_run_reports_like_an_uninterrupted_one(tmp_path: Path, net: Any, data: TileSet, step_check: str,
                                                         stop: int, every: int) -> None:
     kwargs = {"step_check": step_check, "report_every_s": 1e9}

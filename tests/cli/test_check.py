@@ -153,6 +153,7 @@ def test_check_with_data_options_reports_label_sources_coverage_histogram_and_un
     assert "data.images and data.labels are both needed" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_check_reads_scenes_in_several_processes_with_the_same_reports(tmp_path):
     from geobp.data.scenes import check_dataset
     from geobp.data.synth import write_scenes

@@ -37,6 +37,7 @@ def scenes(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_fit_end_to_end_writes_self_describing_checkpoint(tmp_path, scenes):
     assert main(["fit", "--config", str(tiny_config(tmp_path, scenes, bands=[1, 3, 4]))]) == 0
     ckpts = sorted((tmp_path / "runs").rglob("*.ckpt"))

@@ -26,6 +26,7 @@ def s2_scenes(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_fit_from_torchgeo_weights_then_infer(tmp_path, s2_scenes, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     _, state = fake_torchgeo_weights(tmp_path / "torch_home", S2)

@@ -70,6 +70,7 @@ def test_compiled_task_has_the_plain_models_names_and_state_dict_keys():
     assert not any("_orig_mod" in k for k in compiled.state_dict())
 
 
+@pytest.mark.slow
 def test_a_model_with_hooks_runs_eagerly(fast_backend):
     task = tiny_task(compile=True)
     x = torch.randn(2, 3, 32, 32)
@@ -86,6 +87,7 @@ def test_a_model_with_hooks_runs_eagerly(fast_backend):
     assert task._compiled.compiled_calls == 2
 
 
+@pytest.mark.slow
 def test_compiled_fit_with_monitor_checkpoint_and_infer(tmp_path, fast_backend, capsys):
     task = tiny_task(compile=True, channels_last=True)
     monitor = GradientFlowMonitor(every_n_steps=2, write_report=False)

@@ -58,6 +58,7 @@ def test_applies_only_to_one_process_on_a_listed_device_with_a_fused_adamw_and_n
 
 # with accumulation, batch 0 is bad and batch 1 of its window good: the window's step is still skipped
 @pytest.mark.parametrize("accumulate, bad", [(1, (1, 3)), (2, (0, 3))])
+@pytest.mark.slow
 def test_device_decision_trains_like_the_host_check(tmp_path, monkeypatch, accumulate, bad):
     host, host_warned, host_trainer = train(tmp_path / "host", False, bad, monkeypatch, accumulate)
     dev, dev_warned, trainer = train(tmp_path / "dev", True, bad, monkeypatch, accumulate)

@@ -79,6 +79,7 @@ def test_fused_adamw_trains_under_bf16_mixed_with_clipping(tmp_path):
 
 
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+@pytest.mark.slow
 def test_resuming_from_the_other_adamw_implementation_keeps_the_chosen_one(tmp_path, monkeypatch, first, then):
     import geobp.nonfinite
     from lightning.pytorch.callbacks import ModelCheckpoint
