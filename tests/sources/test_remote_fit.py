@@ -66,6 +66,7 @@ def _everything_under(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
 
 
+@pytest.mark.slow
 def test_fit_on_signed_http_urls_caches_locally_and_writes_no_signature(scenes, served, cache_home, tmp_path, capfd):
     names = ("scene_000", "scene_001", "scene_002")
     images = [f"{served.url}/images/{n}.tif{SIGNED}" for n in names]
@@ -93,6 +94,7 @@ def test_fit_on_signed_http_urls_caches_locally_and_writes_no_signature(scenes, 
     assert sorted(p.name for p in (cache_home / ".geobp_cache").rglob("*") if p.is_file()) == before
 
 
+@pytest.mark.slow
 def test_fit_on_an_s3_prefix(scenes, moto_server, s3_env, cache_home, tmp_path):
     import boto3
 
@@ -106,6 +108,7 @@ def test_fit_on_an_s3_prefix(scenes, moto_server, s3_env, cache_home, tmp_path):
     assert next((tmp_path / "runs").rglob("last.ckpt")).is_file()
 
 
+@pytest.mark.slow
 def test_fit_with_an_s3_root(scenes, moto_server, s3_env, tmp_path):
     import boto3
 
