@@ -23,6 +23,9 @@ from geobp.inference.distributed import Ranks, assign_whole, plan
 from geobp.task import SegmentationTask
 from tests.conftest import write_tif
 
+# one xdist worker runs this module: its module-scoped runs are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("distributed_inference")
+
 REPO = Path(__file__).resolve().parents[2]
 PRE = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [300.0] * 3, "std": [100.0] * 3, "low": [], "high": []}
 

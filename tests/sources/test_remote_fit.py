@@ -21,7 +21,8 @@ from tests.sources import servers
 
 SECRET = "s3cr3tSIGNATURE"
 SIGNED = f"?X-Amz-Signature={SECRET}&X-Amz-Expires=3600"
-pytestmark = pytest.mark.usefixtures("read_options_restored")
+# one xdist worker runs this module: its module-scoped runs are made once, not once per worker
+pytestmark = [pytest.mark.usefixtures("read_options_restored"), pytest.mark.xdist_group("remote_fit")]
 
 
 @pytest.fixture(scope="module")

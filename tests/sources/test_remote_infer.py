@@ -17,7 +17,8 @@ from tests.sources import servers
 
 SECRET = "s3cr3tSIGNATURE"
 SIGNED = f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261207%2Fus-east-1&X-Amz-Signature={SECRET}"
-pytestmark = pytest.mark.usefixtures("read_options_restored")
+# one xdist worker runs this module: its module-scoped runs are made once, not once per worker
+pytestmark = [pytest.mark.usefixtures("read_options_restored"), pytest.mark.xdist_group("remote_infer")]
 PRE = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [300.0] * 3, "std": [100.0] * 3, "low": [], "high": []}
 
 

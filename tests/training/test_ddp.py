@@ -24,6 +24,9 @@ from geobp.data import GeoTiffDataModule
 from geobp.data.samplers import RandomTileSampler
 from geobp.data.synth import write_scenes
 
+# one xdist worker runs this module: its module-scoped runs are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("ddp")
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = {"num_classes": 3, "tile_size": 32, "tiles_per_epoch": 64, "batch_size": 4, "val_fraction": 0.34, "seed": 0}
 EPOCHS = 2

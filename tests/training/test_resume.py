@@ -45,6 +45,9 @@ import yaml
 from geobp.data import GeoTiffDataModule
 from geobp.data.synth import write_scenes
 
+# one xdist worker runs this module: its module-scoped runs are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("resume")
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"encoder": "resnet18", "model_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
 MAX_STEPS = 12  # 8 batches per epoch, then 4 more in the second epoch
