@@ -154,7 +154,7 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     elif (trained := label_options_of(hparams)) is not None:
         chosen, where = trained, f"the checkpoint {a.ckpt}"
     else:
-        chosen = {"label_map": {}, "label_field": None, "label_background": None, "all_touched": False}
+        chosen = {}  # LabelOptions.from_config gives every missing option its one default
         where = f"the defaults (the checkpoint {a.ckpt} holds none)"
     options = LabelOptions.from_config({
         "num_classes": hparams["num_classes"], "ignore_index": hparams.get("ignore_index"),
