@@ -274,13 +274,18 @@ class ProcessReader:
                     load[worker] -= 1
                     done[n] = (slot, err)
             if dead:
-                code = proc.exitcode
-                why = ("it was killed (a signal: often for memory): lower --batch_size or --readers, or use --reader threads"
-                       if code is not None and code < 0 else
-                       "see its error above (a script that runs inference needs an `if __name__ == \"__main__\":` "
-                       "guard, as the worker processes import it), or use --reader threads")
-                raise ReaderError(format_error(
-                    self.path, f"reader process {proc.name} stopped unexpectedly (exit code {code})", why))
+                raise self._died(proc)
+
+    def _died(self, proc: Any) -> ReaderError:
+        """The error for a worker process that ended while it had work (``proc`` has ended)."""
+        proc.join(JOIN_S)
+        code = proc.exitcode
+        why = ("it was killed (a signal: often for memory): lower --batch_size or --readers, or use --reader threads"
+               if code is not None and code < 0 else
+               "see its error above (a script that runs inference needs an `if __name__ == \"__main__\":` "
+               "guard, as the worker processes import it), or use --reader threads")
+        return ReaderError(format_error(
+            self.path, f"reader process {proc.name} stopped unexpectedly (exit code {code})", why))
 
     def _drain(self) -> None:
         """Wait for the reads of an abandoned iteration, so that their slots are free again."""
@@ -305,7 +310,11 @@ class ProcessReader:
                 slot = free.pop()
                 self._outstanding[sent] = (w, slot)
                 load[w] += 1
-                self._conns[w].send((sent, slot, self.batches[sent]))
+                try:
+                    self._conns[w].send((sent, slot, self.batches[sent]))
+                except OSError as e:  # a broken pipe: the worker died between two batches
+                    del self._outstanding[sent]
+                    raise self._died(self._procs[w]) from e
                 sent += 1
 
         send()

@@ -160,6 +160,12 @@ def test_a_killed_worker_is_reported_and_the_others_stopped(tmp_path, no_leftove
         with pytest.raises(ReaderError, match=r"a.tif: reader process geobp-read-0 stopped unexpectedly \(exit code -9\)"
                                               r"\. Fix: it was killed"):
             list(it)
+    for w in (0, 1):  # a worker dead before a read is sent to it: the broken pipe is reported as its death
+        with ProcessReader(src, grid, grid.batches(2), PRE, num_workers=2, prefetch=4) as reader:
+            os.kill(reader._procs[w].pid, signal.SIGKILL)
+            reader._procs[w].join()
+            with pytest.raises(ReaderError, match=rf"geobp-read-{w} stopped unexpectedly \(exit code -9\)"):
+                list(reader)
     with ProcessReader(src, grid, grid.batches(2), PRE, num_workers=2, prefetch=2) as reader:
         reader._conns[1].send("not a batch")  # a worker that fails outside a read (here: a bad message) exits
         with pytest.raises(ReaderError, match=r"geobp-read-1 stopped unexpectedly \(exit code 1\)\. Fix: see its error above"):
