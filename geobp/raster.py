@@ -29,6 +29,7 @@ from geobp.errors import (
     format_error,
 )
 from geobp.sources.locations import use_read_options
+from geobp.sources.stackpath import is_stack_path
 from geobp.sources.urls import check_remote, gdal_path, is_remote, list_prefix
 
 #: Relative tolerance used when comparing affine transforms of two rasters.
@@ -105,6 +106,11 @@ def open_reader(path: str | Path, **options: str) -> rasterio.DatasetReader:
         TooManyOpenFilesError: the process has as many files open as its limit allows.
     """
     path = str(path)
+    if is_stack_path(path):  # a scene of several files (geobp.sources.stackpath)
+        from geobp.sources.stackreader import StackReader  # here: the stack modules import this one
+
+        use_read_options()
+        return StackReader(path)  # type: ignore[return-value]
     if is_remote(path):
         return _open_remote(path, **options)
     if not os.path.exists(path):

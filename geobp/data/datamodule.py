@@ -41,6 +41,7 @@ from geobp.data.transforms import Augment
 from geobp.data.validity import ValidityMode, validity_maps
 from geobp.errors import ConfigError, format_error
 from geobp.pretrained import PretrainedWeights
+from geobp.sources.imagery import resolve_images
 from geobp.sources.locations import cache_root, folder_of, join, location, redacted
 from geobp.sources.urls import is_remote
 
@@ -151,9 +152,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         root: str | None = None,
         *,
         # --- inputs: the scenes and their labels (checked against the files) ---
-        images: str | list[str] | None = None,
+        images: str | list[str] | dict[str, Any] | None = None,
         labels: str | list[str] | None = None,
-        bands: list[int] | None = None,
+        bands: list[int | str] | None = None,
         band_names: list[str] | None = None,
         pretrained_weights: str | None = None,
         cache_dir: str | None = None,
@@ -225,6 +226,11 @@ class GeoTiffDataModule(L.LightningDataModule):
             images_spec = images if images is not None else str(join(location(root), "images"))  # type: ignore[arg-type]
             labels_spec = labels if labels is not None else str(join(location(root), "masks"))  # type: ignore[arg-type]
             local_root = root if root is not None and not is_remote(root) else None
+            # a STAC document or several sources: one stacked scene per item/reference file, holding
+            # the selected bands in the order asked (geobp.sources.imagery)
+            stacked = resolve_images(images_spec, bands, warp_block=self.tiling_options.tile_size)
+            if stacked is not None:
+                images_spec, bands = stacked, None
             self.scenes, self.label_reports = find_labelled_scenes(
                 images_spec, labels_spec, self.label_options, cache_dir or local_root, progress=True
             )
@@ -232,7 +238,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         #: local: data.cache_dir, or the dataset's root; remote data: data.cache_dir or ~/.cache/geobp
         self.cache_root = cache_root([s.image.path for s in self.scenes], cache_dir, fallback=self.root)
         first = self.scenes[0].image
-        self.bands = resolve_bands(bands, first.count, first.path)
+        self.bands = resolve_bands(bands, first.count, first.path, band_names or first.descriptions)
         self.nodata = self.stats_options.nodata if self.stats_options.nodata is not None else next(
             (s.image.nodata for s in self.scenes if s.image.nodata is not None), None)
         self.regions = split_regions(self.scenes, self.split_options, self.seed, self.root)

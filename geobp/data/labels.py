@@ -35,7 +35,7 @@ from geobp.classes import check_num_classes, class_names_for, invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
 from geobp.raster import RasterInfo, read_info
 from geobp.sources.grid import Grid, bounds_in
-from geobp.sources.locations import is_folder_url
+from geobp.sources.locations import expand_paths, is_folder_url  # noqa: F401 - expand_paths re-exported
 from geobp.sources.urls import gdal_path, is_remote, list_prefix
 
 #: Files listed when ``data.labels`` names a folder (label rasters of common raster formats). A
@@ -246,45 +246,6 @@ class LabelSources:
 
 
 # ----- finding the sources ------------------------------------------------------------------
-
-
-def expand_paths(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...], what: str) -> list[str | Path]:
-    """A folder (its files with ``suffixes``, not recursive), a glob, a file, or a list of them.
-
-    A URL (``https://``, ``s3://``, ``gs://``, ``az://``) is a file when its name has a suffix, else
-    a folder: an ``s3://`` prefix is listed (other stores cannot be); globs are local only. URLs come
-    back as GDAL paths (``str``, see :func:`geobp.sources.locations.location`), local files as ``Path``.
-
-    Raises:
-        DataNotFoundError: a path does not exist, or nothing matches.
-        ConfigError: a folder URL that cannot be listed (HTTP, GCS, Azure).
-    """
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    out: list[str | Path] = []
-    for item in items:
-        text = str(item)
-        if is_remote(text):
-            if is_folder_url(text):
-                out += [gdal_path(p) for p in list_prefix(gdal_path(text), suffixes)]
-            else:
-                out.append(gdal_path(text))
-        elif any(c in text for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            if not found:
-                raise DataNotFoundError(format_error(text, f"no {what} matches this pattern", f"check the data.{what} pattern"))
-            out += found
-        elif Path(text).is_dir():
-            found = sorted(
-                p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
-            )
-            if not found:
-                raise DataNotFoundError(format_error(text, f"folder holds no {'/'.join(suffixes)} files", f"check data.{what}"))
-            out += found
-        elif Path(text).is_file():
-            out.append(Path(text))
-        else:
-            raise DataNotFoundError(format_error(text, "file or folder not found", f"check data.{what}"))
-    return out
 
 
 def read_vector_info(path: str | Path) -> VectorInfo:

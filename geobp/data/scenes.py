@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +140,39 @@ def _scan(args: tuple[SceneReport, int | None, int, float | None]) -> SceneRepor
     return report
 
 
-def resolve_bands(bands: list[int] | None, count: int, source: str) -> list[int]:
-    """Turn a band selection (1-based, as in GDAL) into a checked list; None selects all bands.
+def resolve_bands(bands: list[int | str] | None, count: int, source: str,
+                  names: Sequence[str | None] | None = None) -> list[int]:
+    """Turn a band selection (1-based indices, as in GDAL, or band names) into a checked list of
+    indices; None selects all bands.
+
+    Args:
+        bands: ``data.bands``.
+        count: the files' band count.
+        source: the file the selection applies to (for messages).
+        names: the files' band names (``data.band_names`` or the band descriptions), which names
+            in ``bands`` are looked up in (case-insensitively); ``band_<i>`` always names band i.
 
     Raises:
-        ConfigError: an index is out of range or repeated.
+        ConfigError: an index is out of range or repeated, or a name matches no band.
     """
     if bands is None:
         return list(range(1, count + 1))
+    if any(isinstance(b, str) for b in bands):
+        known = [(n or f"band_{i}") for i, n in enumerate(list(names or ()) + [None] * (count - len(names or ())), start=1)]
+        lower = [k.lower() for k in known]
+        picked: list[int] = []
+        for b in bands:
+            if isinstance(b, int) or str(b).isdigit():
+                picked.append(int(b))
+            elif str(b).lower() in lower:
+                picked.append(lower.index(str(b).lower()) + 1)
+            elif str(b).lower() in [f"band_{i}" for i in range(1, count + 1)]:
+                picked.append(int(str(b)[5:]))
+            else:
+                raise ConfigError(format_error(source, f"data.bands names band {b!r}, which the files do not have "
+                                               f"(their bands: {', '.join(known)})",
+                                               "use one of those names or a 1-based index, or set data.band_names"))
+        bands = picked
     bad = [b for b in bands if not 1 <= b <= count]
     if bad or len(set(bands)) != len(bands) or not bands:
         raise ConfigError(

@@ -8,24 +8,31 @@ name, an output's stem) come from the last path segment with the query string st
 
 from __future__ import annotations
 
+import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from geobp.errors import ConfigError, format_error
-from geobp.sources.urls import READ_OPTIONS, gdal_path, is_remote, redact, stable_key
+from geobp.errors import ConfigError, DataNotFoundError, format_error
+from geobp.sources import stackpath
+from geobp.sources.urls import READ_OPTIONS, gdal_path, is_remote, list_prefix, redact, stable_key
 
 
 def location(path: str | Path) -> str | Path:
     """``path`` in the form geobp keeps it: a ``Path`` when local, its GDAL path (``str``) when remote."""
     if isinstance(path, Path):
         return path
+    if stackpath.is_stack_path(path):
+        return path
     return gdal_path(path) if is_remote(path) else Path(path)
 
 
 def file_name(path: str | Path) -> str:
-    """The file name of a local path or URL, without a query string (``b04.tif`` of ``https://h/b04.tif?sig=x``)."""
+    """The file name of a local path or URL, without a query string (``b04.tif`` of ``https://h/b04.tif?sig=x``);
+    a stack path's scene name."""
+    if stackpath.is_stack_path(path):
+        return stackpath.stack_name(str(path))
     if not is_remote(path):
         return Path(path).name
     text = str(path).split("?", 1)[0].split("#", 1)[0].rstrip("/")
@@ -40,6 +47,8 @@ def is_folder_url(url: str | Path) -> bool:
 def file_stem(path: str | Path) -> str:
     """:func:`file_name` without its last suffix (``b04`` of ``s3://b/scenes/b04.tif``)."""
     name = file_name(path)
+    if stackpath.is_stack_path(path):
+        return name
     stem, dot, _suffix = name.rpartition(".")
     return stem if dot and stem else name
 
@@ -55,6 +64,8 @@ def file_stamp(path: str | Path) -> str:
     Raises:
         OSError: a local file that cannot be read.
     """
+    if stackpath.is_stack_path(path):  # its files' stamps
+        return f"stack|{stackpath.stack_name(str(path))}|{stackpath.digest(str(path), file_stamp)}"
     if is_remote(path):
         return f"remote|{stable_key(path)}"
     st = os.stat(path)
@@ -69,6 +80,8 @@ def default_cache_dir() -> Path:
 
 def folder_of(path: str | Path) -> str | Path:
     """The folder holding ``path``: a ``Path``, or for a URL or GDAL path the text before its file name."""
+    if stackpath.is_stack_path(path):
+        return folder_of(stackpath.members(str(path))[0])
     if not is_remote(path):
         return Path(path).parent
     return str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
@@ -100,7 +113,7 @@ def cache_root(paths: Sequence[str | Path], cache_dir: str | Path | None = None,
         return Path(cache_dir)
     if (fallback is not None and is_remote(fallback)) or any(is_remote(p) for p in paths):
         return default_cache_dir()
-    return Path(fallback) if fallback is not None else Path(paths[0]).parent
+    return Path(fallback) if fallback is not None else Path(folder_of(paths[0]))
 
 
 def redacted(spec: Any) -> Any:
@@ -110,6 +123,8 @@ def redacted(spec: Any) -> Any:
         return redact(str(spec)) if is_remote(spec) else spec
     if isinstance(spec, (list, tuple)):
         return type(spec)(redacted(s) for s in spec)
+    if isinstance(spec, Mapping):  # several sources: {s2: ..., s1: {images: ...}}
+        return {k: redacted(v) for k, v in spec.items()}
     return spec
 
 
@@ -122,3 +137,44 @@ def use_read_options() -> None:
     """
     for key, value in READ_OPTIONS.items():
         os.environ.setdefault(key, value)
+
+
+def expand_paths(spec: str | Path | Sequence[str | Path], suffixes: tuple[str, ...], what: str) -> list[str | Path]:
+    """A folder (its files with ``suffixes``, not recursive), a glob, a file, or a list of them.
+
+    A URL (``https://``, ``s3://``, ``gs://``, ``az://``) is a file when its name has a suffix, else
+    a folder: an ``s3://`` prefix is listed (other stores cannot be); globs are local only. URLs come
+    back as GDAL paths (``str``, see :func:`geobp.sources.locations.location`), local files as ``Path``.
+
+    Raises:
+        DataNotFoundError: a path does not exist, or nothing matches.
+        ConfigError: a folder URL that cannot be listed (HTTP, GCS, Azure).
+    """
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    out: list[str | Path] = []
+    for item in items:
+        text = str(item)
+        if stackpath.is_stack_path(text):  # a stacked scene (geobp.sources.imagery): a file
+            out.append(text)
+        elif is_remote(text):
+            if is_folder_url(text):
+                out += [gdal_path(p) for p in list_prefix(gdal_path(text), suffixes)]
+            else:
+                out.append(gdal_path(text))
+        elif any(c in text for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataNotFoundError(format_error(text, f"no {what} matches this pattern", f"check the data.{what} pattern"))
+            out += found
+        elif Path(text).is_dir():
+            found = sorted(
+                p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+            )
+            if not found:
+                raise DataNotFoundError(format_error(text, f"folder holds no {'/'.join(suffixes)} files", f"check data.{what}"))
+            out += found
+        elif Path(text).is_file():
+            out.append(Path(text))
+        else:
+            raise DataNotFoundError(format_error(text, "file or folder not found", f"check data.{what}"))
+    return out

@@ -35,6 +35,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 
 from geobp.errors import ConfigError, DataNotFoundError, RasterReadError, format_error
+from geobp.sources import stackpath
 
 #: URL scheme -> GDAL virtual file system prefix.
 SCHEMES: dict[str, str] = {
@@ -109,8 +110,11 @@ def is_url(path: str | Path) -> bool:
 
 
 def is_remote(path: str | Path) -> bool:
-    """Whether ``path`` is read over the network: a URL, or a GDAL network path (``/vsis3/...``)."""
+    """Whether ``path`` is read over the network: a URL, or a GDAL network path (``/vsis3/...``); a
+    stack path (:mod:`~geobp.sources.stackpath`) when any of its files is."""
     text = str(path)
+    if stackpath.is_stack_path(text):
+        return any(is_remote(f) for f in stackpath.members(text))
     return is_url(text) or any(part in text for part in NETWORK_VSI)
 
 
@@ -126,7 +130,7 @@ def gdal_path(path_or_url: str | Path) -> str:
     """
     text = str(path_or_url)
     match = _URL.match(text)
-    if match is None:
+    if match is None or stackpath.is_stack_path(text):
         return text
     scheme = match.group(1).lower()
     rest = text[match.end():]
@@ -164,8 +168,22 @@ def redact(text: str) -> str:
         sep, key, eq, value = match.groups()
         return f"{sep}{key}{eq}{REDACTED}" if value and _is_secret(key) else match.group(0)
 
-    text = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:{REDACTED}@", str(text))
+    text = str(text)
+    if stackpath.PREFIX in text:  # a stack path: shown by its scene's name, its files' URLs nowhere
+        text = _STACK.sub(lambda m: _stack_display(m.group(0)), text)
+    text = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:{REDACTED}@", text)
     return _QUERY_PARAM.sub(query, text)
+
+
+#: a stack path inside a message (its JSON runs to the last closing brace on the line)
+_STACK = re.compile(re.escape(stackpath.PREFIX) + r"\{.*\}")
+
+
+def _stack_display(text: str) -> str:
+    try:
+        return stackpath.display(text)
+    except (ValueError, KeyError, TypeError):
+        return "a stacked scene"
 
 
 def stable_key(path: str | Path) -> str:
@@ -175,6 +193,8 @@ def stable_key(path: str | Path) -> str:
     token or expiry (``X-Amz-*``, ``X-Goog-*``, ``Signature``, ``Expires``, Azure ``sig``, ``st``,
     ``se``, ``sk*``), and without a password; other parameters keep their order.
     """
+    if stackpath.is_stack_path(str(path)):  # its name and a hash of its files' stable keys
+        return f"stack|{stackpath.stack_name(str(path))}|{stackpath.digest(str(path), stable_key)}"
     text = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}@", gdal_path(path))
     if text.startswith("/vsicurl?"):  # GDAL's option form, the URL percent-encoded inside: a key, not a path
         return _QUERY_PARAM.sub(lambda m: "" if _is_volatile(m.group(2)) else m.group(0), text)
