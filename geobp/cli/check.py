@@ -182,6 +182,7 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     from geobp.data.alignment import check_labelled_dataset
     from geobp.data.labels import LabelOptions
     from geobp.sources.locations import file_name, join, location
+    from geobp.sources.stackpath import is_stack_path
     from geobp.sources.urls import is_remote
 
     options = LabelOptions.from_config({
@@ -194,11 +195,17 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     if images is None or labels is None:
         raise ConfigError(format_error(None, "data.images and data.labels are both needed", "pass --data.images and --data.labels"))
     nodata = a.nodata if a.nodata is not None else data.get("nodata")
+    from geobp.sources.imagery import resolve_images
+
+    # a STAC document or several sources: one stacked scene each, with its sources reported below
+    images = resolve_images(images, data.get("bands"), warp_block=data.get("tile_size") or 256) or images
     local_root = root if root and not is_remote(root) else None  # a remote dataset's cache is local
     reports = check_labelled_dataset(images, labels, options, data.get("cache_dir") or local_root, nodata,
                                      full=not a.quick, progress=True)
     table = Table(title="geobp check (labels aligned onto each image)", show_lines=True)
-    for col in ("scene", "image", "label sources", "labels", "coverage", "classes (pixels)", "unmapped", "status", "problems"):
+    stacked = any(r.image is not None and is_stack_path(r.image.path) for r in reports)
+    for col in ("scene", "image", *(("sources",) if stacked else ()), "label sources", "labels", "coverage",
+                "classes (pixels)", "unmapped", "status", "problems"):
         table.add_column(col, overflow="fold")
     for r in reports:
         img, rep = r.image, r.label_report
@@ -206,6 +213,7 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
         table.add_row(
             r.name,
             f"{img.height}x{img.width} {img.count} x {img.dtype}\n{img.crs} {img.transform[0]:g} x {-img.transform[4]:g}" if img else "-",
+            *((source_lines(img.path) if img is not None and is_stack_path(img.path) else "-",) if stacked else ()),
             "\n".join(file_name(s) for s in rep.sources) if rep else "-",
             "\n".join(f"{c} {res[0]:g} x {res[1]:g}" if res else str(c) for c, res in zip(rep.source_crs, rep.source_res)) if rep else "-",
             f"{rep.coverage:.1%}" if rep else "-",
@@ -217,3 +225,17 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
     Console(width=max(Console().width, 180)).print(table)
     print_check_summary(reports, nodata)
     return 1 if any(r.fatal for r in reports) else 0
+
+
+def source_lines(path: str) -> str:
+    """Per source of a stacked scene: its name, CRS and resolution, bands, files and coverage of the scene."""
+    from geobp.sources.stackreader import read_stack_path
+
+    _, stack, _ = read_stack_path(path)
+    lines = []
+    for s in stack.describe():
+        res = ", ".join(f"{x:g} x {y:g}" for x, y in s.res)
+        name = s.source or "bands"
+        lines.append(f"{name}: {', '.join(s.crs)} {res}; {len(s.files)} file{'s' if len(s.files) != 1 else ''}; "
+                     f"covers {s.coverage:.0%}; {', '.join(s.bands)}")
+    return "\n".join(lines)

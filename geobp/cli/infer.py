@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict land cover over whole GeoTIFFs of any size with a checkpoint from `geobp fit`. "
         "Writes OUT/<name>_classes.tif (uint8 class ids, colour table, class names, input's CRS and grid).",
     )
-    p.add_argument("inputs", nargs="+", help="GeoTIFFs and/or folders of them; URLs too (https://, s3://, gs://, az://; "
-                   "an s3:// prefix is listed like a folder)")
+    p.add_argument("inputs", nargs="*", help="GeoTIFFs and/or folders of them; URLs too (https://, s3://, gs://, az://; "
+                   "an s3:// prefix is listed like a folder); STAC Items, ItemCollections or Catalogs (.json, path or URL): "
+                   "one scene per item, its bands stacked as in training")
+    p.add_argument("--images", type=yaml_mapping, default=None, metavar="SOURCES",
+                   help="several sources per scene, as data.images takes them: a YAML/JSON mapping such as "
+                        "'{s2: items.json, s1: s1/, dem: dem.vrt}' (the first source is the grid the outputs are on)")
     p.add_argument("--ckpt", "--ckpt_path", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output folder")
     # Spellings follow Lightning and geobp's config (tile_size, batch_size, accelerator, devices,
@@ -106,13 +110,16 @@ def label_spec(text: str) -> str | list[str]:
 
 def run(argv: Sequence[str]) -> int:
     """``geobp infer``: predict whole rasters with a checkpoint; 1 when any input failed or could not be scored."""
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.inputs and a.images is None:
+        parser.error("give input rasters (or STAC documents), or --images with a mapping of sources")
     from geobp.inference import predict_many
     from geobp.sources.urls import redact
 
     ranks, device = infer_processes(torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
-        a.ckpt, a.inputs, a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
+        a.ckpt, [*a.inputs, *([a.images] if a.images is not None else [])], a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
         num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands, normalize_on=a.normalize_on,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from geobp.inference.predict import PredictOptions, check_paths, open_job, predi
 from geobp.task import SegmentationTask
 from geobp.inference.sinks import OutputLayout, output_sinks
 from geobp.raster import list_rasters
+from geobp.sources.imagery import is_stacked, resolve_images
 from geobp.sources.locations import file_stem, is_folder_url, location
 from geobp.sources.urls import redact
 
@@ -52,11 +55,14 @@ class InferenceSummary:
         return out
 
 
-def expand_inputs(inputs: list[str | Path]) -> tuple[list[str | Path], list[tuple[str | Path, str]]]:
+def expand_inputs(inputs: list[Any], band_names: Sequence[str] | None = None,
+                  tile_size: int = 256) -> tuple[list[str | Path], list[tuple[str | Path, str]]]:
     """Replace folders (and ``s3://`` prefixes) by their ``.tif``/``.tiff`` files (sorted, not recursive).
 
     URLs become GDAL paths (:func:`geobp.sources.locations.location`); a URL whose last segment
-    has no file suffix (``s3://bucket/scenes/``) is listed as a folder.
+    has no file suffix (``s3://bucket/scenes/``) is listed as a folder. A STAC document or a
+    mapping of sources becomes one stacked scene per item or reference file, holding the model's
+    bands ``band_names`` (:func:`geobp.sources.imagery.resolve_images`).
 
     Returns:
         (rasters, problems): a folder holding no rasters (or that cannot be listed) is a problem,
@@ -65,7 +71,20 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[str | Path], list[tupl
     """
     rasters: list[str | Path] = []
     problems: list[tuple[str | Path, str]] = []
-    for item in map(location, inputs):
+    plain = []
+    for item in inputs:
+        if not is_stacked(item):
+            plain.append(item)
+            continue
+        name = "--images" if isinstance(item, Mapping) else redact(str(item))
+        try:
+            with warnings.catch_warnings(record=True) as caught:  # scenes another source does not cover
+                warnings.simplefilter("always")
+                rasters.extend(resolve_images(item, list(band_names) if band_names else None, warp_block=tile_size) or [])
+            problems.extend((name, str(w.message)) for w in caught if "left out" in str(w.message))
+        except GeobpError as err:
+            problems.append((name, str(err)))
+    for item in map(location, plain):
         if isinstance(item, str):  # remote: a file, or a prefix to list
             if not is_folder_url(item):
                 rasters.append(item)
@@ -145,7 +164,7 @@ def predict_many(
         opts.for_model(task), num_classes=k, class_names=class_names_for(hp.get("class_names"), k),
         expected_dtype=pre.dtype, band_names=hp.get("in_band_names"), progress=opts.progress and ranks.rank == 0,
     )
-    rasters, failed = expand_inputs(inputs)
+    rasters, failed = expand_inputs(inputs, opts.band_names, opts.tile_size or 256)
     summary = InferenceSummary(failed=failed, class_names=list(opts.class_names or []))
     seen: dict[Path, Path] = {}
     for src in rasters:

@@ -25,6 +25,9 @@ reference grid with the band's resampling (the same values as :func:`rasterio.wa
 the band onto the reference grid). Bands of one source whose files share a grid (Sentinel-2's 20 m
 bands, Sentinel-1's VV and VH) are warped together, each with its own nodata; the warped rasters
 are computed in blocks of ``warp_block`` px (the tile size) and cached in GDAL's block cache.
+Warped together, at the rim of one band's own nodata holes GDAL's warper interpolates from the
+valid neighbours where a one-band reproject gives nodata (a pixel wide), and its approximate
+transformer (0.125 px) may place pixels slightly differently than a one-band reproject.
 
 A pixel is **valid** when every band has data there: not its nodata value, not NaN, inside a
 file. So a pixel is invalid where the reference source has no data, or where any other source
