@@ -97,7 +97,8 @@ def parse_check_args(argv: Sequence[str]) -> argparse.Namespace:
             return first
         section = config_data_section(first.config)
         # the config's data section first, the command line's --data.* options over it
-        return parser.parse_args(["--data", yaml.safe_dump(section), *argv]) if section else first
+        # sort_keys=False: the order of data.images' sources matters (the first is the reference grid)
+        return parser.parse_args(["--data", yaml.safe_dump(section, sort_keys=False), *argv]) if section else first
     except ArgumentError as err:
         raise ConfigError(check_error(str(err), known_options(parser))) from None
 
