@@ -26,6 +26,16 @@ def add_vector_arguments(group: Any, required: bool = False) -> None:
     group.add_argument("--classes", default=None, metavar="IDS", help="keep only these class ids, e.g. 3 or 1,3")
 
 
+def vector_options(a: argparse.Namespace, overwrite: bool = False) -> Any:
+    """The :class:`~geobp.inference.vectorize.VectorOptions` of parsed arguments, or None without ``--vector``."""
+    if a.vector is None:
+        return None
+    from geobp.inference.vectorize import VectorOptions, parse_classes
+
+    return VectorOptions(format=a.vector, simplify=a.simplify, min_area=a.min_area, classes=parse_classes(a.classes),
+                         overwrite=overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``geobp vectorize`` (built without torch)."""
     p = argparse.ArgumentParser(
@@ -47,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str]) -> int:
     """``geobp vectorize``: write the polygon file; 0 on success (bad input raises a one-line error)."""
     a = build_parser().parse_args(argv)
-    from geobp.inference.vectorize import VectorOptions, parse_classes, vector_path, vectorize_class_map
+    from geobp.inference.vectorize import vector_path, vectorize_class_map
 
-    options = VectorOptions(format=a.vector, simplify=a.simplify, min_area=a.min_area, classes=parse_classes(a.classes),
-                            overwrite=a.overwrite)
+    options = vector_options(a, a.overwrite)
     summary = vectorize_class_map(a.class_map, vector_path(a.class_map, a.vector, a.out), options, confidence=a.confidence)
     console.print(f"{a.class_map} -> {summary.path} ({summary.polygons} polygons)", highlight=False, soft_wrap=True)
     return 0

@@ -17,12 +17,15 @@ Options (:class:`VectorOptions`):
   a subset of the classes (after sieving, so a small region of a dropped class is still merged
   into its neighbour first).
 - ``min_area`` (pixels): regions smaller than this are merged into their largest neighbour,
-  before polygonizing: ``rasterio.features.sieve`` (``gdal_sieve``) with 4-connectivity, run on
-  each strip with ``halo`` rows of context above and below it (at least ``min_area``). The set of
-  small regions is then exactly that of sieving the whole map (a region that reaches past the
-  context spans more rows than ``min_area``); the neighbour each one joins is the whole-map
-  sieve's too unless its largest neighbour reaches past the context and is smaller inside it than
-  another neighbour. Regions that touch only nodata keep their class, as in ``gdal_sieve``.
+  before polygonizing: ``rasterio.features.sieve`` (``gdal_sieve``: the largest neighbour by pixel
+  count, which is not always the one sharing the longest edge) with 4-connectivity, run on each
+  strip with :attr:`VectorOptions.halo` rows of context above and below it (``max(2 * min_area,
+  32)``; strips are then at least that many rows, so memory grows with ``min_area`` times the
+  width). The set of small regions is exactly that of sieving the whole map (a region that
+  reaches past the context spans more rows than ``min_area``); the neighbour each joins is the
+  whole-map sieve's too unless its largest neighbour reaches past the context and holds fewer
+  pixels inside it than another neighbour (a limit of streaming; the tests compare with the
+  whole-map sieve). Regions that touch only nodata keep their class, as in ``gdal_sieve``.
 - ``simplify`` (pixels): topology-preserving simplification of the polygons as one coverage
   (``shapely.coverage_simplify``): neighbours keep sharing their edges, without gaps or overlaps.
   It runs on batches of finished polygons (:attr:`VectorOptions.batch_polygons`); edges between
@@ -91,8 +94,12 @@ class VectorOptions:
 
     @property
     def halo(self) -> int:
-        """Rows of context read above and below each strip for the sieve (0 without ``min_area``)."""
-        return self.min_area if self.min_area > 1 else 0
+        """Rows of context read above and below each strip for the sieve: ``max(2 * min_area, 32)`` (0 without ``min_area``)."""
+        return max(2 * self.min_area, 32) if self.min_area > 1 else 0
+
+    def strip_rows(self, width: int) -> int:
+        """Rows per strip: :attr:`strip_pixels` / ``width``, at least one, and at least :attr:`halo` when sieving."""
+        return max(1, self.strip_pixels // max(width, 1), self.halo)
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def read_strips(src: rasterio.DatasetReader, options: VectorOptions,
     None) is the confidence raster's single band, or the maximum over its bands (probabilities).
     """
     height, width = src.height, src.width
-    rows = max(1, options.strip_pixels // max(width, 1))
+    rows = options.strip_rows(width)
     halo = options.halo
     nodata = src.nodata
     scale = 1 / 255 if conf is not None and conf.dtypes[0] == "uint8" else 1.0
