@@ -22,6 +22,7 @@ _TITLES = {
     "startup": "1b. Start-up before the first training step",
     "sources": "4b. Several sources on one grid",
     "help": "5b. Command-line help",
+    "vectorize": "3c. Polygons of a class map",
 }
 
 

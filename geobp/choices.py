@@ -24,6 +24,9 @@ NormalizeOn = Literal["reader", "device"]
 #: What inference writes besides the class map: none, per-class probabilities, or the top-class
 #: confidence. Each name other than ``none`` is a sink of :data:`geobp.inference.sinks.SINKS`.
 Probabilities = Literal["none", "probs", "confidence"]
+#: Vector formats of the polygons (``geobp vectorize``, ``geobp infer --vector``): GeoPackage,
+#: FlatGeobuf, GeoJSON, GeoParquet.
+VectorFormat = Literal["gpkg", "fgb", "geojson", "parquet"]
 #: Data types of synthetic scenes (``geobp synth --dtype``).
 SynthDType = Literal["uint8", "uint16", "int16", "float32"]
 

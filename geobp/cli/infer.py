@@ -14,6 +14,7 @@ from typing import Any, get_args
 
 from geobp.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Probabilities, Reader
 from geobp.cli.common import console, yaml_mapping
+from geobp.cli.vectorize import add_vector_arguments, vector_options
 from geobp.errors import ConfigError, format_error
 
 #: The label options of ``geobp infer`` (``--label_*``), by their ``data.*`` names.
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match_bands", "--match-bands", default="names", choices=list(get_args(MatchBands)),
                    help="names (default): find the model's bands in each raster by its band descriptions, in any order; "
                         "order: read the training band numbers whatever the descriptions say")
+    add_vector_arguments(p.add_argument_group(
+        "polygons for a GIS", "--vector writes OUT/<name>_classes.<ext> once the class map is complete; the polygons' "
+        "confidence is read from the confidence (or probabilities) output, so --vector also writes <name>_confidence.tif "
+        "unless --probabilities asks for one"))
     add_label_arguments(p.add_argument_group(
         "scoring against ground truth (writes OUT/metrics.json)",
         "The labels are read with the checkpoint's label options (those of training: data.label_map ...) "
@@ -117,11 +122,15 @@ def run(argv: Sequence[str]) -> int:
     from geobp.inference import predict_many
     from geobp.sources.urls import redact
 
+    vector = vector_options(a)  # polygons need a per-pixel confidence: the confidence output unless probabilities are written
+    probabilities = "confidence" if vector is not None and a.probabilities == "none" else a.probabilities
     ranks, device = infer_processes(torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
     summary = predict_many(
-        a.ckpt, [*a.inputs, *([a.images] if a.images is not None else [])], a.out, tile_size=a.tile_size, overlap=a.overlap, batch_size=a.batch_size, device=device,
-        precision=a.precision, probabilities=a.probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
+        a.ckpt, [*a.inputs, *([a.images] if a.images is not None else [])], a.out, tile_size=a.tile_size, overlap=a.overlap,
+        batch_size=a.batch_size, device=device,
+        precision=a.precision, probabilities=probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
         num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands, normalize_on=a.normalize_on,
+        vector=vector,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code

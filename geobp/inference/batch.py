@@ -16,7 +16,8 @@ from geobp.inference.distributed import Ranks, plan, release_cuda_memory
 from geobp.inference.parts import remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, check_paths, open_job, predict_options, predict_raster, predict_share
 from geobp.task import SegmentationTask
-from geobp.inference.sinks import OutputLayout, output_sinks
+from geobp.inference.sinks import OutputLayout, output_paths, output_sinks
+from geobp.inference.vectorize import VectorOptions, vectorize_class_map
 from geobp.raster import list_rasters
 from geobp.sources.imagery import is_stacked, resolve_images
 from geobp.sources.locations import file_stem, is_folder_url, location
@@ -117,6 +118,7 @@ def predict_many(
     options: PredictOptions | None = None,
     *,
     ranks: Ranks | None = None,
+    vector: VectorOptions | None = None,
     **overrides: Any,
 ) -> InferenceSummary:
     """Predict every input raster with one model, writing ``<out_dir>/<stem>_classes.tif`` each.
@@ -137,6 +139,10 @@ def predict_many(
             by default those of the initialized process group, or a single process. With
             several, each call must get the same arguments; every process returns the same
             summary.
+        vector: also write the polygons of each class map, ``<stem>_classes.<ext>`` beside it
+            (:func:`~geobp.inference.vectorize.vectorize_class_map`, after the class map is
+            complete, by the process that wrote it); their confidence is read from the
+            confidence or probabilities output when one is written. A failure fails the raster.
         **overrides: fields of :class:`PredictOptions` replacing those of ``options``
             (:func:`~geobp.inference.predict.predict_options`), e.g. ``tile_size=256, device="cuda"``.
 
@@ -185,6 +191,8 @@ def predict_many(
                 results.append((n, src, error))
         elif owners[n] == ranks.rank:
             results.append((n, src, _predict_whole(task, src, dst, opts)))
+        if vector is not None and results and results[-1][0] == n and results[-1][2] is None:
+            results[-1] = (n, src, _vectorize(dst, opts, vector))
     if ranks.world > 1:
         results = sorted((r for part in ranks.all_gather(results) for r in part), key=lambda r: r[0])
     for _, src, error in results:
@@ -199,6 +207,17 @@ def _message(src: str | Path, err: Exception) -> str:
     """The one-line report of a failed raster."""
     release_cuda_memory(err)
     return str(err) if isinstance(err, GeobpError) else redact(f"{src}: {type(err).__name__}: {err}")
+
+
+def _vectorize(dst: Path, opts: PredictOptions, vector: VectorOptions) -> str | None:
+    """Write the polygons of class map ``dst``; the error message, or None on success."""
+    outputs = output_paths(dst, opts.probabilities)
+    try:
+        vectorize_class_map(dst, None, dataclasses.replace(vector, overwrite=opts.overwrite),
+                            confidence=outputs.get("confidence", outputs.get("probs")))
+    except Exception as err:  # noqa: BLE001 - reported like a failed prediction
+        return _message(dst, err)
+    return None
 
 
 def _predict_whole(task: SegmentationTask, src: str | Path, dst: Path, opts: PredictOptions) -> str | None:
