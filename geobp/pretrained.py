@@ -183,13 +183,14 @@ def compose_normalize(transforms: nn.Module | None, n_bands: int, name: str = "w
 def match_bands(data_bands: Sequence[str], weights: PretrainedWeights) -> list[int | None]:
     """Index in the weights' bands of each data band, by name (None for bands the weights lack).
 
-    Names are compared by :func:`canonical_band`, so ``B8A``, ``b8a`` and ``B08A`` are one band.
+    Names are compared by :func:`canonical_band`, so ``B8A``, ``b8a`` and ``B08A`` are one band, and
+    without the source of a scene of several sources (``s2:B04`` is ``B04``).
 
     Raises:
         ConfigError: fewer than half of the data's bands are in the weights (lists both).
     """
     index = {canonical_band(b): i for i, b in enumerate(weights.bands)}
-    matched = [index.get(canonical_band(b)) for b in data_bands]
+    matched = [index.get(canonical_band(b.rpartition(":")[2])) for b in data_bands]
     hits = sum(i is not None for i in matched)
     if 2 * hits < len(data_bands):
         raise ConfigError(format_error(

@@ -65,6 +65,8 @@ def test_band_names_compare_case_and_leading_zeros():
     w = resolve_pretrained(S2)
     assert match_bands(["B04", "b3", "B8A", "B10"], w) == [3, 2, 8, 10]
     assert match_bands(["B4", "B3", "water_index"], w) == [3, 2, None]
+    # a scene of several sources names its bands <source>:<band>: the source is not part of the name
+    assert match_bands(["s2:B04", "s2:B03", "s1:VV"], w) == [3, 2, None]
 
 
 def test_too_few_matched_bands_list_both_lists():
