@@ -103,7 +103,14 @@ def test_stac_model_predicts_an_item_given_by_path(runs, stac_tree):
     assert main(["infer", "--ckpt", str(runs["stac_ckpt"]), "--out", str(out), str(stac_tree.root / stac_tree.item_pc)]) == 0
     with rasterio.open(out / f"{stac_tree.ids[1]}_classes.tif") as src:  # Planetary Computer keys: bands found by name
         assert (src.width, src.height) == (120, 120)
-        assert set(np.unique(src.read(1))) <= {0, 1, 2, 255}
+        threads = src.read(1)
+        assert set(np.unique(threads)) <= {0, 1, 2, 255}
+    # reader processes open the stacked scene from its path alone, as the threads do
+    out = runs["root"] / "pred_item_processes"
+    assert main(["infer", "--ckpt", str(runs["stac_ckpt"]), "--out", str(out), "--reader", "processes", "--readers", "2",
+                 str(stac_tree.root / stac_tree.item_pc)]) == 0
+    with rasterio.open(out / f"{stac_tree.ids[1]}_classes.tif") as src:
+        np.testing.assert_array_equal(src.read(1), threads)
 
 
 def test_check_reports_every_source_of_every_scene(runs, capsys, monkeypatch):

@@ -200,8 +200,13 @@ def test_vsicurl_read_equals_local_read(http_server: ServerProcess, stac_tree: S
     np.testing.assert_array_equal(window, stac_tree.array(0, "B08")[0, :32, :32])
 
 
-def test_without_the_options_gdal_probes_side_car_files(http_server: ServerProcess, stac_tree: StacTree) -> None:
+def test_without_the_options_gdal_probes_side_car_files(http_server: ServerProcess, stac_tree: StacTree,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The counterpart of the test above: what GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR saves."""
+    from geobp.sources.urls import READ_OPTIONS
+
+    for key in READ_OPTIONS:  # set process-wide by any earlier test of this worker that opened a URL
+        monkeypatch.delenv(key, raising=False)
     rel = f"{stac_tree.ids[1]}/B03.tif"
     http_server.reset()
     with rasterio.Env(), rasterio.open(gdal_path(f"{http_server.url}/{rel}")) as src:
