@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from geobp.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Probabilities, Reader
+from geobp.choices import PRECISION_ALIASES, TTA, MatchBands, NormalizeOn, Precision, Probabilities, Reader
 from geobp.cli.common import console, yaml_mapping
 from geobp.cli.vectorize import add_vector_arguments, vector_options
 from geobp.errors import ConfigError, format_error
@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32-true", choices=[*get_args(Precision), *PRECISION_ALIASES],
                    help="as trainer.precision: 32-true, or bf16-mixed / 16-mixed autocast on a GPU (32, bf16, 16 also accepted)")
     p.add_argument("--probabilities", default="none", choices=list(get_args(Probabilities)),
-                   help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
+                   help="also write per-class probabilities (uint8, 0-255), the top-class confidence (0-255), or the "
+                        "predictive entropy (0 certain .. 254 all classes equally likely; 255 nodata)")
+    p.add_argument("--tta", default="none", choices=list(get_args(TTA)),
+                   help="test-time augmentation: average each tile's class probabilities over its 4 flips (flips: "
+                        "4 forward passes) or its 8 flips and quarter turns (d4: 8); the tiles are read once")
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--reader", choices=list(get_args(Reader)), default=None,
@@ -131,6 +135,7 @@ def run(argv: Sequence[str]) -> int:
         precision=a.precision, probabilities=probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
         num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands, normalize_on=a.normalize_on,
         vector=vector,
+        tta=a.tta,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code
