@@ -24,6 +24,8 @@ NormalizeOn = Literal["reader", "device"]
 #: What inference writes besides the class map: none, per-class probabilities, or the top-class
 #: confidence. Each name other than ``none`` is a sink of :data:`geobp.inference.sinks.SINKS`.
 Probabilities = Literal["none", "probs", "confidence"]
+#: Formats of ``geobp export``: an ONNX graph (ONNX Runtime) or a TorchScript module (``torch.jit.load``).
+ExportFormat = Literal["onnx", "torchscript"]
 #: Data types of synthetic scenes (``geobp synth --dtype``).
 SynthDType = Literal["uint8", "uint16", "int16", "float32"]
 
