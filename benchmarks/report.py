@@ -16,6 +16,7 @@ _TITLES = {
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
     "readers": "3b. Inference readers: threads and processes against the decode limit",
+    "export": "3c. Exported models: ONNX Runtime and TorchScript against the checkpoint",
     "gpu": "6. GPU",
     "labels": "4. Labels on another grid",
     "balance": "5. Rare classes: uniform and balanced tile sampling",
