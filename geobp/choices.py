@@ -32,6 +32,8 @@ TTA = Literal["none", "flips", "d4"]
 #: Vector formats of the polygons (``geobp vectorize``, ``geobp infer --vector``): GeoPackage,
 #: FlatGeobuf, GeoJSON, GeoParquet.
 VectorFormat = Literal["gpkg", "fgb", "geojson", "parquet"]
+#: Formats of ``geobp export``: an ONNX graph (ONNX Runtime) or a TorchScript module (``torch.jit.load``).
+ExportFormat = Literal["onnx", "torchscript"]
 #: Data types of synthetic scenes (``geobp synth --dtype``).
 SynthDType = Literal["uint8", "uint16", "int16", "float32"]
 
