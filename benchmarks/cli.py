@@ -2,7 +2,7 @@
 
 Commands:
 
-- ``run [--quick] [--only loading,training,inference,readers,labels,balance,sources,help] [--out BENCHMARKS.md]``: each section in a
+- ``run [--quick] [--only loading,training,inference,readers,tta,export,vectorize,labels,balance,sources,help] [--out BENCHMARKS.md]``: each section in a
   fresh process (its own GDAL cache, memory and threads), results stored as JSON, then rendered;
 - ``render``: rewrite the Markdown from the stored results (e.g. after adding ``gpu.json``);
 - ``section NAME``: one section in this process (what ``run`` starts);

@@ -16,13 +16,15 @@ _TITLES = {
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
     "readers": "3b. Inference readers: threads and processes against the decode limit",
+    "tta": "3c. Test-time augmentation: cost, and accuracy on a synthetic stand-in",
+    "export": "3d. Exported models: ONNX Runtime and TorchScript against the checkpoint",
     "gpu": "6. GPU",
     "labels": "4. Labels on another grid",
     "balance": "5. Rare classes: uniform and balanced tile sampling",
     "startup": "1b. Start-up before the first training step",
     "sources": "4b. Several sources on one grid",
     "help": "5b. Command-line help",
-    "vectorize": "3c. Polygons of a class map",
+    "vectorize": "3e. Polygons of a class map",
 }
 
 

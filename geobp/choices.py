@@ -21,12 +21,19 @@ MatchBands = Literal["names", "order"]
 Reader = Literal["threads", "processes"]
 #: Where inference normalises the tiles to float32: in the readers, or on the model's device.
 NormalizeOn = Literal["reader", "device"]
-#: What inference writes besides the class map: none, per-class probabilities, or the top-class
-#: confidence. Each name other than ``none`` is a sink of :data:`geobp.inference.sinks.SINKS`.
-Probabilities = Literal["none", "probs", "confidence"]
+#: What inference writes besides the class map: none, per-class probabilities, the top-class
+#: confidence, or the predictive entropy. Each name other than ``none`` is a sink of
+#: :data:`geobp.inference.sinks.SINKS`.
+Probabilities = Literal["none", "probs", "confidence", "entropy"]
+#: Test-time augmentation of inference: none, the four flips, or the eight flips and quarter turns
+#: (the dihedral group D4) of each tile, whose class probabilities are averaged
+#: (:mod:`geobp.inference.tta`).
+TTA = Literal["none", "flips", "d4"]
 #: Vector formats of the polygons (``geobp vectorize``, ``geobp infer --vector``): GeoPackage,
 #: FlatGeobuf, GeoJSON, GeoParquet.
 VectorFormat = Literal["gpkg", "fgb", "geojson", "parquet"]
+#: Formats of ``geobp export``: an ONNX graph (ONNX Runtime) or a TorchScript module (``torch.jit.load``).
+ExportFormat = Literal["onnx", "torchscript"]
 #: Data types of synthetic scenes (``geobp synth --dtype``).
 SynthDType = Literal["uint8", "uint16", "int16", "float32"]
 

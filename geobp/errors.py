@@ -69,6 +69,10 @@ class CheckpointError(GeobpError, ValueError):
     """A checkpoint is missing what geobp needs to rebuild the model and its preprocessing."""
 
 
+class ExportedModelError(GeobpError, ValueError):
+    """An exported model file (ONNX, TorchScript) is unreadable, not a geobp export, or its metadata is malformed."""
+
+
 class OutputExistsError(GeobpError, FileExistsError):
     """An output file exists and overwriting was not asked for."""
 

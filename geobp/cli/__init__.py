@@ -1,7 +1,7 @@
 """The ``geobp`` command: one :func:`main` for the console script, ``python -m geobp`` and the tests.
 
 Each verb lives in its own module (:mod:`geobp.cli.train` for LightningCLI's ``fit``,
-``validate`` and ``test``; :mod:`geobp.cli.infer`, ``vectorize``, ``check``, ``synth``, ``demo``, ``report``,
+``validate`` and ``test``; :mod:`geobp.cli.infer`, ``vectorize``, ``export``, ``check``, ``synth``, ``demo``, ``report``,
 ``weights``), imported only when the verb runs, so ``geobp --help`` and ``geobp VERB --help`` do
 not import torch. This is the top layer: nothing in geobp imports it.
 """
@@ -32,6 +32,7 @@ VERBS: dict[str, Verb] = {
     "test": Verb("geobp.cli.train:test", "score a checkpoint on the test split (needs data.test_fraction > 0)"),
     "infer": Verb("geobp.cli.infer:run", "predict whole GeoTIFFs of any size with a checkpoint; writes georeferenced class maps"),
     "vectorize": Verb("geobp.cli.vectorize:run", "polygonize a class map into a GeoPackage, FlatGeobuf, GeoJSON or GeoParquet file"),
+    "export": Verb("geobp.cli.export:run", "export a checkpoint as one ONNX or TorchScript file that runs without geobp"),
     "check": Verb("geobp.cli.check:run", "check a dataset before training: readable, georeferenced, labels within the classes"),
     "report": Verb("geobp.cli.report:run", "re-render a run's gradient-flow report from its gradflow.json"),
     "synth": Verb("geobp.cli.synth:run", "write synthetic multi-band land-cover scenes with masks"),

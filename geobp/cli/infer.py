@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from geobp.choices import PRECISION_ALIASES, MatchBands, NormalizeOn, Precision, Probabilities, Reader
+from geobp.choices import PRECISION_ALIASES, TTA, MatchBands, NormalizeOn, Precision, Probabilities, Reader
 from geobp.cli.common import console, yaml_mapping
 from geobp.cli.vectorize import add_vector_arguments, vector_options
 from geobp.errors import ConfigError, format_error
@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=yaml_mapping, default=None, metavar="SOURCES",
                    help="several sources per scene, as data.images takes them: a YAML/JSON mapping such as "
                         "'{s2: items.json, s1: s1/, dem: dem.vrt}' (the first source is the grid the outputs are on)")
-    p.add_argument("--ckpt", "--ckpt_path", required=True, help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", "--ckpt_path", help="checkpoint written by `geobp fit` (e.g. <run>/checkpoints/last.ckpt)")
+    model.add_argument("--model", help="instead of --ckpt: a model written by `geobp export` (.onnx, run by ONNX Runtime; "
+                       ".pt or .ts, TorchScript); bands, classes, tile size and normalisation come from its metadata")
     p.add_argument("--out", required=True, help="output folder")
     # Spellings follow Lightning and geobp's config (tile_size, batch_size, accelerator, devices,
     # num_nodes, precision); the earlier hyphenated ones stay as aliases.
@@ -48,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32-true", choices=[*get_args(Precision), *PRECISION_ALIASES],
                    help="as trainer.precision: 32-true, or bf16-mixed / 16-mixed autocast on a GPU (32, bf16, 16 also accepted)")
     p.add_argument("--probabilities", default="none", choices=list(get_args(Probabilities)),
-                   help="also write per-class probabilities (uint8, 0-255) or the top-class confidence")
+                   help="also write per-class probabilities (uint8, 0-255), the top-class confidence (0-255), or the "
+                        "predictive entropy (0 certain .. 254 all classes equally likely; 255 nodata)")
+    p.add_argument("--tta", default="none", choices=list(get_args(TTA)),
+                   help="test-time augmentation: average each tile's class probabilities over its 4 flips (flips: "
+                        "4 forward passes) or its 8 flips and quarter turns (d4: 8); the tiles are read once")
     p.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--reader", choices=list(get_args(Reader)), default=None,
@@ -125,12 +132,19 @@ def run(argv: Sequence[str]) -> int:
     vector = vector_options(a)  # polygons need a per-pixel confidence: the confidence output unless probabilities are written
     probabilities = "confidence" if vector is not None and a.probabilities == "none" else a.probabilities
     ranks, device = infer_processes(torch_device(a.accelerator), a.devices, a.num_nodes, a.threads)
+    if a.model is not None:
+        from geobp.inference.exported import load_exported
+
+        model: Any = load_exported(a.model, device)
+    else:
+        model = a.ckpt
     summary = predict_many(
-        a.ckpt, [*a.inputs, *([a.images] if a.images is not None else [])], a.out, tile_size=a.tile_size, overlap=a.overlap,
+        model, [*a.inputs, *([a.images] if a.images is not None else [])], a.out, tile_size=a.tile_size, overlap=a.overlap,
         batch_size=a.batch_size, device=device,
         precision=a.precision, probabilities=probabilities, cog=a.cog, overwrite=a.overwrite, progress=True,
         num_workers=a.readers, reader=a.reader, ranks=ranks, match_bands=a.match_bands, normalize_on=a.normalize_on,
         vector=vector,
+        tta=a.tta,
     )
     if ranks.rank != 0:  # every process has the same summary; rank 0 prints it
         return summary.exit_code
@@ -139,7 +153,7 @@ def run(argv: Sequence[str]) -> int:
     for line in summary.lines():
         console.print(line, highlight=False, soft_wrap=True)
     if a.labels is not None:
-        return max(summary.exit_code, score_outputs(a, summary.succeeded))
+        return max(summary.exit_code, score_outputs(a, summary.succeeded, None if a.model is None else model.hparams))
     return summary.exit_code
 
 
@@ -168,10 +182,10 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     if chosen is not None:
         where = "the command line"
     elif (trained := label_options_of(hparams)) is not None:
-        chosen, where = trained, f"the checkpoint {a.ckpt}"
+        chosen, where = trained, f"the {model_source(a)}"
     else:
         chosen = {}  # LabelOptions.from_config gives every missing option its one default
-        where = f"the defaults (the checkpoint {a.ckpt} holds none)"
+        where = f"the defaults (the {model_source(a)} holds none)"
     options = LabelOptions.from_config({
         "num_classes": hparams["num_classes"], "ignore_index": hparams.get("ignore_index"),
         "class_names": hparams.get("class_names"), **chosen})
@@ -179,9 +193,15 @@ def scoring_options(a: argparse.Namespace, hparams: dict[str, Any]) -> tuple[Any
     return options, f"label options from {where}: {described}"
 
 
-def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
+def model_source(a: argparse.Namespace) -> str:
+    """``checkpoint PATH`` or ``model PATH``: where the model came from, for messages."""
+    return f"checkpoint {a.ckpt}" if a.model is None else f"model {a.model}"
+
+
+def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]], hparams: dict[str, Any] | None = None) -> int:
     """Score the class maps against ``a.labels``: tables, and ``OUT/metrics.json``; 1 when any raster
-    could not be scored (each says why on its first line), or when there was nothing to score."""
+    could not be scored (each says why on its first line), or when there was nothing to score.
+    ``hparams``: the model's (an exported model's metadata); by default read from ``a.ckpt``."""
     from rich.console import Console
 
     from geobp.inference.scoring import score_predictions
@@ -190,7 +210,8 @@ def score_outputs(a: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> int:
     if not pairs:
         console.print("NOT SCORED: no class map was written (every input failed)", highlight=False)
         return 1
-    hparams = dict(load_checkpoint_data(Path(a.ckpt)).get("hyper_parameters") or {})
+    if hparams is None:
+        hparams = dict(load_checkpoint_data(Path(a.ckpt)).get("hyper_parameters") or {})
     options, line = scoring_options(a, hparams)
     console.print(line, highlight=False, soft_wrap=True)
     summary = score_predictions(pairs, a.labels, options=options, out_dir=a.out)

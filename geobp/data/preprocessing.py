@@ -203,6 +203,15 @@ class Preprocessing:
         high = np.asarray(self.high, np.float32)[:, None, None]
         return low, 1.0 / (high - low), high
 
+    def normalization_constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The float32 per-band constants of the normalisation, shaped [C, 1, 1]: (offset, scale,
+        clip high or None); the normalised value is ``(clip(x, offset, high) - offset) * scale``.
+
+        What an exported model (:mod:`geobp.inference.export`) builds into its graph, so that it
+        computes the float32 numbers this class does.
+        """
+        return self._constants()
+
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalise raw pixels of the selected bands (numpy; what inference uses).
 

@@ -13,6 +13,7 @@ from geobp.classes import class_names_for
 from geobp.errors import CheckpointError, ConfigError, GeobpError, format_error
 from geobp.inference.outputs import CLASSES_SUFFIX
 from geobp.inference.distributed import Ranks, plan, release_cuda_memory
+from geobp.inference.exported import ExportedModel, is_exported, load_exported
 from geobp.inference.parts import remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, check_paths, open_job, predict_options, predict_raster, predict_share
 from geobp.task import SegmentationTask
@@ -112,7 +113,7 @@ def class_map_path(src: str | Path, out_dir: str | Path) -> Path:
 
 
 def predict_many(
-    ckpt_or_task: str | Path | SegmentationTask,
+    ckpt_or_task: str | Path | SegmentationTask | ExportedModel,
     inputs: list[str | Path],
     out_dir: str | Path,
     options: PredictOptions | None = None,
@@ -129,7 +130,10 @@ def predict_many(
     others still run.
 
     Args:
-        ckpt_or_task: path of a ``geobp fit`` checkpoint, or a loaded :class:`SegmentationTask`.
+        ckpt_or_task: path of a ``geobp fit`` checkpoint, or a loaded :class:`SegmentationTask`;
+            or a model exported by ``geobp export`` (``.onnx``, ``.pt``, ``.ts``; its metadata
+            gives what the checkpoint would), or a loaded
+            :class:`~geobp.inference.exported.ExportedModel`.
         inputs: GeoTIFFs and/or folders of them.
         out_dir: output folder (created if needed).
         options: how to predict (:class:`PredictOptions`; its defaults when None). Its
@@ -150,14 +154,16 @@ def predict_many(
         An :class:`InferenceSummary`; its ``exit_code`` is non-zero when any input failed.
 
     Raises:
-        DataNotFoundError, CheckpointError: the checkpoint cannot be loaded.
+        DataNotFoundError, CheckpointError, ExportedModelError: the checkpoint (or exported
+            model) cannot be loaded.
         ConfigError: invalid options (an overlap that does not fit the tile size included), or
             two inputs share a file name (their outputs would collide).
     """
     opts = predict_options(options, **overrides)
     task = ckpt_or_task
-    if not isinstance(task, SegmentationTask):
-        task = SegmentationTask.from_checkpoint(ckpt_or_task, map_location=opts.device)
+    if not isinstance(task, (SegmentationTask, ExportedModel)):
+        task = (load_exported(task, opts.device) if is_exported(task)
+                else SegmentationTask.from_checkpoint(ckpt_or_task, map_location=opts.device))
     pre = task.preprocessing
     if pre is None:
         raise CheckpointError(format_error(ckpt_or_task if not isinstance(ckpt_or_task, SegmentationTask) else None,

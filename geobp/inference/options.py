@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from geobp.errors import ConfigError, format_error
-from geobp.choices import MatchBands, NormalizeOn, Precision, Probabilities, Reader, check_choice, normalize_precision
+from geobp.choices import TTA, MatchBands, NormalizeOn, Precision, Probabilities, Reader, check_choice, normalize_precision
 from geobp.tiling import TilingOptions
 
 if TYPE_CHECKING:
@@ -48,8 +48,9 @@ class PredictOptions:
         device: torch device for the model.
         precision: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` for autocast (meant for CUDA);
             ``32``, ``bf16`` and ``16`` are accepted and normalised.
-        probabilities: ``none``, ``probs`` (per-class uint8 probabilities) or ``confidence``: the
-            output written beside the class map (a sink of :data:`geobp.inference.sinks.SINKS`).
+        probabilities: ``none``, ``probs`` (per-class uint8 probabilities), ``confidence`` (the
+            top-class probability) or ``entropy`` (the predictive entropy): the output written
+            beside the class map (a sink of :data:`geobp.inference.sinks.SINKS`).
         cog: write Cloud Optimized GeoTIFFs (with overviews).
         overwrite: replace existing outputs.
         progress: show a progress bar (rich, on stderr).
@@ -73,6 +74,10 @@ class PredictOptions:
             hand over the raw pixels (fewer bytes to move for integer inputs, less reader CPU
             time) and the model's device normalises them, to the same float32 values.
             None (default): the device on CUDA, the reader elsewhere.
+        tta: test-time augmentation (:mod:`geobp.inference.tta`): ``none`` (default), ``flips``
+            (the class probabilities of each tile averaged over its 4 flips: 4 forward passes) or
+            ``d4`` (over its 8 flips and quarter turns: 8 forward passes); the tiles are read and
+            blended once.
 
     Raises:
         ConfigError: an invalid value (checked when the options are made).
@@ -96,6 +101,7 @@ class PredictOptions:
     match_bands: MatchBands = "names"
     reader: Reader | None = None
     normalize_on: NormalizeOn | None = None
+    tta: TTA = "none"
 
     def __post_init__(self) -> None:
         if self.tile_size is not None:
@@ -118,6 +124,7 @@ class PredictOptions:
         if self.normalize_on is not None:
             check_choice("normalize_on", self.normalize_on, NormalizeOn)
         check_choice("match_bands", self.match_bands, MatchBands)
+        check_choice("tta", self.tta, TTA)
         if self.band_names is not None:
             object.__setattr__(self, "band_names", tuple(str(n) for n in self.band_names))
         object.__setattr__(self, "precision", normalize_precision(self.precision))

@@ -44,6 +44,7 @@ from geobp.inference.procreader import ProcessReader
 from geobp.inference.reader import PrefetchReader, raw_dtype
 from geobp.inference.sinks import OutputLayout, OutputSink, check_outputs_free, output_sinks
 from geobp.inference.threads import decode_threads, default_processes, default_workers
+from geobp.inference.tta import tta_forward
 from geobp.inference.writer import BlendWriter
 from geobp.raster import check_georeferenced, describe, open_raster
 from geobp.sources.locations import file_name, location
@@ -301,7 +302,9 @@ def _run(model: nn.Module, job: Job, sinks: Sequence[OutputSink], rows: tuple[in
             with torch.inference_mode(), autocast:
                 for batch in reader:
                     image, valid = batch.on_device(dev, job.preprocessing, th, tw)
-                    logits = model(image)
+                    # with opts.tta, the log of the class probabilities averaged over flipped and turned
+                    # copies of the batch: the softmax below gives back that average (geobp.inference.tta)
+                    logits = tta_forward(model, image, opts.tta)
                     del image
                     if writer is None:
                         k = _check_output(logits, len(batch.tiles), tile_size, num_classes, class_names)

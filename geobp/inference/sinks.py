@@ -30,6 +30,12 @@ The outputs of one input raster ``<stem>.tif`` (``<stem>_classes.tif`` is the cl
   internal mask band.
 - ``confidence`` (``probabilities="confidence"``, ``<stem>_confidence.tif``): one uint8 band,
   the highest class probability times 255, masked like the probabilities.
+- ``entropy`` (``probabilities="entropy"``, ``<stem>_entropy.tif``): one uint8 band, the
+  predictive entropy of each pixel's class distribution divided by its largest value, log(K),
+  times 254 rounded (band scale 1/254: 0 is one class with probability 1, 254 all K classes
+  equally likely); nodata pixels are 255, the file's nodata value (a tag, not a mask: 0 is a
+  meaningful value here, and a reader that ignores masks still sees 255 as no value). The
+  value 255 is the entropy file's own, whatever the class map's ``nodata_value``.
 
 All have the input's CRS, transform and size, are tiled (256 x 256) and deflate-compressed,
 and are Cloud Optimized GeoTIFFs on request.
@@ -38,6 +44,7 @@ and are Cloud Optimized GeoTIFFs on request.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +178,18 @@ def top_probability(probs: Array) -> Array:
     if isinstance(probs, torch.Tensor):
         return probs.amax(dim=0, keepdim=True)
     return probs.max(axis=0, keepdims=True)
+
+
+def normalized_entropy(probs: Array) -> Array:
+    """float [1, h, w] in 0..1: each pixel's entropy ``-sum p log p`` over the K classes divided by
+    log(K), its largest value (0 for a one-hot distribution, 1 for the uniform one; 0 when K is 1)."""
+    k = probs.shape[0]
+    scale = 1.0 / math.log(k) if k > 1 else 0.0
+    if isinstance(probs, torch.Tensor):
+        return torch.special.xlogy(probs, probs).sum(dim=0, keepdim=True).mul_(-scale).clamp_(0.0, 1.0)
+    positive = probs > 0
+    plogp = np.where(positive, probs * np.log(np.where(positive, probs, 1.0)), 0.0)
+    return np.clip(plogp.sum(axis=0, keepdims=True) * -scale, 0.0, 1.0).astype(np.float32)
 
 
 # ----- GeoTIFF outputs ------------------------------------------------------------------------
@@ -383,6 +402,36 @@ class ConfidenceSink(ProbabilitiesSink):
         return top_probability(probs)
 
 
+class EntropySink(GeoTiffSink):
+    """The predictive entropy: one uint8 band, entropy / log(K) times 254, 255 (the nodata value) at nodata."""
+
+    #: the file's nodata value; the entropy takes 0..254
+    NODATA = 255
+    #: the uint8 value of the largest entropy, log(K)
+    TOP = 254
+
+    def bands(self, layout: OutputLayout) -> int:
+        return 1
+
+    def encode(self, probs: Array, valid: Array) -> Array:
+        h = normalized_entropy(probs)
+        if isinstance(h, torch.Tensor):
+            return h.mul_(self.TOP).round_().to(torch.uint8).masked_fill_(~valid, self.NODATA)
+        out = np.rint(h * self.TOP).astype(np.uint8)
+        out[:, ~valid] = self.NODATA
+        return out
+
+    def profile(self, layout: OutputLayout) -> dict[str, Any]:
+        return classes_profile(layout.profile, self.NODATA)  # one uint8 band with a nodata tag, as the class map
+
+    def describe(self, dataset: Any, layout: OutputLayout) -> None:
+        dataset.set_band_description(1, "entropy")
+        dataset.scales = (1 / self.TOP,)
+        dataset.update_tags(CLASS_NAMES=",".join(layout.class_names), NUM_CLASSES=str(layout.num_classes),
+                            SCALE=f"value / {self.TOP} = entropy / log({layout.num_classes}) (0: certain, 1: all classes equally likely)",
+                            NODATA_VALUE=str(self.NODATA))
+
+
 # ----- the table of outputs ---------------------------------------------------------------------
 
 
@@ -407,6 +456,7 @@ SINKS: dict[str, SinkEntry] = {
     "classes": SinkEntry(CLASSES_SUFFIX, ClassMapSink),
     "probs": SinkEntry("_probs", ProbabilitiesSink),
     "confidence": SinkEntry("_confidence", ConfidenceSink),
+    "entropy": SinkEntry("_entropy", EntropySink),
 }
 
 
@@ -416,10 +466,10 @@ def output_names(probabilities: Probabilities) -> list[str]:
 
 
 def output_paths(dst: str | Path, probabilities: Probabilities = "none") -> dict[str, Path]:
-    """Files written for class map ``dst``: ``{"classes": dst}`` plus ``"probs"`` or ``"confidence"``.
+    """Files written for class map ``dst``: ``{"classes": dst}`` plus ``"probs"``, ``"confidence"`` or ``"entropy"``.
 
     The other files sit beside ``dst``, named after its stem without ``_classes``:
-    ``out/a_classes.tif`` gives ``out/a_probs.tif`` or ``out/a_confidence.tif``.
+    ``out/a_classes.tif`` gives ``out/a_probs.tif``, ``out/a_confidence.tif`` or ``out/a_entropy.tif``.
     """
     dst = Path(dst)
     stem = dst.stem.removesuffix(CLASSES_SUFFIX)
