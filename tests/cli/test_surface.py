@@ -18,7 +18,7 @@ def test_help_lists_every_verb_with_a_line(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     verbs = {*COMMANDS, *GeobpCLI.subcommands()}
-    assert verbs == set(VERBS) == {"fit", "validate", "test", "infer", "export", "check", "report", "synth", "demo", "weights"}
+    assert verbs == set(VERBS) == {"fit", "validate", "test", "infer", "vectorize", "export", "check", "report", "synth", "demo", "weights"}
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert set(lines) == verbs and all(len(line.split()) > 2 for line in lines.values())
     assert main([]) == 2 and "verbs:" in capsys.readouterr().out  # no verb: the same page, and a failure

@@ -211,9 +211,11 @@ def test_numpy_and_torch_encodings_agree(name, tmp_path):
     b = sink.encode(torch.from_numpy(p), torch.from_numpy(valid)).numpy()
     np.testing.assert_array_equal(p, before)  # the other sinks encode the same cell
     assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == (sink.bands(layout), 9, 11)
-    assert sink.bands(layout) == {"classes": 1, "probs": K + 1, "confidence": 2}[name]
+    assert sink.bands(layout) == {"classes": 1, "probs": K + 1, "confidence": 2, "entropy": 1}[name]
     np.testing.assert_array_equal(a, b)
     if name == "classes":
         assert (a[0][~valid] == 255).all() and (a[0][valid] == p.argmax(0)[valid]).all()
+    elif name == "entropy":  # one band, 0..254, nodata 255
+        assert (a[0][~valid] == 255).all() and (a[0][valid] <= 254).all()
     else:
         assert (a[:-1, ~valid] == 0).all() and (a[-1] == np.where(valid, 255, 0)).all()
