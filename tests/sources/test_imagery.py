@@ -292,3 +292,27 @@ def test_plain_files_take_band_names_from_their_descriptions(world, tmp_path):
     assert dm.bands == [3, 1] and dm.band_names == ["B04", "B02"]
     with pytest.raises(ConfigError, match=r"data.bands names band 'nir'.*their bands: B02, B03, B04"):
         module(str(img), tmp_path, labels=world["labels"], bands=["nir"])
+
+
+# ----- STAC and sources in object storage -------------------------------------------------------
+
+
+def _whole(path: str) -> np.ndarray:
+    with open_raster(path) as src:
+        return src.read()
+
+
+def test_a_stac_item_over_http_and_on_s3_reads_as_the_local_one(stac_tree, http_server, s3_bucket, world,
+                                                                read_options_restored):
+    local = _whole(resolve_images(str(stac_tree.root / stac_tree.item), ["red", "swir16"])[0])
+    (over_http,) = resolve_images(f"{http_server.url}/{stac_tree.item}", ["red", "swir16"])
+    assert "/vsicurl/http://127.0.0.1" in over_http  # the assets' relative hrefs resolved against the URL
+    np.testing.assert_array_equal(_whole(over_http), local)
+    (on_s3,) = resolve_images(f"s3://{s3_bucket}/{stac_tree.item}", ["red", "swir16"])
+    assert "/vsis3/" in on_s3
+    np.testing.assert_array_equal(_whole(on_s3), local)
+    # several sources, the reference in object storage and another source local
+    spec = {"s2": f"s3://{s3_bucket}/{stac_tree.item}", "s1": str(world["s1"])}
+    (mixed,) = resolve_images(spec, ["s2:red", "s1:VV"])
+    local_mixed = resolve_images({"s2": str(stac_tree.root / stac_tree.item), "s1": str(world["s1"])}, ["s2:red", "s1:VV"])[0]
+    np.testing.assert_array_equal(_whole(mixed), _whole(local_mixed))
