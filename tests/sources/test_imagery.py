@@ -26,18 +26,17 @@ from geobp.sources.stackpath import is_stack_path
 from geobp.sources.stackreader import StackReader
 from geobp.sources.urls import redact
 from tests.conftest import write_tif
+from tests.sources.test_stack import lonlat_file
 from tests.sources.conftest import EPSG, EXTENT, NORTH, WEST, StacTree
 
 UTM = f"EPSG:{EPSG}"
 GRID = dict(crs=UTM, transform=from_origin(WEST, NORTH, 10, 10), width=120, height=120)
 
 
-def lonlat(path: Path, res: float, fn, crs: str, nodata: float, margin: float, dtype: str = "float32") -> Path:
-    """A raster in ``crs`` covering the scene footprint (plus ``margin``), values ``fn(h, w)``."""
-    l, b, r, t = project_bounds(UTM, crs, WEST, NORTH - EXTENT, WEST + EXTENT, NORTH)
-    l, b, r, t = l - margin, b - margin, r + margin, t + margin
-    w, h = math.ceil((r - l) / res), math.ceil((t - b) / res)
-    return write_tif(path, fn(h, w).astype(dtype), crs=crs, transform=from_origin(l, t, res, res), nodata=nodata)
+def lonlat(path: Path, res: float, fn, crs: str, nodata: float, margin: float) -> Path:
+    """A raster in ``crs`` covering this scene's footprint (plus ``margin``), values ``fn(h, w)``."""
+    footprint = project_bounds(UTM, crs, WEST, NORTH - EXTENT, WEST + EXTENT, NORTH)
+    return lonlat_file(path, res, margin, fn, nodata=nodata, bounds=footprint, crs=crs)
 
 
 def s1(root: Path) -> Path:
