@@ -7,12 +7,13 @@ are two regions, as in ``rasterio.features.shapes(connectivity=4)`` and ``gdal_p
 result is the same as polygonizing the whole map at once; memory holds one strip, the regions
 still open at its bottom edge, and the finished regions not yet handed out.
 
-How: each strip is labelled (:func:`label_strip`, one ``scipy.ndimage.label`` per class present)
-and polygonized by ``rasterio.features.shapes`` on the labels, in pixel coordinates (column, row of
-the whole map: integers, so pieces of a region from two strips share their edge exactly). Regions
-touching the seam between two strips are joined by union-find on the labels either side of the
-seam (same class, one pixel above the other); when such a region is finished its pieces are
-dissolved with ``shapely.union_all``.
+How: each strip is polygonized by ``rasterio.features.shapes`` on its classes (:func:`strip_polygons`;
+on labels, :func:`label_strip`, only when confidence sums are asked for), in pixel coordinates
+(column, row of the whole map: integers, so pieces of a region from two strips share their edge
+exactly). The polygons' edges along the strip's first and last rows say which polygon holds each
+pixel of those rows; regions touching the seam between two strips are joined by union-find
+(same class, one pixel above the other). A region's pieces are kept as a list while it is open
+and dissolved once, when it is finished (:func:`dissolve`), so no polygon is unioned twice.
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def label_strip(classes: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.n
     label_class = [np.zeros(1, np.int64)]
     count = 0
     values = classes[keep]
-    present = np.flatnonzero(np.bincount(values.astype(np.int64).ravel())) if values.size else []
+    if not values.size:
+        present = []
+    elif values.min() >= 0 and values.max() < 1 << 16:
+        present = np.flatnonzero(np.bincount(values.astype(np.int64).ravel()))
+    else:  # negative or large class ids
+        present = np.unique(values)
     for value in present:
         lab, n = ndimage.label(keep & (classes == value), structure=_FOUR)
         inside = lab > 0
@@ -87,30 +93,75 @@ def label_strip(classes: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.n
     return labels, np.concatenate(label_class)
 
 
-def pixel_polygons(labels: np.ndarray, row0: int) -> np.ndarray:
-    """Polygons of the labels of a strip whose first row is row ``row0`` of the map, indexed by label.
+#: the data types ``rasterio.features.shapes`` reads as they are
+_SHAPES_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32"))
 
-    Returns:
-        object array [n + 1] of shapely polygons in map pixel coordinates (entry 0 is None).
+
+def shapes_raster(classes: np.ndarray) -> np.ndarray | None:
+    """``classes`` in a data type ``rasterio.features.shapes`` reads exactly, or None when its values do not fit int32."""
+    if classes.dtype in _SHAPES_DTYPES:
+        return classes
+    info = np.iinfo(np.int32)
+    if classes.size and (classes.min() < info.min or classes.max() > info.max):
+        return None
+    return classes.astype(np.int32)
+
+
+@dataclass
+class StripPolygons:
+    """The polygons of one strip, indexed 1..n (index 0: none), and where they reach the strip's edges.
+
+    Attributes:
+        value: int64 [n + 1], the raster value each polygon was made from.
+        geometry: object [n + 1], shapely polygons in map pixel coordinates (entry 0 is None).
+        top: int64 [width], the polygon holding each pixel of the strip's first row (0: none).
+        bottom: int64 [width], the same for its last row.
     """
-    n = int(labels.max()) if labels.size else 0
-    out = np.full(n + 1, None, object)
-    if n == 0:
-        return out
-    shapes = rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.translation(0, row0))
-    # gather every ring's coordinates in one flat sequence and build the polygons in a few vectorized calls
+
+    value: np.ndarray
+    geometry: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+
+
+def strip_polygons(raster: np.ndarray, mask: np.ndarray, row0: int) -> StripPolygons:
+    """Polygonize one strip whose first row is row ``row0`` of the map: one polygon per 4-connected region of equal value.
+
+    The pixels of the strip's first and last rows are read off the polygons' edges along those
+    rows (a polygon's holes never reach them), so no label image is needed.
+    """
+    h, w = raster.shape
+    shapes = rasterio.features.shapes(raster, mask=mask, connectivity=4, transform=Affine.translation(0, row0))
+    # gather every ring's coordinates in one flat sequence and build the polygons in one vectorized call
     rings: list = []
-    values: list[int] = []
+    values: list = []
     ring_counts: list[int] = []
     for geom, value in shapes:
         coordinates = geom["coordinates"]
         rings.extend(coordinates)
         ring_counts.append(len(coordinates))
-        values.append(int(value))
+        values.append(value)
+    n = len(values)
+    out = StripPolygons(np.zeros(n + 1, np.int64), np.full(n + 1, None, object), np.zeros(w, np.int64), np.zeros(w, np.int64))
+    if n == 0:
+        return out
     lengths = np.fromiter(map(len, rings), np.int64, len(rings))
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64, 2 * int(lengths.sum()))
-    ring_geoms = shapely.linearrings(flat.reshape(-1, 2), indices=np.repeat(np.arange(len(rings)), lengths))
-    out[values] = shapely.polygons(ring_geoms, indices=np.repeat(np.arange(len(values)), ring_counts))
+    xy = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
+    ring_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    polygon_offsets = np.concatenate([[0], np.cumsum(ring_counts)])
+    out.geometry[1:] = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_offsets, polygon_offsets))
+    out.value[1:] = values
+    # horizontal edges along the first row's top and the last row's bottom: pixel runs of their polygon
+    ring_of = np.repeat(np.arange(len(rings)), lengths)
+    polygon_of = np.repeat(np.arange(1, n + 1), ring_counts)[ring_of]
+    x, y = xy[:, 0], xy[:, 1]
+    along = (ring_of[:-1] == ring_of[1:]) & (y[:-1] == y[1:])
+    for line, pixels in ((row0, out.top), (row0 + h, out.bottom)):
+        edges = np.flatnonzero(along & (y[:-1] == line))
+        start = np.minimum(x[edges], x[edges + 1]).astype(np.int64)
+        runs = np.abs(x[edges + 1] - x[edges]).astype(np.int64)
+        first = np.cumsum(runs) - runs
+        pixels[np.repeat(start - first, runs) + np.arange(int(runs.sum()))] = np.repeat(polygon_of[edges], runs)
     return out
 
 
@@ -166,20 +217,31 @@ class RegionStream:
         row0, self.row = self.row, self.row + h
         if h == 0:
             return Regions.empty()
-        labels, label_class = label_strip(classes, keep)
-        n = len(label_class) - 1
-        pixels = np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64)
-        if confidence is None:
-            conf = np.full(n + 1, np.nan)
-        else:
-            conf = np.bincount(labels.ravel(), weights=confidence.ravel().astype(np.float64), minlength=n + 1)
-        geoms = pixel_polygons(labels, row0)
+        raster = shapes_raster(classes) if confidence is None else None
+        if raster is not None:  # polygons of the classes themselves: no labelling needed
+            strip = strip_polygons(raster, keep, row0)
+            label_class = strip.value
+            conf = np.full(len(strip.value), np.nan)
+        else:  # labels: for the confidence sums, or classes beyond int32
+            labels, label_of_label = label_strip(classes, keep)
+            strip = strip_polygons(labels, labels > 0, row0)
+            label_class = label_of_label[strip.value]
+            if confidence is None:
+                conf = np.full(len(strip.value), np.nan)
+            else:
+                sums = np.bincount(labels.ravel(), weights=confidence.ravel().astype(np.float64), minlength=len(label_of_label))
+                conf = sums[strip.value]
+        # from here on, "label" is the index of a polygon of the strip (1..n)
+        n = len(strip.value) - 1
+        geoms = strip.geometry
+        pixels = np.zeros(n + 1, np.int64)
+        pixels[1:] = np.rint(shapely.area(geoms[1:]))  # in pixel coordinates, a polygon's area is its pixel count
 
         # seam: pairs (open key above, label below) of one class, one pixel above the other
-        top = labels[0].astype(np.int64)
+        top = strip.top
         linked = (top > 0) & (self._bottom_keys >= 0) & (label_class[top] == self._bottom_class)
         pairs = np.unique(np.stack([self._bottom_keys[linked], top[linked]], axis=1), axis=0) if linked.any() else np.zeros((0, 2), np.int64)
-        bottom_labels = np.unique(labels[-1])
+        bottom_labels = np.unique(strip.bottom)
         bottom_labels = bottom_labels[bottom_labels > 0]
 
         # every label touched by the seam or the bottom edge goes through union-find; the others are finished now
@@ -232,7 +294,7 @@ class RegionStream:
             key_of_label[lab] = key_of_root[root]
         closing.extend(groups.values())
         bottom_keys = np.full(self.width, -1, np.int64)
-        last = labels[-1].astype(np.int64)
+        last = strip.bottom
         bottom_keys[last > 0] = key_of_label[last[last > 0]]
         self._bottom_keys = bottom_keys
         self._bottom_class = label_class[last]
@@ -264,11 +326,10 @@ def dissolve(pieces: list) -> shapely.Geometry:
     """One polygon from the pieces of one region, cut at strip edges.
 
     A piece's holes lie inside its strip, away from the strip's edges, so only the outer rings
-    are unioned (far cheaper than unioning polygons with many holes); the pieces' holes are then
-    put back into the union, with the holes the union itself encloses.
+    are unioned (:func:`union_of_shells`); the pieces' holes are then put back into the union,
+    with the holes the union itself encloses.
     """
-    shells = shapely.polygons(shapely.get_exterior_ring(pieces))
-    union = shapely.union_all(shells)
+    union = union_of_shells(pieces)
     holes = [ring for piece in pieces for ring in piece.interiors]
     if not holes:
         return union
@@ -278,3 +339,31 @@ def dissolve(pieces: list) -> shapely.Geometry:
         return shapely.Polygon(union.exterior, [*union.interiors, *holes])
     result = shapely.difference(union, shapely.union_all(shapely.polygons(holes)))  # not expected: a 4-connected region
     return result if result.is_valid else shapely.make_valid(result)
+
+
+def union_of_shells(pieces: list) -> shapely.Geometry:
+    """The union of the outer rings of the pieces of one region, as a coverage union.
+
+    Pieces of a region meet only along the rows where strips were cut, edge to edge, and never
+    overlap: a coverage. ``shapely.coverage_union_all`` dissolves a coverage in time linear in
+    its vertices (by dropping the segments two pieces share) where ``shapely.union_all`` overlays
+    the pieces again and again, but it needs the shared segments to match vertex for vertex. So
+    each piece's edges along its top and bottom rows are first cut at every pixel corner (the
+    pieces' seam edges then match exactly), and the union's leftover vertices along straight
+    edges are dropped after.
+    """
+    shells = shapely.get_exterior_ring(np.asarray(pieces, object))
+    xy, ring = shapely.get_coordinates(shells, return_index=True)
+    bounds = shapely.bounds(shells)
+    x, y = xy[:, 0], xy[:, 1]
+    edge_ring = ring[:-1]
+    seam = (edge_ring == ring[1:]) & (y[:-1] == y[1:]) & ((y[:-1] == bounds[edge_ring, 1]) | (y[:-1] == bounds[edge_ring, 3]))
+    step = np.zeros(len(xy))
+    step[:-1][seam] = np.sign(x[1:] - x[:-1])[seam]
+    emit = np.ones(len(xy), np.int64)  # points per vertex: itself, then one per pixel corner inside its seam edge
+    emit[:-1][seam] = np.abs(x[1:] - x[:-1])[seam].astype(np.int64)
+    source = np.repeat(np.arange(len(xy)), emit)
+    offset = np.arange(len(source)) - np.repeat(np.cumsum(emit) - emit, emit)
+    cut = np.stack([x[source] + offset * step[source], y[source]], axis=1)
+    union = shapely.coverage_union_all(shapely.polygons(shapely.linearrings(cut, indices=ring[source])))
+    return shapely.simplify(union, 0, preserve_topology=False)  # drops the corners left along straight edges
