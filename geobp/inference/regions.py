@@ -326,44 +326,143 @@ def dissolve(pieces: list) -> shapely.Geometry:
     """One polygon from the pieces of one region, cut at strip edges.
 
     A piece's holes lie inside its strip, away from the strip's edges, so only the outer rings
-    are unioned (:func:`union_of_shells`); the pieces' holes are then put back into the union,
+    are unioned (:func:`stitch_shells`); the pieces' holes are then put back into the union,
     with the holes the union itself encloses.
     """
-    union = union_of_shells(pieces)
-    holes = [ring for piece in pieces for ring in piece.interiors]
-    if not holes:
-        return union
-    if union.geom_type == "Polygon":
+    pieces = np.asarray(pieces, object)
+    count = shapely.get_num_interior_rings(pieces)
+    holes = shapely.get_interior_ring(np.repeat(pieces, count), np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+    shells = shapely.get_exterior_ring(pieces)
+    rings = stitch_shells(shells)
+    if rings is not None:
         # valid by construction: each hole lies inside one piece's outer ring, apart from the other holes
         # (the tests check shapely.is_valid on maps full of diagonal contacts)
+        shell, union_holes = rings
+        all_holes = np.concatenate([union_holes, holes])
+        return shapely.polygons(shell, holes=all_holes) if len(all_holes) else shapely.polygons(shell)
+    union = shapely.coverage_union_all(shapely.polygons(shells))  # not expected: see stitch_shells
+    if not len(holes):
+        return union
+    if union.geom_type == "Polygon":
         return shapely.Polygon(union.exterior, [*union.interiors, *holes])
-    result = shapely.difference(union, shapely.union_all(shapely.polygons(holes)))  # not expected: a 4-connected region
+    result = shapely.difference(union, shapely.union_all(shapely.polygons(holes)))
     return result if result.is_valid else shapely.make_valid(result)
 
 
-def union_of_shells(pieces: list) -> shapely.Geometry:
-    """The union of the outer rings of the pieces of one region, as a coverage union.
+def stitch_shells(shells: np.ndarray) -> tuple[shapely.LinearRing, np.ndarray] | None:
+    """The outer rings of the pieces of one region stitched along the seams: (shell, holes) of their union.
 
     Pieces of a region meet only along the rows where strips were cut, edge to edge, and never
-    overlap: a coverage. ``shapely.coverage_union_all`` dissolves a coverage in time linear in
-    its vertices (by dropping the segments two pieces share) where ``shapely.union_all`` overlays
-    the pieces again and again, but it needs the shared segments to match vertex for vertex. So
-    each piece's edges along its top and bottom rows are first cut at every pixel corner (the
-    pieces' seam edges then match exactly), and the union's leftover vertices along straight
-    edges are dropped after.
+    overlap. Their outer rings, all turned counter-clockwise, are cut at every pixel corner along
+    those rows; the unit segments two pieces share (run in opposite directions) are dropped; what
+    is left are chains of the rings' own edges, linked end to start into the union's rings
+    (:func:`_link_chains`). This is linear in the vertices, where an overlay of the pieces
+    (``shapely.union_all``, even ``coverage_union_all``) costs several times more on the large
+    regions. None if the rings do not close as expected (the caller then falls back to
+    ``shapely.coverage_union_all``; the tests check that this does not happen).
     """
-    shells = shapely.get_exterior_ring(np.asarray(pieces, object))
+    shells = np.where(shapely.is_ccw(shells), shells, shapely.reverse(shells))
     xy, ring = shapely.get_coordinates(shells, return_index=True)
     bounds = shapely.bounds(shells)
-    x, y = xy[:, 0], xy[:, 1]
+    x, y = xy[:, 0].astype(np.int64), xy[:, 1].astype(np.int64)
     edge_ring = ring[:-1]
     seam = (edge_ring == ring[1:]) & (y[:-1] == y[1:]) & ((y[:-1] == bounds[edge_ring, 1]) | (y[:-1] == bounds[edge_ring, 3]))
-    step = np.zeros(len(xy))
+    # cut the seam edges at every pixel corner: point j of the result comes from vertex source[j]
+    step = np.zeros(len(xy), np.int64)
     step[:-1][seam] = np.sign(x[1:] - x[:-1])[seam]
-    emit = np.ones(len(xy), np.int64)  # points per vertex: itself, then one per pixel corner inside its seam edge
-    emit[:-1][seam] = np.abs(x[1:] - x[:-1])[seam].astype(np.int64)
+    emit = np.ones(len(xy), np.int64)
+    emit[:-1][seam] = np.abs(x[1:] - x[:-1])[seam]
     source = np.repeat(np.arange(len(xy)), emit)
     offset = np.arange(len(source)) - np.repeat(np.cumsum(emit) - emit, emit)
-    cut = np.stack([x[source] + offset * step[source], y[source]], axis=1)
-    union = shapely.coverage_union_all(shapely.polygons(shapely.linearrings(cut, indices=ring[source])))
-    return shapely.simplify(union, 0, preserve_topology=False)  # drops the corners left along straight edges
+    px, py, pring = x[source] + offset * step[source], y[source], ring[source]
+    is_cut = np.repeat(seam.tolist() + [False], emit)  # points that start a unit seam segment
+    # edges: point j to j + 1 within a ring; unit seam segments that two pieces share cancel
+    edge = np.flatnonzero(pring[:-1] == pring[1:])
+    width = int(px.max()) + 2
+    cut = edge[is_cut[edge]]
+    keys = py[cut] * width + np.minimum(px[cut], px[cut + 1])
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    kept = np.ones(len(px), bool)  # by the edge's first point
+    kept[cut[counts[inverse] == 2]] = False
+    edge = edge[kept[edge]]
+    return _link_chains(px, py, pring, edge, width)
+
+
+def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.ndarray, width: int) -> tuple | None:
+    """Link directed edges (point j to j + 1, for j in ``edge``) into rings: (shell, holes) as coordinate arrays.
+
+    A chain is a run of consecutive edges of one input ring; it ends where the ring's next edge was
+    dropped, at the ring's end, or at a point where two edges leave: the region touches itself
+    at a corner there (its pixels fill two opposite quadrants, connected elsewhere, so one of the
+    two other quadrants is enclosed). There the right turn is taken (the interior is on the left):
+    each ring then follows one of the outside parts, so the enclosed one becomes a hole touching
+    the shell at that point, as OGC validity wants, and no ring touches itself. Returns None
+    unless exactly one ring turns counter-clockwise (the shell).
+    """
+    start_key = py[edge] * width + px[edge]
+    end_key = py[edge + 1] * width + px[edge + 1]
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    first = np.searchsorted(sorted_keys, end_key, "left")
+    leaving = np.searchsorted(sorted_keys, end_key, "right") - first  # edges leaving each edge's end point
+    follows = np.zeros(len(edge), bool)  # edge i + 1 continues edge i
+    follows[:-1] = (edge[1:] == edge[:-1] + 1) & (pring[edge[1:]] == pring[edge[:-1]]) & (leaving[:-1] == 1)
+    starts = np.flatnonzero(np.concatenate([[True], ~follows[:-1]]))
+    ends = np.concatenate([starts[1:] - 1, [len(edge) - 1]])
+    chain_of_edge = np.repeat(np.arange(len(starts)), ends - starts + 1)
+    dx = px[edge + 1] - px[edge]
+    dy = py[edge + 1] - py[edge]
+    next_chain = np.empty(len(starts), np.int64)
+    for c, e in enumerate(ends.tolist()):
+        n = int(leaving[e])
+        if n == 1:
+            next_chain[c] = chain_of_edge[order[first[e]]]
+        elif n == 2:
+            a, b = order[first[e]], order[first[e] + 1]
+            right = dx[e] * dy[a] - dy[e] * dx[a] < 0
+            next_chain[c] = chain_of_edge[a if right else b]
+        else:
+            return None
+    seen = np.zeros(len(starts), bool)
+    ring_chains = []
+    for c0 in range(len(starts)):
+        if seen[c0]:
+            continue
+        chains = []
+        c = c0
+        while not seen[c]:
+            seen[c] = True
+            chains.append(c)
+            c = int(next_chain[c])
+        if c != c0:
+            return None
+        ring_chains.append(chains)
+    # each ring's points: the first point of each of its edges, chain after chain
+    chain_order = np.fromiter(itertools.chain.from_iterable(ring_chains), np.int64, len(starts))
+    sizes = (ends - starts + 1)[chain_order]
+    points = edge[np.repeat(starts[chain_order] - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))]
+    ring_id = np.repeat(np.repeat(np.arange(len(ring_chains)), [len(c) for c in ring_chains]), sizes)
+    x, y = px[points], py[points]
+    # keep the corners only: drop the points inside straight runs (pixel corners cut along the seams)
+    prev, after = _cyclic_neighbours(ring_id)
+    corner = ~(((x[prev] == x) & (x == x[after])) | ((y[prev] == y) & (y == y[after])))
+    x, y, ring_id = x[corner], y[corner], ring_id[corner]
+    _, after = _cyclic_neighbours(ring_id)
+    area2 = np.bincount(ring_id, weights=(x * y[after] - x[after] * y).astype(np.float64), minlength=len(ring_chains))
+    rings = shapely.linearrings(np.stack([x, y], axis=1).astype(np.float64), indices=ring_id)
+    shell = area2 > 0
+    if shell.sum() != 1:
+        return None
+    return rings[shell][0], rings[~shell]
+
+
+def _cyclic_neighbours(ring_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points of closed rings listed ring after ring (``ring_id`` sorted, first point not repeated): each point's previous and next point."""
+    n = len(ring_id)
+    position = np.arange(n)
+    first = np.flatnonzero(np.r_[True, ring_id[1:] != ring_id[:-1]])
+    last = np.r_[first[1:] - 1, n - 1]
+    prev, after = position - 1, position + 1
+    prev[first] = last
+    after[last] = first
+    return prev, after
