@@ -314,34 +314,59 @@ def _close(groups: list[_Open]) -> Regions:
     if not groups:
         return Regions.empty()
     geoms = np.empty(len(groups), object)
+    cut = []
     for i, g in enumerate(groups):
-        geoms[i] = g.pieces[0] if len(g.pieces) == 1 else dissolve(g.pieces)
+        if len(g.pieces) == 1:
+            geoms[i] = g.pieces[0]
+        else:
+            cut.append(i)
+    if cut:
+        geoms[cut] = dissolve([groups[i].pieces for i in cut])
     return Regions(
         np.array([g.class_id for g in groups], np.int64), np.array([g.pixels for g in groups], np.int64),
         np.array([g.confidence_sum for g in groups], np.float64), geoms,
     )
 
 
-def dissolve(pieces: list) -> shapely.Geometry:
-    """One polygon from the pieces of one region, cut at strip edges.
+def dissolve(regions: list[list]) -> np.ndarray:
+    """One polygon per region from its pieces, cut at strip edges (all regions at once, vectorized).
 
     A piece's holes lie inside its strip, away from the strip's edges, so only the outer rings
-    are unioned (:func:`stitch_shells`); the pieces' holes are then put back into the union,
-    with the holes the union itself encloses.
+    are joined (:func:`stitch_shells`); the pieces' holes are then put back, with the holes the
+    union itself encloses. Valid by construction: each hole lies inside one piece's outer ring,
+    apart from the other holes (the tests check ``shapely.is_valid`` on maps full of diagonal
+    contacts).
+
+    Args:
+        regions: per region, its pieces (shapely polygons in pixel coordinates).
+
+    Returns:
+        object array of one polygon per region.
     """
-    pieces = np.asarray(pieces, object)
+    sizes = [len(pieces) for pieces in regions]
+    pieces = np.empty(sum(sizes), object)
+    pieces[:] = list(itertools.chain.from_iterable(regions))
+    region = np.repeat(np.arange(len(regions)), sizes)
     count = shapely.get_num_interior_rings(pieces)
     holes = shapely.get_interior_ring(np.repeat(pieces, count), np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
-    shells = shapely.get_exterior_ring(pieces)
-    rings = stitch_shells(shells)
-    if rings is not None:
-        # valid by construction: each hole lies inside one piece's outer ring, apart from the other holes
-        # (the tests check shapely.is_valid on maps full of diagonal contacts)
-        shell, union_holes = rings
-        all_holes = np.concatenate([union_holes, holes])
-        return shapely.polygons(shell, holes=all_holes) if len(all_holes) else shapely.polygons(shell)
-    union = shapely.coverage_union_all(shapely.polygons(shells))  # not expected: see stitch_shells
-    if not len(holes):
+    stitched = stitch_shells(shapely.get_exterior_ring(pieces), region, len(regions))
+    if stitched is None:  # not expected: see stitch_shells
+        out = np.empty(len(regions), object)
+        out[:] = [_overlay(np.asarray(p, object)) for p in regions]
+        return out
+    rings, ring_region, is_shell = stitched
+    every = np.concatenate([rings, holes])
+    owner = np.concatenate([ring_region, np.repeat(region, count)])
+    first = np.concatenate([is_shell, np.zeros(len(holes), bool)])
+    order = np.lexsort((~first, owner))  # by region, its shell first
+    return shapely.polygons(every[order], indices=owner[order])
+
+
+def _overlay(pieces: np.ndarray) -> shapely.Geometry:
+    """One region's pieces dissolved by an overlay (the fallback of :func:`dissolve`)."""
+    union = shapely.coverage_union_all(shapely.polygons(shapely.get_exterior_ring(pieces)))
+    holes = [ring for piece in pieces for ring in piece.interiors]
+    if not holes:
         return union
     if union.geom_type == "Polygon":
         return shapely.Polygon(union.exterior, [*union.interiors, *holes])
@@ -349,17 +374,26 @@ def dissolve(pieces: list) -> shapely.Geometry:
     return result if result.is_valid else shapely.make_valid(result)
 
 
-def stitch_shells(shells: np.ndarray) -> tuple[shapely.LinearRing, np.ndarray] | None:
-    """The outer rings of the pieces of one region stitched along the seams: (shell, holes) of their union.
+def stitch_shells(shells: np.ndarray, region: np.ndarray, regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The outer rings of the pieces of regions, stitched along the seams into the rings of each region's union.
 
     Pieces of a region meet only along the rows where strips were cut, edge to edge, and never
     overlap. Their outer rings, all turned counter-clockwise, are cut at every pixel corner along
-    those rows; the unit segments two pieces share (run in opposite directions) are dropped; what
-    is left are chains of the rings' own edges, linked end to start into the union's rings
-    (:func:`_link_chains`). This is linear in the vertices, where an overlay of the pieces
-    (``shapely.union_all``, even ``coverage_union_all``) costs several times more on the large
-    regions. None if the rings do not close as expected (the caller then falls back to
-    ``shapely.coverage_union_all``; the tests check that this does not happen).
+    their top and bottom rows; the unit segments two pieces of one region share (run in opposite
+    directions) are dropped; what is left are chains of the rings' own edges, linked end to start
+    into the union's rings (:func:`_link_chains`). This is linear in the vertices, where an
+    overlay of the pieces (``shapely.union_all``, even ``coverage_union_all``) costs several times
+    more on the large regions, and it runs on all the regions finished at once.
+
+    Args:
+        shells: the pieces' outer rings.
+        region: int64, the region of each piece (0 .. ``regions`` - 1).
+        regions: the number of regions.
+
+    Returns:
+        (rings, ring_region, is_shell): the union's rings, the region of each, and whether it is
+        the region's shell (one per region) or a hole. None if the rings do not close as expected
+        (the caller then falls back to an overlay; the tests check that this does not happen).
     """
     shells = np.where(shapely.is_ccw(shells), shells, shapely.reverse(shells))
     xy, ring = shapely.get_coordinates(shells, return_index=True)
@@ -375,32 +409,35 @@ def stitch_shells(shells: np.ndarray) -> tuple[shapely.LinearRing, np.ndarray] |
     source = np.repeat(np.arange(len(xy)), emit)
     offset = np.arange(len(source)) - np.repeat(np.cumsum(emit) - emit, emit)
     px, py, pring = x[source] + offset * step[source], y[source], ring[source]
-    is_cut = np.repeat(seam.tolist() + [False], emit)  # points that start a unit seam segment
+    is_cut = np.repeat(np.append(seam, False), emit)  # points that start a unit seam segment
+    # one integer per point and region (points of two regions never match)
+    width, height = int(px.max()) + 2, int(py.max()) + 2
+    if regions * height * width >= 1 << 62:
+        return None
+    key = (region[pring] * height + py) * width + px
     # edges: point j to j + 1 within a ring; unit seam segments that two pieces share cancel
     edge = np.flatnonzero(pring[:-1] == pring[1:])
-    width = int(px.max()) + 2
     cut = edge[is_cut[edge]]
-    keys = py[cut] * width + np.minimum(px[cut], px[cut + 1])
-    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(np.minimum(key[cut], key[cut + 1]), return_inverse=True, return_counts=True)
     kept = np.ones(len(px), bool)  # by the edge's first point
     kept[cut[counts[inverse] == 2]] = False
     edge = edge[kept[edge]]
-    return _link_chains(px, py, pring, edge, width)
+    return _link_chains(key, px, py, pring, edge, region, regions)
 
 
-def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.ndarray, width: int) -> tuple | None:
-    """Link directed edges (point j to j + 1, for j in ``edge``) into rings: (shell, holes) as coordinate arrays.
+def _link_chains(key: np.ndarray, px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.ndarray,
+                 region: np.ndarray, regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Link directed edges (point j to j + 1, for j in ``edge``) into rings; returns as :func:`stitch_shells`.
 
     A chain is a run of consecutive edges of one input ring; it ends where the ring's next edge was
     dropped, at the ring's end, or at a point where two edges leave: the region touches itself
     at a corner there (its pixels fill two opposite quadrants, connected elsewhere, so one of the
     two other quadrants is enclosed). There the right turn is taken (the interior is on the left):
     each ring then follows one of the outside parts, so the enclosed one becomes a hole touching
-    the shell at that point, as OGC validity wants, and no ring touches itself. Returns None
-    unless exactly one ring turns counter-clockwise (the shell).
+    the shell at that point, as OGC validity wants, and no ring touches itself. None unless each
+    region gets exactly one ring that turns counter-clockwise (its shell).
     """
-    start_key = py[edge] * width + px[edge]
-    end_key = py[edge + 1] * width + px[edge + 1]
+    start_key, end_key = key[edge], key[edge + 1]
     order = np.argsort(start_key, kind="stable")
     sorted_keys = start_key[order]
     first = np.searchsorted(sorted_keys, end_key, "left")
@@ -412,18 +449,15 @@ def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.nda
     chain_of_edge = np.repeat(np.arange(len(starts)), ends - starts + 1)
     dx = px[edge + 1] - px[edge]
     dy = py[edge + 1] - py[edge]
-    next_chain = np.empty(len(starts), np.int64)
-    for c, e in enumerate(ends.tolist()):
-        n = int(leaving[e])
-        if n == 1:
-            next_chain[c] = chain_of_edge[order[first[e]]]
-        elif n == 2:
-            a, b = order[first[e]], order[first[e] + 1]
-            right = dx[e] * dy[a] - dy[e] * dx[a] < 0
-            next_chain[c] = chain_of_edge[a if right else b]
-        else:
-            return None
-    seen = np.zeros(len(starts), bool)
+    # the chain after each chain: the edge leaving its end point, or the right turn of two
+    e = ends
+    a = order[np.minimum(first[e], len(edge) - 1)]
+    b = order[np.minimum(first[e] + 1, len(edge) - 1)]
+    right = dx[e] * dy[a] - dy[e] * dx[a] < 0
+    if not np.isin(leaving[e], (1, 2)).all():
+        return None
+    next_chain = chain_of_edge[np.where((leaving[e] == 1) | right, a, b)].tolist()
+    seen = [False] * len(starts)
     ring_chains = []
     for c0 in range(len(starts)):
         if seen[c0]:
@@ -433,7 +467,7 @@ def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.nda
         while not seen[c]:
             seen[c] = True
             chains.append(c)
-            c = int(next_chain[c])
+            c = next_chain[c]
         if c != c0:
             return None
         ring_chains.append(chains)
@@ -442,6 +476,7 @@ def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.nda
     sizes = (ends - starts + 1)[chain_order]
     points = edge[np.repeat(starts[chain_order] - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))]
     ring_id = np.repeat(np.repeat(np.arange(len(ring_chains)), [len(c) for c in ring_chains]), sizes)
+    ring_region = region[pring[edge[starts[[c[0] for c in ring_chains]]]]]
     x, y = px[points], py[points]
     # keep the corners only: drop the points inside straight runs (pixel corners cut along the seams)
     prev, after = _cyclic_neighbours(ring_id)
@@ -449,11 +484,11 @@ def _link_chains(px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.nda
     x, y, ring_id = x[corner], y[corner], ring_id[corner]
     _, after = _cyclic_neighbours(ring_id)
     area2 = np.bincount(ring_id, weights=(x * y[after] - x[after] * y).astype(np.float64), minlength=len(ring_chains))
-    rings = shapely.linearrings(np.stack([x, y], axis=1).astype(np.float64), indices=ring_id)
-    shell = area2 > 0
-    if shell.sum() != 1:
+    is_shell = area2 > 0
+    if not (np.bincount(ring_region[is_shell], minlength=regions) == 1).all():
         return None
-    return rings[shell][0], rings[~shell]
+    rings = shapely.linearrings(np.stack([x, y], axis=1).astype(np.float64), indices=ring_id)
+    return rings, ring_region, is_shell
 
 
 def _cyclic_neighbours(ring_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
