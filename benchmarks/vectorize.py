@@ -144,7 +144,7 @@ def run(cfg: Config) -> dict[str, Any]:
         title="Polygons of a class map",
         setup=["Synthetic class maps (6 classes in smooth patches, 0.2% single-pixel speckle), uint8 GeoTIFF tiled 256; "
                "each measurement in a fresh process, peak memory its `ru_maxrss`.",
-               "`streamed`: geobp's strips (4 Mi pixels each) through `RegionStream` (polygons with attributes, no file); "
+               "`streamed`: geobp's strips (16 Mi pixels each) through `RegionStream` (polygons with attributes, no file); "
                "`shapes`: `rasterio.features.shapes(connectivity=4)` over the whole map read at once; `+ shapely`: its "
                "polygons made shapely geometries; `gpkg`: `vectorize_class_map` writing a GeoPackage.",
                f"On {machine['cpu']} ({machine['usable_cores']} usable cores)."],
