@@ -17,8 +17,8 @@ from geobp.inference.exported import ExportedModel, is_exported, load_exported
 from geobp.inference.parts import remove_parts, share_rows, write_from_parts
 from geobp.inference.predict import PredictOptions, check_paths, open_job, predict_options, predict_raster, predict_share
 from geobp.task import SegmentationTask
-from geobp.inference.sinks import OutputLayout, output_paths, output_sinks
-from geobp.inference.vectorize import VectorOptions, vectorize_class_map
+from geobp.inference.sinks import OutputLayout, check_outputs_free, output_paths, output_sinks
+from geobp.inference.vectorize import VectorOptions, vector_path, vectorize_class_map
 from geobp.raster import list_rasters
 from geobp.sources.imagery import is_stacked, resolve_images
 from geobp.sources.locations import file_stem, is_folder_url, location
@@ -146,7 +146,8 @@ def predict_many(
         vector: also write the polygons of each class map, ``<stem>_classes.<ext>`` beside it
             (:func:`~geobp.inference.vectorize.vectorize_class_map`, after the class map is
             complete, by the process that wrote it); their confidence is read from the
-            confidence or probabilities output when one is written. A failure fails the raster.
+            confidence or probabilities output when one is written. A failure fails the raster;
+            an existing polygon file (without ``overwrite``) fails it before it is predicted.
         **overrides: fields of :class:`PredictOptions` replacing those of ``options``
             (:func:`~geobp.inference.predict.predict_options`), e.g. ``tile_size=256, device="cuda"``.
 
@@ -191,6 +192,12 @@ def predict_many(
     results: list[tuple[int, Path, str | None]] = []
     for n, src in enumerate(rasters):
         dst = class_map_path(src, out_dir)
+        reports = ranks.rank == 0 if owners is None else owners[n] == ranks.rank
+        taken = _vector_taken(src, dst, opts, vector)  # checked with the other outputs, before predicting
+        if taken is not None:
+            if reports:
+                results.append((n, src, taken))
+            continue
         if owners is None:  # fewer rasters than processes: every process predicts a share of each
             error = _predict_split(task, src, dst, ranks, opts)
             if ranks.rank == 0:
@@ -213,6 +220,20 @@ def _message(src: str | Path, err: Exception) -> str:
     """The one-line report of a failed raster."""
     release_cuda_memory(err)
     return str(err) if isinstance(err, GeobpError) else redact(f"{src}: {type(err).__name__}: {err}")
+
+
+def _vector_taken(src: str | Path, dst: Path, opts: PredictOptions, vector: VectorOptions | None) -> str | None:
+    """The error message if the polygons of class map ``dst`` would replace an existing file without ``overwrite``; else None.
+
+    Every process sees the same output folder, so all of them skip such a raster alike.
+    """
+    if vector is None:
+        return None
+    try:
+        check_outputs_free([vector_path(dst, vector.format)], opts.overwrite)
+    except Exception as err:  # noqa: BLE001 - reported like a failed prediction
+        return _message(src, err)
+    return None
 
 
 def _vectorize(dst: Path, opts: PredictOptions, vector: VectorOptions) -> str | None:

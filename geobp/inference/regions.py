@@ -7,12 +7,13 @@ are two regions, as in ``rasterio.features.shapes(connectivity=4)`` and ``gdal_p
 result is the same as polygonizing the whole map at once; memory holds one strip, the regions
 still open at its bottom edge, and the finished regions not yet handed out.
 
-How: each strip is labelled (:func:`label_strip`, one ``scipy.ndimage.label`` per class present)
-and polygonized by ``rasterio.features.shapes`` on the labels, in pixel coordinates (column, row of
-the whole map: integers, so pieces of a region from two strips share their edge exactly). Regions
-touching the seam between two strips are joined by union-find on the labels either side of the
-seam (same class, one pixel above the other); when such a region is finished its pieces are
-dissolved with ``shapely.union_all``.
+How: each strip is polygonized by ``rasterio.features.shapes`` on its classes (:func:`strip_polygons`;
+on labels, :func:`label_strip`, only when confidence sums are asked for), in pixel coordinates
+(column, row of the whole map: integers, so pieces of a region from two strips share their edge
+exactly). The polygons' edges along the strip's first and last rows say which polygon holds each
+pixel of those rows; regions touching the seam between two strips are joined by union-find
+(same class, one pixel above the other). A region's pieces are kept as a list while it is open
+and dissolved once, when it is finished (:func:`dissolve`), so no polygon is unioned twice.
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def label_strip(classes: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.n
     label_class = [np.zeros(1, np.int64)]
     count = 0
     values = classes[keep]
-    present = np.flatnonzero(np.bincount(values.astype(np.int64).ravel())) if values.size else []
+    if not values.size:
+        present = []
+    elif values.min() >= 0 and values.max() < 1 << 16:
+        present = np.flatnonzero(np.bincount(values.astype(np.int64).ravel()))
+    else:  # negative or large class ids
+        present = np.unique(values)
     for value in present:
         lab, n = ndimage.label(keep & (classes == value), structure=_FOUR)
         inside = lab > 0
@@ -87,30 +93,75 @@ def label_strip(classes: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.n
     return labels, np.concatenate(label_class)
 
 
-def pixel_polygons(labels: np.ndarray, row0: int) -> np.ndarray:
-    """Polygons of the labels of a strip whose first row is row ``row0`` of the map, indexed by label.
+#: the data types ``rasterio.features.shapes`` reads as they are
+_SHAPES_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32"))
 
-    Returns:
-        object array [n + 1] of shapely polygons in map pixel coordinates (entry 0 is None).
+
+def shapes_raster(classes: np.ndarray) -> np.ndarray | None:
+    """``classes`` in a data type ``rasterio.features.shapes`` reads exactly, or None when its values do not fit int32."""
+    if classes.dtype in _SHAPES_DTYPES:
+        return classes
+    info = np.iinfo(np.int32)
+    if classes.size and (classes.min() < info.min or classes.max() > info.max):
+        return None
+    return classes.astype(np.int32)
+
+
+@dataclass
+class StripPolygons:
+    """The polygons of one strip, indexed 1..n (index 0: none), and where they reach the strip's edges.
+
+    Attributes:
+        value: int64 [n + 1], the raster value each polygon was made from.
+        geometry: object [n + 1], shapely polygons in map pixel coordinates (entry 0 is None).
+        top: int64 [width], the polygon holding each pixel of the strip's first row (0: none).
+        bottom: int64 [width], the same for its last row.
     """
-    n = int(labels.max()) if labels.size else 0
-    out = np.full(n + 1, None, object)
-    if n == 0:
-        return out
-    shapes = rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.translation(0, row0))
-    # gather every ring's coordinates in one flat sequence and build the polygons in a few vectorized calls
+
+    value: np.ndarray
+    geometry: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+
+
+def strip_polygons(raster: np.ndarray, mask: np.ndarray, row0: int) -> StripPolygons:
+    """Polygonize one strip whose first row is row ``row0`` of the map: one polygon per 4-connected region of equal value.
+
+    The pixels of the strip's first and last rows are read off the polygons' edges along those
+    rows (a polygon's holes never reach them), so no label image is needed.
+    """
+    h, w = raster.shape
+    shapes = rasterio.features.shapes(raster, mask=mask, connectivity=4, transform=Affine.translation(0, row0))
+    # gather every ring's coordinates in one flat sequence and build the polygons in one vectorized call
     rings: list = []
-    values: list[int] = []
+    values: list = []
     ring_counts: list[int] = []
     for geom, value in shapes:
         coordinates = geom["coordinates"]
         rings.extend(coordinates)
         ring_counts.append(len(coordinates))
-        values.append(int(value))
+        values.append(value)
+    n = len(values)
+    out = StripPolygons(np.zeros(n + 1, np.int64), np.full(n + 1, None, object), np.zeros(w, np.int64), np.zeros(w, np.int64))
+    if n == 0:
+        return out
     lengths = np.fromiter(map(len, rings), np.int64, len(rings))
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64, 2 * int(lengths.sum()))
-    ring_geoms = shapely.linearrings(flat.reshape(-1, 2), indices=np.repeat(np.arange(len(rings)), lengths))
-    out[values] = shapely.polygons(ring_geoms, indices=np.repeat(np.arange(len(values)), ring_counts))
+    xy = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64, 2 * int(lengths.sum())).reshape(-1, 2)
+    ring_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    polygon_offsets = np.concatenate([[0], np.cumsum(ring_counts)])
+    out.geometry[1:] = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_offsets, polygon_offsets))
+    out.value[1:] = values
+    # horizontal edges along the first row's top and the last row's bottom: pixel runs of their polygon
+    ring_of = np.repeat(np.arange(len(rings)), lengths)
+    polygon_of = np.repeat(np.arange(1, n + 1), ring_counts)[ring_of]
+    x, y = xy[:, 0], xy[:, 1]
+    along = (ring_of[:-1] == ring_of[1:]) & (y[:-1] == y[1:])
+    for line, pixels in ((row0, out.top), (row0 + h, out.bottom)):
+        edges = np.flatnonzero(along & (y[:-1] == line))
+        start = np.minimum(x[edges], x[edges + 1]).astype(np.int64)
+        runs = np.abs(x[edges + 1] - x[edges]).astype(np.int64)
+        first = np.cumsum(runs) - runs
+        pixels[np.repeat(start - first, runs) + np.arange(int(runs.sum()))] = np.repeat(polygon_of[edges], runs)
     return out
 
 
@@ -166,20 +217,31 @@ class RegionStream:
         row0, self.row = self.row, self.row + h
         if h == 0:
             return Regions.empty()
-        labels, label_class = label_strip(classes, keep)
-        n = len(label_class) - 1
-        pixels = np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64)
-        if confidence is None:
-            conf = np.full(n + 1, np.nan)
-        else:
-            conf = np.bincount(labels.ravel(), weights=confidence.ravel().astype(np.float64), minlength=n + 1)
-        geoms = pixel_polygons(labels, row0)
+        raster = shapes_raster(classes) if confidence is None else None
+        if raster is not None:  # polygons of the classes themselves: no labelling needed
+            strip = strip_polygons(raster, keep, row0)
+            label_class = strip.value
+            conf = np.full(len(strip.value), np.nan)
+        else:  # labels: for the confidence sums, or classes beyond int32
+            labels, label_of_label = label_strip(classes, keep)
+            strip = strip_polygons(labels, labels > 0, row0)
+            label_class = label_of_label[strip.value]
+            if confidence is None:
+                conf = np.full(len(strip.value), np.nan)
+            else:
+                sums = np.bincount(labels.ravel(), weights=confidence.ravel().astype(np.float64), minlength=len(label_of_label))
+                conf = sums[strip.value]
+        # from here on, "label" is the index of a polygon of the strip (1..n)
+        n = len(strip.value) - 1
+        geoms = strip.geometry
+        pixels = np.zeros(n + 1, np.int64)
+        pixels[1:] = np.rint(shapely.area(geoms[1:]))  # in pixel coordinates, a polygon's area is its pixel count
 
         # seam: pairs (open key above, label below) of one class, one pixel above the other
-        top = labels[0].astype(np.int64)
+        top = strip.top
         linked = (top > 0) & (self._bottom_keys >= 0) & (label_class[top] == self._bottom_class)
         pairs = np.unique(np.stack([self._bottom_keys[linked], top[linked]], axis=1), axis=0) if linked.any() else np.zeros((0, 2), np.int64)
-        bottom_labels = np.unique(labels[-1])
+        bottom_labels = np.unique(strip.bottom)
         bottom_labels = bottom_labels[bottom_labels > 0]
 
         # every label touched by the seam or the bottom edge goes through union-find; the others are finished now
@@ -232,7 +294,7 @@ class RegionStream:
             key_of_label[lab] = key_of_root[root]
         closing.extend(groups.values())
         bottom_keys = np.full(self.width, -1, np.int64)
-        last = labels[-1].astype(np.int64)
+        last = strip.bottom
         bottom_keys[last > 0] = key_of_label[last[last > 0]]
         self._bottom_keys = bottom_keys
         self._bottom_class = label_class[last]
@@ -252,29 +314,190 @@ def _close(groups: list[_Open]) -> Regions:
     if not groups:
         return Regions.empty()
     geoms = np.empty(len(groups), object)
+    cut = []
     for i, g in enumerate(groups):
-        geoms[i] = g.pieces[0] if len(g.pieces) == 1 else dissolve(g.pieces)
+        if len(g.pieces) == 1:
+            geoms[i] = g.pieces[0]
+        else:
+            cut.append(i)
+    if cut:
+        geoms[cut] = dissolve([groups[i].pieces for i in cut])
     return Regions(
         np.array([g.class_id for g in groups], np.int64), np.array([g.pixels for g in groups], np.int64),
         np.array([g.confidence_sum for g in groups], np.float64), geoms,
     )
 
 
-def dissolve(pieces: list) -> shapely.Geometry:
-    """One polygon from the pieces of one region, cut at strip edges.
+def dissolve(regions: list[list]) -> np.ndarray:
+    """One polygon per region from its pieces, cut at strip edges (all regions at once, vectorized).
 
     A piece's holes lie inside its strip, away from the strip's edges, so only the outer rings
-    are unioned (far cheaper than unioning polygons with many holes); the pieces' holes are then
-    put back into the union, with the holes the union itself encloses.
+    are joined (:func:`stitch_shells`); the pieces' holes are then put back, with the holes the
+    union itself encloses. Valid by construction: each hole lies inside one piece's outer ring,
+    apart from the other holes (the tests check ``shapely.is_valid`` on maps full of diagonal
+    contacts).
+
+    Args:
+        regions: per region, its pieces (shapely polygons in pixel coordinates).
+
+    Returns:
+        object array of one polygon per region.
     """
-    shells = shapely.polygons(shapely.get_exterior_ring(pieces))
-    union = shapely.union_all(shells)
+    sizes = [len(pieces) for pieces in regions]
+    pieces = np.empty(sum(sizes), object)
+    pieces[:] = list(itertools.chain.from_iterable(regions))
+    region = np.repeat(np.arange(len(regions)), sizes)
+    count = shapely.get_num_interior_rings(pieces)
+    holes = shapely.get_interior_ring(np.repeat(pieces, count), np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+    stitched = stitch_shells(shapely.get_exterior_ring(pieces), region, len(regions))
+    if stitched is None:  # not expected: see stitch_shells
+        out = np.empty(len(regions), object)
+        out[:] = [_overlay(np.asarray(p, object)) for p in regions]
+        return out
+    rings, ring_region, is_shell = stitched
+    every = np.concatenate([rings, holes])
+    owner = np.concatenate([ring_region, np.repeat(region, count)])
+    first = np.concatenate([is_shell, np.zeros(len(holes), bool)])
+    order = np.lexsort((~first, owner))  # by region, its shell first
+    return shapely.polygons(every[order], indices=owner[order])
+
+
+def _overlay(pieces: np.ndarray) -> shapely.Geometry:
+    """One region's pieces dissolved by an overlay (the fallback of :func:`dissolve`)."""
+    union = shapely.coverage_union_all(shapely.polygons(shapely.get_exterior_ring(pieces)))
     holes = [ring for piece in pieces for ring in piece.interiors]
     if not holes:
         return union
     if union.geom_type == "Polygon":
-        # valid by construction: each hole lies inside one piece's outer ring, apart from the other holes
-        # (the tests check shapely.is_valid on maps full of diagonal contacts)
         return shapely.Polygon(union.exterior, [*union.interiors, *holes])
-    result = shapely.difference(union, shapely.union_all(shapely.polygons(holes)))  # not expected: a 4-connected region
+    result = shapely.difference(union, shapely.union_all(shapely.polygons(holes)))
     return result if result.is_valid else shapely.make_valid(result)
+
+
+def stitch_shells(shells: np.ndarray, region: np.ndarray, regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The outer rings of the pieces of regions, stitched along the seams into the rings of each region's union.
+
+    Pieces of a region meet only along the rows where strips were cut, edge to edge, and never
+    overlap. Their outer rings, all turned counter-clockwise, are cut at every pixel corner along
+    their top and bottom rows; the unit segments two pieces of one region share (run in opposite
+    directions) are dropped; what is left are chains of the rings' own edges, linked end to start
+    into the union's rings (:func:`_link_chains`). This is linear in the vertices, where an
+    overlay of the pieces (``shapely.union_all``, even ``coverage_union_all``) costs several times
+    more on the large regions, and it runs on all the regions finished at once.
+
+    Args:
+        shells: the pieces' outer rings.
+        region: int64, the region of each piece (0 .. ``regions`` - 1).
+        regions: the number of regions.
+
+    Returns:
+        (rings, ring_region, is_shell): the union's rings, the region of each, and whether it is
+        the region's shell (one per region) or a hole. None if the rings do not close as expected
+        (the caller then falls back to an overlay; the tests check that this does not happen).
+    """
+    shells = np.where(shapely.is_ccw(shells), shells, shapely.reverse(shells))
+    xy, ring = shapely.get_coordinates(shells, return_index=True)
+    bounds = shapely.bounds(shells)
+    x, y = xy[:, 0].astype(np.int64), xy[:, 1].astype(np.int64)
+    edge_ring = ring[:-1]
+    seam = (edge_ring == ring[1:]) & (y[:-1] == y[1:]) & ((y[:-1] == bounds[edge_ring, 1]) | (y[:-1] == bounds[edge_ring, 3]))
+    # cut the seam edges at every pixel corner: point j of the result comes from vertex source[j]
+    step = np.zeros(len(xy), np.int64)
+    step[:-1][seam] = np.sign(x[1:] - x[:-1])[seam]
+    emit = np.ones(len(xy), np.int64)
+    emit[:-1][seam] = np.abs(x[1:] - x[:-1])[seam]
+    source = np.repeat(np.arange(len(xy)), emit)
+    offset = np.arange(len(source)) - np.repeat(np.cumsum(emit) - emit, emit)
+    px, py, pring = x[source] + offset * step[source], y[source], ring[source]
+    is_cut = np.repeat(np.append(seam, False), emit)  # points that start a unit seam segment
+    # one integer per point and region (points of two regions never match)
+    width, height = int(px.max()) + 2, int(py.max()) + 2
+    if regions * height * width >= 1 << 62:
+        return None
+    key = (region[pring] * height + py) * width + px
+    # edges: point j to j + 1 within a ring; unit seam segments that two pieces share cancel
+    edge = np.flatnonzero(pring[:-1] == pring[1:])
+    cut = edge[is_cut[edge]]
+    _, inverse, counts = np.unique(np.minimum(key[cut], key[cut + 1]), return_inverse=True, return_counts=True)
+    kept = np.ones(len(px), bool)  # by the edge's first point
+    kept[cut[counts[inverse] == 2]] = False
+    edge = edge[kept[edge]]
+    return _link_chains(key, px, py, pring, edge, region, regions)
+
+
+def _link_chains(key: np.ndarray, px: np.ndarray, py: np.ndarray, pring: np.ndarray, edge: np.ndarray,
+                 region: np.ndarray, regions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Link directed edges (point j to j + 1, for j in ``edge``) into rings; returns as :func:`stitch_shells`.
+
+    A chain is a run of consecutive edges of one input ring; it ends where the ring's next edge was
+    dropped, at the ring's end, or at a point where two edges leave: the region touches itself
+    at a corner there (its pixels fill two opposite quadrants, connected elsewhere, so one of the
+    two other quadrants is enclosed). There the right turn is taken (the interior is on the left):
+    each ring then follows one of the outside parts, so the enclosed one becomes a hole touching
+    the shell at that point, as OGC validity wants, and no ring touches itself. None unless each
+    region gets exactly one ring that turns counter-clockwise (its shell).
+    """
+    start_key, end_key = key[edge], key[edge + 1]
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    first = np.searchsorted(sorted_keys, end_key, "left")
+    leaving = np.searchsorted(sorted_keys, end_key, "right") - first  # edges leaving each edge's end point
+    follows = np.zeros(len(edge), bool)  # edge i + 1 continues edge i
+    follows[:-1] = (edge[1:] == edge[:-1] + 1) & (pring[edge[1:]] == pring[edge[:-1]]) & (leaving[:-1] == 1)
+    starts = np.flatnonzero(np.concatenate([[True], ~follows[:-1]]))
+    ends = np.concatenate([starts[1:] - 1, [len(edge) - 1]])
+    chain_of_edge = np.repeat(np.arange(len(starts)), ends - starts + 1)
+    dx = px[edge + 1] - px[edge]
+    dy = py[edge + 1] - py[edge]
+    # the chain after each chain: the edge leaving its end point, or the right turn of two
+    e = ends
+    a = order[np.minimum(first[e], len(edge) - 1)]
+    b = order[np.minimum(first[e] + 1, len(edge) - 1)]
+    right = dx[e] * dy[a] - dy[e] * dx[a] < 0
+    if not np.isin(leaving[e], (1, 2)).all():
+        return None
+    next_chain = chain_of_edge[np.where((leaving[e] == 1) | right, a, b)].tolist()
+    seen = [False] * len(starts)
+    ring_chains = []
+    for c0 in range(len(starts)):
+        if seen[c0]:
+            continue
+        chains = []
+        c = c0
+        while not seen[c]:
+            seen[c] = True
+            chains.append(c)
+            c = next_chain[c]
+        if c != c0:
+            return None
+        ring_chains.append(chains)
+    # each ring's points: the first point of each of its edges, chain after chain
+    chain_order = np.fromiter(itertools.chain.from_iterable(ring_chains), np.int64, len(starts))
+    sizes = (ends - starts + 1)[chain_order]
+    points = edge[np.repeat(starts[chain_order] - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))]
+    ring_id = np.repeat(np.repeat(np.arange(len(ring_chains)), [len(c) for c in ring_chains]), sizes)
+    ring_region = region[pring[edge[starts[[c[0] for c in ring_chains]]]]]
+    x, y = px[points], py[points]
+    # keep the corners only: drop the points inside straight runs (pixel corners cut along the seams)
+    prev, after = _cyclic_neighbours(ring_id)
+    corner = ~(((x[prev] == x) & (x == x[after])) | ((y[prev] == y) & (y == y[after])))
+    x, y, ring_id = x[corner], y[corner], ring_id[corner]
+    _, after = _cyclic_neighbours(ring_id)
+    area2 = np.bincount(ring_id, weights=(x * y[after] - x[after] * y).astype(np.float64), minlength=len(ring_chains))
+    is_shell = area2 > 0
+    if not (np.bincount(ring_region[is_shell], minlength=regions) == 1).all():
+        return None
+    rings = shapely.linearrings(np.stack([x, y], axis=1).astype(np.float64), indices=ring_id)
+    return rings, ring_region, is_shell
+
+
+def _cyclic_neighbours(ring_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points of closed rings listed ring after ring (``ring_id`` sorted, first point not repeated): each point's previous and next point."""
+    n = len(ring_id)
+    position = np.arange(n)
+    first = np.flatnonzero(np.r_[True, ring_id[1:] != ring_id[:-1]])
+    last = np.r_[first[1:] - 1, n - 1]
+    prev, after = position - 1, position + 1
+    prev[first] = last
+    after[last] = first
+    return prev, after

@@ -69,7 +69,9 @@ class VectorOptions:
         min_area: regions of fewer pixels are merged into their largest neighbour first (0 or 1: none).
         classes: the class ids to keep (None: all).
         overwrite: replace an existing file.
-        strip_pixels: pixels per strip read at once (rows = this / width, at least one).
+        strip_pixels: pixels per strip read at once (rows = this / width, at least one). The work
+            of joining regions across strips grows with the seams (width / rows per pixel), so
+            strips are tall enough to keep it small next to polygonizing (a few hundred MiB).
         batch_polygons: finished polygons held before they are (simplified and) written.
     """
 
@@ -78,7 +80,7 @@ class VectorOptions:
     min_area: int = 0
     classes: tuple[int, ...] | None = None
     overwrite: bool = False
-    strip_pixels: int = 4 * 1024 * 1024
+    strip_pixels: int = 16 * 1024 * 1024
     batch_polygons: int = 20_000
 
     def __post_init__(self) -> None:

@@ -91,3 +91,27 @@ def test_infer_with_vector_writes_polygons_beside_each_class_map(tmp_path, make_
             pixel_area = abs(ds.transform.a * ds.transform.e)
         assert df.pixels.sum() == (classes != 255).sum() and df.area.sum() == pytest.approx(df.pixels.sum() * pixel_area)
         assert set(df.class_name) <= set(NAMES) and df.confidence.between(1 / 3 - 0.01, 1).all()
+
+
+@pytest.mark.slow
+def test_infer_with_vector_refuses_an_existing_polygon_file_before_predicting(tmp_path, make_scene, capsys):
+    """Checked with the other outputs: the raster fails without a class map being written, the others run."""
+    torch.manual_seed(0)
+    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE, tile_size=32)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    a, _ = make_scene("a", size=(30, 30), root=tmp_path / "d")
+    b, _ = make_scene("b", size=(30, 30), root=tmp_path / "d", seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_classes.gpkg").write_bytes(b"someone's polygons")
+    code = main(["infer", str(a), str(b), "--ckpt", str(ckpt), "--out", str(out), "--vector", "gpkg", "--accelerator", "cpu",
+                 "--batch_size", "4"])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert f"{out / 'a_classes.gpkg'}: output exists" in captured.err + captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a_classes.gpkg", "b_classes.gpkg", "b_classes.tif", "b_confidence.tif"]
+    assert (out / "a_classes.gpkg").read_bytes() == b"someone's polygons"
+    assert main(["infer", str(a), "--ckpt", str(ckpt), "--out", str(out), "--vector", "gpkg", "--accelerator", "cpu",
+                 "--batch_size", "4", "--overwrite"]) == 0
+    assert len(gpd.read_file(out / "a_classes.gpkg")) > 0

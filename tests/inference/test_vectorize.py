@@ -98,6 +98,41 @@ def test_region_stream_over_random_maps_and_strip_heights():
             assert sorted(zip(regions.class_id.tolist(), shapely.area(regions.geometry).tolist())) == sorted((c, g.area) for c, g in whole)
 
 
+def test_region_stream_stitches_the_same_polygons_as_shapes_without_overlay(monkeypatch):
+    """Vertex for vertex (up to the ring's start and orientation) what shapes gives on the whole map, on the
+    stitched path (the overlay fallback never runs), with class ids beyond int32 and with confidence sums."""
+    from geobp.inference import regions
+
+    def no_overlay(*args, **kwargs):
+        raise AssertionError("the stitching fell back to an overlay")
+
+    monkeypatch.setattr(regions.shapely, "coverage_union_all", no_overlay)
+
+    def canonical(classes, geometry):
+        return sorted(zip(classes, shapely.to_wkb(shapely.normalize(np.asarray(geometry, object)))))
+
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        h, w = rng.integers(2, 25, 2)
+        data = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        if trial % 3 == 0:  # blocks: larger regions, with holes, across several strips
+            data = np.kron(rng.integers(0, 3, (h // 3 + 1, w // 3 + 1)), np.ones((3, 3), np.uint8))[:h, :w].astype(np.uint8)
+        keep = data != 2 if trial % 2 else np.ones_like(data, bool)
+        whole = canonical(*zip(*[(int(v), shapely.geometry.shape(g)) for g, v in rasterio.features.shapes(data, mask=keep, connectivity=4)]))
+        offset = 1 << 40
+        for rows, classes, confidence in ((1, data, None), (2, data.astype(np.int64) + offset, None), (3, data, np.ones(data.shape, np.float32))):
+            stream = RegionStream(int(w))
+            parts = [stream.add(classes[r:r + rows], keep[r:r + rows], None if confidence is None else confidence[r:r + rows])
+                     for r in range(0, int(h), rows)]
+            regions_ = Regions.concat([*parts, stream.finish()])
+            assert shapely.is_valid(regions_.geometry).all()
+            assert (regions_.pixels == shapely.area(regions_.geometry)).all()
+            if confidence is not None:
+                assert np.array_equal(regions_.confidence_sum, regions_.pixels)
+            ids = (regions_.class_id - (offset if classes.dtype == np.int64 else 0)).tolist()
+            assert canonical(ids, regions_.geometry) == whole
+
+
 def test_holes_and_islands_across_strips(tmp_path):
     data = np.zeros((11, 11), np.uint8)
     data[2:9, 2:9] = 1  # a ring of forest ...
