@@ -21,6 +21,8 @@ _TITLES = {
     "balance": "5. Rare classes: uniform and balanced tile sampling",
     "startup": "1b. Start-up before the first training step",
     "sources": "4b. Several sources on one grid",
+    "imagery": "4c. Several local sources through the data module",
+    "remote": "4d. Remote reads: bytes, requests and latency",
     "help": "5b. Command-line help",
     "vectorize": "3c. Polygons of a class map",
 }
