@@ -9,7 +9,10 @@ One synthetic scene, made once into the cache folder:
 - ``dem``: two tiles of one DEM in EPSG:3035 at 30 m, float32, nodata -9999, the seam through the
   scene: mosaicked and warped on every read;
 - ``stacked``: the same 9 bands already on the reference grid in one float32 file (each band
-  warped once with ``rasterio.warp.reproject``), what a user would otherwise prepare by hand.
+  warped once with ``rasterio.warp.reproject``), what a user would otherwise prepare by hand;
+- ``labels``: 5 classes on the reference grid (uint8), for sections ``imagery`` and ``remote``.
+
+Each file's bands carry their names as descriptions (``B04``, ``VV``, ``elevation``).
 
 Every file is tiled ``block_size`` px and DEFLATE-compressed. The timed loops read the same random
 ``tile_size`` px block-aligned windows: :meth:`SceneStack.read` (float32 bands and the valid mask),
@@ -130,11 +133,11 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
 
 def _stack(manifest: dict[str, Any], tile: int = 256) -> Any:
     from geobp.sources.bandref import BandRef
-    from geobp.sources.stack import build_stack
+    from geobp.sources.stack import build_stack, warp_block_for
 
     files = manifest["files"]
     refs = {s: [BandRef(n, p, source=s) for n, p in files[s]] for s in files}
-    return build_stack(refs["s2"], {"s1": refs["s1"], "dem": refs["dem"]}, warp_block=tile)
+    return build_stack(refs["s2"], {"s1": refs["s1"], "dem": refs["dem"]}, warp_block=warp_block_for(tile))
 
 
 def _windows(size: int, tile: int, n: int, seed: int) -> list[Any]:
@@ -213,7 +216,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"(nodata -9999) whose seam crosses the scene. Every file tiled {cfg.block_size} px, DEFLATE.",
             "geobp: `build_stack(s2, {s1, dem})` then `SceneStack.read(window)`: the 10 m bands by windowed reads; "
             "B11 + B12, VV + VH and the DEM mosaic each through one `WarpedVRT` onto the reference grid (bilinear, "
-            f"{tile} px blocks); float32 output and the valid mask.",
+            f"{stack.warp_block} px blocks: `warp_block_for({tile})`); float32 output and the valid mask.",
             "stacked: the same 9 bands warped once onto the reference grid (`rasterio.warp.reproject`) into one "
             "float32 file (pixel-interleaved), what one would otherwise prepare by hand; the bare "
             "`src.read(window=...)` loop over it is the limit (no warp, no mask).",

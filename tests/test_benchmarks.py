@@ -196,3 +196,31 @@ def test_report_renders_the_issue_15_gpu_keys(tmp_path: Path) -> None:
     assert "`geobp infer` over 16384 x 16384 px" in text and "0.60 of the forward rate" in text
     assert "Fastest training configuration: **compile**" in text and "train:compile+fused (time budget)" in text
     assert "commit abc1234" in text and "per training step" in text
+
+
+@pytest.mark.slow
+def test_imagery_section_runs_quick(tmp_path: Path) -> None:
+    from benchmarks.common import Config
+    from benchmarks.imagery import run
+
+    result = run(Config.quick_config(cache_dir=str(tmp_path), tiles=32, warmup_tiles=16))
+    assert set(result["metrics"]["tiles_per_s"]) == {f"{k}_{w}" for k in ("sources", "stacked", "bare") for w in (0, 2)}
+    assert all(v > 0 for v in result["metrics"]["tiles_per_s"].values())
+    assert [t["name"] for t in result["targets"]] == [
+        f"imagery: several sources / pre-stacked file, data module tiles/s, {w} workers" for w in (0, 2)]
+
+
+@pytest.mark.slow
+def test_remote_section_runs_quick(tmp_path: Path) -> None:
+    from benchmarks.common import Config
+    from benchmarks.remote import run
+
+    result = run(Config.quick_config(cache_dir=str(tmp_path), tiles=32, warmup_tiles=16))
+    reads = result["metrics"]["reads"]
+    assert set(reads) == {"train_0", "train_2", "infer"}
+    for r in reads.values():
+        assert r["bytes"] > 0 and r["requests"] > 0 and r["needed"] > 0, r
+    # the quick scene's files are one block each: one epoch reads every block, as inference does
+    assert reads["train_0"]["needed"] == reads["infer"]["needed"]
+    assert result["metrics"]["tiles_per_s"]["slow"] > 0 and result["metrics"]["tiles_per_s"]["local"] > 0
+    assert len(result["targets"]) == 4
