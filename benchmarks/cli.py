@@ -2,7 +2,7 @@
 
 Commands:
 
-- ``run [--quick] [--only loading,training,inference,readers,tta,export,vectorize,labels,balance,sources,help] [--out BENCHMARKS.md]``: each section in a
+- ``run [--quick] [--only loading,training,inference,readers,tta,export,vectorize,labels,balance,sources,imagery,remote,help] [--out BENCHMARKS.md]``: each section in a
   fresh process (its own GDAL cache, memory and threads), results stored as JSON, then rendered;
 - ``render``: rewrite the Markdown from the stored results (e.g. after adding ``gpu.json``);
 - ``section NAME``: one section in this process (what ``run`` starts);
@@ -33,7 +33,7 @@ QUICK_DIR = REPO / "benchmarks" / ".data" / "quick"
 def _section_env(name: str, cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if name in ("loading", "labels") and cfg.gdal_cache_mb > 0:
+    if name in ("loading", "labels", "imagery", "remote") and cfg.gdal_cache_mb > 0:
         env["GDAL_CACHEMAX"] = str(cfg.gdal_cache_mb)  # read by GDAL when it starts
     return env
 

@@ -23,8 +23,8 @@ from geobp.atomic import atomic_write_text  # noqa: F401  (benchmarks write resu
 from geobp.cores import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS: tuple[str, ...] = ("loading", "startup", "training", "inference", "readers", "tta", "export", "labels", "balance",
-                             "sources", "help", "vectorize")
+SECTIONS: tuple[str, ...] = ("loading", "startup", "training", "inference", "readers", "tta", "export", "vectorize",
+                             "labels", "sources", "imagery", "remote", "balance", "help")
 #: Sections whose ``run`` lives in another section's module: name -> (module, function).
 SECTION_ENTRIES: dict[str, tuple[str, str]] = {"readers": ("inference", "run_readers")}
 

@@ -53,8 +53,9 @@ def _cpu_seconds() -> tuple[float, float]:
 
 
 def time_loader(make: Callable[[], Iterable[dict[str, Any]]], warmup_batches: int,
-                batches: int | None = None) -> dict[str, float]:
-    """Tiles per second over ``batches`` batches (all remaining when None), after ``warmup_batches``.
+                batches: int | None = None, key: str = "image") -> dict[str, float]:
+    """Tiles per second over ``batches`` batches (all remaining when None), after ``warmup_batches``;
+    a batch's tiles are counted along its ``key`` (``raw`` for geobp's loaders without the device step).
 
     The warm-up covers worker start-up, opening files and the first reads. CPU time is counted
     over the loader's whole life, warm-up included, in this process and in its workers (which
@@ -70,11 +71,11 @@ def time_loader(make: Callable[[], Iterable[dict[str, Any]]], warmup_batches: in
     it = iter(loader)
     warm_tiles = 0
     for _ in range(warmup_batches):
-        warm_tiles += len(next(it)["image"])
+        warm_tiles += len(next(it)[key])
     tiles, batch = 0, None
     start = time.perf_counter()
     for i, batch in enumerate(it):
-        tiles += len(batch["image"])
+        tiles += len(batch[key])
         if batches is not None and i + 1 >= batches:
             break
     seconds = time.perf_counter() - start

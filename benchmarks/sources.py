@@ -9,7 +9,10 @@ One synthetic scene, made once into the cache folder:
 - ``dem``: two tiles of one DEM in EPSG:3035 at 30 m, float32, nodata -9999, the seam through the
   scene: mosaicked and warped on every read;
 - ``stacked``: the same 9 bands already on the reference grid in one float32 file (each band
-  warped once with ``rasterio.warp.reproject``), what a user would otherwise prepare by hand.
+  warped once with ``rasterio.warp.reproject``), what a user would otherwise prepare by hand;
+- ``labels``: 5 classes on the reference grid (uint8), for sections ``imagery`` and ``remote``.
+
+Each file's bands carry their names as descriptions (``B04``, ``VV``, ``elevation``).
 
 Every file is tiled ``block_size`` px and DEFLATE-compressed. The timed loops read the same random
 ``tile_size`` px block-aligned windows: :meth:`SceneStack.read` (float32 bands and the valid mask),
@@ -43,7 +46,8 @@ CACHES_MB = (16, 64)
 SIZE, QUICK_SIZE = 2048, 512
 
 
-def _write(path: Path, data: np.ndarray, crs: str, transform: Any, nodata: float, block: int) -> str:
+def _write(path: Path, data: np.ndarray, crs: str, transform: Any, nodata: float | None, block: int,
+           descriptions: tuple[str, ...] | None = None) -> str:
     import rasterio
 
     data = data[None] if data.ndim == 2 else data
@@ -52,6 +56,8 @@ def _write(path: Path, data: np.ndarray, crs: str, transform: Any, nodata: float
                    compress="deflate", predictor=2 if data.dtype.kind in "iu" else 3)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
+        if descriptions:  # band names: data.images reads a file's bands by their descriptions
+            dst.descriptions = descriptions
     return str(path)
 
 
@@ -70,7 +76,7 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
 
     from geobp.raster import project_bounds
 
-    root = Path(cache_dir) / f"sources_{size}_blk{block}"
+    root = Path(cache_dir) / f"sources2_{size}_blk{block}"  # 2: band descriptions and labels
     marker = root / "done.json"
     if marker.exists():
         return json.loads(marker.read_text())
@@ -83,7 +89,8 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
         n = size * 10 // res
         data = np.clip(_field(n, n, rng, 1500, 2500), 1, 65535).astype(np.uint16)
         data[: n // 32, : n // 8] = 0  # a nodata corner, as at a swath edge
-        files["s2"].append([name, _write(root / f"s2_{name}.tif", data, UTM, from_origin(X0, Y0, res, res), 0, block)])
+        files["s2"].append([name, _write(root / f"s2_{name}.tif", data, UTM, from_origin(X0, Y0, res, res), 0, block,
+                                                 (name,))])
     bounds = (X0, Y0 - size * 10, X0 + size * 10, Y0)
     l, b, r, t = project_bounds(UTM, "EPSG:4326", *bounds)
     res = 0.00015
@@ -93,7 +100,7 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
         data = _field(h, w, rng, 4, offset)
         data[h // 2 : h // 2 + 20, w // 3 : w // 3 + 20] = np.nan
         files["s1"].append([name, _write(root / f"s1_{name}.tif", data, "EPSG:4326", from_origin(l, t, res, res),
-                                         math.nan, block)])
+                                         math.nan, block, (name,))])
     l, b, r, t = project_bounds(UTM, "EPSG:3035", *bounds)
     l, t = math.floor(l / 30) * 30 - 300, math.ceil(t / 30) * 30 + 300
     w, h = math.ceil((r + 300 - l) / 30), math.ceil((t - (b - 300)) / 30)
@@ -101,7 +108,8 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
     seam = w // 2
     for i, (c0, c1) in enumerate(((0, seam), (seam, w))):
         files["dem"].append(["elevation", _write(root / f"dem_{i}.tif", np.ascontiguousarray(dem[:, c0:c1]), "EPSG:3035",
-                                                 from_origin(l + 30 * c0, t, 30, 30), -9999.0, block)])
+                                                 from_origin(l + 30 * c0, t, 30, 30), -9999.0, block,
+                                                 ("elevation",))])
     merged = _write(root / "dem_merged.tif", dem, "EPSG:3035", from_origin(l, t, 30, 30), -9999.0, block)
     # the same bands warped once onto the reference grid, in one file
     grid = dict(dst_transform=from_origin(X0, Y0, 10, 10), dst_crs=UTM)
@@ -113,19 +121,23 @@ def ensure_sources(cache_dir: str | Path, size: int, block: int) -> dict[str, An
             reproject(rasterio.band(src, 1), band, src_nodata=src.nodata, dst_nodata=src.nodata,
                       resampling=Resampling.bilinear, **grid)
             stacked[i] = band
+    names = tuple(n for n, _ in files["s2"] + files["s1"]) + ("elevation",)
+    # labels on the reference grid (5 classes in bands of the same smooth field), for the data module
+    classes = np.digitize(_field(size, size, rng, 1, 0), [-0.6, -0.2, 0.2, 0.6]).astype(np.uint8)
     manifest = {"root": str(root), "size": size, "block": block, "files": files,
-                "stacked": _write(root / "stacked.tif", stacked, UTM, grid["dst_transform"], math.nan, block)}
+                "stacked": _write(root / "stacked.tif", stacked, UTM, grid["dst_transform"], math.nan, block, names),
+                "labels": _write(root / "labels.tif", classes, UTM, grid["dst_transform"], None, block)}
     marker.write_text(json.dumps(manifest))
     return manifest
 
 
 def _stack(manifest: dict[str, Any], tile: int = 256) -> Any:
     from geobp.sources.bandref import BandRef
-    from geobp.sources.stack import build_stack
+    from geobp.sources.stack import build_stack, warp_block_for
 
     files = manifest["files"]
     refs = {s: [BandRef(n, p, source=s) for n, p in files[s]] for s in files}
-    return build_stack(refs["s2"], {"s1": refs["s1"], "dem": refs["dem"]}, warp_block=tile)
+    return build_stack(refs["s2"], {"s1": refs["s1"], "dem": refs["dem"]}, warp_block=warp_block_for(tile))
 
 
 def _windows(size: int, tile: int, n: int, seed: int) -> list[Any]:
@@ -204,7 +216,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"(nodata -9999) whose seam crosses the scene. Every file tiled {cfg.block_size} px, DEFLATE.",
             "geobp: `build_stack(s2, {s1, dem})` then `SceneStack.read(window)`: the 10 m bands by windowed reads; "
             "B11 + B12, VV + VH and the DEM mosaic each through one `WarpedVRT` onto the reference grid (bilinear, "
-            f"{tile} px blocks); float32 output and the valid mask.",
+            f"{stack.warp_block} px blocks: `warp_block_for({tile})`); float32 output and the valid mask.",
             "stacked: the same 9 bands warped once onto the reference grid (`rasterio.warp.reproject`) into one "
             "float32 file (pixel-interleaved), what one would otherwise prepare by hand; the bare "
             "`src.read(window=...)` loop over it is the limit (no warp, no mask).",

@@ -210,3 +210,30 @@ def test_quick_tta_section_times_each_mode_and_scores_the_synthetic_stand_in(tmp
     stored = json.loads((tmp_path / "results" / "tta.json").read_text())["metrics"]
     assert set(stored["ratio"]) == {"none", "flips", "d4"} and all(v > 0 for v in stored["ratio"].values())
     assert set(stored["accuracy"]["modes"]) == {"none", "flips", "d4"}
+
+
+def test_imagery_section_runs_quick(tmp_path: Path) -> None:
+    from benchmarks.common import Config
+    from benchmarks.imagery import run
+
+    result = run(Config.quick_config(cache_dir=str(tmp_path), tiles=32, warmup_tiles=16))
+    assert set(result["metrics"]["tiles_per_s"]) == {f"{k}_{w}" for k in ("sources", "stacked", "bare") for w in (0, 2)}
+    assert all(v > 0 for v in result["metrics"]["tiles_per_s"].values())
+    assert [t["name"] for t in result["targets"]] == [
+        f"imagery: several sources / pre-stacked file, data module tiles/s, {w} workers" for w in (0, 2)]
+
+
+@pytest.mark.slow
+def test_remote_section_runs_quick(tmp_path: Path) -> None:
+    from benchmarks.common import Config
+    from benchmarks.remote import run
+
+    result = run(Config.quick_config(cache_dir=str(tmp_path), tiles=32, warmup_tiles=16))
+    reads = result["metrics"]["reads"]
+    assert set(reads) == {"train_0", "train_2", "infer"}
+    for r in reads.values():
+        assert r["bytes"] > 0 and r["requests"] > 0 and r["needed"] > 0, r
+    # the quick scene's files are one block each: one epoch reads every block, as inference does
+    assert reads["train_0"]["needed"] == reads["infer"]["needed"]
+    assert result["metrics"]["tiles_per_s"]["slow"] > 0 and result["metrics"]["tiles_per_s"]["local"] > 0
+    assert len(result["targets"]) == 4

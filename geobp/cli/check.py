@@ -197,9 +197,11 @@ def check_labels(data: dict[str, Any], a: argparse.Namespace) -> int:
         raise ConfigError(format_error(None, "data.images and data.labels are both needed", "pass --data.images and --data.labels"))
     nodata = a.nodata if a.nodata is not None else data.get("nodata")
     from geobp.sources.imagery import resolve_images
+    from geobp.sources.stack import warp_block_for
 
     # a STAC document or several sources: one stacked scene each, with its sources reported below
-    images = resolve_images(images, data.get("bands"), warp_block=data.get("tile_size") or 256) or images
+    images = resolve_images(images, data.get("bands"),
+                            warp_block=warp_block_for(data.get("tile_size") or 256)) or images
     local_root = root if root and not is_remote(root) else None  # a remote dataset's cache is local
     reports = check_labelled_dataset(images, labels, options, data.get("cache_dir") or local_root, nodata,
                                      full=not a.quick, progress=True)

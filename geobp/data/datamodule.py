@@ -42,6 +42,7 @@ from geobp.data.validity import ValidityMode, validity_maps
 from geobp.errors import ConfigError, format_error
 from geobp.pretrained import PretrainedWeights
 from geobp.sources.imagery import resolve_images
+from geobp.sources.stack import warp_block_for
 from geobp.sources.locations import cache_root, folder_of, join, location, redacted
 from geobp.sources.urls import is_remote
 
@@ -228,7 +229,7 @@ class GeoTiffDataModule(L.LightningDataModule):
             local_root = root if root is not None and not is_remote(root) else None
             # a STAC document or several sources: one stacked scene per item/reference file, holding
             # the selected bands in the order asked (geobp.sources.imagery)
-            stacked = resolve_images(images_spec, bands, warp_block=self.tiling_options.tile_size)
+            stacked = resolve_images(images_spec, bands, warp_block=warp_block_for(self.tiling_options.tile_size))
             if stacked is not None:
                 images_spec, bands = stacked, None
             self.scenes, self.label_reports = find_labelled_scenes(

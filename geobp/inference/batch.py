@@ -21,6 +21,7 @@ from geobp.inference.sinks import OutputLayout, check_outputs_free, output_paths
 from geobp.inference.vectorize import VectorOptions, vector_path, vectorize_class_map
 from geobp.raster import list_rasters
 from geobp.sources.imagery import is_stacked, resolve_images
+from geobp.sources.stack import warp_block_for
 from geobp.sources.locations import file_stem, is_folder_url, location
 from geobp.sources.urls import redact
 
@@ -82,7 +83,8 @@ def expand_inputs(inputs: list[Any], band_names: Sequence[str] | None = None,
         try:
             with warnings.catch_warnings(record=True) as caught:  # scenes another source does not cover
                 warnings.simplefilter("always")
-                rasters.extend(resolve_images(item, list(band_names) if band_names else None, warp_block=tile_size) or [])
+                rasters.extend(resolve_images(item, list(band_names) if band_names else None,
+                                              warp_block=warp_block_for(tile_size)) or [])
             problems.extend((name, str(w.message)) for w in caught if "left out" in str(w.message))
         except GeobpError as err:
             problems.append((name, str(err)))

@@ -17,6 +17,8 @@ from rasterio.errors import RasterioIOError
 from geobp.errors import RasterReadError, format_error
 from geobp.handles import default_capacity
 from geobp.raster import RasterInfo, check_georeferenced, describe, open_reader
+from geobp.sources.locations import use_read_options
+from geobp.sources.urls import is_remote
 
 __all__ = ["DATASETS", "OpenDatasets", "close_datasets", "is_inline_vrt", "is_virtual", "local_path", "open_band_file",
            "read_header"]
@@ -42,6 +44,8 @@ def open_band_file(path: str) -> rasterio.DatasetReader:
     """
     if not is_virtual(path):
         return open_reader(path)
+    if is_remote(path):  # before GDAL's first open of a URL: no directory listing, no side-car probes
+        use_read_options()
     try:
         return rasterio.open(path)
     except RasterioIOError as err:

@@ -238,7 +238,7 @@ def resolve_images(
         spec: ``data.images`` (or ``geobp infer --images``): see the module docstring.
         bands: the band selection (``data.bands``), applied while stacking; the returned scenes hold
             exactly these bands, in this order.
-        warp_block: block size of resampled bands (the tile size).
+        warp_block: block size of resampled bands (:func:`~geobp.sources.stack.warp_block_for` the tile size).
 
     Returns:
         Stack paths (:mod:`~geobp.sources.stackpath`), one per scene; None when ``spec`` is plain

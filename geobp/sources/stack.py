@@ -24,7 +24,8 @@ integer number of pixels away), otherwise through a :class:`rasterio.vrt.WarpedV
 reference grid with the band's resampling (the same values as :func:`rasterio.warp.reproject` of
 the band onto the reference grid). Bands of one source whose files share a grid (Sentinel-2's 20 m
 bands, Sentinel-1's VV and VH) are warped together, each with its own nodata; the warped rasters
-are computed in blocks of ``warp_block`` px (the tile size) and cached in GDAL's block cache.
+are computed in blocks of ``warp_block`` px (:func:`warp_block_for` the tile size) and cached in
+GDAL's block cache.
 Warped together, at the rim of one band's own nodata holes GDAL's warper interpolates from the
 valid neighbours where a one-band reproject gives nodata (a pixel wide), and its approximate
 transformer (0.125 px) may place pixels slightly differently than a one-band reproject.
@@ -57,10 +58,22 @@ from geobp.sources.grid import Grid, coverage, overlaps
 from geobp.sources.vrt import mosaic_vrt, stack_vrt, warped_vrt
 
 __all__ = ["Grid", "Missing", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks", "close_datasets",
-           "read_header"]
+           "read_header", "warp_block_for"]
 
 #: What to do with a source that has no file over a scene: leave the scene out, or read the source as nodata.
 Missing = Literal["skip", "fill"]
+
+
+def warp_block_for(tile_size: int) -> int:
+    """The warp block (px) for tiles of ``tile_size`` px: half the tile size, at least 16.
+
+    Tiles do not fall on a grid of the tile size (a training tile lies at any offset inside a block
+    of the reference file, inference tiles overlap), so a tile of ``t`` px spans up to
+    ``(t / b + 1)^2`` blocks of ``b`` px, and ``(t + b)^2`` pixels are warped for the ``t^2`` it
+    uses: 4x with ``b = t``, 2.25x with ``b = t / 2``; smaller blocks add more per-block work than
+    they save (section 4c of BENCHMARKS.md).
+    """
+    return max(16, tile_size // 2)
 
 
 # ----- the stack ----------------------------------------------------------------------------
@@ -135,8 +148,8 @@ class SceneStack:
         grid: the reference grid.
         bands: the bands, in the order :meth:`read` stacks them.
         summaries: one per source, reference first (:meth:`describe`).
-        warp_block: block size (px) of the warped bands' virtual rasters: warped and cached a block
-            at a time, so the tile size (windows aligned to it warp no pixel twice).
+        warp_block: block size (px) of the warped bands' virtual rasters, warped and cached a block
+            at a time: :func:`warp_block_for` the tile size.
     """
 
     def __init__(self, grid: Grid, bands: Sequence[StackBand], summaries: Sequence[SourceSummary],
@@ -145,7 +158,7 @@ class SceneStack:
             raise ConfigError(format_error(None, "a scene stack needs at least one band", "list the reference's bands"))
         if warp_block < 16:
             raise ConfigError(format_error(None, f"warp_block {warp_block} is too small (expected at least 16 px)",
-                                           "set it to the tile size"))
+                                           "set it to warp_block_for(tile size)"))
         self.grid = grid
         self.warp_block = warp_block
         self.bands = tuple(bands)
@@ -418,7 +431,7 @@ def build_stack(
             the tiles of one band (first valid pixel wins); bands keep the order of first mention.
         missing: a source with no file over the scene: ``"skip"`` (default) returns None with a
             warning naming the source (every pixel would be invalid); ``"fill"`` reads it as nodata.
-        warp_block: block size of the warped bands (see :class:`SceneStack`): the tile size.
+        warp_block: block size of the warped bands (see :class:`SceneStack`): :func:`warp_block_for` the tile size.
         headers: a cache of file headers by path, shared across calls (see :func:`build_stacks`).
 
     Returns:

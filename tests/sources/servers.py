@@ -87,6 +87,13 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
     return out or None
 
 
+def _read_range(file: Path, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (inclusive) of ``file``."""
+    with open(file, "rb") as fh:
+        fh.seek(start)
+        return fh.read(end - start + 1)
+
+
 class RangeHandler(SimpleHTTPRequestHandler):
     """Serve files from ``server.root`` with byte ranges, counting, failures and latency."""
 
@@ -156,8 +163,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
             self._count(path, 404, 0, None)
             self._send_bytes(404, b"not found", "text/plain", head)
             return
-        data = file.read_bytes()
-        size = len(data)
+        size = file.stat().st_size  # ranges are read from the file as asked, not the whole file per request
         header = self.headers.get("Range")
         ranges = parse_ranges(header, size) if header else None
         ctype = "application/json" if file.suffix == ".json" else "image/tiff"
@@ -167,11 +173,11 @@ class RangeHandler(SimpleHTTPRequestHandler):
             return
         if not ranges:
             self._count(path, 200, 0 if head else size, None)
-            self._send_bytes(200, data, ctype, head, {"Accept-Ranges": "bytes"})
+            self._send_bytes(200, file.read_bytes(), ctype, head, {"Accept-Ranges": "bytes"})
             return
         if len(ranges) == 1:
             start, end = ranges[0]
-            body = data[start:end + 1]
+            body = _read_range(file, start, end)
             self._count(path, 206, 0 if head else len(body), header)
             self._send_bytes(206, body, ctype, head,
                              {"Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"})
@@ -180,7 +186,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         parts = []
         for start, end in ranges:
             parts.append(f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {start}-{end}/{size}"
-                         f"\r\n\r\n".encode() + data[start:end + 1] + b"\r\n")
+                         f"\r\n\r\n".encode() + _read_range(file, start, end) + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         self._count(path, 206, 0 if head else len(body), header)
         self._send_bytes(206, body, f"multipart/byteranges; boundary={boundary}", head)

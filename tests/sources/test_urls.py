@@ -445,3 +445,20 @@ def test_the_loopback_guard_stops_outside_connections() -> None:
 
     with pytest.raises(AssertionError, match=r"tests stay on 127\.0\.0\.1"):
         socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never sent
+
+
+@pytest.mark.usefixtures("read_options_restored")
+def test_a_band_file_of_a_stack_is_opened_with_the_read_options(http_server: ServerProcess, stac_tree: StacTree) -> None:
+    """A STAC asset's header is read (``read_header``) before any other geobp open of a URL in a process:
+    the read options apply from that first open, so GDAL neither lists the folder nor probes side-car files
+    (nine requests per file, each a round trip)."""
+    from geobp.sources.files import read_header
+
+    rel = f"header-{uuid.uuid4().hex}.tif"  # a file GDAL has not seen in this process (its caches are per URL)
+    (stac_tree.root / rel).write_bytes(stac_tree.tif(2, "B02").read_bytes())
+    try:
+        http_server.reset()
+        assert read_header(gdal_path(f"{http_server.url}/{rel}")).width == 120
+        assert set(http_server.stats()["requests"]) == {f"/{rel}"}
+    finally:
+        (stac_tree.root / rel).unlink()
