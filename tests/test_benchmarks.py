@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +211,24 @@ def test_quick_tta_section_times_each_mode_and_scores_the_synthetic_stand_in(tmp
     stored = json.loads((tmp_path / "results" / "tta.json").read_text())["metrics"]
     assert set(stored["ratio"]) == {"none", "flips", "d4"} and all(v > 0 for v in stored["ratio"].values())
     assert set(stored["accuracy"]["modes"]) == {"none", "flips", "d4"}
+
+
+def test_bounded_vectorize_map_is_the_same_whatever_the_strips_and_the_map_size() -> None:
+    from benchmarks.vectorize import fields
+
+    whole = fields(0, 768, 768)
+    strips = np.concatenate([fields(row, min(300, 768 - row), 768) for row in range(0, 768, 300)])
+    assert np.array_equal(whole, strips)
+    assert np.array_equal(fields(0, 256, 1536)[:, :768], whole[:256])  # a smaller map is a larger one's corner
+    assert set(np.unique(whole)) == set(range(6))
+
+
+@pytest.mark.slow
+def test_quick_vectorize_section_puts_the_memory_target_on_the_bounded_map(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "vectorize")
+    assert "## 3e. Polygons of a class map" in text
+    assert "**Peak memory writing a GeoPackage: bounded regions (the target) against spanning ones**" in text
+    assert re.search(r"\| peak memory 1024\^2 / 512\^2 \(gpkg\), bounded regions \| [^|]+ \| <= 1.2 \| (PASS|\*\*MISS\*\*) \|", text)
+    assert "Worst case, regions spanning the map" in text
+    stored = json.loads((tmp_path / "results" / "vectorize.json").read_text())["metrics"]
+    assert set(stored["bounded_runs"]) == {"512", "1024"} and stored["memory_ratio_spanning"] > 0
