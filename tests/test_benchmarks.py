@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,3 +238,24 @@ def test_remote_section_runs_quick(tmp_path: Path) -> None:
     assert reads["train_0"]["needed"] == reads["infer"]["needed"]
     assert result["metrics"]["tiles_per_s"]["slow"] > 0 and result["metrics"]["tiles_per_s"]["local"] > 0
     assert len(result["targets"]) == 4
+
+
+def test_bounded_vectorize_map_is_the_same_whatever_the_strips_and_the_map_size() -> None:
+    from benchmarks.vectorize import fields
+
+    whole = fields(0, 768, 768)
+    strips = np.concatenate([fields(row, min(300, 768 - row), 768) for row in range(0, 768, 300)])
+    assert np.array_equal(whole, strips)
+    assert np.array_equal(fields(0, 256, 1536)[:, :768], whole[:256])  # a smaller map is a larger one's corner
+    assert set(np.unique(whole)) == set(range(6))
+
+
+@pytest.mark.slow
+def test_quick_vectorize_section_puts_the_memory_target_on_the_bounded_map(tmp_path: Path) -> None:
+    text = quick_run(tmp_path, "vectorize")
+    assert "## 3e. Polygons of a class map" in text
+    assert "**Peak memory writing a GeoPackage: bounded regions (the target) against spanning ones**" in text
+    assert re.search(r"\| peak memory 1024\^2 / 512\^2 \(gpkg\), bounded regions \| [^|]+ \| <= 1.2 \| (PASS|\*\*MISS\*\*) \|", text)
+    assert "Worst case, regions spanning the map" in text
+    stored = json.loads((tmp_path / "results" / "vectorize.json").read_text())["metrics"]
+    assert set(stored["bounded_runs"]) == {"512", "1024"} and stored["memory_ratio_spanning"] > 0

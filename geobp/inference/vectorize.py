@@ -51,6 +51,7 @@ from rasterio.windows import Window
 
 from geobp.choices import VectorFormat, check_choice
 from geobp.errors import BandMismatchError, ConfigError, OutputExistsError, RasterMismatchError, format_error
+from geobp.inference.blockcache import block_cache_bytes
 from geobp.inference.regions import RegionStream, Regions
 from geobp.inference.vectorfile import EXTENSIONS, VectorFileWriter
 from geobp.raster import open_raster
@@ -282,8 +283,12 @@ def vectorize_class_map(class_map: str | Path, dst: str | Path | None = None, op
             try:
                 batches = _Batches(writer, src, options)
                 stream = RegionStream(src.width)
-                for classes, keep, values in read_strips(src, options, conf):
-                    batches.add(stream.add(classes, keep, values))
+                # every block is read once: GDAL's default cache (5% of RAM) would keep them all, growing with the map
+                rows = options.strip_rows(src.width)
+                cache = sum(block_cache_bytes(r.profile, rows) for r in (src, conf) if r is not None)
+                with rasterio.Env(GDAL_CACHEMAX=cache):
+                    for classes, keep, values in read_strips(src, options, conf):
+                        batches.add(stream.add(classes, keep, values))
                 batches.add(stream.finish())
                 batches.flush()
                 path = writer.commit(_empty_columns())
