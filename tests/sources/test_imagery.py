@@ -315,3 +315,25 @@ def test_a_stac_item_over_http_and_on_s3_reads_as_the_local_one(stac_tree, http_
     (mixed,) = resolve_images(spec, ["s2:red", "s1:VV"])
     local_mixed = resolve_images({"s2": str(stac_tree.root / stac_tree.item), "s1": str(world["s1"])}, ["s2:red", "s1:VV"])[0]
     np.testing.assert_array_equal(_whole(mixed), _whole(local_mixed))
+
+
+def test_signed_stac_hrefs_train_and_their_signature_is_in_no_file_written(stac_tree, http_server, world, tmp_path,
+                                                                           read_options_restored):
+    import json
+
+    doc = json.loads((stac_tree.root / stac_tree.item).read_text())
+    for asset in doc["assets"].values():  # absolute, signed hrefs, as a Planetary Computer search returns them
+        if asset["href"].startswith("./") and asset["href"].endswith(".tif"):
+            asset["href"] = f"{http_server.url}/{stac_tree.ids[0]}/{asset['href'][2:]}?se=2030-01-01&sig=SECRETSIG"
+    item = tmp_path / "signed_item.json"
+    item.write_text(json.dumps(doc))
+    dm = module(str(item), tmp_path, labels=world["labels"], bands=["red", "swir16"], split="blocks",
+                split_block_size=64, validity="scan")
+    batch = next(iter(dm.train_dataloader()))  # statistics, validity and aligned labels cached, tiles read
+    assert batch["raw"].shape[1] == 2
+    assert "SECRETSIG" in dm.scenes[0].image.path  # GDAL needs it to read
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert written  # the caches exist
+    for path in written:
+        assert "SECRETSIG" not in str(path) and b"SECRETSIG" not in path.read_bytes(), path
+    assert "SECRETSIG" not in json.dumps(dict(dm.hparams), default=str)
