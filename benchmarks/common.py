@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -265,3 +265,20 @@ def rss_peak_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_standalone(prog: str, run: Callable[[Config], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+    """A section's own ``main``: ``python -m benchmarks.<section> [--quick] [--json PATH]`` runs it alone,
+    prints its metrics and writes the whole result as JSON when asked."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    result = run(Config.quick_config() if args.quick else Config())
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps(result["metrics"], indent=1, default=float))
+    return 0

@@ -19,7 +19,6 @@ counted after a warm-up. Standalone: ``python -m benchmarks.imagery [--quick] [-
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+from benchmarks.common import Config, SectionResult, fmt, median, run_standalone, spread, table, target
 from benchmarks.sources import QUICK_SIZE, SIZE, ensure_sources
 
 #: The nine bands, in the order the model sees them.
@@ -224,15 +223,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the section alone and print (or write) its result."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.imagery")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    result = run(Config.quick_config() if args.quick else Config())
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=float))
-    print(json.dumps(result["metrics"], indent=1, default=float))
-    return 0
+    return run_standalone("python -m benchmarks.imagery", run, argv)
 
 
 if __name__ == "__main__":

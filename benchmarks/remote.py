@@ -22,8 +22,6 @@ Standalone: ``python -m benchmarks.remote [--quick] [--json PATH]``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import multiprocessing
 import shutil
@@ -32,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+from benchmarks.common import Config, SectionResult, fmt, median, run_standalone, spread, table, target
 from benchmarks.imagery import datamodule, write_item
 from benchmarks.sources import QUICK_SIZE, SIZE, ensure_sources
 
@@ -347,15 +345,7 @@ def _result(cfg: Config, size: int, reads: dict[str, dict[str, Any]], rates: dic
 
 def main(argv: list[str] | None = None) -> int:
     """Run the section alone and print (or write) its result."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.remote")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    result = run(Config.quick_config() if args.quick else Config())
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=float))
-    print(json.dumps(result["metrics"], indent=1, default=float))
-    return 0
+    return run_standalone("python -m benchmarks.remote", run, argv)
 
 
 if __name__ == "__main__":

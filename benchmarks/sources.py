@@ -25,7 +25,6 @@ Standalone: ``python -m benchmarks.sources [--quick] [--json PATH]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Config, SectionResult, fmt, median, spread, table, target
+from benchmarks.common import Config, SectionResult, fmt, median, run_standalone, spread, table, target
 
 UTM = "EPSG:32633"
 X0, Y0 = 500000.0, 5000000.0
@@ -254,16 +253,7 @@ def _decoded_mb(paths: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the section alone and print (or write) its result."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sources")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    result = run(Config.quick_config() if args.quick else Config())
-    text = json.dumps(result, indent=1, default=float)
-    if args.json:
-        args.json.write_text(text)
-    print(json.dumps(result["metrics"], indent=1, default=float))
-    return 0
+    return run_standalone("python -m benchmarks.sources", run, argv)
 
 
 if __name__ == "__main__":
