@@ -13,6 +13,20 @@ from rasterio.transform import from_origin
 CRS = "EPSG:32633"
 
 
+def save_untrained_checkpoint(path: Path, preprocessing: dict, class_names: list[str], tile_size: int = 32) -> Path:
+    """A checkpoint as `geobp fit` writes it (weights and hyper-parameters) of an untrained ResNet-18
+    U-Net with seeded weights: for inference tests that need a model, not a good one."""
+    import torch
+
+    from geobp.task import SegmentationTask
+
+    torch.manual_seed(0)
+    task = SegmentationTask(encoder="resnet18", in_channels=len(preprocessing["bands"]), num_classes=len(class_names),
+                            class_names=class_names, preprocessing=preprocessing, tile_size=tile_size)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path
+
+
 def write_tif(
     path: Path,
     data: np.ndarray,

@@ -8,11 +8,9 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-import torch
 
 from geobp.cli import main
-from geobp.task import SegmentationTask
-from tests.conftest import write_tif
+from tests.conftest import save_untrained_checkpoint, write_tif
 
 PRE = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [300.0] * 3, "std": [100.0] * 3, "low": [], "high": []}
 NAMES = ["water", "forest", "urban"]
@@ -71,10 +69,7 @@ def test_vectorize_bad_inputs_are_one_line_errors(tmp_path, classes_tif, capsys)
 
 @pytest.mark.slow
 def test_infer_with_vector_writes_polygons_beside_each_class_map(tmp_path, make_scene, capsys):
-    torch.manual_seed(0)
-    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE, tile_size=32)
-    ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    ckpt = save_untrained_checkpoint(tmp_path / "model.ckpt", PRE, NAMES)
     a, _ = make_scene("a", size=(40, 48), root=tmp_path / "d")
     b, _ = make_scene("b", size=(30, 30), root=tmp_path / "d", seed=1)
     out = tmp_path / "out"
@@ -96,10 +91,7 @@ def test_infer_with_vector_writes_polygons_beside_each_class_map(tmp_path, make_
 @pytest.mark.slow
 def test_infer_with_vector_refuses_an_existing_polygon_file_before_predicting(tmp_path, make_scene, capsys):
     """Checked with the other outputs: the raster fails without a class map being written, the others run."""
-    torch.manual_seed(0)
-    task = SegmentationTask(encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE, tile_size=32)
-    ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    ckpt = save_untrained_checkpoint(tmp_path / "model.ckpt", PRE, NAMES)
     a, _ = make_scene("a", size=(30, 30), root=tmp_path / "d")
     b, _ = make_scene("b", size=(30, 30), root=tmp_path / "d", seed=1)
     out = tmp_path / "out"

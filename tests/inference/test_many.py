@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 
 from geobp.errors import ConfigError
 from geobp.inference import expand_inputs, predict_many
 from geobp.task import SegmentationTask
+from tests.conftest import save_untrained_checkpoint
 
 PRE = {"bands": [1, 2, 3], "nodata": 0, "method": "meanstd", "mean": [300.0] * 3, "std": [100.0] * 3, "low": [], "high": []}
 NAMES = ["water", "forest", "urban"]
@@ -19,13 +19,7 @@ NAMES = ["water", "forest", "urban"]
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    task = SegmentationTask(
-        encoder="resnet18", in_channels=3, num_classes=3, class_names=NAMES, preprocessing=PRE, tile_size=32
-    )
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
-    return path
+    return save_untrained_checkpoint(tmp_path / "model.ckpt", PRE, NAMES)
 
 
 def test_one_corrupt_input_among_many(tmp_path, make_scene, ckpt, monkeypatch):
