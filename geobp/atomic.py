@@ -15,31 +15,56 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-@contextmanager
-def atomic_path(final: str | Path, suffix: str = ".tif") -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
+class AtomicFile:
+    """A temporary file beside ``final``, for writers that create it in one call and finish it in
+    another: :meth:`commit` renames it to ``final``, :meth:`abort` deletes it (``final`` untouched).
 
-    The temporary file exists (empty) when the block starts, with the permissions of a normal new
-    file (mkstemp's are owner-only). An exception inside the block leaves ``final`` untouched and
-    removes the temporary file.
+    The temporary file exists (empty) once this is made, with the permissions of a normal new file
+    (mkstemp's are owner-only).
 
     Args:
         final: the destination; its folder is created when missing.
         suffix: the temporary name's ending (drivers that pick a format by extension need it).
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".part{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)
+
+    def __init__(self, final: str | Path, suffix: str = ".tif") -> None:
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.stem}.", suffix=f".part{suffix}", dir=self.final.parent)
+        os.close(fd)
+        self.path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        self.path.chmod(0o666 & ~umask)
+
+    def commit(self) -> Path:
+        """Rename the temporary file to :attr:`final`; returns :attr:`final` (on failure the temporary
+        file is deleted)."""
+        try:
+            os.replace(self.path, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        return self.final
+
+    def abort(self) -> None:
+        """Delete the temporary file (nothing after :meth:`commit`); safe to call twice."""
+        self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(final: str | Path, suffix: str = ".tif") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
+
+    An exception inside the block leaves ``final`` untouched and removes the temporary file
+    (:class:`AtomicFile`, whose arguments these are).
+    """
+    target = AtomicFile(final, suffix)
     try:
-        yield tmp_path
-        os.replace(tmp_path, final)
+        yield target.path
+        target.commit()
     finally:
-        tmp_path.unlink(missing_ok=True)
+        target.abort()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

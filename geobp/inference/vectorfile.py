@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geobp.atomic import atomic_path
+from geobp.atomic import AtomicFile
 from geobp.choices import VectorFormat
 
 #: File extension of each format.
@@ -44,8 +44,8 @@ class VectorFileWriter:
         self.crs = crs
         self.fields = fields
         self.features = 0
-        self._atomic: Any = atomic_path(self.path, suffix=EXTENSIONS[fmt])
-        self._tmp: Path = self._atomic.__enter__()
+        self._atomic = AtomicFile(self.path, suffix=EXTENSIONS[fmt])
+        self._tmp: Path = self._atomic.path
         self._tmp.unlink()  # the drivers create the file themselves
         self._parquet: Any = None
         self._started = False
@@ -100,9 +100,7 @@ class VectorFileWriter:
         except BaseException:
             self.abort()
             raise
-        atomic, self._atomic = self._atomic, None
-        atomic.__exit__(None, None, None)
-        return self.path
+        return self._atomic.commit()
 
     def abort(self) -> None:
         """Delete the temporary file; safe to call twice."""
@@ -110,11 +108,4 @@ class VectorFileWriter:
             with contextlib.suppress(Exception):
                 self._parquet.close()
             self._parquet = None
-        atomic, self._atomic = self._atomic, None
-        if atomic is not None:
-            with contextlib.suppress(_Aborted):
-                atomic.__exit__(_Aborted, _Aborted(), None)
-
-
-class _Aborted(Exception):
-    """Raised into :func:`~geobp.atomic.atomic_path` so that it deletes the temporary file."""
+        self._atomic.abort()
