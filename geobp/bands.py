@@ -27,6 +27,24 @@ def default_band_name(index: int) -> str:
     return f"band_{index}"
 
 
+def band_number(key: str | int, names: Sequence[str], count: int) -> int | None:
+    """The 1-based number of band ``key`` among ``count`` bands named ``names``, or None when none has it.
+
+    ``key`` is a number (returned as it is: the caller checks its range), a band name (exact, else
+    case-insensitive), or :func:`default_band_name` of a band (``band_3``), whatever its name.
+    """
+    text = str(key)
+    if isinstance(key, int) or text.isdigit():
+        return int(text)
+    if text in names:
+        return list(names).index(text) + 1
+    lower = [n.lower() for n in names]
+    if text.lower() in lower:
+        return lower.index(text.lower()) + 1
+    defaults = [default_band_name(i) for i in range(1, count + 1)]
+    return defaults.index(text.lower()) + 1 if text.lower() in defaults else None
+
+
 def is_default_name(name: str) -> bool:
     """Whether ``name`` is a placeholder (:func:`default_band_name`) rather than a real band name."""
     return bool(_DEFAULT.match(name))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.progress import track
 
+from geobp.bands import band_number, default_band_name
 from geobp.data.headers import read_headers
 from geobp.data.preprocessing import CACHE_DIR
 from geobp.data.validation import SceneReport, check_consistency, check_headers, scan_pixels
@@ -158,20 +159,16 @@ def resolve_bands(bands: list[int | str] | None, count: int, source: str,
     if bands is None:
         return list(range(1, count + 1))
     if any(isinstance(b, str) for b in bands):
-        known = [(n or f"band_{i}") for i, n in enumerate(list(names or ()) + [None] * (count - len(names or ())), start=1)]
-        lower = [k.lower() for k in known]
+        known = [(n or default_band_name(i)) for i, n in enumerate(list(names or ()) + [None] * (count - len(names or ())),
+                                                                   start=1)]
         picked: list[int] = []
         for b in bands:
-            if isinstance(b, int) or str(b).isdigit():
-                picked.append(int(b))
-            elif str(b).lower() in lower:
-                picked.append(lower.index(str(b).lower()) + 1)
-            elif str(b).lower() in [f"band_{i}" for i in range(1, count + 1)]:
-                picked.append(int(str(b)[5:]))
-            else:
+            number = band_number(b, known, count)
+            if number is None:
                 raise ConfigError(format_error(source, f"data.bands names band {b!r}, which the files do not have "
                                                f"(their bands: {', '.join(known)})",
                                                "use one of those names or a 1-based index, or set data.band_names"))
+            picked.append(number)
         bands = picked
     bad = [b for b in bands if not 1 <= b <= count]
     if bad or len(set(bands)) != len(bands) or not bands:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from geobp.bands import band_number, default_band_name
 from geobp.errors import ConfigError, format_error
 from geobp.raster import RASTER_SUFFIXES, RasterInfo
 from geobp.sources.bandref import BandRef
@@ -133,54 +134,33 @@ def _with(refs: Sequence[BandRef], spec: SourceSpec, source: str) -> list[BandRe
 
 def _file_refs(path: str, info: RasterInfo, spec: SourceSpec, source: str, wanted: list[str | int] | None) -> list[BandRef]:
     """The bands of one file: named by their description, else ``band_<i>``; ``wanted`` selects by name or index."""
-    names = [(d or f"band_{i}") for i, d in enumerate(info.descriptions or (None,) * info.count, start=1)]
-    if wanted is None:
-        picks = list(range(1, info.count + 1))
-    else:
-        picks = []
-        for w in wanted:
-            key = str(w)
-            if key.isdigit() and 1 <= int(key) <= info.count:
-                picks.append(int(key))
-            elif key in names:
-                picks.append(names.index(key) + 1)
-            elif key.lower() in [n.lower() for n in names]:
-                picks.append([n.lower() for n in names].index(key.lower()) + 1)
-            else:
-                where = f"source {source!r} " if source else ""
-                raise ConfigError(format_error(path, f"{where}has no band {w!r} (its bands: {', '.join(names)}, or 1.."
-                                               f"{info.count})", "fix data.bands"))
-    refs = [BandRef(names[b - 1], path, band=b, resampling=spec.resampling or "bilinear", nodata=spec.nodata, source=source)
+    names = [(d or default_band_name(i)) for i, d in enumerate(info.descriptions or (None,) * info.count, start=1)]
+    picks = list(range(1, info.count + 1)) if wanted is None else []
+    for w in wanted or ():
+        number = band_number(w, names, info.count)
+        if number is None or not 1 <= number <= info.count:
+            where = f"source {source!r} " if source else ""
+            raise ConfigError(format_error(path, f"{where}has no band {w!r} (its bands: {', '.join(names)}, or 1.."
+                                           f"{info.count})", "fix data.bands"))
+        picks.append(number)
+    return [BandRef(names[b - 1], path, band=b, resampling=spec.resampling or "bilinear", nodata=spec.nodata, source=source)
             for b in picks]
-    return refs
 
 
-def _reference_scenes(spec: SourceSpec, source: str, wanted: list[str | int] | None,
-                      headers: dict[str, RasterInfo]) -> list[_Scene]:
+def _source_scenes(spec: SourceSpec, source: str, wanted: list[str | int] | None, headers: dict[str, RasterInfo],
+                   what: str) -> list[_Scene]:
+    """A source's scenes: one per STAC item, or one per file (``what`` names the option for messages)."""
     if is_stac(spec.images) or (isinstance(spec.images, list) and all(is_stac(i) for i in spec.images)):
         from geobp.sources.stac import select_bands
 
         return [_Scene(item.id, _with(select_bands(item, wanted), spec, source)) for item in _stac_items(spec)]
     scenes = []
-    for path in expand_paths(spec.images, RASTER_SUFFIXES, "images"):
+    for path in expand_paths(spec.images, RASTER_SUFFIXES, what):
         p = str(path)
-        headers.setdefault(p, read_header(p))
+        if p not in headers:
+            headers[p] = read_header(p)
         scenes.append(_Scene(file_stem(p), _file_refs(p, headers[p], spec, source, wanted)))
     return scenes
-
-
-def _other_refs(spec: SourceSpec, wanted: list[str | int] | None, headers: dict[str, RasterInfo]) -> list[BandRef]:
-    """Every file of a non-reference source, as BandRefs (the tiles of each band pooled under its name)."""
-    if is_stac(spec.images) or (isinstance(spec.images, list) and all(is_stac(i) for i in spec.images)):
-        from geobp.sources.stac import select_bands
-
-        return [r for item in _stac_items(spec) for r in _with(select_bands(item, wanted), spec, spec.name)]
-    refs = []
-    for path in expand_paths(spec.images, RASTER_SUFFIXES, f"images.{spec.name}"):
-        p = str(path)
-        headers.setdefault(p, read_header(p))
-        refs += _file_refs(p, headers[p], spec, spec.name, wanted)
-    return refs
 
 
 def _split_bands(bands: Sequence[str | int] | None, sources: list[SourceSpec]) -> tuple[dict[str, list[str | int] | None], list[str] | None]:
@@ -259,8 +239,10 @@ def resolve_images(
     wanted, order = _split_bands(bands, sources) if several else ({sources[0].name: list(bands) if bands else None}, None)
     headers: dict[str, RasterInfo] = {}
     reference = sources[0]
-    scenes = _reference_scenes(reference, reference.name, wanted[reference.name], headers)
-    others = {s.name: _other_refs(s, wanted[s.name], headers) for s in sources[1:] if wanted[s.name] != []}
+    scenes = _source_scenes(reference, reference.name, wanted[reference.name], headers, "images")
+    # every other source's files pooled: the tiles of each band under its name, paired with each scene by footprint
+    others = {s.name: [r for scene in _source_scenes(s, s.name, wanted[s.name], headers, f"images.{s.name}") for r in scene.refs]
+              for s in sources[1:] if wanted[s.name] != []}
     for s in sources[1:]:
         if s.name in others and not others[s.name]:
             raise ConfigError(format_error(None, f"source {s.name!r} lists no band", f"check data.images.{s.name}"))

@@ -258,7 +258,6 @@ def test_signed_hrefs_stay_out_of_the_stack_display_and_cache_key(stac_tree, tmp
     for key, asset in doc["assets"].items():
         asset["href"] = f"https://example.invalid/{key}.tif?se=2030&sig=SECRETSIG"
     (tmp_path / "signed.json").write_text(json.dumps(doc))
-    from geobp.sources.imagery import _reference_scenes, parse_sources  # noqa: F401 - the refs, without opening files
     from geobp.sources.stac import load_items, select_bands
 
     (item,) = load_items(tmp_path / "signed.json")
