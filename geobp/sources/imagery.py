@@ -39,6 +39,7 @@ from geobp.errors import ConfigError, format_error
 from geobp.raster import RASTER_SUFFIXES, RasterInfo
 from geobp.sources.bandref import BandRef
 from geobp.sources.files import read_header
+from geobp.sources.grid import Grid
 from geobp.sources.locations import expand_paths, file_stem
 from geobp.sources.stack import SceneStack, build_stack
 from geobp.sources.stackreader import stack_path
@@ -269,13 +270,9 @@ def resolve_images(
 
 
 def _finest_file(stack: SceneStack, headers: dict[str, RasterInfo]) -> RasterInfo:
-    """The header of a reference file on the stack's grid (whose blocks training tiles align to)."""
+    """The header of the reference file whose grid the stack took (whose blocks training tiles align to)."""
     for band in stack.bands:
-        for part in band.parts:
-            if part.offset == (0, 0) and part.grid == stack.grid:
-                for f in part.files:
-                    if f in headers:
-                        return headers[f]
-    return headers[stack.bands[0].files[0]] if stack.bands[0].files and stack.bands[0].files[0] in headers else \
-        RasterInfo("", stack.grid.width, stack.grid.height, len(stack.bands), "float32", stack.grid.crs, stack.grid.transform,
-                   None, min(256, stack.grid.height), min(256, stack.grid.width))
+        for f in band.files:
+            if f in headers and Grid.from_info(headers[f]) == stack.grid:
+                return headers[f]
+    raise AssertionError("build_stack takes its grid from one of the reference's files")
