@@ -21,7 +21,7 @@ from geobp.inference.sinks import OutputLayout, check_outputs_free, output_paths
 from geobp.inference.vectorize import VectorOptions, vector_path, vectorize_class_map
 from geobp.raster import list_rasters
 from geobp.sources.imagery import is_stacked, resolve_images
-from geobp.sources.stack import warp_block_for
+from geobp.sources.stack import SceneLeftOutWarning, warp_block_for
 from geobp.sources.locations import file_stem, is_folder_url, location
 from geobp.sources.urls import redact
 
@@ -80,14 +80,21 @@ def expand_inputs(inputs: list[Any], band_names: Sequence[str] | None = None,
             plain.append(item)
             continue
         name = "--images" if isinstance(item, Mapping) else redact(str(item))
-        try:
-            with warnings.catch_warnings(record=True) as caught:  # scenes another source does not cover
-                warnings.simplefilter("always")
+        error: GeobpError | None = None
+        with warnings.catch_warnings(record=True) as caught:  # scenes another source does not cover
+            warnings.simplefilter("always", SceneLeftOutWarning)
+            try:
                 rasters.extend(resolve_images(item, list(band_names) if band_names else None,
                                               warp_block=warp_block_for(tile_size)) or [])
-            problems.extend((name, str(w.message)) for w in caught if "left out" in str(w.message))
-        except GeobpError as err:
-            problems.append((name, str(err)))
+            except GeobpError as err:  # reported after the scenes left out, which it may point to
+                error = err
+        for w in caught:  # a left-out scene is a failed input; other warnings are shown as they came
+            if issubclass(w.category, SceneLeftOutWarning):
+                problems.append((name, str(w.message)))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if error is not None:
+            problems.append((name, str(error)))
     for item in map(location, plain):
         if isinstance(item, str):  # remote: a file, or a prefix to list
             if not is_folder_url(item):

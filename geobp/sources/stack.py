@@ -57,11 +57,15 @@ from geobp.sources.files import DATASETS, close_datasets, is_inline_vrt, local_p
 from geobp.sources.grid import Grid, coverage, overlaps
 from geobp.sources.vrt import mosaic_vrt, stack_vrt, warped_vrt
 
-__all__ = ["Grid", "Missing", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks", "close_datasets",
+__all__ = ["Grid", "Missing", "SceneLeftOutWarning", "SceneStack", "SourceSummary", "StackBand", "build_stack", "build_stacks", "close_datasets",
            "read_header", "warp_block_for"]
 
 #: What to do with a source that has no file over a scene: leave the scene out, or read the source as nodata.
 Missing = Literal["skip", "fill"]
+
+
+class SceneLeftOutWarning(UserWarning):
+    """A scene left out because another source has no file over it (``missing="skip"``)."""
 
 
 def warp_block_for(tile_size: int) -> int:
@@ -483,7 +487,8 @@ def build_stack(
             warnings.warn(format_error(
                 reference[0].path, f"source {source!r} has no file over this scene ({len(refs)} file(s) listed, "
                                    "none overlaps it): the scene is left out",
-                f"add {source!r} files that cover it, or set missing='fill' to read {source!r} as nodata"), stacklevel=2)
+                f"add {source!r} files that cover it, or set missing='fill' to read {source!r} as nodata"),
+                SceneLeftOutWarning, stacklevel=2)
             return None
         for name, members in _group_by_name(source, refs).items():
             first = infos[members[0]]

@@ -336,3 +336,18 @@ def test_signed_stac_hrefs_train_and_their_signature_is_in_no_file_written(stac_
     for path in written:
         assert "SECRETSIG" not in str(path) and b"SECRETSIG" not in path.read_bytes(), path
     assert "SECRETSIG" not in json.dumps(dict(dm.hparams), default=str)
+
+
+def test_infer_reports_a_scene_another_source_does_not_cover_as_a_failed_input(stac_tree, tmp_path):
+    from geobp.inference.batch import expand_inputs
+
+    far = write_tif(tmp_path / "far.tif", np.ones((8, 8), np.float32), crs="EPSG:3035", nodata=-9999.0,
+                    transform=from_origin(1e6, 1e6, 30, 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing escapes as a warning: the left-out scene is a reported problem
+        rasters, problems = expand_inputs([{"s2": str(stac_tree.root / stac_tree.item), "dem": str(far)}],
+                                          ["s2:red", "dem:band_1"], 32)
+    assert rasters == []
+    messages = [m for name, m in problems if name == "--images"]
+    assert any("source 'dem' has no file over this scene" in m for m in messages)
+    assert any("no scene is covered by every source" in m for m in messages)
