@@ -32,6 +32,7 @@ from geobp.data.options import (
     LoaderOptions, ReadErrorPolicy, SamplingMode, SamplingOptions, SplitMode, SplitOptions, StatsOptions, TilingOptions,
     check_split_tiles,
 )
+from geobp.processes import StartMethod
 from geobp.data.places import grid_tiles, train_places
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, Redraw, SceneCells
@@ -80,7 +81,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         sampling_options: :class:`~geobp.data.options.SamplingOptions` (``tiles_per_epoch`` to ``augment``).
         split_options: :class:`~geobp.data.options.SplitOptions` (``split`` to ``split_block_size``).
         stats_options: :class:`~geobp.data.options.StatsOptions` (``normalization`` to ``validity``).
-        loader_options: :class:`~geobp.data.options.LoaderOptions` (``batch_size`` to ``on_read_error``).
+        loader_options: :class:`~geobp.data.options.LoaderOptions` (``batch_size`` to ``worker_start``).
 
     Args:
         root: dataset folder (``root/images`` and ``root/masks``, matched by name); with
@@ -145,6 +146,9 @@ class GeoTiffDataModule(L.LightningDataModule):
         on_read_error: a block that fails to decode during training either stops the run
             (``stop``, naming the scene and window) or is skipped with a warning and counted in
             ``train/skipped_tiles`` (``skip``).
+        worker_start: how the worker processes start: ``forkserver`` (the default: forked from a
+            clean server process, so no worker inherits a lock another thread of this process
+            held), ``spawn``, or ``fork``.
         seed: seed of the split, of the random tiles and of the band-statistics sample.
     """
 
@@ -191,6 +195,7 @@ class GeoTiffDataModule(L.LightningDataModule):
         num_workers: int = LoaderOptions.num_workers,
         prefetch_factor: int | None = LoaderOptions.prefetch_factor,
         on_read_error: ReadErrorPolicy = LoaderOptions.on_read_error,
+        worker_start: StartMethod = LoaderOptions.worker_start,
         # --- the split, the random tiles and the statistics sample ---
         seed: int = 0,
     ) -> None:
@@ -209,7 +214,7 @@ class GeoTiffDataModule(L.LightningDataModule):
                                           split_block_size=split_block_size)
         self.stats_options = StatsOptions(normalization=normalization, nodata=nodata, stats_budget=stats_budget, validity=validity)
         self.loader_options = LoaderOptions(batch_size=batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                                            on_read_error=on_read_error)
+                                            on_read_error=on_read_error, worker_start=worker_start)
         check_split_tiles(self.split_options, self.tiling_options)
         self.seed = seed
         self.class_names: list[str] = list(self.label_options.class_names or ())

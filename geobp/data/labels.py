@@ -20,7 +20,6 @@ onto each image's grid (and the cache) is :mod:`geobp.data.alignment`.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -29,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rasterio.crs import CRS
 
 from geobp.classes import check_num_classes, class_names_for, invalid_labels
 from geobp.errors import ConfigError, DataNotFoundError, GeoreferenceError, LabelError, RasterReadError, format_error
 from geobp.raster import RasterInfo, read_info
 from geobp.sources.grid import Grid, bounds_in
-from geobp.sources.locations import expand_paths, is_folder_url  # noqa: F401 - expand_paths re-exported
-from geobp.sources.urls import gdal_path, is_remote, list_prefix
+from geobp.sources.locations import expand_paths  # noqa: F401 - re-exported
 
 #: Files listed when ``data.labels`` names a folder (label rasters of common raster formats). A
 #: file named directly or by a glob is taken whatever its suffix.

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from geobp.data.dataset import TileDataset, collate_tiles
 from geobp.data.options import LoaderOptions
 from geobp.data.samplers import GridTileSampler, RandomTileSampler
+from geobp.processes import start_context
 
 
 class ResumableTileLoader(DataLoader):
@@ -85,7 +86,7 @@ def tile_loader(
     Args:
         dataset: the tiles.
         sampler: which tiles this rank reads, in order.
-        options: batch size, workers (kept alive between epochs) and their prefetch.
+        options: batch size, workers (kept alive between epochs), their prefetch and start method.
         pin_memory: put batches in pinned memory (when they go to a CUDA device).
         drop_last: drop a last, incomplete batch.
         current_epoch: the trainer's epoch, for the resumable loader.
@@ -103,6 +104,9 @@ def tile_loader(
         drop_last=drop_last,
         collate_fn=collate_tiles,
     )
+    if workers > 0:
+        # not forked from this process by default: it runs threads by now (geobp.processes)
+        kwargs["multiprocessing_context"] = start_context(options.worker_start, preload=("geobp.data.dataset",))
     if workers > 0 and options.prefetch_factor is not None:
         kwargs["prefetch_factor"] = options.prefetch_factor
     if isinstance(sampler, RandomTileSampler):

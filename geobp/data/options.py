@@ -13,7 +13,7 @@ TilingOptions      tile_size, overlap (:mod:`geobp.tiling`, shared with inferenc
 SamplingOptions    tiles_per_epoch, sampling, balance_power, max_nodata_fraction, augment
 SplitOptions       split, val_fraction, test_fraction, split_block_size
 StatsOptions       normalization, nodata, stats_budget, validity
-LoaderOptions      batch_size, num_workers, prefetch_factor, on_read_error
+LoaderOptions      batch_size, num_workers, prefetch_factor, on_read_error, worker_start
 LabelOptions       num_classes, ignore_index, class_names, label_map, label_field, label_background,
                    all_touched (:mod:`geobp.data.labels`)
 =================  ==============================================================================
@@ -31,6 +31,7 @@ from geobp.data.bandstats import STATS_BUDGET
 from geobp.data.preprocessing import NormMethod
 from geobp.data.validity import ValidityMode
 from geobp.errors import ConfigError, format_error
+from geobp.processes import StartMethod
 from geobp.tiling import TilingOptions
 
 SplitMode = Literal["scene", "blocks"]
@@ -188,6 +189,9 @@ class LoaderOptions:
             ``num_workers > 0``, at least 1.
         on_read_error: a block that fails to decode during training stops the run (``stop``) or
             is skipped with a warning (``skip``).
+        worker_start: how the worker processes start (:mod:`geobp.processes`): ``forkserver``
+            (forked from a clean server process), ``spawn``, or ``fork`` (fastest to start, but a
+            worker forked while another thread holds a lock can wait on it forever).
 
     Raises:
         ConfigError: a value outside its range or choices.
@@ -197,6 +201,7 @@ class LoaderOptions:
     num_workers: int = 0
     prefetch_factor: int | None = None
     on_read_error: ReadErrorPolicy = "stop"
+    worker_start: StartMethod = "forkserver"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -211,3 +216,4 @@ class LoaderOptions:
                 f"(found num_workers {self.num_workers})",
                 "set data.num_workers to a number of processes, or data.prefetch_factor: null"))
         check_choice("on_read_error", self.on_read_error, ReadErrorPolicy)
+        check_choice("worker_start", self.worker_start, StartMethod)

@@ -61,6 +61,7 @@ from geobp.data.preprocessing import Preprocessing
 from geobp.errors import GeobpError, ReaderError, SharedMemoryError, format_error
 from geobp.inference.blockcache import block_cache_bytes
 from geobp.inference.reader import TileBatch, fill_batch, pick_worker, stripe_of
+from geobp.processes import start_context
 from geobp.raster import open_reader
 from geobp.tiling import Tile, TileGrid
 
@@ -123,15 +124,6 @@ class SlotLayout:
             return image, None
         valid = np.ndarray((n, self.tile_h, self.tile_w), np.bool_, buffer=ring, offset=base + self.image_bytes)
         return image, valid
-
-
-def start_context() -> multiprocessing.context.BaseContext:
-    """The multiprocessing context of the reader processes: forkserver (preloading this module), else spawn."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", __name__])  # no effect once the fork server runs
-        return ctx
-    return multiprocessing.get_context("spawn")
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -241,7 +233,7 @@ class ProcessReader:
         if profile is not None:  # each worker's cache holds the blocks of its stripe of columns
             env["GDAL_CACHEMAX"] = block_cache_bytes(profile, grid.tile_h, columns=1 / self.num_workers,
                                                      readers=self.num_workers)
-        ctx = start_context()
+        ctx = start_context(preload=(__name__,))
         try:
             for w in range(self.num_workers):
                 mine, theirs = ctx.Pipe()

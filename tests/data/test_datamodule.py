@@ -317,6 +317,8 @@ def test_loader_settings_pinned_on_cuda_persistent_workers_prefetch(make_scene, 
             assert loader.pin_memory is pinned
             assert loader.num_workers == workers and loader.persistent_workers is (workers > 0)
             assert loader.prefetch_factor == (None if workers == 0 else prefetch or 2)
+            # workers come from the fork server, not forked from this (threaded) process
+            assert workers == 0 or loader.multiprocessing_context.get_start_method() == "forkserver"
 
 
 def test_prefetch_factor_needs_workers(make_scene, tmp_path):

@@ -51,6 +51,7 @@ def test_every_grouped_option_has_the_groups_default_in_the_signature():
     (lambda: LoaderOptions(num_workers=-1), r"data.num_workers must be >= 0 \(found -1\)"),
     (lambda: LoaderOptions(prefetch_factor=2), r"data.prefetch_factor: 2 needs data.num_workers > 0 .*found num_workers 0"),
     (lambda: LoaderOptions(num_workers=2, prefetch_factor=0), r"data.prefetch_factor: 0 needs"),
+    (lambda: LoaderOptions(worker_start="threads"), r"data.worker_start is 'threads' \(expected one of forkserver, spawn, fork\)"),
     (lambda: LoaderOptions(on_read_error="retry"), r"data.on_read_error is 'retry' \(expected one of stop, skip\)"),
 ])
 def test_each_group_rejects_a_bad_value_with_the_fix(make, match):
