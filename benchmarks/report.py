@@ -16,7 +16,7 @@ _TITLES = {
     "training": "2. Training step and gradient-flow monitoring",
     "inference": "3. Inference",
     "readers": "3b. Inference readers: threads and processes against the decode limit",
-    "tta": "3c. Test-time augmentation: cost, and accuracy on a synthetic stand-in",
+    "tta": "3c. Test-time augmentation: cost, and accuracy on a real scene",
     "export": "3d. Exported models: ONNX Runtime and TorchScript against the checkpoint",
     "gpu": "6. GPU",
     "labels": "4. Labels on another grid",

@@ -200,17 +200,61 @@ def test_report_renders_the_issue_15_gpu_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_tta_section_times_each_mode_and_scores_the_synthetic_stand_in(tmp_path: Path) -> None:
+def test_quick_tta_section_times_each_mode_and_scores_footprints_by_strips(tmp_path: Path) -> None:
     text = quick_run(tmp_path, "tta")
-    assert "## 3c. Test-time augmentation: cost, and accuracy on a synthetic stand-in" in text
+    assert "## 3c. Test-time augmentation: cost, and accuracy on a real scene" in text
+    assert "Accuracy on a generated stand-in (quick mode): building footprints, 3-fold cross-validation" in text
     for mode in ("none", "flips", "d4"):
         rows = [ln for ln in text.splitlines() if ln.startswith(f"| {mode} |")]
         assert len(rows) == 2 and all(re.search(r"\| [\d.]+ \|", row) for row in rows), rows  # cost and accuracy
     assert re.search(r"\| tta: flips / none, predict_raster seconds \| [\d.]+x \| <= 4.5 \| (PASS|\*\*MISS\*\*) \|", text)
-    assert "synthetic stand-in, not the measurement issue 22 asks for" in text and "still to do" in text
     stored = json.loads((tmp_path / "results" / "tta.json").read_text())["metrics"]
     assert set(stored["ratio"]) == {"none", "flips", "d4"} and all(v > 0 for v in stored["ratio"].values())
-    assert set(stored["accuracy"]["modes"]) == {"none", "flips", "d4"}
+    modes = stored["accuracy"]["modes"]
+    assert set(modes) == {"none", "flips", "d4"} and modes["none"]["changed_share"] == 0
+    for scores in modes.values():  # every pixel of the chip predicted once, over the three strips
+        assert np.asarray(scores["confusion"]).sum() == 384 * 384 and len(scores["fold_building_iou"]) == 3
+
+
+def test_fold_strips_partition_the_chip_and_burn_every_footprint(tmp_path: Path) -> None:
+    import pyogrio
+    import rasterio
+    from rasterio.features import rasterize
+
+    from benchmarks.tta import fold_crops, write_footprint_chip
+
+    image, labels = write_footprint_chip(tmp_path / "chip", size=100)
+    folds = fold_crops(image, labels, tmp_path / "work", 3)
+    with rasterio.open(image) as src:
+        full, transform = src.read(1), src.transform
+    whole = rasterize(pyogrio.read_dataframe(labels).geometry, out_shape=full.shape, transform=transform, dtype="uint8")
+    assert whole.any()
+    assert np.array_equal(np.concatenate([truth for _, _, truth in folds], axis=1), whole)
+    for k, (train, test, _) in enumerate(folds):
+        with rasterio.open(test) as t:
+            strip = t.read(1)
+            col0 = round((t.transform.c - transform.c) / transform.a)
+        assert np.array_equal(strip, full[:, col0:col0 + strip.shape[1]])
+        widths = [rasterio.open(p).width for p in train]
+        assert sum(widths) + strip.shape[1] == 100 and len(train) == (1 if k in (0, 2) else 2)
+
+
+def test_real_data_members_are_checked_against_their_pinned_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import zipfile
+
+    from benchmarks.realdata import RealDataUnavailable, extract
+
+    wheel = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/data/a.tif", b"image bytes")
+    good = {"pkg/data/a.tif": ("a.tif", hashlib.sha256(b"image bytes").hexdigest())}
+    assert extract(wheel, tmp_path / "out", good)["a.tif"].read_bytes() == b"image bytes"
+    with pytest.raises(RealDataUnavailable, match="does not match its pinned sha256"):
+        extract(wheel, tmp_path / "bad", {"pkg/data/a.tif": ("a.tif", "0" * 64)})
+    assert not list((tmp_path / "bad").iterdir())  # nothing half-written
+    with pytest.raises(RealDataUnavailable, match="has no pkg/data/b.tif"):
+        extract(wheel, tmp_path / "missing", {"pkg/data/b.tif": ("b.tif", "0" * 64)})
 
 
 def test_imagery_section_runs_quick(tmp_path: Path) -> None:

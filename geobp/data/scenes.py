@@ -118,13 +118,12 @@ def check_dataset(
         todo = [n for n, r in enumerate(reports) if not r.fatal]
         args = [(reports[n], num_classes, ignore_index, nodata) for n in todo]
         if workers > 1 and len(todo) > 1:
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn, not fork: this process already runs threads (the header pool, GDAL's, torch's), and a
-            # forked child can inherit one of their locks held and wait on it forever
-            spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+            from geobp.processes import start_context
+
+            # not forked: this process already runs threads (the header pool, GDAL's, torch's)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=start_context(preload=(__name__,))) as pool:
                 scanned = list(track(pool.map(_scan, args), total=len(args), description="Reading scenes",
                                      disable=not progress, transient=True))
         else:
