@@ -6,13 +6,21 @@ lock held and nobody to release it: the child waits forever at its first use. ge
 run such threads by the time they start DataLoader workers or reader processes, so they start
 them from a fork server (one clean, single-threaded process started once, which forks each
 worker; the default start method from Python 3.14 on) or, where there is none, by spawning.
+
+A worker forked by the fork server has the server's environment, that of the moment the server
+started: variables this process set since (``AWS_*``, ``GDAL_*`` set from Python, as tests and
+notebooks do) would be missing. Each pool therefore hands its workers this process's environment
+as it is when the pool starts (:func:`environment_initializer`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
-from typing import Literal, get_args
+import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal, get_args
 
 from geobp.errors import ConfigError, format_error
 
@@ -43,3 +51,16 @@ def start_context(method: StartMethod = "forkserver", preload: tuple[str, ...] =
                 _PRELOAD.append(name)
         ctx.set_forkserver_preload(list(_PRELOAD))
     return ctx
+
+
+def set_environment(env: dict[str, str], *_: Any) -> None:
+    """Make this process's environment exactly ``env`` (in a worker, before it reads anything)."""
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
+def environment_initializer() -> Callable[..., None]:
+    """A picklable worker initializer (a DataLoader's ``worker_init_fn``, a pool's ``initializer``)
+    that gives the worker this process's environment as it is now."""
+    return partial(set_environment, dict(os.environ))

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from geobp.data.dataset import TileDataset, collate_tiles
 from geobp.data.options import LoaderOptions
 from geobp.data.samplers import GridTileSampler, RandomTileSampler
-from geobp.processes import start_context
+from geobp.processes import environment_initializer, start_context
 
 
 class ResumableTileLoader(DataLoader):
@@ -107,6 +107,7 @@ def tile_loader(
     if workers > 0:
         # not forked from this process by default: it runs threads by now (geobp.processes)
         kwargs["multiprocessing_context"] = start_context(options.worker_start, preload=("geobp.data.dataset",))
+        kwargs["worker_init_fn"] = environment_initializer()  # the fork server's may be older
     if workers > 0 and options.prefetch_factor is not None:
         kwargs["prefetch_factor"] = options.prefetch_factor
     if isinstance(sampler, RandomTileSampler):

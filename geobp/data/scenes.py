@@ -120,10 +120,11 @@ def check_dataset(
         if workers > 1 and len(todo) > 1:
             from concurrent.futures import ProcessPoolExecutor
 
-            from geobp.processes import start_context
+            from geobp.processes import environment_initializer, start_context
 
             # not forked: this process already runs threads (the header pool, GDAL's, torch's)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=start_context(preload=(__name__,))) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=start_context(preload=(__name__,)),
+                                     initializer=environment_initializer()) as pool:
                 scanned = list(track(pool.map(_scan, args), total=len(args), description="Reading scenes",
                                      disable=not progress, transient=True))
         else:

@@ -61,7 +61,7 @@ from geobp.data.preprocessing import Preprocessing
 from geobp.errors import GeobpError, ReaderError, SharedMemoryError, format_error
 from geobp.inference.blockcache import block_cache_bytes
 from geobp.inference.reader import TileBatch, fill_batch, pick_worker, stripe_of
-from geobp.processes import start_context
+from geobp.processes import set_environment, start_context
 from geobp.raster import open_reader
 from geobp.tiling import Tile, TileGrid
 
@@ -139,9 +139,10 @@ def _portable(err: BaseException) -> BaseException:
 
 def _serve(
     conn: Connection, path: str, open_options: dict[str, str], env: dict[str, Any], grid: TileGrid,
-    pre: Preprocessing, ring: torch.Tensor, layout: SlotLayout,
+    pre: Preprocessing, ring: torch.Tensor, layout: SlotLayout, environ: dict[str, str],
 ) -> None:
     """A worker process: read the batches the parent sends into their slots until told to stop."""
+    set_environment(environ)  # the parent's variables now, not the fork server's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     # the parent's death closes its end of the pipe (EOF below); a changed parent pid (reparented
     # when the parent or the fork server is gone) is checked too, while waiting
@@ -238,7 +239,8 @@ class ProcessReader:
             for w in range(self.num_workers):
                 mine, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_serve, name=f"geobp-read-{w}", daemon=True,
-                                   args=(theirs, self.path, open_options, env, grid, preprocessing, self._ring, self.layout))
+                                   args=(theirs, self.path, open_options, env, grid, preprocessing, self._ring, self.layout,
+                                         dict(os.environ)))
                 proc.start()
                 theirs.close()
                 self._conns.append(mine)
