@@ -66,6 +66,13 @@ def scores(matrix: np.ndarray) -> tuple[float, float]:
     return float(tp.sum() / matrix.sum()), float((tp[present] / union[present]).mean())
 
 
+def class_scores(matrix: np.ndarray, c: int) -> tuple[float, float]:
+    """IoU and F1 of class ``c`` (0 where neither the truth nor the prediction holds it)."""
+    tp = float(matrix[c, c])
+    both = float(matrix[:, c].sum() + matrix[c].sum())  # predicted + true pixels of the class
+    return (tp / (both - tp), 2 * tp / both) if both else (0.0, 0.0)
+
+
 def write_footprint_chip(folder: Path, size: int = 384, seed: int = 0) -> tuple[Path, Path]:
     """A one-band uint16 chip with bright square "roofs" and their footprints as GeoJSON (EPSG:32616,
     0.5 m): the real chip's form, for quick mode."""
@@ -191,8 +198,7 @@ def real_accuracy(cfg: Config, work: Path) -> dict[str, Any]:
                 maps[mode] = src.read(1)
             matrix = confusion(maps[mode], truth, 2)
             matrices[mode] += matrix
-            tp = np.diag(matrix).astype(float)
-            per_fold[mode].append(float(tp[1] / max(matrix.sum(0)[1] + matrix.sum(1)[1] - tp[1], 1)))
+            per_fold[mode].append(class_scores(matrix, 1)[0])
             changed[mode] += int((maps[mode] != maps["none"]).sum())
             print(f"tta real: fold {k} {mode}: building IoU {per_fold[mode][-1]:.3f}", flush=True)
     total = sum(t.size for _, _, t in folds)
@@ -201,11 +207,9 @@ def real_accuracy(cfg: Config, work: Path) -> dict[str, Any]:
                               "tiles": 16 if cfg.quick else REAL_TILES, "modes": {}}
     for mode in MODES:
         m = matrices[mode]
-        tp = np.diag(m).astype(float)
         acc, miou = scores(m)
-        result["modes"][mode] = {"pixel_accuracy": acc, "mean_iou": miou,
-                                 "building_iou": float(tp[1] / (m.sum(0)[1] + m.sum(1)[1] - tp[1])),
-                                 "building_f1": float(2 * tp[1] / (m.sum(0)[1] + m.sum(1)[1])),
+        iou, f1 = class_scores(m, 1)
+        result["modes"][mode] = {"pixel_accuracy": acc, "mean_iou": miou, "building_iou": iou, "building_f1": f1,
                                  "fold_building_iou": per_fold[mode], "changed_share": changed[mode] / total,
                                  "confusion": m.tolist()}
     return result
