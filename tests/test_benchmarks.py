@@ -235,7 +235,10 @@ def test_fold_strips_partition_the_chip_and_burn_every_footprint(tmp_path: Path)
             strip = t.read(1)
             col0 = round((t.transform.c - transform.c) / transform.a)
         assert np.array_equal(strip, full[:, col0:col0 + strip.shape[1]])
-        widths = [rasterio.open(p).width for p in train]
+        widths = []
+        for p in train:
+            with rasterio.open(p) as crop:
+                widths.append(crop.width)
         assert sum(widths) + strip.shape[1] == 100 and len(train) == (1 if k in (0, 2) else 2)
 
 

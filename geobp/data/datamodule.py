@@ -32,7 +32,6 @@ from geobp.data.options import (
     LoaderOptions, ReadErrorPolicy, SamplingMode, SamplingOptions, SplitMode, SplitOptions, StatsOptions, TilingOptions,
     check_split_tiles,
 )
-from geobp.processes import StartMethod
 from geobp.data.places import grid_tiles, train_places
 from geobp.data.preprocessing import NormMethod, Preprocessing, combine_stats, pretrained_normalization
 from geobp.data.samplers import GridTileSampler, RandomTileSampler, Redraw, SceneCells
@@ -42,6 +41,7 @@ from geobp.data.transforms import Augment
 from geobp.data.validity import ValidityMode, validity_maps
 from geobp.errors import ConfigError, format_error
 from geobp.pretrained import PretrainedWeights
+from geobp.processes import StartMethod
 from geobp.sources.imagery import resolve_images
 from geobp.sources.stack import warp_block_for
 from geobp.sources.locations import cache_root, folder_of, join, location, redacted
